@@ -1,0 +1,126 @@
+"""Tiny random Qwen2-VL checkpoints in the Hugging Face layout, with the real Qwen2 vocabulary.
+
+Built locally with transformers (no hub). The default init (std 0.02) makes greedy decoding repeat
+one token whatever the input, so `init_std` is larger: generated tokens vary and follow the image.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from qwen2vl_edge.runtime.chat import builtin_template
+from qwen2vl_edge.runtime.preprocess import PreprocessorConfig
+from . import vocab
+
+TINY_TEXT = dict(
+    vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=32768, rope_theta=1000000.0,
+    mrope_section=[2, 3, 3],
+)
+TINY_VISION = dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=4, hidden_size=64, patch_size=14,
+                   spatial_merge_size=2, temporal_patch_size=2)
+TINY_TOP = dict(tie_word_embeddings=True, init_std=0.5)
+TOKEN_IDS = dict(bos_token_id=151643, eos_token_id=151645, vision_start_token_id=151652,
+                 vision_end_token_id=151653, vision_token_id=151654, image_token_id=151655, video_token_id=151656)
+GENERATION_CONFIG = {"bos_token_id": 151643, "pad_token_id": 151643, "eos_token_id": [151645, 151643],
+                     "do_sample": False, "transformers_version": "4.45.0"}
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        if "," in text:
+            return [_parse_value(t) for t in text.split(",")]
+        if text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        return text
+
+
+def apply_overrides(overrides: list[str]) -> tuple[dict, dict, dict]:
+    """'text.num_hidden_layers=3', 'vision.depth=1', 'tie_word_embeddings=false' -> the three dicts."""
+    text, vision, top = dict(TINY_TEXT), dict(TINY_VISION), dict(TINY_TOP)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        target = {"text": text, "vision": vision}.get(key.split(".", 1)[0]) if "." in key else top
+        name = key.split(".", 1)[1] if "." in key else key
+        if target is None or name not in target:
+            known = [f"text.{k}" for k in text] + [f"vision.{k}" for k in vision] + list(top)
+            raise ValueError(f"unknown --set key {key!r}; known: {', '.join(known)}")
+        target[name] = _parse_value(value)
+    return text, vision, top
+
+
+def original_config(text: dict, vision: dict, top: dict) -> dict:
+    """config.json exactly as Qwen/Qwen2-VL-2B-Instruct ships it (transformers 4.4x layout)."""
+    t = {k: v for k, v in text.items() if k not in ("mrope_section",)}
+    return {
+        "architectures": ["Qwen2VLForConditionalGeneration"], "attention_dropout": 0.0, **TOKEN_IDS,
+        "hidden_act": "silu", "initializer_range": 0.02, "max_window_layers": t["num_hidden_layers"],
+        "model_type": "qwen2_vl", "sliding_window": 32768, "tie_word_embeddings": top["tie_word_embeddings"],
+        "torch_dtype": "float32", "transformers_version": "4.41.2", "use_cache": True, "use_sliding_window": False,
+        **t,
+        "vision_config": {"depth": vision["depth"], "embed_dim": vision["embed_dim"], "mlp_ratio": vision["mlp_ratio"],
+                          "num_heads": vision["num_heads"], "in_chans": 3, "hidden_size": vision["hidden_size"],
+                          "patch_size": vision["patch_size"], "spatial_merge_size": vision["spatial_merge_size"],
+                          "spatial_patch_size": vision["patch_size"],
+                          "temporal_patch_size": vision["temporal_patch_size"]},
+        "rope_scaling": {"type": "mrope", "mrope_section": list(text["mrope_section"])},
+    }
+
+
+def write_processor_files(out: Path) -> None:
+    """Tokenizer, chat template and preprocessor settings as the real checkpoint ships them."""
+    shutil.copyfile(vocab.tokenizer_json(), out / "tokenizer.json")
+    added = {str(151643 + i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                               "single_word": False, "special": True} for i, t in enumerate(vocab.SPECIAL_TOKENS)}
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "add_prefix_space": False, "added_tokens_decoder": added, "bos_token": None, "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>", "errors": "replace", "model_max_length": 32768, "pad_token": "<|endoftext|>",
+        "padding_side": "left", "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None,
+    }, indent=2))
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": builtin_template()}, indent=2))
+    pp = PreprocessorConfig(min_pixels=3136, max_pixels=12845056)
+    (out / "preprocessor_config.json").write_text(json.dumps({
+        "min_pixels": pp.min_pixels, "max_pixels": pp.max_pixels, "patch_size": pp.patch_size,
+        "temporal_patch_size": pp.temporal_patch_size, "merge_size": pp.merge_size,
+        "image_mean": list(pp.image_mean), "image_std": list(pp.image_std), "rescale_factor": pp.rescale_factor,
+        "do_rescale": True, "do_normalize": True, "do_resize": True, "do_convert_rgb": True, "resample": 3,
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor",
+    }, indent=2))
+    (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
+
+
+def make_tiny(out: str | Path, *, seed: int = 0, layout: str = "original", overrides: list[str] = ()) -> Path:
+    """Write a tiny random Qwen2-VL checkpoint to `out`; returns the directory."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    if layout not in ("original", "v5"):
+        raise ValueError(f"layout must be 'original' or 'v5', got {layout!r}")
+    text, vision, top = apply_overrides(list(overrides))
+    std = float(top["init_std"])
+    t = {k: v for k, v in text.items() if k not in ("mrope_section", "rope_theta")}
+    t["rope_parameters"] = {"rope_type": "default", "mrope_section": list(text["mrope_section"]),
+                            "rope_theta": text["rope_theta"]}
+    cfg = Qwen2VLConfig(text_config={**t, "initializer_range": std}, vision_config={**vision, "initializer_range": std},
+                        tie_word_embeddings=top["tie_word_embeddings"], image_token_id=TOKEN_IDS["image_token_id"],
+                        video_token_id=TOKEN_IDS["video_token_id"])
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # norms and biases too, so nothing sits at a degenerate 1 or 0
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or "ln_q" in name:
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if name.endswith("weight") else 0.0))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    if layout == "original":
+        (out / "config.json").write_text(json.dumps(original_config(text, vision, top), indent=2))
+    write_processor_files(out)
+    return out

@@ -1,0 +1,131 @@
+"""`qwen2vl-edge` command line: sits above runtime/ and export/, imports each lazily."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from qwen2vl_edge.export.tiny import make_tiny
+
+    out = make_tiny(args.dir, seed=args.seed, layout=args.layout, overrides=args.set)
+    print(f"tiny Qwen2-VL checkpoint written to {out}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from qwen2vl_edge.export.onnx_export import export
+
+    export(args.checkpoint, args.out, dtype=args.dtype, opset=args.opset, all_logits=args.all_logits)
+    return 0
+
+
+def _conversation_from_args(args: argparse.Namespace) -> list:
+    if args.messages:
+        return json.loads(Path(args.messages).read_text())
+    if args.prompt is None:
+        raise SystemExit("run: give --messages FILE.json, or --prompt TEXT (with optional --image/--video)")
+    content = [{"type": "image", "image": p} for p in args.image or []]
+    content += [{"type": "video", "video": p} for p in args.video or []]
+    content.append({"type": "text", "text": args.prompt})
+    return [{"role": "user", "content": content}]
+
+
+def _run(args: argparse.Namespace) -> int:
+    from qwen2vl_edge.runtime import Qwen2VLPipeline
+    from qwen2vl_edge.runtime.errors import ArtifactError, InputError
+    from qwen2vl_edge.runtime.processor import is_batch
+
+    try:
+        pipe = Qwen2VLPipeline.load(args.artifact, backend=args.backend, num_threads=args.threads,
+                                    verify=not args.no_verify)
+        conversation = _conversation_from_args(args)
+        options = dict(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy and args.temperature is not None,
+                       temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        if args.json or is_batch(conversation):
+            results = pipe.generate(conversation, **options)
+            results = results if isinstance(results, list) else [results]
+            payload = [r.to_dict() for r in results]
+            print(json.dumps(payload if len(payload) > 1 else payload[0], indent=2 if not args.json else None))
+        else:
+            for piece in pipe.stream(conversation, **options):
+                print(piece, end="", flush=True)
+            print()
+    except (InputError, ArtifactError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _quickstart(args: argparse.Namespace) -> int:
+    from qwen2vl_edge.export.quickstart import quickstart
+
+    return quickstart(Path(args.dir))
+
+
+def _check_trt(args: argparse.Namespace) -> int:
+    from qwen2vl_edge.export.trt_check import main as check_main
+
+    return check_main(args.artifact, args.trt_version)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwen2vl-edge", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-tiny", help="write a tiny random Qwen2-VL checkpoint (needs [export])")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layout", choices=["original", "v5"], default="original")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field, e.g. text.num_hidden_layers=3, vision.depth=1, tie_word_embeddings=false")
+    p.set_defaults(func=_make_tiny)
+
+    p = sub.add_parser("export", help="checkpoint -> ONNX artifact directory (needs [export])")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--all-logits", action="store_true",
+                   help="decoder returns logits for every position (default: last position only)")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("run", help="generate from an artifact directory (no torch needed)")
+    p.add_argument("artifact")
+    p.add_argument("--messages", help="JSON file: one conversation or a list of conversations")
+    p.add_argument("--image", action="append")
+    p.add_argument("--video", action="append")
+    p.add_argument("--prompt")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--greedy", action="store_true", help="greedy decoding (the default unless --temperature)")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact files")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("quickstart", help="tiny checkpoint -> export -> multi-image chat -> parity check")
+    p.add_argument("--dir", default="qwen2vl-edge-quickstart")
+    p.set_defaults(func=_quickstart)
+
+    p = sub.add_parser("check-trt", help="check that an artifact's graphs fit TensorRT's ONNX parser (CPU only)")
+    p.add_argument("artifact")
+    p.add_argument("--trt-version", default=None)
+    p.set_defaults(func=_check_trt)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

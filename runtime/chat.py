@@ -1,0 +1,109 @@
+"""Conversations: validation, the checkpoint's chat template (jinja2 sandbox), vision items in order."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from jinja2 import ext
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .errors import InputError
+
+VISION_KEYS = {"image": ("image", "image_url"), "video": ("video",)}
+CONTENT_TYPES = ("text", "image", "image_url", "video")
+
+
+def builtin_template() -> str:
+    """Qwen2-VL-Instruct's template, for checkpoints that ship none."""
+    text = resources.files(__package__).joinpath("qwen2_vl_chat_template.jinja").read_text()
+    return text.rstrip("\n")
+
+
+def find_template(directory: str | Path) -> str:
+    """The chat template a checkpoint or artifact dir ships, in transformers' lookup order."""
+    d = Path(directory)
+    if (d / "chat_template.jinja").is_file():
+        return (d / "chat_template.jinja").read_text()
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        if (d / name).is_file():
+            template = json.loads((d / name).read_text()).get("chat_template")
+            if isinstance(template, str):
+                return template
+    return builtin_template()
+
+
+def _raise(message: str):
+    raise TemplateError(message)
+
+
+def compile_template(source: str):
+    """Compile as transformers does: sandboxed, trim_blocks + lstrip_blocks, loopcontrols."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[ext.loopcontrols])
+    env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+def item_kind(item: dict) -> str:
+    """'text', 'image' or 'video' for one content item, in qwen-vl-utils' precedence."""
+    if not isinstance(item, dict):
+        raise InputError(f"content items must be dicts like {{'type': 'text', 'text': ...}}, got {type(item).__name__}")
+    kind = item.get("type")
+    if kind is not None and kind not in CONTENT_TYPES:
+        raise InputError(f"unknown content type {kind!r}: use one of {', '.join(CONTENT_TYPES)}")
+    if "image" in item or "image_url" in item or kind in ("image", "image_url"):
+        if not ("image" in item or "image_url" in item):
+            raise InputError("an image item needs an 'image' key (path, URL, data URI, PIL.Image or array)")
+        return "image"
+    if "video" in item or kind == "video":
+        if "video" not in item:
+            raise InputError("a video item needs a 'video' key (file path or list of frames)")
+        return "video"
+    if "text" in item:
+        return "text"
+    raise InputError(f"content item {sorted(item)} has no 'text', 'image' or 'video'")
+
+
+def validate(conversation: Any) -> list[dict]:
+    """Check one conversation's shape; returns it unchanged."""
+    if not isinstance(conversation, (list, tuple)) or len(conversation) == 0:
+        raise InputError("empty conversation: pass a list of {'role': ..., 'content': ...} messages")
+    for i, message in enumerate(conversation):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise InputError(f"message {i} must be a dict with 'role' and 'content'")
+        content = message["content"]
+        if isinstance(content, str):
+            continue
+        if not isinstance(content, (list, tuple)):
+            raise InputError(f"message {i}: content must be a string or a list of items")
+        for item in content:
+            item_kind(item)
+    return list(conversation)
+
+
+def vision_items(conversation: list[dict]) -> list[tuple[str, dict]]:
+    """('image' | 'video', item) in order of appearance."""
+    out = []
+    for message in conversation:
+        if isinstance(message["content"], str):
+            continue
+        for item in message["content"]:
+            kind = item_kind(item)
+            if kind != "text":
+                out.append((kind, item))
+    return out
+
+
+def render(template, conversation: list[dict], *, add_generation_prompt: bool = True,
+           add_vision_id: bool = False) -> str:
+    try:
+        return template.render(messages=conversation, add_generation_prompt=add_generation_prompt,
+                               add_vision_id=add_vision_id)
+    except TemplateError as e:
+        raise InputError(f"the chat template refused this conversation: {e}") from None

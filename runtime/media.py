@@ -1,0 +1,133 @@
+"""Image and video sources -> decoded RGB Pillow images, with clear errors for bad input."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import InputError
+
+URL_TIMEOUT_S = 20.0
+URL_MAX_BYTES = 64 * 1024 * 1024
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB as qwen-vl-utils converts: RGBA composited on white, every other mode through convert()."""
+    if image.mode == "RGBA":
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image, mask=image.split()[3])
+        return background
+    return image.convert("RGB")
+
+
+def fetch_url(url: str, *, timeout: float = URL_TIMEOUT_S, max_bytes: int = URL_MAX_BYTES,
+              content_prefix: str = "image/") -> bytes:
+    """GET `url` with a timeout and a byte cap; refuse a response that is not `content_prefix*`."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            ctype = response.headers.get("Content-Type", "")
+            if not ctype.startswith(content_prefix):
+                raise InputError(f"{url} answered with Content-Type {ctype!r}, not an image")
+            length = response.headers.get("Content-Length")
+            if length is not None and int(length) > max_bytes:
+                raise InputError(f"{url} is {int(length)} bytes, over the {max_bytes}-byte limit")
+            data = response.read(max_bytes + 1)
+    except TimeoutError:
+        raise InputError(f"{url}: no answer within {timeout:.0f} s (timeout)") from None
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, TimeoutError):
+            raise InputError(f"{url}: no answer within {timeout:.0f} s (timeout)") from None
+        raise InputError(f"could not fetch {url}: {e.reason}") from None
+    if len(data) > max_bytes:
+        raise InputError(f"{url} is over the {max_bytes}-byte limit")
+    return data
+
+
+def _open(data: io.BytesIO | Path, what: str) -> Image.Image:
+    try:
+        image = Image.open(data)
+        image.load()  # decode now, so a truncated file fails here and not deep inside numpy
+    except Image.DecompressionBombError as e:
+        raise InputError(f"{what} is too large to decode safely (Pillow's decompression-bomb guard): {e}") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{what} is not an image Pillow can decode") from None
+    except (OSError, SyntaxError) as e:
+        raise InputError(f"{what} could not be decoded (truncated or corrupt?): {e}") from None
+    return image
+
+
+def _from_array(array: np.ndarray) -> Image.Image:
+    if array.dtype != np.uint8:
+        raise InputError(f"numpy images must be uint8 HWC (or HW), got dtype {array.dtype}")
+    if array.ndim == 3 and array.shape[2] in (3, 4) or array.ndim == 2:
+        if 0 in array.shape:
+            raise InputError(f"numpy image has an empty dimension: shape {array.shape}")
+        return Image.fromarray(array)
+    raise InputError(f"numpy images must be HxW, HxWx3 or HxWx4 uint8, got shape {array.shape}")
+
+
+def load_image(source: Any) -> Image.Image:
+    """Path, 'file://', 'http(s)://', 'data:image/...;base64,', PIL.Image or uint8 ndarray -> RGB image."""
+    if isinstance(source, Image.Image):
+        image = source
+    elif isinstance(source, np.ndarray):
+        image = _from_array(source)
+    elif isinstance(source, (str, Path)):
+        s = str(source)
+        if s.startswith(("http://", "https://")):
+            image = _open(io.BytesIO(fetch_url(s)), s)
+        elif s.startswith("data:image"):
+            if "base64," not in s:
+                raise InputError("data URI images must be base64: 'data:image/<type>;base64,<data>'")
+            try:
+                raw = base64.b64decode(s.split("base64,", 1)[1], validate=True)
+            except (binascii.Error, ValueError):
+                raise InputError("data URI image: the base64 payload is invalid") from None
+            image = _open(io.BytesIO(raw), "data URI image")
+        else:
+            path = Path(s[len("file://"):] if s.startswith("file://") else s)
+            if not path.is_file():
+                raise InputError(f"image file not found: {path}")
+            image = _open(path, str(path))
+    else:
+        raise InputError(
+            f"unsupported image source of type {type(source).__name__}: pass a path, URL, data URI, "
+            "PIL.Image or uint8 numpy array"
+        )
+    if image.width < 1 or image.height < 1:
+        raise InputError(f"image is {image.width}x{image.height} pixels: it must be at least 1x1")
+    return to_rgb(image)
+
+
+def load_video_frames(path: str | Path, choose_nframes: Callable[[int, float], int]) -> list[Image.Image]:
+    """Decode a video file with PyAV and sample frames as qwen-vl-utils does (uniform, rounded indices)."""
+    try:
+        import av
+    except ImportError:
+        raise InputError("reading video files needs PyAV: pip install 'qwen2vl-edge[video]'") from None
+    s = str(path)
+    path = Path(s[len("file://"):] if s.startswith("file://") else s)
+    if not path.is_file():
+        raise InputError(f"video file not found: {path}")
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            rate = float(stream.average_rate or stream.guessed_rate or 0) or 1.0
+            decoded = [frame.to_image() for frame in container.decode(stream)]
+    except (av.error.FFmpegError, IndexError) as e:
+        raise InputError(f"could not decode video {path}: {e}") from None
+    if not decoded:
+        raise InputError(f"video {path} has zero frames")
+    n = choose_nframes(len(decoded), rate)
+    # torch.linspace(0, total-1, n).round(): half to even, like np.round
+    idx = np.round(np.linspace(0, len(decoded) - 1, n)).astype(int) if n > 1 else np.zeros(1, int)
+    return [to_rgb(decoded[i]) for i in idx]
+

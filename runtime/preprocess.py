@@ -1,0 +1,272 @@
+"""Images and videos -> flattened pixel patches + (t, h, w) grids, as Qwen2-VL expects.
+
+Reproduces the reference pipeline step by step:
+1. qwen-vl-utils `fetch_image` / `fetch_video`: RGB conversion, `smart_resize` to a multiple of
+   patch_size * merge_size, Pillow BICUBIC (torchvision bicubic for videos in the reference);
+2. transformers' Qwen2-VL image / video processor configured from preprocessor_config.json:
+   a second `smart_resize` (identity unless the checkpoint's limits are tighter), rescale,
+   CLIP normalisation, patchify in transformers' exact order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .errors import InputError
+from .media import load_image, load_video_frames
+
+MAX_RATIO = 200
+# qwen-vl-utils budgets, counted in merged tokens of (patch_size * merge_size)^2 pixels
+IMAGE_MIN_TOKENS, IMAGE_MAX_TOKENS = 4, 16384
+VIDEO_MIN_TOKENS, VIDEO_MAX_TOKENS = 128, 768
+VIDEO_CONTEXT_TOKENS = 128000  # qwen-vl-utils MODEL_SEQ_LEN: total_pixels default is 90 % of it
+FRAME_FACTOR = 2
+FPS, FPS_MIN_FRAMES, FPS_MAX_FRAMES = 2.0, 4, 768
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class PreprocessorConfig:
+    """preprocessor_config.json of the checkpoint; defaults are what Qwen2-VL ships."""
+
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 16384
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_mean: tuple[float, ...] = CLIP_MEAN
+    image_std: tuple[float, ...] = CLIP_STD
+    rescale_factor: float = 1 / 255
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "PreprocessorConfig":
+        size = raw.get("size") or {}
+        return cls(
+            min_pixels=int(raw.get("min_pixels", size.get("shortest_edge", cls.min_pixels))),
+            max_pixels=int(raw.get("max_pixels", size.get("longest_edge", cls.max_pixels))),
+            patch_size=int(raw.get("patch_size", cls.patch_size)),
+            temporal_patch_size=int(raw.get("temporal_patch_size", cls.temporal_patch_size)),
+            merge_size=int(raw.get("merge_size", cls.merge_size)),
+            image_mean=tuple(raw.get("image_mean", CLIP_MEAN)),
+            image_std=tuple(raw.get("image_std", CLIP_STD)),
+            rescale_factor=float(raw.get("rescale_factor", 1 / 255)),
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "PreprocessorConfig":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "preprocessor_config.json"
+        if not path.is_file():
+            return cls()
+        return cls.from_dict(json.loads(path.read_text()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "min_pixels": self.min_pixels,
+            "max_pixels": self.max_pixels,
+            "patch_size": self.patch_size,
+            "temporal_patch_size": self.temporal_patch_size,
+            "merge_size": self.merge_size,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+            "rescale_factor": self.rescale_factor,
+        }
+
+
+DEFAULT_PREPROCESSOR = PreprocessorConfig()
+
+
+def _check_ratio(height: int, width: int) -> None:
+    if min(height, width) < 1:
+        raise InputError(f"image is {width}x{height} pixels: it must be at least 1x1")
+    if max(height, width) / min(height, width) > MAX_RATIO:
+        raise InputError(
+            f"image aspect ratio {max(height, width) / min(height, width):.1f} (size {width}x{height}) exceeds "
+            f"{MAX_RATIO}: crop or pad the image first"
+        )
+
+
+def smart_resize(
+    height: int, width: int, factor: int, min_pixels: int, max_pixels: int, *, floor_to_factor: bool = True
+) -> tuple[int, int]:
+    """Target (height, width): multiples of `factor`, area within [min_pixels, max_pixels], aspect kept.
+
+    Python's round() (half to even) on purpose, as the reference. The two reference variants differ
+    only at the edges: qwen-vl-utils clamps the rounded size to >= factor before the budget checks,
+    transformers clamps the shrunken size instead (`floor_to_factor=False` selects transformers').
+    """
+    _check_ratio(height, width)
+    if max_pixels < min_pixels:
+        raise InputError(f"max_pixels ({max_pixels}) must be >= min_pixels ({min_pixels})")
+    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+    if floor_to_factor:
+        h_bar, w_bar = max(factor, h_bar), max(factor, w_bar)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = math.floor(height / beta / factor) * factor
+        w_bar = math.floor(width / beta / factor) * factor
+        if not floor_to_factor:
+            h_bar, w_bar = max(factor, h_bar), max(factor, w_bar)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def _resize(image: Image.Image, height: int, width: int) -> Image.Image:
+    if image.size == (width, height):
+        return image
+    return image.resize((width, height), Image.Resampling.BICUBIC)
+
+
+def _fit_image(
+    image: Image.Image,
+    factor: int,
+    min_pixels: int | None,
+    max_pixels: int | None,
+    resized_height: int | None,
+    resized_width: int | None,
+) -> Image.Image:
+    """qwen-vl-utils `fetch_image` resize step."""
+    lo = IMAGE_MIN_TOKENS * factor**2 if min_pixels is None else int(min_pixels)
+    hi = IMAGE_MAX_TOKENS * factor**2 if max_pixels is None else int(max_pixels)
+    if resized_height is not None and resized_width is not None:
+        h, w = smart_resize(int(resized_height), int(resized_width), factor, IMAGE_MIN_TOKENS * factor**2,
+                            IMAGE_MAX_TOKENS * factor**2)
+    else:
+        h, w = smart_resize(image.height, image.width, factor, lo, hi)
+    return _resize(image, h, w)
+
+
+def _normalize(frames: np.ndarray, pp: PreprocessorConfig, *, fused: bool) -> np.ndarray:
+    """uint8 [T, C, H, W] -> float32, (x * rescale - mean) / std.
+
+    The references round differently: the PIL image processor rescales in float64 then normalises
+    in float32; the torch video processor folds the rescale into mean/std (`fused`).
+    """
+    mean = np.asarray(pp.image_mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(pp.image_std, dtype=np.float32)[:, None, None]
+    if fused:
+        scale = 1.0 / pp.rescale_factor
+        return (frames.astype(np.float32) - mean * np.float32(scale)) / (std * np.float32(scale))
+    x = (frames.astype(np.float64) * pp.rescale_factor).astype(np.float32)
+    return (x - mean) / std
+
+
+def patchify(frames: np.ndarray, pp: PreprocessorConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """float32 [T, C, H, W] (T a multiple of temporal_patch_size) -> [t*h*w, C*tps*p*p], (t, h, w).
+
+    Patch order is transformers': merge blocks row-major, the m x m patches of a block adjacent.
+    """
+    p, m, tps = pp.patch_size, pp.merge_size, pp.temporal_patch_size
+    T, C, H, W = frames.shape
+    gt, gh, gw = T // tps, H // p, W // p
+    x = frames.reshape(gt, tps, C, gh // m, m, p, gw // m, m, p)
+    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)  # [gt, gh/m, gw/m, m, m, C, tps, p, p]
+    return np.ascontiguousarray(x).reshape(gt * gh * gw, C * tps * p * p), (gt, gh, gw)
+
+
+def _to_chw(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def process_image(
+    image: Any,
+    *,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    resized_height: int | None = None,
+    resized_width: int | None = None,
+    preprocessor: PreprocessorConfig = DEFAULT_PREPROCESSOR,
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """One image (path, URL, data URI, PIL image or HWC uint8 array) -> patches [N, 1176], (1, h, w)."""
+    pp = preprocessor
+    img = _fit_image(load_image(image), pp.factor, min_pixels, max_pixels, resized_height, resized_width)
+    # transformers' processor: second smart_resize with the checkpoint's limits (usually identity)
+    h, w = smart_resize(img.height, img.width, pp.factor, pp.min_pixels, pp.max_pixels, floor_to_factor=False)
+    chw = _to_chw(_resize(img, h, w))
+    frames = np.broadcast_to(chw[None], (pp.temporal_patch_size, *chw.shape))  # a still fills tps
+    return patchify(_normalize(frames, pp, fused=False), pp)
+
+
+def smart_nframes(total_frames: int, video_fps: float, fps: float | None = None, nframes: int | None = None,
+                  min_frames: int = FPS_MIN_FRAMES, max_frames: int = FPS_MAX_FRAMES) -> int:
+    """How many frames qwen-vl-utils samples from a decoded video."""
+    if fps is not None and nframes is not None:
+        raise InputError("video: give either 'fps' or 'nframes', not both")
+    if nframes is not None:
+        n = round(nframes / FRAME_FACTOR) * FRAME_FACTOR
+    else:
+        fps = FPS if fps is None else fps
+        lo = math.ceil(min_frames / FRAME_FACTOR) * FRAME_FACTOR
+        hi = math.floor(min(max_frames, total_frames) / FRAME_FACTOR) * FRAME_FACTOR
+        n = min(max(total_frames / video_fps * fps, lo), hi, total_frames)
+        n = math.floor(n / FRAME_FACTOR) * FRAME_FACTOR
+    if not FRAME_FACTOR <= n <= total_frames:
+        raise InputError(f"video has {total_frames} frames; cannot sample {n} (need {FRAME_FACTOR}..{total_frames})")
+    return int(n)
+
+
+def _video_frame_budget(ele_min: int | None, ele_max: int | None, total_pixels: float | None,
+                        nframes: int, factor: int) -> tuple[int, float]:
+    lo = VIDEO_MIN_TOKENS * factor**2 if ele_min is None else int(ele_min)
+    total = VIDEO_CONTEXT_TOKENS * factor**2 * 0.9 if total_pixels is None else total_pixels
+    hi = max(min(VIDEO_MAX_TOKENS * factor**2, total / nframes * FRAME_FACTOR), int(lo * 1.05))
+    if ele_max is not None:
+        hi = min(ele_max, hi)
+    return lo, hi
+
+
+def process_video(
+    video: str | Path | Sequence[Any],
+    *,
+    fps: float | None = None,
+    nframes: int | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    total_pixels: float | None = None,
+    resized_height: int | None = None,
+    resized_width: int | None = None,
+    preprocessor: PreprocessorConfig = DEFAULT_PREPROCESSOR,
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """A list of frames, or a video file (needs the [video] extra) -> patches [N, 1176], (t, h, w)."""
+    pp = preprocessor
+    if isinstance(video, (str, Path)):
+        images = load_video_frames(video, lambda total, rate: smart_nframes(total, rate, fps, nframes))
+    else:
+        if len(video) == 0:
+            raise InputError("video has zero frames: pass at least one frame")
+        # qwen-vl-utils hands each listed frame to fetch_image with image_patch_size=factor, so frames are
+        # first fitted to multiples of 2 * factor under the *image* budgets; we mirror that.
+        f2 = 2 * pp.factor
+        images = [_fit_image(load_image(f), f2, min_pixels, max_pixels, resized_height, resized_width)
+                  for f in video]
+        if len({im.size for im in images}) > 1:
+            raise InputError("video frames differ in size after resizing: give frames of one size")
+        images += [images[-1]] * (-len(images) % FRAME_FACTOR)
+    lo, hi = _video_frame_budget(min_pixels, max_pixels, total_pixels, len(images), pp.factor)
+    if resized_height is not None and resized_width is not None:
+        h, w = smart_resize(int(resized_height), int(resized_width), pp.factor,
+                            IMAGE_MIN_TOKENS * pp.factor**2, IMAGE_MAX_TOKENS * pp.factor**2)
+    else:
+        h, w = smart_resize(images[0].height, images[0].width, pp.factor, lo, hi)
+    # transformers' video processor: second smart_resize with the checkpoint's limits
+    h, w = smart_resize(h, w, pp.factor, pp.min_pixels, pp.max_pixels, floor_to_factor=False)
+    frames = np.stack([_to_chw(_resize(im, h, w)) for im in images])  # [T, C, H, W] uint8
+    frames = np.concatenate([frames, np.repeat(frames[-1:], -len(frames) % pp.temporal_patch_size, axis=0)])
+    return patchify(_normalize(frames, pp, fused=True), pp)

@@ -1,0 +1,143 @@
+"""Conversations -> the model inputs transformers' Qwen2VLProcessor produces, plus M-RoPE positions."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from . import chat
+from .config import ModelConfig, load_config
+from .errors import InputError
+from .preprocess import PreprocessorConfig, process_image, process_video
+from .rope import get_rope_index
+
+IMAGE_OPTIONS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
+VIDEO_OPTIONS = IMAGE_OPTIONS + ("fps", "nframes", "total_pixels")
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    image_pad: str
+    video_pad: str
+    pad_id: int
+
+
+def _special_tokens(tokenizer: Tokenizer, directory: Path, config: ModelConfig) -> SpecialTokens:
+    image_pad = tokenizer.id_to_token(config.image_token_id)
+    video_pad = tokenizer.id_to_token(config.video_token_id)
+    if image_pad is None or video_pad is None:
+        raise InputError(f"tokenizer.json in {directory} lacks the image/video token ids of config.json")
+    pad_id = None
+    tc = directory / "tokenizer_config.json"
+    if tc.is_file():
+        pad = json.loads(tc.read_text()).get("pad_token")
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+        pad_id = tokenizer.token_to_id(pad) if pad else None
+    if pad_id is None:
+        pad_id = tokenizer.token_to_id("<|endoftext|>") or 0
+    return SpecialTokens(image_pad, video_pad, pad_id)
+
+
+def is_batch(conversations: Any) -> bool:
+    return isinstance(conversations, (list, tuple)) and len(conversations) > 0 and isinstance(
+        conversations[0], (list, tuple))
+
+
+class Processor:
+    """`Processor.from_pretrained(dir)(conversations)` -> dict of numpy arrays named as transformers names them."""
+
+    def __init__(self, tokenizer: Tokenizer, template_source: str, preprocessor: PreprocessorConfig,
+                 config: ModelConfig, special: SpecialTokens):
+        self.tokenizer = tokenizer
+        self.template = chat.compile_template(template_source)
+        self.preprocessor = preprocessor
+        self.config = config
+        self.special = special
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "Processor":
+        d = Path(path)
+        config = load_config(d)
+        if not (d / "tokenizer.json").is_file():
+            raise InputError(f"{d} has no tokenizer.json")
+        tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
+        pp = PreprocessorConfig.from_file(d)
+        if pp.merge_size != config.vision.spatial_merge_size or pp.patch_size != config.vision.patch_size:
+            raise InputError(f"{d}: preprocessor_config.json disagrees with config.json on patch/merge size")
+        return cls(tokenizer, chat.find_template(d), pp, config, _special_tokens(tokenizer, d, config))
+
+    # -- vision -------------------------------------------------------------------------------
+
+    def _vision(self, kind: str, item: dict) -> tuple[np.ndarray, tuple[int, int, int]]:
+        if kind == "image":
+            src = item["image"] if "image" in item else item["image_url"]
+            opts = {k: item[k] for k in IMAGE_OPTIONS if k in item}
+            return process_image(src, preprocessor=self.preprocessor, **opts)
+        opts = {k: item[k] for k in VIDEO_OPTIONS if k in item}
+        return process_video(item["video"], preprocessor=self.preprocessor, **opts)
+
+    # -- text ---------------------------------------------------------------------------------
+
+    def _expand(self, text: str, kind: str, grids: list[tuple[int, int, int]]) -> str:
+        pad = self.special.image_pad if kind == "image" else self.special.video_pad
+        parts = text.split(pad)
+        if len(parts) - 1 != len(grids):
+            raise InputError(
+                f"the prompt has {len(parts) - 1} {kind} placeholder(s) but the conversation has {len(grids)} "
+                f"{kind} item(s): each {kind} needs exactly one placeholder (do not type {pad} in text)"
+            )
+        merge2 = self.preprocessor.merge_size ** 2
+        out = [parts[0]]
+        for grid, rest in zip(grids, parts[1:]):
+            out.append(pad * (int(np.prod(grid)) // merge2))
+            out.append(rest)
+        return "".join(out)
+
+    def prompt(self, conversation: list[dict], add_vision_id: bool = False) -> str:
+        """The rendered chat template of one conversation (placeholders not yet expanded)."""
+        return chat.render(self.template, chat.validate(conversation), add_vision_id=add_vision_id)
+
+    def __call__(self, conversations: Any, add_vision_id: bool = False) -> dict[str, np.ndarray]:
+        batch = list(conversations) if is_batch(conversations) else [conversations]
+        if not batch:
+            raise InputError("no conversation given")
+        texts, pixels = [], {"image": [], "video": []}
+        grids: dict[str, list] = {"image": [], "video": []}
+        for conv in batch:
+            text = self.prompt(conv, add_vision_id)
+            local: dict[str, list] = {"image": [], "video": []}
+            for kind, item in chat.vision_items(conv):
+                patches, grid = self._vision(kind, item)
+                pixels[kind].append(patches)
+                local[kind].append(grid)
+            for kind in ("image", "video"):
+                text = self._expand(text, kind, local[kind])
+                grids[kind] += local[kind]
+            texts.append(text)
+        ids = [e.ids for e in self.tokenizer.encode_batch(texts)]
+        L = max(len(x) for x in ids)
+        input_ids = np.full((len(ids), L), self.special.pad_id, np.int64)
+        attention_mask = np.zeros((len(ids), L), np.int64)
+        for b, x in enumerate(ids):  # left padding, as generation needs
+            input_ids[b, L - len(x):] = x
+            attention_mask[b, L - len(x):] = 1
+        out: dict[str, np.ndarray] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if pixels["image"]:
+            out["pixel_values"] = np.concatenate(pixels["image"])
+            out["image_grid_thw"] = np.asarray(grids["image"], np.int64)
+        if pixels["video"]:
+            out["pixel_values_videos"] = np.concatenate(pixels["video"])
+            out["video_grid_thw"] = np.asarray(grids["video"], np.int64)
+        cfg = self.config
+        out["mm_token_type_ids"] = ((input_ids == cfg.image_token_id) * 1 + (input_ids == cfg.video_token_id) * 2)
+        out["position_ids"], out["rope_deltas"] = get_rope_index(
+            input_ids, attention_mask, out.get("image_grid_thw"), out.get("video_grid_thw"), cfg)
+        return out
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -1,0 +1,67 @@
+"""Shared, session-scoped fixtures: tiny checkpoints and exports are built once per test run."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None
+
+requires_torch = pytest.mark.skipif(not HAS_TORCH, reason="needs the [export] and [test] extras (torch, transformers)")
+
+
+def random_image(rng: np.random.Generator, width: int, height: int, mode: str = "RGB") -> Image.Image:
+    """A smooth random image (noise alone would make resampling differences look worse than they are)."""
+    base = rng.integers(0, 256, (max(2, height // 8), max(2, width // 8), 3), dtype=np.uint8)
+    img = Image.fromarray(base).resize((width, height), Image.Resampling.BILINEAR)
+    arr = np.asarray(img).astype(np.int16) + rng.integers(-12, 13, (height, width, 3))
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    if mode == "RGBA":
+        alpha = Image.fromarray(rng.integers(0, 256, (height, width), dtype=np.uint8))
+        img.putalpha(alpha)
+    elif mode != "RGB":
+        img = img.convert(mode)
+    return img
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("qwen2vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(workdir) -> Path:
+    """Original (Qwen/Qwen2-VL-2B-Instruct) layout, tied embeddings, mrope_section [2, 3, 3]."""
+    if not HAS_TORCH:
+        pytest.skip("building a tiny checkpoint needs the [export] extra")
+    from qwen2vl_edge.export.tiny import make_tiny
+
+    return make_tiny(workdir / "tiny-original", seed=0, layout="original")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_v5(workdir) -> Path:
+    """transformers-5 layout, untied lm_head, another mrope_section."""
+    if not HAS_TORCH:
+        pytest.skip("building a tiny checkpoint needs the [export] extra")
+    from qwen2vl_edge.export.tiny import make_tiny
+
+    return make_tiny(workdir / "tiny-v5", seed=1, layout="v5",
+                     overrides=["tie_word_embeddings=false", "text.mrope_section=4,2,2"])
+
+
+@pytest.fixture(scope="session")
+def images(workdir) -> dict[str, Path]:
+    """A few image files of different sizes, written once."""
+    rng = np.random.default_rng(1234)
+    out = {}
+    for name, (w, h) in {"a": (320, 240), "b": (200, 300), "c": (120, 90)}.items():
+        path = workdir / f"img_{name}.png"
+        random_image(rng, w, h).save(path)
+        out[name] = path
+    return out

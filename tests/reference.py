@@ -1,0 +1,80 @@
+"""The seed pipeline the runtime must reproduce: qwen-vl-utils, then transformers' Qwen2-VL processors.
+
+Imported only by tests that need torch; everything here is the reference, nothing is ours.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+
+
+@functools.lru_cache(maxsize=None)
+def hf_processor(ckpt: str):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(ckpt)
+
+
+@functools.lru_cache(maxsize=None)
+def hf_image_processor(ckpt: str):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil.from_pretrained(ckpt)
+
+
+@functools.lru_cache(maxsize=None)
+def hf_video_processor(ckpt: str):
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    return Qwen2VLVideoProcessor.from_pretrained(ckpt)
+
+
+@functools.lru_cache(maxsize=None)
+def hf_model(ckpt: str):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    return Qwen2VLForConditionalGeneration.from_pretrained(ckpt).eval()
+
+
+def ref_image(ckpt: Path, item: dict) -> tuple[np.ndarray, np.ndarray]:
+    """qwen-vl-utils fetch_image, then Qwen2VLImageProcessorPil from preprocessor_config.json."""
+    from qwen_vl_utils.vision_process import fetch_image
+
+    image = fetch_image(item)
+    out = hf_image_processor(str(ckpt))(images=[image], return_tensors="np")
+    return out["pixel_values"], out["image_grid_thw"]
+
+
+def ref_video(ckpt: Path, item: dict) -> tuple[np.ndarray, np.ndarray]:
+    """qwen-vl-utils fetch_video, then Qwen2VLVideoProcessor (torchvision) with qwen-vl-utils' per-frame cap."""
+    from qwen_vl_utils.vision_process import fetch_video
+
+    video = fetch_video(item)
+    out = hf_video_processor(str(ckpt))(videos=[video], return_tensors="np", do_sample_frames=False,
+                                        cap_pixels_per_frame=True)
+    return out["pixel_values_videos"], out["video_grid_thw"]
+
+
+def ref_inputs(ckpt: Path, conversations: list, add_vision_id: bool = False) -> dict:
+    """apply_chat_template + process_vision_info + processor, as the Qwen2-VL model card does."""
+    from qwen_vl_utils import process_vision_info
+
+    proc = hf_processor(str(ckpt))
+    texts = [proc.apply_chat_template(c, tokenize=False, add_generation_prompt=True, add_vision_id=add_vision_id)
+             for c in conversations]
+    images, videos = process_vision_info(conversations)
+    out = proc(text=texts, images=images, videos=videos, padding=True, padding_side="left", return_tensors="pt",
+               videos_kwargs={"do_sample_frames": False, "cap_pixels_per_frame": True})
+    return dict(out)
+
+
+def ref_rope_index(ckpt: Path, inputs: dict) -> tuple[np.ndarray, np.ndarray]:
+    model = hf_model(str(ckpt))
+    pos, deltas = model.model.get_rope_index(
+        inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+        image_grid_thw=inputs.get("image_grid_thw"), video_grid_thw=inputs.get("video_grid_thw"),
+        attention_mask=inputs["attention_mask"])
+    return pos.numpy(), deltas.numpy()
