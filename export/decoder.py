@@ -1,0 +1,132 @@
+"""decoder graph: one step of the Qwen2 text model with a KV cache; serves prefill (P = 0) and decode.
+
+Inputs: inputs_embeds [B, L, H], attention_mask [B, P+L], position_ids [3, B, L] (M-RoPE),
+past_key_values.{i}.key/value [B, kv_heads, P, head_dim]. Outputs: logits [B, 1 | L, V] and
+present.{i}.key/value [B, kv_heads, P+L, head_dim]. Grouped-query attention broadcasts the kv
+heads ([B, kv, 1, T, hd] against queries [B, kv, groups, L, hd]) instead of repeating them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .checkpoint import Checkpoint
+from .graph import BOOL, FLOAT, INT64, Graph
+from .vision import activation, rotate
+
+MASK_MIN = float(np.finfo(np.float32).min)  # finite: a fully padded row stays NaN-free
+
+
+def mrope_rows(mrope_section: tuple[int, ...]) -> np.ndarray:
+    """For each rotary frequency, which position row (0 = t, 1 = h, 2 = w) drives it."""
+    return np.concatenate([np.full(n, i % 3) for i, n in enumerate(mrope_section)]).astype(np.int64)
+
+
+def inv_freq(theta: float, head_dim: int) -> np.ndarray:
+    return np.float32(1.0) / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
+
+
+def _rms_norm(g: Graph, x: str, weight: str, eps: float) -> str:
+    var = g.reduce_mean(g.op("Mul", x, x), [-1])
+    inv = g.op("Reciprocal", g.op("Sqrt", g.op("Add", var, g.const(eps, np.float32))))
+    return g.op("Mul", weight, g.op("Mul", x, inv))
+
+
+def _rotary(g: Graph, position_ids: str, ckpt: Checkpoint) -> tuple[str, str]:
+    """cos, sin [B, 1, L, head_dim] from M-RoPE positions [3, B, L]."""
+    tc = ckpt.config.text
+    rows = mrope_rows(tc.mrope_section)
+    if len(rows) != tc.head_dim // 2:
+        raise ValueError(f"mrope_section {tc.mrope_section} must sum to head_dim/2 = {tc.head_dim // 2}")
+    pos = g.op("Gather", position_ids, g.const(rows), axis=0)  # [hd/2, B, L]
+    pos = g.op("Cast", g.op("Transpose", pos, perm=[1, 2, 0]), to=FLOAT)  # [B, L, hd/2]
+    freqs = g.op("Mul", pos, g.const(inv_freq(tc.rope_theta, tc.head_dim), np.float32))
+    emb = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([1]))  # [B, 1, L, hd]
+    return g.op("Cos", emb), g.op("Sin", emb)
+
+
+def _mask_bias(g: Graph, attention_mask: str, past_len: str, seq_len: str) -> str:
+    """Additive bias [B, 1, 1, L, T]: 0 where key j is visible to query i (j <= P + i and not padding)."""
+    total = g.op("Add", past_len, seq_len)
+    scalar = lambda t: g.op("Squeeze", t, g.const([0]))  # noqa: E731
+    k_pos = g.op("Range", g.const(0), scalar(total), g.const(1))  # [T]
+    q_pos = g.op("Range", scalar(past_len), scalar(total), g.const(1))  # [L]
+    causal = g.op("LessOrEqual", g.op("Unsqueeze", k_pos, g.const([0])), g.op("Unsqueeze", q_pos, g.const([1])))
+    keep = g.op("Unsqueeze", g.op("Cast", attention_mask, to=BOOL), g.const([1, 2, 3]))  # [B, 1, 1, 1, T]
+    allowed = g.op("And", causal, keep)  # [B, 1, 1, L, T]
+    return g.op("Where", allowed, g.const(0.0, np.float32), g.const(MASK_MIN, np.float32))
+
+
+def _attention(g: Graph, h: str, ckpt: Checkpoint, i: int, cos: str, sin: str, bias: str,
+               past_k: str, past_v: str) -> tuple[str, str, str]:
+    tc = ckpt.config.text
+    nh, kv, hd = tc.num_attention_heads, tc.num_key_value_heads, tc.head_dim
+    p = f"model.layers.{i}.self_attn"
+
+    def heads(name: str, n: int) -> str:  # [B, L, n*hd] -> [B, n, L, hd]
+        y = g.linear(h, ckpt.get(f"{p}.{name}.weight"), ckpt.get(f"{p}.{name}.bias"), f"{p}.{name}")
+        return g.op("Transpose", g.op("Reshape", y, g.const([0, 0, n, hd])), perm=[0, 2, 1, 3])
+
+    q = rotate(g, heads("q_proj", nh), cos, sin, hd // 2)
+    k = rotate(g, heads("k_proj", kv), cos, sin, hd // 2)
+    v = heads("v_proj", kv)
+    present_k = g.op("Concat", past_k, k, axis=2)  # [B, kv, T, hd]
+    present_v = g.op("Concat", past_v, v, axis=2)
+    q5 = g.op("Reshape", q, g.const([0, kv, nh // kv, -1, hd]))  # [B, kv, groups, L, hd]
+    k5 = g.op("Transpose", g.op("Unsqueeze", present_k, g.const([2])), perm=[0, 1, 2, 4, 3])  # [B, kv, 1, hd, T]
+    v5 = g.op("Unsqueeze", present_v, g.const([2]))  # [B, kv, 1, T, hd]
+    scores = g.op("Add", g.op("Mul", g.op("MatMul", q5, k5), g.const(hd ** -0.5, np.float32)), bias)
+    out = g.op("MatMul", g.op("Softmax", scores, axis=-1), v5)  # [B, kv, groups, L, hd]
+    out = g.op("Reshape", out, g.const([0, nh, -1, hd]))
+    out = g.op("Reshape", g.op("Transpose", out, perm=[0, 2, 1, 3]), g.const([0, 0, nh * hd]))
+    out = g.linear(out, ckpt.get(f"{p}.o_proj.weight"), None, f"{p}.o_proj")
+    return out, present_k, present_v
+
+
+def _mlp(g: Graph, h: str, ckpt: Checkpoint, i: int) -> str:
+    p = f"model.layers.{i}.mlp"
+    gate = g.linear(h, ckpt.get(f"{p}.gate_proj.weight"), None, f"{p}.gate_proj")
+    up = g.linear(h, ckpt.get(f"{p}.up_proj.weight"), None, f"{p}.up_proj")
+    act = activation(g, gate, ckpt.config.text.hidden_act)
+    return g.linear(g.op("Mul", act, up), ckpt.get(f"{p}.down_proj.weight"), None, f"{p}.down_proj")
+
+
+def cache_names(num_layers: int) -> list[tuple[str, str, str, str]]:
+    """(past key, past value, present key, present value) names per layer."""
+    return [(f"past_key_values.{i}.key", f"past_key_values.{i}.value", f"present.{i}.key", f"present.{i}.value")
+            for i in range(num_layers)]
+
+
+def build_decoder(g: Graph, ckpt: Checkpoint, all_logits: bool = False, progress=None) -> None:
+    tc = ckpt.config.text
+    H, kv, hd = tc.hidden_size, tc.num_key_value_heads, tc.head_dim
+    x = g.input("inputs_embeds", FLOAT, ["batch", "seq", H])
+    attention_mask = g.input("attention_mask", INT64, ["batch", "total_seq"])
+    position_ids = g.input("position_ids", INT64, [3, "batch", "seq"])
+    names = cache_names(tc.num_hidden_layers)
+    pasts = [(g.input(pk, FLOAT, ["batch", kv, "past_seq", hd]), g.input(pv, FLOAT, ["batch", kv, "past_seq", hd]))
+             for pk, pv, _, _ in names]
+    cos, sin = _rotary(g, position_ids, ckpt)
+    bias = _mask_bias(g, attention_mask, g.shape_dim(pasts[0][0], 2), g.shape_dim(x, 1))
+    for i in range(tc.num_hidden_layers):
+        p = f"model.layers.{i}"
+        h = _rms_norm(g, x, g.weight(f"{p}.input_layernorm.weight", ckpt.get(f"{p}.input_layernorm.weight")),
+                      tc.rms_norm_eps)
+        attn, present_k, present_v = _attention(g, h, ckpt, i, cos, sin, bias, *pasts[i])
+        x = g.op("Add", x, attn)
+        h = _rms_norm(g, x, g.weight(f"{p}.post_attention_layernorm.weight",
+                                     ckpt.get(f"{p}.post_attention_layernorm.weight")), tc.rms_norm_eps)
+        x = g.op("Add", x, _mlp(g, h, ckpt, i))
+        g.output(present_k, names[i][2], FLOAT, ["batch", kv, "total_seq", hd])
+        g.output(present_v, names[i][3], FLOAT, ["batch", kv, "total_seq", hd])
+        if progress:
+            progress.update(1)
+    if not all_logits:  # prefill over a long prompt would otherwise allocate [B, L, vocab]
+        x = g.slice(x, -1, np.iinfo(np.int64).max, 1)
+    x = _rms_norm(g, x, g.weight("model.norm.weight", ckpt.get("model.norm.weight")), tc.rms_norm_eps)
+    name = ckpt.lm_head_name()
+    table = g.weight(name, lambda: ckpt.get(name))  # [V, H], shared with the merger when tied
+    flat = g.op("Reshape", x, g.const([-1, H]))
+    logits = g.op("Gemm", flat, table, transB=1)  # x @ table.T without a transposed copy
+    out_shape = g.op("Concat", g.shape_dim(x, 0), g.const([-1, tc.vocab_size]), axis=0)
+    g.output(g.op("Reshape", logits, out_shape), "logits", FLOAT, ["batch", "seq" if all_logits else 1, tc.vocab_size])

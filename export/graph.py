@@ -1,0 +1,138 @@
+"""A small ONNX graph builder: named values in, node outputs out; weights streamed to external data.
+
+Weights never gather in memory: each one is written to the artifact's shared data file as soon as it
+is added, and the graph keeps only an external-data reference. All graphs of an artifact share one
+`WeightStore`, so a tensor used by two graphs (the tied embedding / lm_head) is stored once.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+FLOAT, INT64, BOOL = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
+STORAGE = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
+ALIGN, PAGE_ALIGN = 64, 4096
+
+
+class WeightStore:
+    """Appends tensors to one external-data file; the same name is written once."""
+
+    def __init__(self, path: Path, dtype: str = "fp32"):
+        self.path = Path(path)
+        self.np_dtype, self.onnx_dtype = STORAGE[dtype]
+        self._file = open(self.path, "wb")
+        self._refs: dict[str, tuple[int, int, tuple[int, ...], int]] = {}
+        self.written = 0
+
+    def add(self, name: str, array, keep_fp32: bool = False) -> TensorProto:
+        """`array` may be a zero-argument loader, called only if `name` is not stored yet."""
+        if name not in self._refs:
+            array = array() if callable(array) else array
+            np_dtype, onnx_dtype = (np.float32, FLOAT) if keep_fp32 else (self.np_dtype, self.onnx_dtype)
+            data = np.ascontiguousarray(array, dtype=np_dtype).tobytes()
+            align = PAGE_ALIGN if len(data) >= 1 << 20 else ALIGN  # page-aligned big tensors can be mmapped
+            offset = self._file.seek(0, 2)
+            if offset % align:
+                self._file.write(b"\0" * (align - offset % align))
+                offset = self._file.tell()
+            self._file.write(data)
+            self._refs[name] = (offset, len(data), tuple(array.shape), onnx_dtype)
+            self.written += len(data)
+        offset, length, shape, onnx_dtype = self._refs[name]
+        tensor = TensorProto(name=name, data_type=onnx_dtype, dims=shape)
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.path.name), ("offset", str(offset)), ("length", str(length))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        return tensor
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class Graph:
+    """Builds one ONNX graph. `op()` returns output names; weights are cast to fp32 inside the graph."""
+
+    def __init__(self, name: str, store: WeightStore, opset: int):
+        self.name, self.store, self.opset = name, store, opset
+        self.nodes: list[onnx.NodeProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self.initializers: list[TensorProto] = []
+        self._weights: dict[str, str] = {}
+        self._ids = itertools.count()
+
+    # -- values -------------------------------------------------------------------------------
+
+    def input(self, name: str, elem_type: int, shape: list) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+        return name
+
+    def output(self, value: str, name: str, elem_type: int, shape: list) -> None:
+        self.op("Identity", value, outputs=[name])
+        self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+
+    def const(self, value, dtype=np.int64) -> str:
+        """A small constant stored inline."""
+        name = f"const_{next(self._ids)}"
+        self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def weight(self, name: str, array, *, raw: bool = False, keep_fp32: bool = False) -> str:
+        """A model weight in external data; returned as fp32 unless `raw` (then in storage dtype)."""
+        key = (name, raw)
+        if key not in self._weights:
+            tensor = self.store.add(name, array, keep_fp32=keep_fp32)
+            if name not in {t.name for t in self.initializers}:
+                self.initializers.append(tensor)
+            value = name
+            if not raw and tensor.data_type != FLOAT:
+                value = self.op("Cast", name, to=FLOAT)
+            self._weights[key] = value
+        return self._weights[key]
+
+    def op(self, op_type: str, *inputs: str, outputs: list[str] | None = None, n_out: int = 1,
+           domain: str = "", **attrs) -> str | list[str]:
+        idx = next(self._ids)
+        outputs = outputs or [f"{op_type.lower()}_{idx}" + (f"_{i}" if n_out > 1 else "") for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outputs, name=f"{op_type}_{idx}",
+                                           domain=domain, **attrs))
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    # -- composite helpers --------------------------------------------------------------------
+
+    def linear(self, x: str, weight: np.ndarray, bias: np.ndarray | None, name: str) -> str:
+        """x @ weight.T + bias, the weight stored pre-transposed as [in, out]."""
+        y = self.op("MatMul", x, self.weight(f"{name}.weight.T", np.ascontiguousarray(weight.T)))
+        return self.op("Add", y, self.weight(f"{name}.bias", bias)) if bias is not None else y
+
+    def reduce_mean(self, x: str, axes: list[int]) -> str:
+        if self.opset >= 18:
+            return self.op("ReduceMean", x, self.const(axes), keepdims=1)
+        return self.op("ReduceMean", x, axes=axes, keepdims=1)
+
+    def slice(self, x: str, start: int, end: int, axis: int) -> str:
+        return self.op("Slice", x, self.const([start]), self.const([end]), self.const([axis]))
+
+    def shape_dim(self, x: str, axis: int) -> str:
+        """Dimension `axis` of x as an int64 [1] tensor."""
+        return self.op("Shape", x, start=axis, end=axis + 1)
+
+    def model(self) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)],
+                                  producer_name="qwen2vl-edge")
+        model.ir_version = min(model.ir_version, 10)  # readable by older onnxruntime/TensorRT parsers
+        return model
+
+
+def value_info(v: onnx.ValueInfoProto) -> dict:
+    """{'name', 'dtype', 'shape'} of a graph input/output, for the manifest."""
+    t = v.type.tensor_type
+    dims = [d.dim_param if d.HasField("dim_param") else d.dim_value for d in t.shape.dim]
+    return {"name": v.name, "dtype": helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims}

@@ -1,0 +1,32 @@
+"""embedding_merger graph: token embeddings with vision features placed at the <|image_pad|> /
+<|video_pad|> positions, row-major over the batch, in order of appearance."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .checkpoint import Checkpoint
+from .graph import FLOAT, INT64, Graph
+
+EMBED = "model.embed_tokens.weight"
+
+
+def build_embedding_merger(g: Graph, ckpt: Checkpoint) -> None:
+    cfg = ckpt.config
+    H = cfg.text.hidden_size
+    ids = g.input("input_ids", INT64, ["batch", "seq"])
+    feats = g.input("vision_embeds", FLOAT, ["vision_tokens", H])
+    table = g.weight(EMBED, lambda: ckpt.get(EMBED), raw=True)
+    embeds = g.op("Gather", table, ids)  # [B, L, H], gathered rows cast after, not the whole table
+    embeds = g.op("Cast", embeds, to=FLOAT)
+    is_vision = g.op("Or", g.op("Equal", ids, g.const(cfg.image_token_id)),
+                     g.op("Equal", ids, g.const(cfg.video_token_id)))
+    flags = g.op("Cast", is_vision, to=INT64)
+    # 1-based index of each vision token among all vision tokens; 0 for text (row 0 = zeros below),
+    # so M = 0 (text only, decode steps) needs no special case.
+    index = g.op("CumSum", g.op("Reshape", flags, g.const([-1])), g.const(0))
+    index = g.op("Mul", g.op("Reshape", index, g.op("Shape", ids)), flags)
+    padded = g.op("Concat", g.const(np.zeros((1, H)), np.float32), feats, axis=0)  # [M + 1, H]
+    placed = g.op("Gather", padded, index)
+    out = g.op("Where", g.op("Unsqueeze", is_vision, g.const([-1])), placed, embeds)
+    g.output(out, "inputs_embeds", FLOAT, ["batch", "seq", H])

@@ -1,0 +1,117 @@
+"""Checkpoint -> artifact directory: three ONNX graphs sharing one weight file, processor files, manifest."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import time
+from pathlib import Path
+
+import onnx
+
+import qwen2vl_edge
+from qwen2vl_edge.runtime.artifact import FORMAT, FORMAT_VERSION, GRAPHS, MANIFEST, sha256_file
+from qwen2vl_edge.runtime.chat import find_template
+
+from .checkpoint import Checkpoint
+from .decoder import build_decoder
+from .graph import Graph, WeightStore, value_info
+from .merger import build_embedding_merger
+from .vision import build_vision_encoder
+
+WEIGHTS_FILE = "weights.data"
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "generation_config.json")
+MIN_OPSET = 17
+
+
+def _progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="layer", leave=False)
+
+
+def _versions() -> dict[str, str]:
+    import onnx as onnx_mod
+
+    versions = {"qwen2vl_edge": qwen2vl_edge.__version__, "onnx": onnx_mod.__version__}
+    for name in ("torch", "safetensors", "transformers"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return versions
+
+
+def _generation_settings(ckpt_dir: Path) -> dict:
+    gen = {}
+    path = ckpt_dir / "generation_config.json"
+    if path.is_file():
+        gen = json.loads(path.read_text())
+    eos = gen.get("eos_token_id", [151645, 151643])
+    return {"eos_token_id": eos if isinstance(eos, list) else [eos], "pad_token_id": gen.get("pad_token_id", 151643)}
+
+
+def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32", opset: int = MIN_OPSET,
+           all_logits: bool = False, check: bool = True, verbose: bool = True) -> Path:
+    """Export `checkpoint` to the artifact directory `out`; returns `out`."""
+    if opset < MIN_OPSET:
+        raise ValueError(f"--opset must be >= {MIN_OPSET} (LayerNormalization), got {opset}")
+    if dtype not in ("fp32", "fp16"):
+        raise ValueError(f"--dtype must be fp32 or fp16, got {dtype!r}")
+    started = time.perf_counter()
+    ckpt = Checkpoint(checkpoint)
+    cfg = ckpt.config
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    say = print if verbose else (lambda *a, **k: None)
+    say(f"exporting {ckpt.dir} ({len(ckpt.shards)} shard(s), {dtype}) -> {out}")
+    store = WeightStore(out / WEIGHTS_FILE, dtype)
+    graphs = {}
+    builders = {
+        "vision_encoder": (lambda g, p: build_vision_encoder(g, ckpt, p), cfg.vision.depth),
+        "embedding_merger": (lambda g, p: build_embedding_merger(g, ckpt), 0),
+        "decoder": (lambda g, p: build_decoder(g, ckpt, all_logits=all_logits, progress=p), cfg.text.num_hidden_layers),
+    }
+    try:
+        for name in GRAPHS:
+            build, steps = builders[name]
+            g = Graph(name, store, opset)
+            with _progress(steps, f"{name}: weights") as bar:
+                build(g, bar)
+            model = g.model()
+            onnx.save_model(model, out / f"{name}.onnx")
+            graphs[name] = {"file": f"{name}.onnx", "inputs": [value_info(v) for v in model.graph.input],
+                            "outputs": [value_info(v) for v in model.graph.output]}
+            say(f"  {name}: {len(model.graph.node)} nodes")
+    finally:
+        store.close()
+        ckpt.close()
+    if check:
+        for name in GRAPHS:
+            onnx.checker.check_model(str(out / f"{name}.onnx"), full_check=True)
+    for f in PROCESSOR_FILES:
+        if (ckpt.dir / f).is_file():
+            shutil.copyfile(ckpt.dir / f, out / f)
+    (out / "chat_template.jinja").write_text(find_template(ckpt.dir))
+    if not (out / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{ckpt.dir} has no tokenizer.json: the runtime needs it")
+    files = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != MANIFEST)
+    from tqdm.auto import tqdm
+
+    hashes = {f: sha256_file(out / f) for f in tqdm(files, desc="hashing", leave=False)}
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": cfg.to_dict(),
+        "export": {"dtype": dtype, "compute_dtype": "fp32", "opset": opset, "logits": "all" if all_logits else "last",
+                   "target": "portable", "weights_file": WEIGHTS_FILE, "source": str(ckpt.dir.resolve()),
+                   "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                   "versions": _versions()},
+        "generation": _generation_settings(ckpt.dir),
+        "graphs": graphs,
+        "files": hashes,
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    say(f"done in {time.perf_counter() - started:.1f} s: {store.written / 1e6:.1f} MB of weights in {WEIGHTS_FILE}")
+    return out

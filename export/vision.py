@@ -1,0 +1,87 @@
+"""vision_encoder graph: patches of F frames of one grid -> merged features [F, S/merge^2, hidden].
+
+Attention runs within a frame (Qwen2-VL's cu_seqlens has one segment per temporal slice), so frames
+are a batch dimension: no N x N mask across images or frames ever exists. The rotary table of the
+patch grid is data-dependent and comes from the runtime (runtime/rope.py: vision_rotary).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .checkpoint import Checkpoint
+from .graph import FLOAT, Graph
+
+LN_EPS = 1e-6
+
+
+def activation(g: Graph, x: str, kind: str) -> str:
+    if kind == "quick_gelu":  # x * sigmoid(1.702 x)
+        return g.op("Mul", x, g.op("Sigmoid", g.op("Mul", x, g.const(1.702, np.float32))))
+    if kind == "gelu":  # exact (erf) GELU, valid at every opset and in TensorRT
+        inner = g.op("Erf", g.op("Div", x, g.const(np.sqrt(2.0), np.float32)))
+        return g.op("Mul", g.op("Mul", x, g.const(0.5, np.float32)), g.op("Add", inner, g.const(1.0, np.float32)))
+    if kind == "silu":
+        return g.op("Mul", x, g.op("Sigmoid", x))
+    raise ValueError(f"unsupported activation {kind!r}")
+
+
+def rotate(g: Graph, x: str, cos: str, sin: str, half: int) -> str:
+    """x * cos + rotate_half(x) * sin over the last axis."""
+    x1, x2 = g.slice(x, 0, half, -1), g.slice(x, half, 2 * half, -1)
+    rotated = g.op("Concat", g.op("Neg", x2), x1, axis=-1)
+    return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
+
+
+def layer_norm(g: Graph, x: str, ckpt: Checkpoint, name: str) -> str:
+    w = g.weight(f"{name}.weight", lambda: ckpt.get(f"{name}.weight"))
+    b = g.weight(f"{name}.bias", lambda: ckpt.get(f"{name}.bias"))
+    return g.op("LayerNormalization", x, w, b, axis=-1, epsilon=LN_EPS)
+
+
+def _block(g: Graph, x: str, ckpt: Checkpoint, i: int, cos: str, sin: str) -> str:
+    vc = ckpt.config.vision
+    p = f"visual.blocks.{i}"
+    E, nh, hd = vc.embed_dim, vc.num_heads, vc.head_dim
+    h = layer_norm(g, x, ckpt, f"{p}.norm1")
+    qkv = g.linear(h, ckpt.get(f"{p}.attn.qkv.weight"), ckpt.get(f"{p}.attn.qkv.bias"), f"{p}.attn.qkv")
+    qkv = g.op("Reshape", qkv, g.const([0, 0, 3, nh, hd]))  # [F, S, 3, nh, hd]
+    q, k, v = (g.op("Squeeze", t, g.const([2]))
+               for t in g.op("Split", qkv, g.const([1, 1, 1]), axis=2, n_out=3))  # [F, S, nh, hd]
+    q, k = rotate(g, q, cos, sin, hd // 2), rotate(g, k, cos, sin, hd // 2)
+    q = g.op("Transpose", q, perm=[0, 2, 1, 3])  # [F, nh, S, hd]
+    k = g.op("Transpose", k, perm=[0, 2, 3, 1])  # [F, nh, hd, S]
+    v = g.op("Transpose", v, perm=[0, 2, 1, 3])
+    scores = g.op("Mul", g.op("MatMul", q, k), g.const(hd ** -0.5, np.float32))
+    attn = g.op("MatMul", g.op("Softmax", scores, axis=-1), v)  # [F, nh, S, hd]
+    attn = g.op("Reshape", g.op("Transpose", attn, perm=[0, 2, 1, 3]), g.const([0, 0, E]))
+    x = g.op("Add", x, g.linear(attn, ckpt.get(f"{p}.attn.proj.weight"), ckpt.get(f"{p}.attn.proj.bias"),
+                                 f"{p}.attn.proj"))
+    h = layer_norm(g, x, ckpt, f"{p}.norm2")
+    h = g.linear(h, ckpt.get(f"{p}.mlp.fc1.weight"), ckpt.get(f"{p}.mlp.fc1.bias"), f"{p}.mlp.fc1")
+    h = activation(g, h, vc.hidden_act)
+    h = g.linear(h, ckpt.get(f"{p}.mlp.fc2.weight"), ckpt.get(f"{p}.mlp.fc2.bias"), f"{p}.mlp.fc2")
+    return g.op("Add", x, h)
+
+
+def build_vision_encoder(g: Graph, ckpt: Checkpoint, progress=None) -> None:
+    vc = ckpt.config.vision
+    m2 = vc.spatial_merge_size ** 2
+    pixels = g.input("pixel_values", FLOAT, ["frames", "patches", vc.patch_dim])
+    cos = g.input("rotary_cos", FLOAT, ["patches", vc.head_dim])
+    sin = g.input("rotary_sin", FLOAT, ["patches", vc.head_dim])
+    cos, sin = (g.op("Unsqueeze", t, g.const([1])) for t in (cos, sin))  # [S, 1, hd] against [F, S, nh, hd]
+    # Conv3d with kernel == stride over a flattened patch is a matmul with the flattened kernel.
+    w = ckpt.get("visual.patch_embed.proj.weight").reshape(vc.embed_dim, -1)
+    x = g.linear(pixels, w, None, "visual.patch_embed.proj")  # [F, S, E]
+    for i in range(vc.depth):
+        x = _block(g, x, ckpt, i, cos, sin)
+        if progress:
+            progress.update(1)
+    h = layer_norm(g, x, ckpt, "visual.merger.ln_q")
+    h = g.op("Reshape", h, g.const([0, -1, vc.embed_dim * m2]))  # [F, S/m^2, E*m^2]
+    h = g.linear(h, ckpt.get("visual.merger.mlp.0.weight"), ckpt.get("visual.merger.mlp.0.bias"),
+                 "visual.merger.mlp.0")
+    h = g.linear(activation(g, h, "gelu"), ckpt.get("visual.merger.mlp.2.weight"),
+                 ckpt.get("visual.merger.mlp.2.bias"), "visual.merger.mlp.2")
+    g.output(h, "image_embeds", FLOAT, ["frames", "merged_patches", vc.hidden_size])

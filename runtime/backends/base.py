@@ -1,0 +1,27 @@
+"""The one interface the generation loop talks to; a backend is ONNX Runtime, TensorRT, ..."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class Backend(Protocol):
+    """Runs the three graphs. The KV cache is opaque to the loop and stays wherever the backend keeps it."""
+
+    name: str
+    hidden_size: int
+
+    def vision(self, pixel_values: np.ndarray, rotary_cos: np.ndarray, rotary_sin: np.ndarray) -> np.ndarray:
+        """[F, S, patch_dim], [S, hd], [S, hd] -> merged features [F, S / merge^2, hidden]."""
+
+    def merge(self, input_ids: np.ndarray, vision_embeds: np.ndarray) -> Any:
+        """[B, L] ids + [M, hidden] features -> inputs_embeds [B, L, hidden] (backend-native)."""
+
+    def new_cache(self, batch: int) -> Any:
+        """An empty KV cache (past length 0) for `batch` rows."""
+
+    def decode(self, inputs_embeds: Any, attention_mask: np.ndarray, position_ids: np.ndarray,
+               cache: Any) -> tuple[np.ndarray, Any]:
+        """One decoder run -> (last-position logits [B, vocab] float32, the cache grown by L)."""

@@ -1,0 +1,82 @@
+"""ONNX Runtime backend: CPU by default, CUDA / TensorRT execution providers when installed.
+
+The KV cache lives in OrtValues bound with I/O binding: each step's present tensors become the next
+step's past without a copy into NumPy (and stay on the GPU with a GPU provider).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..artifact import Artifact
+from ..errors import ArtifactError, InputError
+
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+@dataclass
+class OrtCache:
+    values: dict  # past input name -> OrtValue [B, kv_heads, P, head_dim]
+    length: int
+
+
+class OrtBackend:
+    name = "onnxruntime"
+
+    def __init__(self, artifact: Artifact, providers: list | None = None, num_threads: int | None = None):
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        providers = list(providers or ["CPUExecutionProvider"])
+        for p in providers:
+            pname = p[0] if isinstance(p, tuple) else p
+            if pname not in available:
+                raise InputError(f"onnxruntime provider {pname} is not available here (have: {', '.join(available)}); "
+                                 "install onnxruntime-gpu for CUDA/TensorRT")
+        first = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+        self.device = "cuda" if first in GPU_PROVIDERS else "cpu"
+        opts = ort.SessionOptions()
+        if num_threads:
+            opts.intra_op_num_threads = int(num_threads)
+        self._ort = ort
+        try:
+            self.sessions = {name: ort.InferenceSession(str(artifact.graph_path(name)), opts, providers=providers)
+                             for name in ("vision_encoder", "embedding_merger", "decoder")}
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise ArtifactError(f"onnxruntime could not load the graphs of {artifact.dir}: {e}") from None
+        cfg = artifact.config.text
+        self.hidden_size = cfg.hidden_size
+        self.kv_shape = (cfg.num_key_value_heads, cfg.head_dim)
+        dec = self.sessions["decoder"]
+        self.past_names = [i.name for i in dec.get_inputs() if i.name.startswith("past_key_values.")]
+        self.output_names = [o.name for o in dec.get_outputs()]
+        self.present_for = {p: p.replace("past_key_values.", "present.") for p in self.past_names}
+
+    def vision(self, pixel_values, rotary_cos, rotary_sin):
+        return self.sessions["vision_encoder"].run(None, {"pixel_values": pixel_values, "rotary_cos": rotary_cos,
+                                                         "rotary_sin": rotary_sin})[0]
+
+    def merge(self, input_ids, vision_embeds):
+        return self.sessions["embedding_merger"].run(None, {"input_ids": input_ids, "vision_embeds": vision_embeds})[0]
+
+    def new_cache(self, batch: int) -> OrtCache:
+        empty = np.zeros((batch, self.kv_shape[0], 0, self.kv_shape[1]), np.float32)
+        value = self._ort.OrtValue.ortvalue_from_numpy(empty, self.device)
+        return OrtCache({name: value for name in self.past_names}, 0)
+
+    def decode(self, inputs_embeds, attention_mask, position_ids, cache: OrtCache):
+        binding = self.sessions["decoder"].io_binding()
+        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, np.float32))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
+        for name, value in cache.values.items():
+            binding.bind_ortvalue_input(name, value)
+        for name in self.output_names:
+            binding.bind_output(name, "cpu" if name == "logits" else self.device)
+        self.sessions["decoder"].run_with_iobinding(binding)
+        outputs = dict(zip(self.output_names, binding.get_outputs()))
+        new = OrtCache({p: outputs[self.present_for[p]] for p in self.past_names},
+                       cache.length + inputs_embeds.shape[1])
+        return outputs["logits"].numpy()[:, -1, :], new

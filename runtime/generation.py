@@ -1,0 +1,113 @@
+"""The generation loop, as small named steps over an explicit state: prefill, choose, check stops, decode.
+
+It only talks to the `Backend` interface, so ONNX Runtime and TensorRT share it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from .backends.base import Backend
+from .errors import InputError
+from .rope import decode_positions
+from .sampling import SamplingOptions, choose
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    sampling: SamplingOptions = SamplingOptions()
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        if not isinstance(self.max_new_tokens, (int, np.integer)) or self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
+            raise InputError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise InputError("stop must be a list of non-empty strings")
+        self.sampling.validate()
+
+
+@dataclass
+class DecodeState:
+    """Everything that changes between steps; rows are conversations of the batch."""
+
+    attention_mask: np.ndarray  # [B, T] int64, T = tokens in the cache (left padding included)
+    real_lengths: np.ndarray  # [B] tokens in the cache that are not padding
+    rope_deltas: np.ndarray  # [B, 1] M-RoPE offset of text positions after the prompt
+    cache: Any  # backend-owned KV cache
+    seen: list[np.ndarray]  # per row: prompt + generated ids (repetition penalty)
+    generated: list[list[int]] = field(default_factory=list)
+    finished: np.ndarray | None = None  # [B] bool
+    reasons: list[str | None] = field(default_factory=list)
+
+
+@dataclass
+class StepTimes:
+    prefill: float = 0.0
+    decode: list[float] = field(default_factory=list)
+
+
+def prefill(backend: Backend, inputs_embeds, inputs: dict, step_times: StepTimes) -> tuple[np.ndarray, DecodeState]:
+    """Run the whole prompt once; the cache then holds it and it is never re-run."""
+    t0 = time.perf_counter()
+    mask = inputs["attention_mask"]
+    cache = backend.new_cache(mask.shape[0])
+    logits, cache = backend.decode(inputs_embeds, mask, inputs["position_ids"], cache)
+    step_times.prefill = time.perf_counter() - t0
+    B = mask.shape[0]
+    state = DecodeState(attention_mask=mask, real_lengths=mask.sum(axis=1), rope_deltas=inputs["rope_deltas"],
+                        cache=cache, seen=[inputs["input_ids"][b][mask[b] == 1] for b in range(B)],
+                        generated=[[] for _ in range(B)], finished=np.zeros(B, bool), reasons=[None] * B)
+    return logits, state
+
+
+def suppress(logits: np.ndarray, token_ids: list[int]) -> np.ndarray:
+    logits = logits.copy()
+    logits[:, token_ids] = -np.inf
+    return logits
+
+
+def decode_step(backend: Backend, state: DecodeState, tokens: np.ndarray, step_times: StepTimes) -> np.ndarray:
+    """Feed one new token per row; returns the next logits [B, V]."""
+    t0 = time.perf_counter()
+    B = len(tokens)
+    embeds = backend.merge(tokens.reshape(B, 1), np.zeros((0, backend.hidden_size), np.float32))
+    position_ids = decode_positions(state.real_lengths, state.rope_deltas)  # [3, B, 1]
+    state.attention_mask = np.concatenate([state.attention_mask, np.ones((B, 1), np.int64)], axis=1)
+    logits, state.cache = backend.decode(embeds, state.attention_mask, position_ids, state.cache)
+    state.real_lengths = state.real_lengths + 1
+    step_times.decode.append(time.perf_counter() - t0)
+    return logits
+
+
+def run(backend: Backend, inputs_embeds, inputs: dict, opts: GenerationOptions, eos_ids: list[int], pad_id: int,
+        decode_text: Callable[[list[int]], str], step_times: StepTimes) -> Iterator[DecodeState]:
+    """Yields the state after each chosen token; stops when every row is finished."""
+    rng = np.random.default_rng(opts.seed)
+    logits, state = prefill(backend, inputs_embeds, inputs, step_times)
+    for step in range(opts.max_new_tokens):
+        if step < opts.min_new_tokens:
+            logits = suppress(logits, eos_ids)
+        tokens = choose(logits, opts.sampling, rng, state.seen)
+        tokens = np.where(state.finished, pad_id, tokens)  # finished rows idle on padding
+        for b in np.flatnonzero(~state.finished):
+            t = int(tokens[b])
+            state.generated[b].append(t)
+            state.seen[b] = np.append(state.seen[b], t)
+            if t in eos_ids:
+                state.finished[b], state.reasons[b] = True, "stop"
+            elif opts.stop and any(s in decode_text(state.generated[b]) for s in opts.stop):
+                state.finished[b], state.reasons[b] = True, "stop"
+        yield state
+        if state.finished.all() or step == opts.max_new_tokens - 1:
+            break
+        logits = decode_step(backend, state, tokens, step_times)
+    state.reasons = [r or "length" for r in state.reasons]

@@ -1,0 +1,164 @@
+"""Qwen2VLPipeline: messages -> text, from an artifact directory, without torch or transformers."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .artifact import Artifact, load_artifact
+from .backends import create_backend
+from .errors import InputError
+from .generation import GenerationOptions, StepTimes, run
+from .processor import Processor, is_batch
+from .rope import IMAGE, VIDEO, _runs, vision_rotary
+from .sampling import SamplingOptions
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # generated tokens only, not the prompt
+    finish_reason: str  # "stop" | "length"
+    timings: dict[str, float]  # seconds
+    usage: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _drain(steps):
+    """Run a generator to its end and return its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def _cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    cuts = [text.index(s) for s in stop if s in text]
+    return text[:min(cuts)] if cuts else text
+
+
+class Qwen2VLPipeline:
+    def __init__(self, artifact: Artifact, processor: Processor, backend):
+        self.artifact, self.processor, self.backend = artifact, processor, backend
+        gen = artifact.generation
+        self.eos_ids = [int(t) for t in gen.get("eos_token_id", [])]
+        self.pad_id = int(gen.get("pad_token_id", processor.special.pad_id))
+
+    @classmethod
+    def load(cls, artifact_dir: str | Path, backend: str = "onnxruntime", providers: list | None = None,
+             num_threads: int | None = None, verify: bool = True) -> "Qwen2VLPipeline":
+        artifact = load_artifact(artifact_dir, verify=verify)
+        options = {"providers": providers, "num_threads": num_threads} if backend == "onnxruntime" else {}
+        return cls(artifact, Processor.from_pretrained(artifact.dir), create_backend(artifact, backend, **options))
+
+    # -- stages -------------------------------------------------------------------------------
+
+    def vision_features(self, inputs: dict) -> np.ndarray:
+        """Run the encoder per image / video and order the features as their tokens appear -> [M, hidden]."""
+        cfg = self.artifact.config
+        per_kind = {}
+        for kind, pixels_key, grid_key in ((IMAGE, "pixel_values", "image_grid_thw"),
+                                           (VIDEO, "pixel_values_videos", "video_grid_thw")):
+            feats, offset = [], 0
+            for t, h, w in inputs.get(grid_key, np.zeros((0, 3), np.int64)):
+                n = int(t * h * w)
+                patches = inputs[pixels_key][offset:offset + n].reshape(int(t), int(h * w), -1)  # [F, S, D]
+                cos, sin = vision_rotary((int(t), int(h), int(w)), cfg.vision)
+                feats.append(self.backend.vision(patches, cos, sin).reshape(-1, cfg.text.hidden_size))
+                offset += n
+            per_kind[kind] = iter(feats)
+        ordered = []
+        types = np.where(inputs["input_ids"] == cfg.image_token_id, IMAGE,
+                         np.where(inputs["input_ids"] == cfg.video_token_id, VIDEO, 0))
+        for row in types:  # row-major over the batch, as the merger places them
+            for kind, s, e in _runs(row):
+                if kind:
+                    f = next(per_kind[kind])
+                    if len(f) != e - s:
+                        raise InputError(f"vision features ({len(f)}) and placeholder tokens ({e - s}) differ")
+                    ordered.append(f)
+        return np.concatenate(ordered) if ordered else np.zeros((0, cfg.text.hidden_size), np.float32)
+
+    def _options(self, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
+                 seed, stop) -> GenerationOptions:
+        opts = GenerationOptions(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                 sampling=SamplingOptions(do_sample, temperature, top_k or 0, top_p,
+                                                          repetition_penalty),
+                                 seed=seed, stop=tuple([stop] if isinstance(stop, str) else stop or ()))
+        opts.validate()
+        return opts
+
+    def _prepare(self, conversations, opts: GenerationOptions) -> tuple[dict, Any, dict]:
+        t0 = time.perf_counter()
+        inputs = self.processor(conversations)
+        t1 = time.perf_counter()
+        limit = self.artifact.config.text.max_position_embeddings
+        prompt_len = inputs["input_ids"].shape[1]
+        if prompt_len + opts.max_new_tokens > limit:
+            raise InputError(f"prompt ({prompt_len} tokens) + max_new_tokens ({opts.max_new_tokens}) exceeds the "
+                             f"model's context of {limit} tokens: shorten the prompt, use smaller images "
+                             "(max_pixels) or lower max_new_tokens")
+        feats = self.vision_features(inputs)
+        t2 = time.perf_counter()
+        embeds = self.backend.merge(inputs["input_ids"], feats)
+        t3 = time.perf_counter()
+        return inputs, embeds, {"preprocess": t1 - t0, "vision": t2 - t1, "merge": t3 - t2}
+
+    def _steps(self, conversations, opts: GenerationOptions):
+        started = time.perf_counter()
+        inputs, embeds, timings = self._prepare(conversations, opts)
+        steps = StepTimes()
+        decode_text = self.processor.decode
+        for state in run(self.backend, embeds, inputs, opts, self.eos_ids, self.pad_id, decode_text, steps):
+            yield state
+        merge = timings.pop("merge")
+        timings.update(prefill=merge + steps.prefill,
+                       decode_per_token=float(np.mean(steps.decode)) if steps.decode else 0.0,
+                       time_to_first_token=timings["preprocess"] + timings["vision"] + merge + steps.prefill,
+                       total=time.perf_counter() - started)
+        mask = inputs["attention_mask"]
+        return [GenerationResult(text=_cut_at_stop(decode_text(ids), opts.stop), token_ids=list(ids),
+                                       finish_reason=reason, timings=dict(timings),
+                                       usage={"prompt_tokens": int(mask[b].sum()), "completion_tokens": len(ids)})
+                      for b, (ids, reason) in enumerate(zip(state.generated, state.reasons))]
+
+    # -- public -------------------------------------------------------------------------------
+
+    def generate(self, conversations, max_new_tokens: int = 128, *, min_new_tokens: int = 0, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
+                 repetition_penalty: float = 1.0, seed: int | None = None, stop=None):
+        """One conversation -> GenerationResult; a list of conversations -> a list of them."""
+        opts = self._options(max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
+                             repetition_penalty, seed, stop)
+        results = _drain(self._steps(conversations, opts))
+        return results if is_batch(conversations) else results[0]
+
+    def stream(self, conversation, max_new_tokens: int = 128, **kwargs) -> Iterator[str]:
+        """Text pieces of one conversation as they are generated; never splits a UTF-8 character."""
+        if is_batch(conversation):
+            raise InputError("stream() takes one conversation; use generate() for a batch")
+        opts = self._options(max_new_tokens, kwargs.pop("min_new_tokens", 0), kwargs.pop("do_sample", False),
+                             kwargs.pop("temperature", 1.0), kwargs.pop("top_k", None), kwargs.pop("top_p", 1.0),
+                             kwargs.pop("repetition_penalty", 1.0), kwargs.pop("seed", None), kwargs.pop("stop", None))
+        if kwargs:
+            raise TypeError(f"stream() got unexpected arguments: {', '.join(kwargs)}")
+        emitted, steps = "", self._steps(conversation, opts)
+        while True:
+            try:
+                state = next(steps)
+            except StopIteration as done:
+                self.last_result = done.value[0]  # timings and usage of the streamed reply
+                return
+            text = _cut_at_stop(self.processor.decode(state.generated[0]), opts.stop)
+            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its next bytes
+                continue
+            if len(text) > len(emitted):
+                yield text[len(emitted):]
+                emitted = text
