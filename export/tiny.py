@@ -22,7 +22,7 @@ TINY_TEXT = dict(
 )
 TINY_VISION = dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=4, hidden_size=64, patch_size=14,
                    spatial_merge_size=2, temporal_patch_size=2)
-TINY_TOP = dict(tie_word_embeddings=True, init_std=0.5)
+TINY_TOP = dict(tie_word_embeddings=True, init_std=0.2)
 TOKEN_IDS = dict(bos_token_id=151643, eos_token_id=151645, vision_start_token_id=151652,
                  vision_end_token_id=151653, vision_token_id=151654, image_token_id=151655, video_token_id=151656)
 GENERATION_CONFIG = {"bos_token_id": 151643, "pad_token_id": 151643, "eos_token_id": [151645, 151643],

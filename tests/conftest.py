@@ -65,3 +65,33 @@ def images(workdir) -> dict[str, Path]:
         random_image(rng, w, h).save(path)
         out[name] = path
     return out
+
+
+def export_artifact(ckpt: Path, out: Path, **options) -> Path:
+    from qwen2vl_edge.export.onnx_export import export
+
+    return export(ckpt, out, verbose=False, **options)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_ckpt, workdir) -> Path:
+    return export_artifact(tiny_ckpt, workdir / "art-original")
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact_v5(tiny_ckpt_v5, workdir) -> Path:
+    return export_artifact(tiny_ckpt_v5, workdir / "art-v5")
+
+
+@pytest.fixture(scope="session")
+def pipe(tiny_artifact):
+    from qwen2vl_edge.runtime import Qwen2VLPipeline
+
+    return Qwen2VLPipeline.load(tiny_artifact)
+
+
+@pytest.fixture(scope="session")
+def pipe_v5(tiny_artifact_v5):
+    from qwen2vl_edge.runtime import Qwen2VLPipeline
+
+    return Qwen2VLPipeline.load(tiny_artifact_v5)

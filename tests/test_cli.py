@@ -1,0 +1,61 @@
+"""The `qwen2vl-edge` command line, run as users run it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from conftest import random_image, requires_torch
+
+pytestmark = requires_torch
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qwen2vl_edge.cli", *args], capture_output=True, text=True)
+
+
+def test_run_json_matches_python_api(tiny_artifact, pipe, tmp_path):
+    img = tmp_path / "a.png"
+    random_image(np.random.default_rng(3), 160, 120).save(img)
+    result = cli("run", str(tiny_artifact), "--image", str(img), "--prompt", "Describe this image.",
+                 "--max-new-tokens", "6", "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert set(out) == {"text", "token_ids", "finish_reason", "timings", "usage"}
+    conv = [{"role": "user", "content": [{"type": "image", "image": str(img)},
+                                         {"type": "text", "text": "Describe this image."}]}]
+    assert out["token_ids"] == pipe.generate(conv, max_new_tokens=6).token_ids
+
+
+def test_run_streams_and_reads_message_files(tiny_artifact, tmp_path):
+    batch = [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "A longer question here?"}]]
+    (tmp_path / "batch.json").write_text(json.dumps(batch))
+    result = cli("run", str(tiny_artifact), "--messages", str(tmp_path / "batch.json"), "--max-new-tokens", "3")
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)) == 2
+    streamed = cli("run", str(tiny_artifact), "--prompt", "Hi", "--max-new-tokens", "5")
+    assert streamed.returncode == 0 and streamed.stdout.strip()
+
+
+def test_run_reports_errors_without_traceback(tmp_path):
+    result = cli("run", str(tmp_path / "missing"), "--prompt", "Hi")
+    assert result.returncode == 2
+    assert "artifact directory not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_make_tiny_cli(tmp_path):
+    result = cli("make-tiny", str(tmp_path / "t"), "--layout", "v5", "--set", "text.num_hidden_layers=1")
+    assert result.returncode == 0, result.stderr
+    cfg = json.loads((tmp_path / "t" / "config.json").read_text())
+    assert cfg["text_config"]["num_hidden_layers"] == 1
+    bad = cli("make-tiny", str(tmp_path / "u"), "--set", "text.no_such_field=1")
+    assert bad.returncode != 0 and "unknown --set key" in bad.stderr
+
+
+def test_quickstart(tmp_path):
+    result = cli("quickstart", "--dir", str(tmp_path / "qs"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "identical" in result.stdout and "reply:" in result.stdout

@@ -1,0 +1,185 @@
+"""The exported graphs, run by the NumPy runtime, against transformers on tiny random checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import random_image, requires_torch
+
+pytestmark = requires_torch
+
+
+def _user(*content):
+    return [{"role": "user", "content": list(content)}]
+
+
+def _img(x):
+    return {"type": "image", "image": x}
+
+
+def _video(frames):
+    return {"type": "video", "video": frames}
+
+
+def _text(t):
+    return {"type": "text", "text": t}
+
+
+@pytest.fixture(scope="module")
+def convs():
+    """Videos use 336x336 frames: multiples of 56 inside the video budget, so no resampling and the
+    reference's torchvision pixels equal ours exactly (resampled frames are covered in test_preprocess)."""
+    rng = np.random.default_rng(11)
+    im = lambda w, h: random_image(rng, w, h)  # noqa: E731
+    frames = lambda n: [random_image(rng, 336, 336) for _ in range(n)]  # noqa: E731
+    return {
+        "text": _user(_text("Tell me a story about a robot.")),
+        "one-image": _user(_img(im(320, 240)), _text("Describe this image.")),
+        "three-images": _user(_img(im(200, 300)), _img(im(448, 448)), _text("and"), _img(im(150, 90)),
+                              _text("Compare them.")),
+        "video": _user(_video(frames(4)), _text("What happens?")),
+        "image-video": _user(_img(im(280, 210)), _video(frames(2)), _text("Relate them.")),
+        "other-image": _user(_img(im(320, 240)), _text("Describe this image.")),
+    }
+
+
+def _vision_reference(ckpt, pixel_values, grid):
+    import torch
+
+    from reference import hf_model
+
+    with torch.no_grad():
+        out = hf_model(str(ckpt)).model.visual(torch.from_numpy(pixel_values), grid_thw=torch.from_numpy(grid))
+    return out.pooler_output.numpy()
+
+
+@pytest.mark.parametrize("case", ["one-image", "three-images", "video6"])
+def test_vision_features_match(tiny_ckpt, pipe, case):
+    rng = np.random.default_rng(5)
+    if case == "video6":
+        conv = _user(_video([random_image(rng, 168, 112) for _ in range(6)]), _text("?"))
+    elif case == "one-image":
+        conv = _user(_img(random_image(rng, 333, 250)))
+    else:
+        conv = _user(*[_img(random_image(rng, w, h)) for w, h in [(100, 80), (420, 300), (56, 300)]])
+    inputs = pipe.processor(conv)
+    key, grid_key = ("pixel_values_videos", "video_grid_thw") if case == "video6" else ("pixel_values",
+                                                                                        "image_grid_thw")
+    ours = pipe.vision_features(inputs)
+    ref = _vision_reference(tiny_ckpt, inputs[key], inputs[grid_key])
+    assert ours.shape == ref.shape
+    rel = np.abs(ours - ref).max() / np.abs(ref).max()
+    print(f"vision {case}: max relative error {rel:.2e}")
+    assert rel <= 1e-4
+
+
+def test_logits_prefill_and_decode_steps_match(tiny_ckpt, pipe, convs):
+    import torch
+
+    from reference import hf_model, ref_rope_index
+    from qwen2vl_edge.runtime.generation import StepTimes, decode_step, prefill
+
+    model = hf_model(str(tiny_ckpt))
+    inputs = pipe.processor(convs["three-images"])
+    embeds = pipe.backend.merge(inputs["input_ids"], pipe.vision_features(inputs))
+    logits, state = prefill(pipe.backend, embeds, inputs, StepTimes())
+    t = {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items() if k not in ("position_ids", "rope_deltas")}
+    # positions as transformers' generate() makes them: get_rope_index, then +1 per new token on every row
+    ref_pos, _ = ref_rope_index(tiny_ckpt, t)
+    with torch.no_grad():
+        out = model(**t, position_ids=torch.from_numpy(ref_pos), use_cache=True)
+        diffs = [np.abs(out.logits[:, -1].numpy() - logits).max()]
+        cache, mask = out.cache, t["attention_mask"]
+        for step in range(1, 6):
+            token = logits.argmax(-1)
+            logits = decode_step(pipe.backend, state, token, StepTimes())
+            mask = torch.cat([mask, torch.ones((1, 1), dtype=mask.dtype)], dim=1)
+            pos = torch.from_numpy(ref_pos[:, :, -1:] + step)
+            out = model(input_ids=torch.from_numpy(token[:, None]), attention_mask=mask, cache=cache,
+                        position_ids=pos, use_cache=True)
+            cache = out.cache
+            diffs.append(np.abs(out.logits[:, -1].numpy() - logits).max())
+    print("logit max abs diff per step:", [f"{d:.1e}" for d in diffs])
+    assert max(diffs) <= 1e-4
+
+
+def _reference_generate(ckpt, conversations, n):
+    from reference import hf_model, ref_inputs
+
+    inputs = ref_inputs(ckpt, conversations)
+    out = hf_model(str(ckpt)).generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return [row[inputs["input_ids"].shape[1]:].tolist() for row in out]
+
+
+N_NEW = 32
+
+
+@pytest.mark.parametrize("name", ["text", "one-image", "three-images", "video", "image-video"])
+def test_greedy_generation_token_identical(tiny_ckpt, pipe, convs, name):
+    ours = pipe.generate(convs[name], max_new_tokens=N_NEW, min_new_tokens=N_NEW)
+    ref = _reference_generate(tiny_ckpt, [convs[name]], N_NEW)[0]
+    assert len(set(ref)) > N_NEW // 2, "reference output degenerate: parity would prove nothing"
+    assert ours.token_ids == ref
+    assert ours.finish_reason == "length" and ours.usage["completion_tokens"] == N_NEW
+
+
+def test_batch_with_left_padding_token_identical(tiny_ckpt, pipe, convs):
+    batch = [convs["text"], convs["three-images"], convs["image-video"]]
+    ours = pipe.generate(batch, max_new_tokens=N_NEW, min_new_tokens=N_NEW)
+    ref = _reference_generate(tiny_ckpt, batch, N_NEW)
+    assert [r.token_ids for r in ours] == ref
+    lengths = {r.usage["prompt_tokens"] for r in ours}
+    assert len(lengths) == 3, "the batch must mix prompt lengths to exercise left padding"
+
+
+def test_output_follows_the_image(pipe, convs):
+    """Guards against a degenerate checkpoint where any pipeline agrees with any other."""
+    a = pipe.generate(convs["one-image"], max_new_tokens=8, min_new_tokens=8).token_ids
+    b = pipe.generate(convs["other-image"], max_new_tokens=8, min_new_tokens=8).token_ids
+    assert a != b
+
+
+def test_untied_v5_layout_and_other_mrope_section(tiny_ckpt_v5, pipe_v5, convs):
+    assert not pipe_v5.artifact.config.tie_word_embeddings
+    assert pipe_v5.artifact.config.text.mrope_section == (4, 2, 2)
+    for name in ("one-image", "image-video"):
+        ours = pipe_v5.generate(convs[name], max_new_tokens=N_NEW, min_new_tokens=N_NEW)
+        assert ours.token_ids == _reference_generate(tiny_ckpt_v5, [convs[name]], N_NEW)[0]
+
+
+def test_all_logits_export_gives_every_position(tiny_ckpt, workdir, pipe, convs):
+    from conftest import export_artifact
+    from qwen2vl_edge.runtime import Qwen2VLPipeline
+
+    art = export_artifact(tiny_ckpt, workdir / "art-all-logits", all_logits=True)
+    full = Qwen2VLPipeline.load(art)
+    inputs = full.processor(convs["one-image"])
+    embeds = full.backend.merge(inputs["input_ids"], full.vision_features(inputs))
+    sess = full.backend.sessions["decoder"]
+    feeds = {"inputs_embeds": embeds, "attention_mask": inputs["attention_mask"],
+             "position_ids": inputs["position_ids"]}
+    feeds.update({n: np.zeros((1, 2, 0, 16), np.float32) for n in full.backend.past_names})
+    logits = sess.run(["logits"], feeds)[0]
+    assert logits.shape[1] == inputs["input_ids"].shape[1]
+    assert full.generate(convs["one-image"], max_new_tokens=8, min_new_tokens=8).token_ids == \
+        pipe.generate(convs["one-image"], max_new_tokens=8, min_new_tokens=8).token_ids
+
+
+def test_fp16_export_runs_without_nan(tiny_ckpt, workdir, pipe, convs):
+    from conftest import export_artifact
+    from qwen2vl_edge.runtime import Qwen2VLPipeline
+    from qwen2vl_edge.runtime.generation import StepTimes, prefill
+
+    art = export_artifact(tiny_ckpt, workdir / "art-fp16", dtype="fp16")
+    half = Qwen2VLPipeline.load(art)
+    inputs = half.processor(convs["one-image"])
+    logits, _ = prefill(half.backend, half.backend.merge(inputs["input_ids"], half.vision_features(inputs)), inputs,
+                        StepTimes())
+    assert np.isfinite(logits).all()
+    a = half.generate(convs["one-image"], max_new_tokens=N_NEW, min_new_tokens=N_NEW).token_ids
+    b = pipe.generate(convs["one-image"], max_new_tokens=N_NEW, min_new_tokens=N_NEW).token_ids
+    same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+    print(f"fp16 vs fp32 greedy: first {same} of {N_NEW} tokens agree")
+    assert (workdir / "art-fp16" / "weights.data").stat().st_size < 0.6 * (
+        workdir / "art-original" / "weights.data").stat().st_size
