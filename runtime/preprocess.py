@@ -153,32 +153,43 @@ def _fit_image(
     return _resize(image, h, w)
 
 
-def _normalize(frames: np.ndarray, pp: PreprocessorConfig, *, fused: bool) -> np.ndarray:
-    """uint8 [T, C, H, W] -> float32, (x * rescale - mean) / std.
+def _normalize_table(pp: PreprocessorConfig, *, fused: bool) -> np.ndarray:
+    """float32 [C, 256]: the normalised value of every 8-bit level, computed exactly as the reference does.
 
     The references round differently: the PIL image processor rescales in float64 then normalises
-    in float32; the torch video processor folds the rescale into mean/std (`fused`).
+    in float32; the torch video processor folds the rescale into mean/std (`fused`). A table keeps
+    each one's arithmetic bit for bit and turns normalisation into a gather.
     """
-    mean = np.asarray(pp.image_mean, dtype=np.float32)[:, None, None]
-    std = np.asarray(pp.image_std, dtype=np.float32)[:, None, None]
+    levels = np.arange(256, dtype=np.uint8)[None, :]
+    mean = np.asarray(pp.image_mean, dtype=np.float32)[:, None]
+    std = np.asarray(pp.image_std, dtype=np.float32)[:, None]
     if fused:
-        scale = 1.0 / pp.rescale_factor
-        return (frames.astype(np.float32) - mean * np.float32(scale)) / (std * np.float32(scale))
-    x = (frames.astype(np.float64) * pp.rescale_factor).astype(np.float32)
-    return (x - mean) / std
+        scale = np.float32(1.0 / pp.rescale_factor)
+        return (levels.astype(np.float32) - mean * scale) / (std * scale)
+    return ((levels.astype(np.float64) * pp.rescale_factor).astype(np.float32) - mean) / std
 
 
-def patchify(frames: np.ndarray, pp: PreprocessorConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """float32 [T, C, H, W] (T a multiple of temporal_patch_size) -> [t*h*w, C*tps*p*p], (t, h, w).
+def patchify(frames: np.ndarray, pp: PreprocessorConfig, *, fused: bool) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """uint8 [T, C, H, W] -> normalised float32 [t*h*w, C*tps*p*p], (t, h, w).
 
+    T is a multiple of temporal_patch_size, or 1 for a still image, which fills every temporal slot.
     Patch order is transformers': merge blocks row-major, the m x m patches of a block adjacent.
+    Bytes are rearranged and normalised before the temporal copies are made.
     """
     p, m, tps = pp.patch_size, pp.merge_size, pp.temporal_patch_size
     T, C, H, W = frames.shape
-    gt, gh, gw = T // tps, H // p, W // p
-    x = frames.reshape(gt, tps, C, gh // m, m, p, gw // m, m, p)
-    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)  # [gt, gh/m, gw/m, m, m, C, tps, p, p]
-    return np.ascontiguousarray(x).reshape(gt * gh * gw, C * tps * p * p), (gt, gh, gw)
+    slots = 1 if T == 1 else tps
+    gt, gh, gw = max(1, T // tps), H // p, W // p
+    x = frames.reshape(gt, slots, C, gh // m, m, p, gw // m, m, p)
+    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)  # [gt, gh/m, gw/m, m, m, C, slots, p, p]
+    x = np.ascontiguousarray(x).reshape(gt * gh * gw, C, slots, p * p)
+    table = _normalize_table(pp, fused=fused)
+    out = np.empty(x.shape, np.float32)
+    for c in range(C):
+        np.take(table[c], x[:, c], out=out[:, c])
+    if slots != tps:
+        out = np.broadcast_to(out, (gt * gh * gw, C, tps, p * p))
+    return np.ascontiguousarray(out).reshape(gt * gh * gw, C * tps * p * p), (gt, gh, gw)
 
 
 def _to_chw(image: Image.Image) -> np.ndarray:
@@ -199,9 +210,7 @@ def process_image(
     img = _fit_image(load_image(image), pp.factor, min_pixels, max_pixels, resized_height, resized_width)
     # transformers' processor: second smart_resize with the checkpoint's limits (usually identity)
     h, w = smart_resize(img.height, img.width, pp.factor, pp.min_pixels, pp.max_pixels, floor_to_factor=False)
-    chw = _to_chw(_resize(img, h, w))
-    frames = np.broadcast_to(chw[None], (pp.temporal_patch_size, *chw.shape))  # a still fills tps
-    return patchify(_normalize(frames, pp, fused=False), pp)
+    return patchify(_to_chw(_resize(img, h, w))[None], pp, fused=False)
 
 
 def smart_nframes(total_frames: int, video_fps: float, fps: float | None = None, nframes: int | None = None,
@@ -269,4 +278,4 @@ def process_video(
     h, w = smart_resize(h, w, pp.factor, pp.min_pixels, pp.max_pixels, floor_to_factor=False)
     frames = np.stack([_to_chw(_resize(im, h, w)) for im in images])  # [T, C, H, W] uint8
     frames = np.concatenate([frames, np.repeat(frames[-1:], -len(frames) % pp.temporal_patch_size, axis=0)])
-    return patchify(_normalize(frames, pp, fused=True), pp)
+    return patchify(frames, pp, fused=True)

@@ -14,7 +14,7 @@ pytestmark = requires_torch
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qwen2vl_edge.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "qwen2vl_edge", *args], capture_output=True, text=True)
 
 
 def test_run_json_matches_python_api(tiny_artifact, pipe, tmp_path):
