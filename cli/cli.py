@@ -72,6 +72,17 @@ def _check_trt(args: argparse.Namespace) -> int:
     return check_main(args.artifact, args.trt_version)
 
 
+def _build_trt(args: argparse.Namespace) -> int:
+    from qwen2vl_edge.export.trt_build import build_trt
+    from qwen2vl_edge.runtime.backends.trt_profiles import Limits
+
+    limits = Limits(max_image_tokens=args.max_image_tokens, max_frames=args.max_frames, max_prompt=args.max_prompt,
+                    max_context=args.max_context, max_batch=args.max_batch)
+    build_trt(args.artifact, precision=args.precision, limits=limits, workspace_gb=args.workspace_gb,
+              timing_cache=args.timing_cache)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen2vl-edge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="tiny checkpoint -> export -> multi-image chat -> parity check")
     p.add_argument("--dir", default="qwen2vl-edge-quickstart")
     p.set_defaults(func=_quickstart)
+
+    p = sub.add_parser("build-trt", help="compile the artifact's graphs into TensorRT engines (on the device)")
+    p.add_argument("artifact")
+    p.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16")
+    p.add_argument("--max-image-tokens", type=int, default=1280, help="merged tokens per image / video frame pair")
+    p.add_argument("--max-frames", type=int, default=16, help="video frames per encoder call")
+    p.add_argument("--max-prompt", type=int, default=2048)
+    p.add_argument("--max-context", type=int, default=4096)
+    p.add_argument("--max-batch", type=int, default=1)
+    p.add_argument("--workspace-gb", type=float, default=4.0)
+    p.add_argument("--timing-cache", help="timing cache file to reuse across builds (default: ARTIFACT/engines/)")
+    p.set_defaults(func=_build_trt)
 
     p = sub.add_parser("check-trt", help="check that an artifact's graphs fit TensorRT's ONNX parser (CPU only)")
     p.add_argument("artifact")

@@ -27,9 +27,10 @@ def inv_freq(theta: float, head_dim: int) -> np.ndarray:
 
 
 def _rms_norm(g: Graph, x: str, weight: str, eps: float) -> str:
-    var = g.reduce_mean(g.op("Mul", x, x), [-1])
-    inv = g.op("Reciprocal", g.op("Sqrt", g.op("Add", var, g.const(eps, np.float32))))
-    return g.op("Mul", weight, g.op("Mul", x, inv))
+    with g.fp32():
+        var = g.reduce_mean(g.op("Mul", x, x), [-1])
+        inv = g.op("Reciprocal", g.op("Sqrt", g.op("Add", var, g.const(eps, np.float32))))
+        return g.op("Mul", weight, g.op("Mul", x, inv))
 
 
 def _rotary(g: Graph, position_ids: str, ckpt: Checkpoint) -> tuple[str, str]:
@@ -39,10 +40,11 @@ def _rotary(g: Graph, position_ids: str, ckpt: Checkpoint) -> tuple[str, str]:
     if len(rows) != tc.head_dim // 2:
         raise ValueError(f"mrope_section {tc.mrope_section} must sum to head_dim/2 = {tc.head_dim // 2}")
     pos = g.op("Gather", position_ids, g.const(rows), axis=0)  # [hd/2, B, L]
-    pos = g.op("Cast", g.op("Transpose", pos, perm=[1, 2, 0]), to=FLOAT)  # [B, L, hd/2]
-    freqs = g.op("Mul", pos, g.const(inv_freq(tc.rope_theta, tc.head_dim), np.float32))
-    emb = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([1]))  # [B, 1, L, hd]
-    return g.op("Cos", emb), g.op("Sin", emb)
+    with g.fp32():
+        pos = g.op("Cast", g.op("Transpose", pos, perm=[1, 2, 0]), to=FLOAT)  # [B, L, hd/2]
+        freqs = g.op("Mul", pos, g.const(inv_freq(tc.rope_theta, tc.head_dim), np.float32))
+        emb = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([1]))  # [B, 1, L, hd]
+        return g.op("Cos", emb), g.op("Sin", emb)
 
 
 def _mask_bias(g: Graph, attention_mask: str, past_len: str, seq_len: str) -> str:
@@ -75,8 +77,10 @@ def _attention(g: Graph, h: str, ckpt: Checkpoint, i: int, cos: str, sin: str, b
     q5 = g.op("Reshape", q, g.const([0, kv, nh // kv, -1, hd]))  # [B, kv, groups, L, hd]
     k5 = g.op("Transpose", g.op("Unsqueeze", present_k, g.const([2])), perm=[0, 1, 2, 4, 3])  # [B, kv, 1, hd, T]
     v5 = g.op("Unsqueeze", present_v, g.const([2]))  # [B, kv, 1, T, hd]
-    scores = g.op("Add", g.op("Mul", g.op("MatMul", q5, k5), g.const(hd ** -0.5, np.float32)), bias)
-    out = g.op("MatMul", g.op("Softmax", scores, axis=-1), v5)  # [B, kv, groups, L, hd]
+    with g.fp32():
+        scores = g.op("Add", g.op("Mul", g.op("MatMul", q5, k5), g.const(hd ** -0.5, np.float32)), bias)
+        probs = g.op("Softmax", scores, axis=-1)
+    out = g.op("MatMul", probs, v5)  # [B, kv, groups, L, hd]
     out = g.op("Reshape", out, g.const([0, nh, -1, hd]))
     out = g.op("Reshape", g.op("Transpose", out, perm=[0, 2, 1, 3]), g.const([0, 0, nh * hd]))
     out = g.linear(out, ckpt.get(f"{p}.o_proj.weight"), None, f"{p}.o_proj")

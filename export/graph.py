@@ -7,6 +7,7 @@ is added, and the graph keeps only an external-data reference. All graphs of an 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from pathlib import Path
 
@@ -17,6 +18,9 @@ from onnx import TensorProto, helper, numpy_helper
 FLOAT, INT64, BOOL = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
 STORAGE = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
 ALIGN, PAGE_ALIGN = 64, 4096
+# Node-name prefix of the math that must stay fp32 in reduced-precision engines (norms, softmax,
+# rotary): fp16 overflow there is the known failure of Qwen-VL TensorRT builds. trt_build reads it.
+FP32_PREFIX = "fp32/"
 
 
 class WeightStore:
@@ -66,6 +70,16 @@ class Graph:
         self.initializers: list[TensorProto] = []
         self._weights: dict[str, str] = {}
         self._ids = itertools.count()
+        self._prefix = ""
+
+    @contextlib.contextmanager
+    def fp32(self):
+        """Nodes made inside are named FP32_PREFIX..., so engine builds keep them in fp32."""
+        outer, self._prefix = self._prefix, FP32_PREFIX
+        try:
+            yield
+        finally:
+            self._prefix = outer
 
     # -- values -------------------------------------------------------------------------------
 
@@ -100,7 +114,7 @@ class Graph:
            domain: str = "", **attrs) -> str | list[str]:
         idx = next(self._ids)
         outputs = outputs or [f"{op_type.lower()}_{idx}" + (f"_{i}" if n_out > 1 else "") for i in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), outputs, name=f"{op_type}_{idx}",
+        self.nodes.append(helper.make_node(op_type, list(inputs), outputs, name=f"{self._prefix}{op_type}_{idx}",
                                            domain=domain, **attrs))
         return outputs[0] if len(outputs) == 1 else outputs
 

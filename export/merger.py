@@ -21,11 +21,12 @@ def build_embedding_merger(g: Graph, ckpt: Checkpoint) -> None:
     embeds = g.op("Cast", embeds, to=FLOAT)
     is_vision = g.op("Or", g.op("Equal", ids, g.const(cfg.image_token_id)),
                      g.op("Equal", ids, g.const(cfg.video_token_id)))
-    flags = g.op("Cast", is_vision, to=INT64)
+    flags = g.op("Cast", is_vision, to=FLOAT)
     # 1-based index of each vision token among all vision tokens; 0 for text (row 0 = zeros below),
-    # so M = 0 (text only, decode steps) needs no special case.
+    # so M = 0 (text only, decode steps) needs no special case. CumSum runs in float because
+    # TensorRT's CumSum takes no int64; counts stay exact far beyond any context (2^24).
     index = g.op("CumSum", g.op("Reshape", flags, g.const([-1])), g.const(0))
-    index = g.op("Mul", g.op("Reshape", index, g.op("Shape", ids)), flags)
+    index = g.op("Cast", g.op("Mul", g.op("Reshape", index, g.op("Shape", ids)), flags), to=INT64)
     padded = g.op("Concat", g.const(np.zeros((1, H)), np.float32), feats, axis=0)  # [M + 1, H]
     placed = g.op("Gather", padded, index)
     out = g.op("Where", g.op("Unsqueeze", is_vision, g.const([-1])), placed, embeds)

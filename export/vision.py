@@ -28,15 +28,17 @@ def activation(g: Graph, x: str, kind: str) -> str:
 
 def rotate(g: Graph, x: str, cos: str, sin: str, half: int) -> str:
     """x * cos + rotate_half(x) * sin over the last axis."""
-    x1, x2 = g.slice(x, 0, half, -1), g.slice(x, half, 2 * half, -1)
-    rotated = g.op("Concat", g.op("Neg", x2), x1, axis=-1)
-    return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
+    with g.fp32():
+        x1, x2 = g.slice(x, 0, half, -1), g.slice(x, half, 2 * half, -1)
+        rotated = g.op("Concat", g.op("Neg", x2), x1, axis=-1)
+        return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
 
 
 def layer_norm(g: Graph, x: str, ckpt: Checkpoint, name: str) -> str:
     w = g.weight(f"{name}.weight", lambda: ckpt.get(f"{name}.weight"))
     b = g.weight(f"{name}.bias", lambda: ckpt.get(f"{name}.bias"))
-    return g.op("LayerNormalization", x, w, b, axis=-1, epsilon=LN_EPS)
+    with g.fp32():
+        return g.op("LayerNormalization", x, w, b, axis=-1, epsilon=LN_EPS)
 
 
 def _block(g: Graph, x: str, ckpt: Checkpoint, i: int, cos: str, sin: str) -> str:
@@ -52,8 +54,9 @@ def _block(g: Graph, x: str, ckpt: Checkpoint, i: int, cos: str, sin: str) -> st
     q = g.op("Transpose", q, perm=[0, 2, 1, 3])  # [F, nh, S, hd]
     k = g.op("Transpose", k, perm=[0, 2, 3, 1])  # [F, nh, hd, S]
     v = g.op("Transpose", v, perm=[0, 2, 1, 3])
-    scores = g.op("Mul", g.op("MatMul", q, k), g.const(hd ** -0.5, np.float32))
-    attn = g.op("MatMul", g.op("Softmax", scores, axis=-1), v)  # [F, nh, S, hd]
+    with g.fp32():
+        probs = g.op("Softmax", g.op("Mul", g.op("MatMul", q, k), g.const(hd ** -0.5, np.float32)), axis=-1)
+    attn = g.op("MatMul", probs, v)  # [F, nh, S, hd]
     attn = g.op("Reshape", g.op("Transpose", attn, perm=[0, 2, 1, 3]), g.const([0, 0, E]))
     x = g.op("Add", x, g.linear(attn, ckpt.get(f"{p}.attn.proj.weight"), ckpt.get(f"{p}.attn.proj.bias"),
                                  f"{p}.attn.proj"))

@@ -105,6 +105,7 @@ class Qwen2VLPipeline:
             raise InputError(f"prompt ({prompt_len} tokens) + max_new_tokens ({opts.max_new_tokens}) exceeds the "
                              f"model's context of {limit} tokens: shorten the prompt, use smaller images "
                              "(max_pixels) or lower max_new_tokens")
+        self.backend.check_request(inputs, opts.max_new_tokens)
         feats = self.vision_features(inputs)
         t2 = time.perf_counter()
         embeds = self.backend.merge(inputs["input_ids"], feats)

@@ -13,6 +13,9 @@ class Backend(Protocol):
     name: str
     hidden_size: int
 
+    def check_request(self, inputs: dict, max_new_tokens: int) -> None:
+        """Raise InputError before running when the request exceeds what this backend was built for."""
+
     def vision(self, pixel_values: np.ndarray, rotary_cos: np.ndarray, rotary_sin: np.ndarray) -> np.ndarray:
         """[F, S, patch_dim], [S, hd], [S, hd] -> merged features [F, S / merge^2, hidden]."""
 

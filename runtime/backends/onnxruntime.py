@@ -54,6 +54,9 @@ class OrtBackend:
         self.output_names = [o.name for o in dec.get_outputs()]
         self.present_for = {p: p.replace("past_key_values.", "present.") for p in self.past_names}
 
+    def check_request(self, inputs: dict, max_new_tokens: int) -> None:
+        """Graphs have dynamic shapes: only the model's context limits a request (checked by the pipeline)."""
+
     def vision(self, pixel_values, rotary_cos, rotary_sin):
         return self.sessions["vision_encoder"].run(None, {"pixel_values": pixel_values, "rotary_cos": rotary_cos,
                                                          "rotary_sin": rotary_sin})[0]
