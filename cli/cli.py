@@ -83,6 +83,17 @@ def _build_trt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from qwen2vl_edge.benchmarks.bench import run_bench
+
+    ints = lambda text: [int(x) for x in text.split(",")] if text else None  # noqa: E731
+    if args.quick:
+        args.model, args.repeats, args.new_tokens = "tiny", 1, 8
+    run_bench(args.model, args.systems, args.layers, args.threads, args.new_tokens, args.repeats, Path(args.out),
+              quick=args.quick, resolutions=ints(args.resolutions), contexts=ints(args.contexts))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen2vl-edge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,6 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace-gb", type=float, default=4.0)
     p.add_argument("--timing-cache", help="timing cache file to reuse across builds (default: ARTIFACT/engines/)")
     p.set_defaults(func=_build_trt)
+
+    p = sub.add_parser("bench", help="latency, throughput and memory side by side with transformers")
+    p.add_argument("--model", default="tiny", help="tiny | 2b-shape | 7b-shape | CHECKPOINT_DIR")
+    p.add_argument("--layers", type=int, help="text decoder depth for quicker runs (shapes only)")
+    p.add_argument("--systems", default="ours-ort-cpu,ours-ort-cpu-fp16w,transformers,transformers-bf16")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--resolutions", help="comma list of square image sides for the TTFT sweep")
+    p.add_argument("--contexts", help="comma list of prompt lengths for the decode sweep")
+    p.add_argument("--out", default="bench-out")
+    p.add_argument("--quick", action="store_true", help="tiny model, one repeat: a smoke run (CI)")
+    p.set_defaults(func=_bench)
 
     p = sub.add_parser("check-trt", help="check that an artifact's graphs fit TensorRT's ONNX parser (CPU only)")
     p.add_argument("artifact")

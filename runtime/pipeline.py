@@ -121,7 +121,7 @@ class Qwen2VLPipeline:
             yield state
         merge = timings.pop("merge")
         timings.update(prefill=merge + steps.prefill,
-                       decode_per_token=float(np.mean(steps.decode)) if steps.decode else 0.0,
+                       decode_per_token=float(np.median(steps.decode)) if steps.decode else 0.0,
                        time_to_first_token=timings["preprocess"] + timings["vision"] + merge + steps.prefill,
                        total=time.perf_counter() - started)
         mask = inputs["attention_mask"]

@@ -1,0 +1,95 @@
+"""`qwen2vl-edge bench`: every stage of every system on the same weights, machine and run.
+
+Each system runs in its own process (see worker.py); the parent describes the machine, derives the
+rooflines and writes result.json, report.md and the plots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from qwen2vl_edge.export.vocab import cache_dir
+from qwen2vl_edge.runtime.config import load_config
+
+from . import machine, report, roofline, scenarios
+from .models import model_dirs
+
+SYSTEMS = {  # name -> (kind, artifact variant or checkpoint dtype, weight dtype read per decode token)
+    "ours-ort-cpu": ("ours", "fp32", "fp32"),
+    "ours-ort-cpu-fp16w": ("ours", "fp16", "fp32"),  # fp16 storage, fp32 compute: ORT folds to fp32 at load
+    "transformers": ("transformers", None, "fp32"),
+    "transformers-bf16": ("transformers", None, "bf16"),
+}
+DEFAULT_SYSTEMS = "ours-ort-cpu,ours-ort-cpu-fp16w,transformers,transformers-bf16"
+
+
+def _dir_bytes(path: Path, pattern: str) -> int:
+    return sum(p.stat().st_size for p in path.glob(pattern) if p.is_file())
+
+
+def _run_worker(spec: dict, threads: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
+               MKL_NUM_THREADS=str(threads))
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec["spawned_at"] = time.time()
+        spec_path.write_text(json.dumps(spec))
+        proc = subprocess.run([sys.executable, "-m", "qwen2vl_edge.benchmarks.worker", str(spec_path), str(out_path)],
+                              env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"benchmark worker for {spec['system']} failed (exit {proc.returncode})")
+        return json.loads(out_path.read_text())
+
+
+def run_bench(model: str = "tiny", systems: str = DEFAULT_SYSTEMS, layers: int | None = None, threads: int = 2,
+              new_tokens: int = 32, repeats: int = 3, out: Path = Path("bench-out"), quick: bool = False,
+              resolutions: list[int] | None = None, contexts: list[int] | None = None) -> dict:
+    names = [s.strip() for s in systems.split(",") if s.strip()]
+    unknown = [s for s in names if s not in SYSTEMS]
+    if unknown:
+        raise ValueError(f"unknown system(s) {', '.join(unknown)}; known: {', '.join(SYSTEMS)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    print("measuring the machine ...", flush=True)
+    desc = machine.describe(threads)
+    ckpt, artifacts = model_dirs(model, layers, cache_dir() / "bench")
+    cfg = load_config(ckpt)
+    inputs_dir = cache_dir() / "bench" / "inputs"
+    convs = scenarios.scenarios(inputs_dir, quick=quick)
+    sweep_res = scenarios.resolution_sweep(inputs_dir, resolutions or ([224, 448] if quick else
+                                                                      [224, 448, 672, 896, 1344]))
+    sweep_ctx = scenarios.context_sweep(contexts or ([64, 256] if quick else [128, 512, 1024, 2048]))
+    result = {"model": model, "layers": layers, "threads": threads, "new_tokens": new_tokens, "repeats": repeats,
+              "machine": desc, "systems": {}}
+    bandwidth = desc["copy_bandwidth_gb_s"] * 1e9
+    for name in names:
+        kind, variant, weight_dtype = SYSTEMS[name]
+        print(f"running {name} ...", flush=True)
+        spec = {"system": name, "checkpoint": str(ckpt), "artifact": str(artifacts.get(variant, "")),
+                "threads": threads, "new_tokens": new_tokens, "repeats": repeats, "scenarios": convs,
+                "resolutions": sweep_res, "contexts": sweep_ctx}
+        r = _run_worker(spec, threads)
+        best = roofline.decode_roofline_tok_s(cfg, weight_dtype, bandwidth)
+        r["decode_roofline_tok_s"] = best
+        r["decode_roofline_fraction"] = r["scenarios"]["text_only"]["decode_tok_s"]["median"] / best
+        r["weight_bytes_per_token"] = roofline.decoder_weight_params(cfg) * roofline.BYTES[weight_dtype]
+        r["weights_on_disk_bytes"] = (_dir_bytes(artifacts[variant], "*.data") if kind == "ours" else
+                                      _dir_bytes(ckpt, "*.safetensors") // (2 if weight_dtype == "bf16" else 1))
+        result["systems"][name] = r
+    s1_patches = 448 // cfg.vision.patch_size
+    flops = roofline.vision_flops(cfg, s1_patches * s1_patches)
+    best_s = flops / (desc["matmul_gflop_s"] * 1e9)
+    result["vision_roofline"] = {"gflop": flops / 1e9, "best_s": best_s, "fraction": {
+        n: best_s / r["scenarios"]["image_448"]["vision"]["median"] for n, r in result["systems"].items()}}
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    (out / "report.md").write_text(report.markdown(result))
+    report.plots(result, out)
+    print(report.markdown(result))
+    print(f"written to {out}/: result.json, report.md, ttft_vs_resolution.png, decode_vs_context.png, peak_rss.png")
+    return result

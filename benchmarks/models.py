@@ -1,0 +1,55 @@
+"""Benchmark models: the tiny checkpoint and Qwen2-VL-2B/7B's exact shapes with random weights.
+
+Built once with their export and cached, since a 2B-shape checkpoint takes minutes to write.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Qwen/Qwen2-VL-2B-Instruct and -7B-Instruct config.json values (no download needed for shapes)
+SHAPES = {
+    "2b-shape": {"text.hidden_size": 1536, "text.intermediate_size": 8960, "text.num_hidden_layers": 28,
+                 "text.num_attention_heads": 12, "text.num_key_value_heads": 2, "text.vocab_size": 151936,
+                 "text.mrope_section": "16,24,24", "vision.depth": 32, "vision.embed_dim": 1280,
+                 "vision.num_heads": 16, "vision.hidden_size": 1536, "tie_word_embeddings": "true"},
+    "7b-shape": {"text.hidden_size": 3584, "text.intermediate_size": 18944, "text.num_hidden_layers": 28,
+                 "text.num_attention_heads": 28, "text.num_key_value_heads": 4, "text.vocab_size": 152064,
+                 "text.mrope_section": "16,24,24", "vision.depth": 32, "vision.embed_dim": 1280,
+                 "vision.num_heads": 16, "vision.hidden_size": 3584, "tie_word_embeddings": "false"},
+}
+# Random weights at this scale keep activations in a realistic range; speed does not depend on values.
+SHAPE_INIT_STD = "0.02"
+
+
+def model_dirs(model: str, layers: int | None, cache: Path) -> tuple[Path, dict[str, Path]]:
+    """(checkpoint dir, {artifact variant: dir}) for a model spec, building what is missing.
+
+    `model` is 'tiny', a shape name, or a checkpoint directory.
+    """
+    from qwen2vl_edge.export.onnx_export import export
+    from qwen2vl_edge.export.tiny import make_tiny
+
+    if model not in ("tiny", *SHAPES):
+        ckpt = Path(model)
+        if layers:
+            raise ValueError("--layers applies to the generated shapes, not to a checkpoint dir")
+        root = cache / f"ckpt-{ckpt.resolve().name}"
+    else:
+        root = cache / (model + (f"-L{layers}" if layers else ""))
+        ckpt = root / "checkpoint"
+        if not (ckpt / "config.json").is_file():
+            overrides = [f"{k}={v}" for k, v in SHAPES.get(model, {}).items()]
+            if model != "tiny":
+                overrides.append(f"init_std={SHAPE_INIT_STD}")
+            if layers:
+                overrides.append(f"text.num_hidden_layers={layers}")
+            print(f"building {model} checkpoint in {ckpt} (once)")
+            make_tiny(ckpt, overrides=overrides)
+    artifacts = {}
+    for variant, dtype in (("fp32", "fp32"), ("fp16", "fp16")):
+        art = root / f"artifact-{variant}"
+        if not (art / "manifest.json").is_file():
+            export(ckpt, art, dtype=dtype, verbose=True)
+        artifacts[variant] = art
+    return ckpt, artifacts

@@ -1,0 +1,113 @@
+"""Benchmark results -> markdown table with ratios, and PNG plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REFERENCE = "transformers"  # the ratio column divides by this system
+
+
+def _fmt(x: float | None, unit: str = "", digits: int = 2) -> str:
+    return "—" if x is None else f"{x:.{digits}f}{unit}"
+
+
+def summary_rows(result: dict) -> list[dict]:
+    rows = []
+    for name, r in result["systems"].items():
+        sc = r["scenarios"]
+        rows.append({
+            "system": name,
+            "disk_gb": r["weights_on_disk_bytes"] / 1e9,
+            "s1_ttft": sc["image_448"]["ttft"]["median"],
+            "vision": sc["image_448"]["vision"]["median"],
+            "decode": sc["text_only"]["decode_tok_s"]["median"],
+            "roofline_pct": 100 * r["decode_roofline_fraction"],
+            "s2_ttft": sc["long_text_2k"]["ttft"]["median"],
+            "rss_gb": r["peak_rss_bytes"] / 1e9,
+            "cold_ready": r["cold_start_ready_s"],
+            "cold_first": r["cold_start_first_token_s"],
+        })
+    return rows
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [
+        f"# qwen2vl-edge benchmark: {result['model']}" + (f" (text layers: {result['layers']})"
+                                                          if result.get("layers") else " (full depth)"),
+        "",
+        f"{m['date']} · {m['cpu']} · {m['cores']} cores, {m['threads']} threads for every system · "
+        f"{m['ram_gb']} GB RAM · copy bandwidth {m['copy_bandwidth_gb_s']} GB/s · fp32 matmul "
+        f"{m['matmul_gflop_s']} GFLOP/s · {result['new_tokens']} new tokens forced · median of "
+        f"{result['repeats']} warm runs",
+        "",
+        "S1 = one 448x448 image + short prompt; S2 = the long text prompt "
+        f"({result['systems'][next(iter(result['systems']))]['scenarios']['long_text_2k']['prompt_tokens']} tokens); "
+        "decode = text-only prompt; roofline = decode tok/s / (bandwidth / weight bytes per token).",
+        "",
+        "| system | weights on disk | S1 time to first token | vision encoder | decode tok/s | decode % of roofline "
+        "| S2 time to first token | peak RSS | cold start → ready | → first token |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = summary_rows(result)
+    for r in rows:
+        lines.append(f"| {r['system']} | {_fmt(r['disk_gb'], ' GB')} | {_fmt(r['s1_ttft'], ' s', 3)} | "
+                     f"{_fmt(r['vision'], ' s', 3)} | {_fmt(r['decode'], '', 1)} | {_fmt(r['roofline_pct'], ' %', 0)} | "
+                     f"{_fmt(r['s2_ttft'], ' s', 3)} | {_fmt(r['rss_gb'], ' GB')} | {_fmt(r['cold_ready'], ' s')} | "
+                     f"{_fmt(r['cold_first'], ' s')} |")
+    ref = next((r for r in rows if r["system"] == REFERENCE), None)
+    if ref:
+        lines += ["", f"Ratios against {REFERENCE} (speed: higher is better for us; memory: lower is better):", "",
+                  "| system | S1 TTFT speed-up | decode speed-up | S2 TTFT speed-up | peak RSS ratio |",
+                  "|---|---|---|---|---|"]
+        for r in rows:
+            if r["system"] != REFERENCE:
+                lines.append(f"| {r['system']} | {ref['s1_ttft'] / r['s1_ttft']:.2f}x | {r['decode'] / ref['decode']:.2f}x | "
+                             f"{ref['s2_ttft'] / r['s2_ttft']:.2f}x | {r['rss_gb'] / ref['rss_gb']:.2f} |")
+    lines += ["", "All scenarios (median s; decode tok/s):", "",
+              "| system | scenario | prompt tokens | preprocess | vision | TTFT | decode tok/s | end to end |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, r in result["systems"].items():
+        for sc, v in r["scenarios"].items():
+            lines.append(f"| {name} | {sc} | {v['prompt_tokens']} | {v['preprocess']['median']:.3f} | "
+                         f"{v['vision']['median']:.3f} | {v['ttft']['median']:.3f} | "
+                         f"{v['decode_tok_s']['median']:.1f} | {v['e2e']['median']:.3f} |")
+    vf = result.get("vision_roofline")
+    if vf:
+        lines += ["", f"Vision encoder, S1: {vf['gflop']:.0f} GFLOP; at the measured matmul rate the best time is "
+                  f"{vf['best_s']:.3f} s. " + ", ".join(f"{k} reaches {v:.0%}" for k, v in vf["fraction"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plots(result: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in result["systems"].items():
+        pts = sorted((int(k), v) for k, v in r["ttft_vs_resolution"].items())
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set(xlabel="image side (px, square)", ylabel="time to first token (s)", title="TTFT vs image resolution")
+    ax.legend(), ax.grid(alpha=0.3)
+    paths.append(out / "ttft_vs_resolution.png")
+    fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in result["systems"].items():
+        pts = sorted((v["prompt_tokens"], v["decode_tok_s"]) for v in r["decode_vs_context"].values())
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set(xlabel="context (prompt tokens)", ylabel="decode tokens/s", title="Decode speed vs context length")
+    ax.legend(), ax.grid(alpha=0.3)
+    paths.append(out / "decode_vs_context.png")
+    fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    names = list(result["systems"])
+    ax.bar(names, [result["systems"][n]["peak_rss_bytes"] / 1e9 for n in names])
+    ax.set(ylabel="peak RSS (GB)", title="Peak resident memory per system")
+    ax.tick_params(axis="x", rotation=20)
+    paths.append(out / "peak_rss.png")
+    fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
+    plt.close("all")
+    return paths

@@ -1,0 +1,143 @@
+"""One system measured in its own process, so its start-up and peak RSS are its own.
+
+    python -m qwen2vl_edge.benchmarks.worker SPEC.json OUT.json
+
+SPEC holds the system name, model dirs, threads, new tokens, repeats, the conversations and the
+parent's clock at spawn time (for cold start).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM). Not getrusage: ru_maxrss survives exec, so a worker
+    would inherit its parent's peak."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+class Ours:
+    """qwen2vl-edge on ONNX Runtime (CPU): the pipeline's own timings."""
+
+    def __init__(self, artifact: str, threads: int, backend: str = "onnxruntime"):
+        from qwen2vl_edge.runtime import Qwen2VLPipeline
+
+        options = {"num_threads": threads} if backend == "onnxruntime" else {}
+        self.pipe = Qwen2VLPipeline.load(artifact, backend=backend, verify=False, **options)
+
+    def run(self, conversation, new_tokens: int) -> dict:
+        t0 = time.time()
+        r = self.pipe.generate(conversation, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        t = r.timings
+        return {"preprocess": t["preprocess"], "vision": t["vision"], "ttft": t["time_to_first_token"],
+                "decode_tok_s": 1.0 / t["decode_per_token"] if t["decode_per_token"] else 0.0,
+                "e2e": t["total"], "prompt_tokens": r.usage["prompt_tokens"],
+                "first_token_at": t0 + t["time_to_first_token"]}
+
+
+class Transformers:
+    """transformers' Qwen2VLForConditionalGeneration + processor + qwen-vl-utils, as the model card runs it."""
+
+    def __init__(self, checkpoint: str, threads: int, dtype: str):
+        import torch
+        from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.proc = AutoProcessor.from_pretrained(checkpoint)
+        self.model = Qwen2VLForConditionalGeneration.from_pretrained(
+            checkpoint, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32).eval()
+
+    def _inputs(self, conversation):
+        from qwen_vl_utils import process_vision_info
+
+        text = self.proc.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        images, videos = process_vision_info(conversation)
+        return self.proc(text=[text], images=images, videos=videos, return_tensors="pt",
+                         videos_kwargs={"do_sample_frames": False, "cap_pixels_per_frame": True})
+
+    def run(self, conversation, new_tokens: int) -> dict:
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        stamps: list[float] = []
+
+        class Stamp(LogitsProcessor):  # called once per new token, right after its forward pass
+            def __call__(self, input_ids, scores):
+                stamps.append(time.perf_counter())
+                return scores
+
+        torch = self.torch
+        wall0, t0 = time.time(), time.perf_counter()
+        inputs = self._inputs(conversation)
+        t1 = time.perf_counter()
+        with torch.no_grad():  # the vision encoder alone, for its own figure (generate runs it again)
+            if "pixel_values" in inputs:
+                self.model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+            if "pixel_values_videos" in inputs:
+                self.model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+        t2 = time.perf_counter()
+        g0 = time.perf_counter()
+        with torch.no_grad():
+            self.model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                logits_processor=LogitsProcessorList([Stamp()]))
+        g1 = time.perf_counter()
+        steps = [b - a for a, b in zip(stamps, stamps[1:])]
+        ttft = (t1 - t0) + (stamps[0] - g0)
+        return {"preprocess": t1 - t0, "vision": t2 - t1, "ttft": ttft,
+                "decode_tok_s": 1.0 / statistics.median(steps) if steps else 0.0,
+                "e2e": (t1 - t0) + (g1 - g0), "prompt_tokens": int(inputs["input_ids"].shape[1]),
+                "first_token_at": wall0 + ttft}
+
+
+def make_system(spec: dict):
+    name = spec["system"]
+    if name.startswith("ours"):
+        return Ours(spec["artifact"], spec["threads"], backend=spec.get("backend", "onnxruntime"))
+    return Transformers(spec["checkpoint"], spec["threads"], "bf16" if name.endswith("bf16") else "fp32")
+
+
+def measure(system, conversation, new_tokens: int, repeats: int) -> dict:
+    system.run(conversation, new_tokens)  # warm-up, excluded
+    runs = [system.run(conversation, new_tokens) for _ in range(repeats)]
+    out = {k: _stats([r[k] for r in runs]) for k in ("preprocess", "vision", "ttft", "decode_tok_s", "e2e")}
+    out["prompt_tokens"] = runs[0]["prompt_tokens"]
+    return out
+
+
+def main(spec_path: str, out_path: str) -> None:
+    spec = json.loads(open(spec_path).read())
+    system = make_system(spec)
+    ready = time.time() - spec["spawned_at"]
+    names = list(spec["scenarios"])
+    first = system.run(spec["scenarios"][names[0]], spec["new_tokens"])  # cold: first request of the process
+    result = {"system": spec["system"], "cold_start_ready_s": ready,
+              "cold_start_first_token_s": first["first_token_at"] - spec["spawned_at"], "scenarios": {},
+              "ttft_vs_resolution": {}, "decode_vs_context": {}}
+    for name in names:
+        result["scenarios"][name] = measure(system, spec["scenarios"][name], spec["new_tokens"], spec["repeats"])
+        print(f"  {spec['system']} {name}: ttft {result['scenarios'][name]['ttft']['median']:.3f} s, "
+              f"decode {result['scenarios'][name]['decode_tok_s']['median']:.1f} tok/s", flush=True)
+    for size, conv in spec.get("resolutions", {}).items():
+        result["ttft_vs_resolution"][size] = measure(system, conv, 2, 1)["ttft"]["median"]
+    for length, conv in spec.get("contexts", {}).items():
+        m = measure(system, conv, spec["new_tokens"], 1)
+        result["decode_vs_context"][length] = {"prompt_tokens": m["prompt_tokens"],
+                                               "decode_tok_s": m["decode_tok_s"]["median"]}
+    result["peak_rss_bytes"] = peak_rss_bytes()
+    with open(out_path, "w") as f:
+        json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

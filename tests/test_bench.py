@@ -1,0 +1,51 @@
+"""The benchmark's arithmetic, and a quick run whose report must be complete (no speed assertions)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import requires_torch
+from qwen2vl_edge.benchmarks import roofline
+from test_tensorrt import CFG_2B
+
+
+def test_decode_bytes_per_token_of_the_2b():
+    # Qwen2-VL-2B's language model has Qwen2-1.5B's shape: 1,543,714,304 parameters with the
+    # embedding counted once (it is the lm_head); decode reads all of them once per token.
+    assert roofline.decoder_weight_params(CFG_2B) == 1_543_714_304
+    assert roofline.decode_roofline_tok_s(CFG_2B, "fp32", 44e9) == 44e9 / (4 * 1_543_714_304)
+
+
+def test_vision_flops_grow_with_patches():
+    one, four = roofline.vision_flops(CFG_2B, 1024), roofline.vision_flops(CFG_2B, 4096)
+    assert 4 * one < four < 16 * one  # linear layers scale with S, attention with S^2
+
+
+@requires_torch
+def test_quick_bench_report_is_complete(tmp_path):
+    out = tmp_path / "bench"
+    result = subprocess.run([sys.executable, "-m", "qwen2vl_edge", "bench", "--quick", "--out", str(out)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    data = json.loads((out / "result.json").read_text())
+    m = data["machine"]
+    assert {"cpu", "cores", "threads", "ram_gb", "copy_bandwidth_gb_s", "matmul_gflop_s", "versions", "date"} <= set(m)
+    assert m["copy_bandwidth_gb_s"] > 0 and m["matmul_gflop_s"] > 0
+    assert set(data["systems"]) == {"ours-ort-cpu", "ours-ort-cpu-fp16w", "transformers", "transformers-bf16"}
+    for name, r in data["systems"].items():
+        assert set(r["scenarios"]) == {"image_448", "three_images", "video_16_frames", "text_only", "long_text_2k"}
+        for sc in r["scenarios"].values():
+            for key in ("preprocess", "vision", "ttft", "decode_tok_s", "e2e"):
+                s = sc[key]
+                assert s["min"] <= s["median"] <= s["max"] and s["min"] >= 0
+            assert sc["decode_tok_s"]["median"] > 0 and sc["prompt_tokens"] > 0
+        assert r["peak_rss_bytes"] > 0 and 0 < r["cold_start_ready_s"] <= r["cold_start_first_token_s"]
+        assert 0 < r["decode_roofline_fraction"] and r["weights_on_disk_bytes"] > 0
+        assert len(r["ttft_vs_resolution"]) == 2 and len(r["decode_vs_context"]) == 2
+    md = (out / "report.md").read_text()
+    assert md.count("| ours-ort-cpu |") == 1 + 1 + 5  # main table, ratio table, one row per scenario
+    assert "| transformers |" in md and "decode speed-up" in md
+    for png in ("ttft_vs_resolution.png", "decode_vs_context.png", "peak_rss.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
