@@ -19,7 +19,9 @@ def _make_tiny(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from qwen2vl_edge.export.onnx_export import export
 
-    export(args.checkpoint, args.out, dtype=args.dtype, opset=args.opset, all_logits=args.all_logits)
+    export(args.checkpoint, args.out, dtype=args.dtype, opset=args.opset, all_logits=args.all_logits,
+           target=args.target, weights=args.weights, vision_weights=args.vision_weights, block_size=args.block_size,
+           accuracy_level=args.accuracy_level)
     return 0
 
 
@@ -113,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--all-logits", action="store_true",
                    help="decoder returns logits for every position (default: last position only)")
+    p.add_argument("--target", choices=["portable", "ort-cpu"], default="portable",
+                   help="portable: standard ONNX (TensorRT, any runtime); ort-cpu: ONNX Runtime CPU kernels")
+    p.add_argument("--weights", choices=["fp32", "int8", "int4"], default="fp32", help="decoder weights (ort-cpu)")
+    p.add_argument("--vision-weights", choices=["fp32", "int8", "int4"], default="fp32")
+    p.add_argument("--block-size", type=int, default=32, help="quantization block along the input channels")
+    p.add_argument("--accuracy-level", type=int, default=4, help="MatMulNBits accuracy_level (4: int8 activations)")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("run", help="generate from an artifact directory (no torch needed)")

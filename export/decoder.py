@@ -129,8 +129,12 @@ def build_decoder(g: Graph, ckpt: Checkpoint, all_logits: bool = False, progress
         x = g.slice(x, -1, np.iinfo(np.int64).max, 1)
     x = _rms_norm(g, x, g.weight("model.norm.weight", ckpt.get("model.norm.weight")), tc.rms_norm_eps)
     name = ckpt.lm_head_name()
-    table = g.weight(name, lambda: ckpt.get(name))  # [V, H], shared with the merger when tied
-    flat = g.op("Reshape", x, g.const([-1, H]))
-    logits = g.op("Gemm", flat, table, transB=1)  # x @ table.T without a transposed copy
-    out_shape = g.op("Concat", g.shape_dim(x, 0), g.const([-1, tc.vocab_size]), axis=0)
-    g.output(g.op("Reshape", logits, out_shape), "logits", FLOAT, ["batch", "seq" if all_logits else 1, tc.vocab_size])
+    if g.quant is not None:  # MatMulNBits takes the [V, H] table as it is stored
+        logits = g.linear(x, ckpt.get(name), None, "lm_head")
+    else:
+        table = g.weight(name, lambda: ckpt.get(name))  # [V, H], shared with the merger when tied
+        flat = g.op("Reshape", x, g.const([-1, H]))
+        logits = g.op("Gemm", flat, table, transB=1)  # x @ table.T without a transposed copy
+        out_shape = g.op("Concat", g.shape_dim(x, 0), g.const([-1, tc.vocab_size]), axis=0)
+        logits = g.op("Reshape", logits, out_shape)
+    g.output(logits, "logits", FLOAT, ["batch", "seq" if all_logits else 1, tc.vocab_size])

@@ -33,11 +33,13 @@ class WeightStore:
         self._refs: dict[str, tuple[int, int, tuple[int, ...], int]] = {}
         self.written = 0
 
-    def add(self, name: str, array, keep_fp32: bool = False) -> TensorProto:
-        """`array` may be a zero-argument loader, called only if `name` is not stored yet."""
+    def add(self, name: str, array, exact: bool = False) -> TensorProto:
+        """`array` may be a zero-argument loader, called only if `name` is not stored yet. Floats are stored
+        in the store's dtype unless `exact` (then the array's own dtype: packed quantized weights, scales)."""
         if name not in self._refs:
             array = array() if callable(array) else array
-            np_dtype, onnx_dtype = (np.float32, FLOAT) if keep_fp32 else (self.np_dtype, self.onnx_dtype)
+            np_dtype = array.dtype if exact else self.np_dtype
+            onnx_dtype = helper.np_dtype_to_tensor_dtype(np.dtype(np_dtype))
             data = np.ascontiguousarray(array, dtype=np_dtype).tobytes()
             align = PAGE_ALIGN if len(data) >= 1 << 20 else ALIGN  # page-aligned big tensors can be mmapped
             offset = self._file.seek(0, 2)
@@ -62,8 +64,9 @@ class WeightStore:
 class Graph:
     """Builds one ONNX graph. `op()` returns output names; weights are cast to fp32 inside the graph."""
 
-    def __init__(self, name: str, store: WeightStore, opset: int):
+    def __init__(self, name: str, store: WeightStore, opset: int, quant=None):
         self.name, self.store, self.opset = name, store, opset
+        self.quant = quant  # export.quantize.QuantSpec: linears become com.microsoft MatMulNBits
         self.nodes: list[onnx.NodeProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
@@ -97,15 +100,15 @@ class Graph:
         self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
         return name
 
-    def weight(self, name: str, array, *, raw: bool = False, keep_fp32: bool = False) -> str:
+    def weight(self, name: str, array, *, raw: bool = False, exact: bool = False) -> str:
         """A model weight in external data; returned as fp32 unless `raw` (then in storage dtype)."""
         key = (name, raw)
         if key not in self._weights:
-            tensor = self.store.add(name, array, keep_fp32=keep_fp32)
+            tensor = self.store.add(name, array, exact=exact)
             if name not in {t.name for t in self.initializers}:
                 self.initializers.append(tensor)
             value = name
-            if not raw and tensor.data_type != FLOAT:
+            if not raw and not exact and tensor.data_type != FLOAT:
                 value = self.op("Cast", name, to=FLOAT)
             self._weights[key] = value
         return self._weights[key]
@@ -120,9 +123,15 @@ class Graph:
 
     # -- composite helpers --------------------------------------------------------------------
 
-    def linear(self, x: str, weight: np.ndarray, bias: np.ndarray | None, name: str) -> str:
-        """x @ weight.T + bias, the weight stored pre-transposed as [in, out]."""
-        y = self.op("MatMul", x, self.weight(f"{name}.weight.T", np.ascontiguousarray(weight.T)))
+    def linear(self, x: str, weight: np.ndarray, bias: np.ndarray | None, name: str, quantize: bool = True) -> str:
+        """x @ weight.T + bias for a weight [out, in]: a MatMul on the pre-transposed weight, or a
+        MatMulNBits on the block-quantized weight when the graph quantizes (and `quantize`)."""
+        if self.quant is not None and quantize:
+            from .quantize import matmul_nbits
+
+            y = matmul_nbits(self, x, weight, name, self.quant)
+        else:
+            y = self.op("MatMul", x, self.weight(f"{name}.weight.T", np.ascontiguousarray(weight.T)))
         return self.op("Add", y, self.weight(f"{name}.bias", bias)) if bias is not None else y
 
     def reduce_mean(self, x: str, axes: list[int]) -> str:
@@ -139,8 +148,10 @@ class Graph:
 
     def model(self) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)],
-                                  producer_name="qwen2vl-edge")
+        opsets = [helper.make_opsetid("", self.opset)]
+        if any(n.domain == "com.microsoft" for n in self.nodes):
+            opsets.append(helper.make_opsetid("com.microsoft", 1))
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="qwen2vl-edge")
         model.ir_version = min(model.ir_version, 10)  # readable by older onnxruntime/TensorRT parsers
         return model
 

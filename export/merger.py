@@ -11,12 +11,16 @@ from .graph import FLOAT, INT64, Graph
 EMBED = "model.embed_tokens.weight"
 
 
-def build_embedding_merger(g: Graph, ckpt: Checkpoint) -> None:
+def build_embedding_merger(g: Graph, ckpt: Checkpoint, half_table: bool = False) -> None:
+    """`half_table`: store the table in fp16 (the quantized targets, whose lm_head has its own copy)."""
     cfg = ckpt.config
     H = cfg.text.hidden_size
     ids = g.input("input_ids", INT64, ["batch", "seq"])
     feats = g.input("vision_embeds", FLOAT, ["vision_tokens", H])
-    table = g.weight(EMBED, lambda: ckpt.get(EMBED), raw=True)
+    if half_table:
+        table = g.weight(EMBED + ".fp16", lambda: ckpt.get(EMBED).astype(np.float16), raw=True, exact=True)
+    else:
+        table = g.weight(EMBED, lambda: ckpt.get(EMBED), raw=True)
     embeds = g.op("Gather", table, ids)  # [B, L, H], gathered rows cast after, not the whole table
     embeds = g.op("Cast", embeds, to=FLOAT)
     is_vision = g.op("Or", g.op("Equal", ids, g.const(cfg.image_token_id)),

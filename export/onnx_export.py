@@ -18,17 +18,39 @@ from .checkpoint import Checkpoint
 from .decoder import build_decoder
 from .graph import Graph, WeightStore, value_info
 from .merger import build_embedding_merger
+from .quantize import BITS, QuantSpec
 from .vision import build_vision_encoder
 
 WEIGHTS_FILE = "weights.data"
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "generation_config.json")
 MIN_OPSET = 17
+TARGETS = ("portable", "ort-cpu")
+WEIGHTS = ("fp32", "int8", "int4")
+CONTRIB_MIN_ONNXRUNTIME = "1.20"  # MatMulNBits with 8-bit weights and accuracy_level on CPU
 
 
-def _progress(total: int, desc: str):
+def _quant_specs(target: str, weights: str, vision_weights: str, block_size: int, accuracy_level: int) -> dict:
+    """Per graph, the QuantSpec its linears use (None: float)."""
+    if target not in TARGETS:
+        raise ValueError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
+    for flag, value in (("--weights", weights), ("--vision-weights", vision_weights)):
+        if value not in WEIGHTS:
+            raise ValueError(f"{flag} must be one of {', '.join(WEIGHTS)}, got {value!r}")
+    if target == "portable" and (weights, vision_weights) != ("fp32", "fp32"):
+        raise ValueError("quantized weights use ONNX Runtime contrib ops: add --target ort-cpu "
+                         "(portable graphs stay standard ONNX for TensorRT and other runtimes)")
+    specs = {"vision_encoder": None, "embedding_merger": None, "decoder": None}
+    for graph, value in (("decoder", weights), ("vision_encoder", vision_weights)):
+        if value != "fp32":
+            specs[graph] = QuantSpec(BITS[value], block_size, accuracy_level)
+            specs[graph].validate()
+    return specs
+
+
+def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="layer", leave=False)
+    return tqdm(total=total, desc=desc, unit="layer", leave=False, disable=not enabled)
 
 
 def _versions() -> dict[str, str]:
@@ -53,8 +75,14 @@ def _generation_settings(ckpt_dir: Path) -> dict:
 
 
 def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32", opset: int = MIN_OPSET,
-           all_logits: bool = False, check: bool = True, verbose: bool = True) -> Path:
-    """Export `checkpoint` to the artifact directory `out`; returns `out`."""
+           all_logits: bool = False, target: str = "portable", weights: str = "fp32", vision_weights: str = "fp32",
+           block_size: int = 32, accuracy_level: int = 4, check: bool = True, verbose: bool = True) -> Path:
+    """Export `checkpoint` to the artifact directory `out`; returns `out`.
+
+    target 'portable': standard ONNX ops only (TensorRT, any runtime). target 'ort-cpu': the linears
+    of the decoder / vision encoder may be int8/int4 MatMulNBits for ONNX Runtime's CPU kernels.
+    """
+    quant = _quant_specs(target, weights, vision_weights, block_size, accuracy_level)
     if opset < MIN_OPSET:
         raise ValueError(f"--opset must be >= {MIN_OPSET} (LayerNormalization), got {opset}")
     if dtype not in ("fp32", "fp16"):
@@ -70,14 +98,14 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32", opse
     graphs = {}
     builders = {
         "vision_encoder": (lambda g, p: build_vision_encoder(g, ckpt, p), cfg.vision.depth),
-        "embedding_merger": (lambda g, p: build_embedding_merger(g, ckpt), 0),
+        "embedding_merger": (lambda g, p: build_embedding_merger(g, ckpt, half_table=quant["decoder"] is not None), 0),
         "decoder": (lambda g, p: build_decoder(g, ckpt, all_logits=all_logits, progress=p), cfg.text.num_hidden_layers),
     }
     try:
         for name in GRAPHS:
             build, steps = builders[name]
-            g = Graph(name, store, opset)
-            with _progress(steps, f"{name}: weights") as bar:
+            g = Graph(name, store, opset, quant=quant[name])
+            with _progress(steps, f"{name}: weights", verbose) as bar:
                 build(g, bar)
             model = g.model()
             onnx.save_model(model, out / f"{name}.onnx")
@@ -99,13 +127,18 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32", opse
     files = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != MANIFEST)
     from tqdm.auto import tqdm
 
-    hashes = {f: sha256_file(out / f) for f in tqdm(files, desc="hashing", leave=False)}
+    hashes = {f: sha256_file(out / f) for f in tqdm(files, desc="hashing", leave=False, disable=not verbose)}
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "config": cfg.to_dict(),
         "export": {"dtype": dtype, "compute_dtype": "fp32", "opset": opset, "logits": "all" if all_logits else "last",
-                   "target": "portable", "weights_file": WEIGHTS_FILE, "source": str(ckpt.dir.resolve()),
+                   "target": target, "weights": weights, "vision_weights": vision_weights,
+                   "block_size": block_size if any(quant.values()) else None,
+                   "accuracy_level": accuracy_level if any(quant.values()) else None,
+                   "contrib_ops": ["MatMulNBits"] if any(quant.values()) else [],
+                   "requires_onnxruntime": f">={CONTRIB_MIN_ONNXRUNTIME}" if any(quant.values()) else None,
+                   "weights_file": WEIGHTS_FILE, "source": str(ckpt.dir.resolve()),
                    "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                    "versions": _versions()},
         "generation": _generation_settings(ckpt.dir),

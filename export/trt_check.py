@@ -66,8 +66,8 @@ def check_model(model: onnx.ModelProto, name: str, rules: dict) -> list[Problem]
             problems.append(Problem(*where, "output shape depends on data: give it a static bound"))
         idx = rules["data_input"].get(node.op_type, 0)
         if idx < len(node.input) and node.input[idx]:
-            dtype = TRT_TYPES.get(types.get(node.input[idx], 0), "UNKNOWN")
-            if dtype not in ops[node.op_type]:
+            dtype = TRT_TYPES.get(types.get(node.input[idx], 0))  # None: not inferable (after a custom op)
+            if dtype is not None and dtype not in ops[node.op_type]:
                 problems.append(Problem(*where, f"input {node.input[idx]!r} is {dtype}; TensorRT takes "
                                         f"{', '.join(ops[node.op_type])} for {node.op_type}"))
         for pos, why in rules["constant_inputs"].get(node.op_type, {}).items():

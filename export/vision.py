@@ -76,7 +76,8 @@ def build_vision_encoder(g: Graph, ckpt: Checkpoint, progress=None) -> None:
     cos, sin = (g.op("Unsqueeze", t, g.const([1])) for t in (cos, sin))  # [S, 1, hd] against [F, S, nh, hd]
     # Conv3d with kernel == stride over a flattened patch is a matmul with the flattened kernel.
     w = ckpt.get("visual.patch_embed.proj.weight").reshape(vc.embed_dim, -1)
-    x = g.linear(pixels, w, None, "visual.patch_embed.proj")  # [F, S, E]
+    # kept in float: 1176 input channels rarely divide a quantization block, and the layer is small
+    x = g.linear(pixels, w, None, "visual.patch_embed.proj", quantize=False)  # [F, S, E]
     for i in range(vc.depth):
         x = _block(g, x, ckpt, i, cos, sin)
         if progress:

@@ -45,7 +45,11 @@ class OrtBackend:
             self.sessions = {name: ort.InferenceSession(str(artifact.graph_path(name)), opts, providers=providers)
                              for name in ("vision_encoder", "embedding_merger", "decoder")}
         except Exception as e:  # onnxruntime raises its own exception types
-            raise ArtifactError(f"onnxruntime could not load the graphs of {artifact.dir}: {e}") from None
+            contrib = artifact.export.get("contrib_ops") or []
+            hint = (f" This artifact uses ONNX Runtime contrib ops ({', '.join(contrib)}); it needs onnxruntime"
+                    f"{artifact.export.get('requires_onnxruntime', '')} with its CPU contrib kernels (here: "
+                    f"onnxruntime {ort.__version__}), or re-export with --weights fp32." if contrib else "")
+            raise ArtifactError(f"onnxruntime could not load the graphs of {artifact.dir}: {e}.{hint}") from None
         cfg = artifact.config.text
         self.hidden_size = cfg.hidden_size
         self.kv_shape = (cfg.num_key_value_heads, cfg.head_dim)
