@@ -20,13 +20,15 @@ from qwen2vl_edge.runtime.config import load_config
 from . import machine, report, roofline, scenarios
 from .models import model_dirs
 
-SYSTEMS = {  # name -> (kind, artifact variant or checkpoint dtype, weight dtype read per decode token)
+SYSTEMS = {  # name -> (kind, artifact variant, weight format read per decode token)
     "ours-ort-cpu": ("ours", "fp32", "fp32"),
     "ours-ort-cpu-fp16w": ("ours", "fp16", "fp32"),  # fp16 storage, fp32 compute: ORT folds to fp32 at load
+    "ours-ort-int8": ("ours", "int8", "int8"),
+    "ours-ort-int4": ("ours", "int4", "int4"),
     "transformers": ("transformers", None, "fp32"),
     "transformers-bf16": ("transformers", None, "bf16"),
 }
-DEFAULT_SYSTEMS = "ours-ort-cpu,ours-ort-cpu-fp16w,transformers,transformers-bf16"
+DEFAULT_SYSTEMS = ",".join(SYSTEMS)
 
 
 def _dir_bytes(path: Path, pattern: str) -> int:
@@ -58,7 +60,7 @@ def run_bench(model: str = "tiny", systems: str = DEFAULT_SYSTEMS, layers: int |
     out.mkdir(parents=True, exist_ok=True)
     print("measuring the machine ...", flush=True)
     desc = machine.describe(threads)
-    ckpt, artifacts = model_dirs(model, layers, cache_dir() / "bench")
+    ckpt, artifacts = model_dirs(model, layers, cache_dir() / "bench", {SYSTEMS[n][1] for n in names} - {None})
     cfg = load_config(ckpt)
     inputs_dir = cache_dir() / "bench" / "inputs"
     convs = scenarios.scenarios(inputs_dir, quick=quick)

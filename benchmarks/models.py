@@ -22,7 +22,16 @@ SHAPES = {
 SHAPE_INIT_STD = "0.02"
 
 
-def model_dirs(model: str, layers: int | None, cache: Path) -> tuple[Path, dict[str, Path]]:
+# artifact variant -> export options
+VARIANTS = {
+    "fp32": {},
+    "fp16": {"dtype": "fp16"},
+    "int8": {"target": "ort-cpu", "weights": "int8", "vision_weights": "int8"},
+    "int4": {"target": "ort-cpu", "weights": "int4", "vision_weights": "int8"},
+}
+
+
+def model_dirs(model: str, layers: int | None, cache: Path, variants=("fp32",)) -> tuple[Path, dict[str, Path]]:
     """(checkpoint dir, {artifact variant: dir}) for a model spec, building what is missing.
 
     `model` is 'tiny', a shape name, or a checkpoint directory.
@@ -47,9 +56,9 @@ def model_dirs(model: str, layers: int | None, cache: Path) -> tuple[Path, dict[
             print(f"building {model} checkpoint in {ckpt} (once)")
             make_tiny(ckpt, overrides=overrides)
     artifacts = {}
-    for variant, dtype in (("fp32", "fp32"), ("fp16", "fp16")):
+    for variant in sorted(variants):
         art = root / f"artifact-{variant}"
         if not (art / "manifest.json").is_file():
-            export(ckpt, art, dtype=dtype, verbose=True)
+            export(ckpt, art, verbose=True, **VARIANTS[variant])
         artifacts[variant] = art
     return ckpt, artifacts

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from qwen2vl_edge.runtime.config import ModelConfig
 
-BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+# bytes per weight as read by the kernels; int8/int4 blocks of 32 carry one fp32 scale each
+BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1 + 4 / 32, "int4": 0.5 + 4 / 32}
 
 
 def decoder_weight_params(cfg: ModelConfig) -> int:

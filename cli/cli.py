@@ -91,7 +91,9 @@ def _bench(args: argparse.Namespace) -> int:
     ints = lambda text: [int(x) for x in text.split(",")] if text else None  # noqa: E731
     if args.quick:
         args.model, args.repeats, args.new_tokens = "tiny", 1, 8
-    run_bench(args.model, args.systems, args.layers, args.threads, args.new_tokens, args.repeats, Path(args.out),
+    from qwen2vl_edge.benchmarks.bench import DEFAULT_SYSTEMS
+
+    run_bench(args.model, args.systems or DEFAULT_SYSTEMS, args.layers, args.threads, args.new_tokens, args.repeats, Path(args.out),
               quick=args.quick, resolutions=ints(args.resolutions), contexts=ints(args.contexts))
     return 0
 
@@ -160,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="latency, throughput and memory side by side with transformers")
     p.add_argument("--model", default="tiny", help="tiny | 2b-shape | 7b-shape | CHECKPOINT_DIR")
     p.add_argument("--layers", type=int, help="text decoder depth for quicker runs (shapes only)")
-    p.add_argument("--systems", default="ours-ort-cpu,ours-ort-cpu-fp16w,transformers,transformers-bf16")
+    p.add_argument("--systems", default=None, help="comma list (default: all systems; see benchmarks/bench.py)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)

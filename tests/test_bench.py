@@ -33,7 +33,8 @@ def test_quick_bench_report_is_complete(tmp_path):
     m = data["machine"]
     assert {"cpu", "cores", "threads", "ram_gb", "copy_bandwidth_gb_s", "matmul_gflop_s", "versions", "date"} <= set(m)
     assert m["copy_bandwidth_gb_s"] > 0 and m["matmul_gflop_s"] > 0
-    assert set(data["systems"]) == {"ours-ort-cpu", "ours-ort-cpu-fp16w", "transformers", "transformers-bf16"}
+    assert set(data["systems"]) == {"ours-ort-cpu", "ours-ort-cpu-fp16w", "ours-ort-int8", "ours-ort-int4",
+                                    "transformers", "transformers-bf16"}
     for name, r in data["systems"].items():
         assert set(r["scenarios"]) == {"image_448", "three_images", "video_16_frames", "text_only", "long_text_2k"}
         for sc in r["scenarios"].values():
