@@ -14,7 +14,7 @@ from .backends import create_backend
 from .errors import InputError
 from .generation import GenerationOptions, StepTimes, run
 from .processor import Processor, is_batch
-from .rope import IMAGE, VIDEO, _runs, vision_rotary
+from .rope import IMAGE, VIDEO, runs, token_types, vision_rotary
 from .sampling import SamplingOptions
 
 
@@ -75,10 +75,8 @@ class Qwen2VLPipeline:
                 offset += n
             per_kind[kind] = iter(feats)
         ordered = []
-        types = np.where(inputs["input_ids"] == cfg.image_token_id, IMAGE,
-                         np.where(inputs["input_ids"] == cfg.video_token_id, VIDEO, 0))
-        for row in types:  # row-major over the batch, as the merger places them
-            for kind, s, e in _runs(row):
+        for row in token_types(inputs["input_ids"], cfg):  # row-major over the batch, as the merger places them
+            for kind, s, e in runs(row):
                 if kind:
                     f = next(per_kind[kind])
                     if len(f) != e - s:

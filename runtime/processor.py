@@ -14,7 +14,7 @@ from . import chat
 from .config import ModelConfig, load_config
 from .errors import InputError
 from .preprocess import PreprocessorConfig, process_image, process_video
-from .rope import get_rope_index
+from .rope import get_rope_index, token_types
 
 IMAGE_OPTIONS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
 VIDEO_OPTIONS = IMAGE_OPTIONS + ("fps", "nframes", "total_pixels")
@@ -133,10 +133,9 @@ class Processor:
         if pixels["video"]:
             out["pixel_values_videos"] = np.concatenate(pixels["video"])
             out["video_grid_thw"] = np.asarray(grids["video"], np.int64)
-        cfg = self.config
-        out["mm_token_type_ids"] = ((input_ids == cfg.image_token_id) * 1 + (input_ids == cfg.video_token_id) * 2)
+        out["mm_token_type_ids"] = token_types(input_ids, self.config)
         out["position_ids"], out["rope_deltas"] = get_rope_index(
-            input_ids, attention_mask, out.get("image_grid_thw"), out.get("video_grid_thw"), cfg)
+            input_ids, attention_mask, out.get("image_grid_thw"), out.get("video_grid_thw"), self.config)
         return out
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:

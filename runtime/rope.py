@@ -10,7 +10,13 @@ from .errors import InputError
 TEXT, IMAGE, VIDEO = 0, 1, 2
 
 
-def _runs(types: np.ndarray) -> list[tuple[int, int, int]]:
+def token_types(input_ids: np.ndarray, config: ModelConfig) -> np.ndarray:
+    """TEXT / IMAGE / VIDEO per token (transformers' mm_token_type_ids)."""
+    ids = np.asarray(input_ids)
+    return np.where(ids == config.image_token_id, IMAGE, np.where(ids == config.video_token_id, VIDEO, TEXT))
+
+
+def runs(types: np.ndarray) -> list[tuple[int, int, int]]:
     """(type, start, end) of each run of equal values."""
     if len(types) == 0:
         return []
@@ -51,9 +57,8 @@ def get_rope_index(
     deltas = np.zeros((B, 1), np.int64)
     for b in range(B):
         ids = input_ids[b][mask[b]]
-        types = np.where(ids == config.image_token_id, IMAGE, np.where(ids == config.video_token_id, VIDEO, TEXT))
         pieces, pos = [], 0
-        for kind, s, e in _runs(types):
+        for kind, s, e in runs(token_types(ids, config)):
             if kind == TEXT:
                 pieces.append(np.broadcast_to(np.arange(e - s) + pos, (3, e - s)))
                 pos += e - s
