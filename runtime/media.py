@@ -28,9 +28,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def fetch_url(url: str, *, timeout: float = URL_TIMEOUT_S, max_bytes: int = URL_MAX_BYTES,
+def fetch_url(url: str, *, timeout: float | None = None, max_bytes: int | None = None,
               content_prefix: str = "image/") -> bytes:
-    """GET `url` with a timeout and a byte cap; refuse a response that is not `content_prefix*`."""
+    """GET `url` with a timeout and a byte cap (module defaults) and refuse a response not `content_prefix*`."""
+    timeout = URL_TIMEOUT_S if timeout is None else timeout
+    max_bytes = URL_MAX_BYTES if max_bytes is None else max_bytes
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             ctype = response.headers.get("Content-Type", "")
