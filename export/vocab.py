@@ -6,7 +6,6 @@ against a pinned sha256, and converted once into a Hugging Face tokenizer.json t
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -14,6 +13,8 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from qwen2vl_edge.runtime.artifact import sha256_file
 
 DASHSCOPE_VERSION = "2.0.2"
 DASHSCOPE_WHEEL_SHA256 = "0602d1800f7433bdb7953560986eaf5146454ed3988636c0a91963ba24e74258"
@@ -40,18 +41,10 @@ def cache_dir() -> Path:
     return d
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def tiktoken_file() -> Path:
     """qwen.tiktoken, extracted from the pinned dashscope wheel (downloaded once, cached)."""
     target = cache_dir() / "qwen.tiktoken"
-    if target.is_file() and _sha256(target) == TIKTOKEN_SHA256:
+    if target.is_file() and sha256_file(target) == TIKTOKEN_SHA256:
         return target
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
@@ -63,11 +56,11 @@ def tiktoken_file() -> Path:
                 f"could not download dashscope=={DASHSCOPE_VERSION} (the source of Qwen's vocabulary) from the "
                 f"package index: {result.stderr.strip()[-500:]}"
             )
-        if _sha256(wheels[0]) != DASHSCOPE_WHEEL_SHA256:
+        if sha256_file(wheels[0]) != DASHSCOPE_WHEEL_SHA256:
             raise RuntimeError(f"{wheels[0].name} does not match the pinned sha256 {DASHSCOPE_WHEEL_SHA256}")
         with zipfile.ZipFile(wheels[0]) as z, z.open(TIKTOKEN_MEMBER) as src, open(target, "wb") as dst:
             shutil.copyfileobj(src, dst)
-    if _sha256(target) != TIKTOKEN_SHA256:
+    if sha256_file(target) != TIKTOKEN_SHA256:
         target.unlink()
         raise RuntimeError(f"{TIKTOKEN_MEMBER} in the dashscope wheel does not match the pinned sha256")
     return target

@@ -113,13 +113,6 @@ def kv_cache_bytes(cfg: ModelConfig, lim: Limits, dtype: str = "fp32") -> int:
     return 2 * per_set * DTYPE_BYTES[dtype]
 
 
-def tensor_bytes(shape: Shape, dtype: str = "fp32") -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n * DTYPE_BYTES[dtype]
-
-
 # -- sidecars -------------------------------------------------------------------------------------
 
 def make_sidecar(engine: str, *, trt_version: str, gpu_name: str, compute_capability: str, precision: str,
