@@ -26,7 +26,9 @@ PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_conf
 MIN_OPSET = 17
 TARGETS = ("portable", "ort-cpu")
 WEIGHTS = ("fp32", "int8", "int4")
-CONTRIB_MIN_ONNXRUNTIME = "1.20"  # MatMulNBits with 8-bit weights and accuracy_level on CPU
+# onnxruntime needed by MatMulNBits on CPU, by weight bits; tested: 1.20 and 1.21 refuse 8-bit weights
+# ("Only 4b quantization is supported"), 1.22 runs them.
+CONTRIB_MIN_ONNXRUNTIME = {4: "1.20", 8: "1.22"}
 
 
 def _quant_specs(target: str, weights: str, vision_weights: str, block_size: int, accuracy_level: int) -> dict:
@@ -137,7 +139,8 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32", opse
                    "block_size": block_size if any(quant.values()) else None,
                    "accuracy_level": accuracy_level if any(quant.values()) else None,
                    "contrib_ops": ["MatMulNBits"] if any(quant.values()) else [],
-                   "requires_onnxruntime": f">={CONTRIB_MIN_ONNXRUNTIME}" if any(quant.values()) else None,
+                   "requires_onnxruntime": (f">={max(CONTRIB_MIN_ONNXRUNTIME[q.bits] for q in quant.values() if q)}"
+                                            if any(quant.values()) else None),
                    "weights_file": WEIGHTS_FILE, "source": str(ckpt.dir.resolve()),
                    "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                    "versions": _versions()},
