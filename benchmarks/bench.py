@@ -22,7 +22,7 @@ from .models import model_dirs
 
 SYSTEMS = {  # name -> (kind, artifact variant, weight format read per decode token)
     "ours-ort-cpu": ("ours", "fp32", "fp32"),
-    "ours-ort-cpu-fp16w": ("ours", "fp16", "fp32"),  # fp16 storage, fp32 compute: ORT folds to fp32 at load
+    "ours-ort-cpu-fp16w": ("ours", "fp16", "fp16"),  # fp16 storage, fp32 math
     "ours-ort-int8": ("ours", "int8", "int8"),
     "ours-ort-int4": ("ours", "int4", "int4"),
     "transformers": ("transformers", None, "fp32"),
@@ -69,7 +69,6 @@ def run_bench(model: str = "tiny", systems: str = DEFAULT_SYSTEMS, layers: int |
     sweep_ctx = scenarios.context_sweep(contexts or ([64, 256] if quick else [128, 512, 1024, 2048]))
     result = {"model": model, "layers": layers, "threads": threads, "new_tokens": new_tokens, "repeats": repeats,
               "machine": desc, "systems": {}}
-    bandwidth = desc["copy_bandwidth_gb_s"] * 1e9
     for name in names:
         kind, variant, weight_dtype = SYSTEMS[name]
         print(f"running {name} ...", flush=True)
@@ -77,16 +76,24 @@ def run_bench(model: str = "tiny", systems: str = DEFAULT_SYSTEMS, layers: int |
                 "threads": threads, "new_tokens": new_tokens, "repeats": repeats, "scenarios": convs,
                 "resolutions": sweep_res, "contexts": sweep_ctx}
         r = _run_worker(spec, threads)
+        r["weights_on_disk_bytes"] = (_dir_bytes(artifacts[variant], "*.data") if kind == "ours" else
+                                      _dir_bytes(ckpt, "*.safetensors") // (2 if weight_dtype == "bf16" else 1))
+        result["systems"][name] = r
+    return finish(result, cfg, out)
+
+
+def finish(result: dict, cfg, out: Path) -> dict:
+    """Rooflines from the measurements and the machine, then result.json, report.md and the plots."""
+    bandwidth = result["machine"]["copy_bandwidth_gb_s"] * 1e9
+    for name, r in result["systems"].items():
+        weight_dtype = SYSTEMS[name][2]
         best = roofline.decode_roofline_tok_s(cfg, weight_dtype, bandwidth)
         r["decode_roofline_tok_s"] = best
         r["decode_roofline_fraction"] = r["scenarios"]["text_only"]["decode_tok_s"]["median"] / best
         r["weight_bytes_per_token"] = roofline.decoder_weight_params(cfg) * roofline.BYTES[weight_dtype]
-        r["weights_on_disk_bytes"] = (_dir_bytes(artifacts[variant], "*.data") if kind == "ours" else
-                                      _dir_bytes(ckpt, "*.safetensors") // (2 if weight_dtype == "bf16" else 1))
-        result["systems"][name] = r
     s1_patches = 448 // cfg.vision.patch_size
     flops = roofline.vision_flops(cfg, s1_patches * s1_patches)
-    best_s = flops / (desc["matmul_gflop_s"] * 1e9)
+    best_s = flops / (result["machine"]["matmul_gflop_s"] * 1e9)
     result["vision_roofline"] = {"gflop": flops / 1e9, "best_s": best_s, "fraction": {
         n: best_s / r["scenarios"]["image_448"]["vision"]["median"] for n, r in result["systems"].items()}}
     (out / "result.json").write_text(json.dumps(result, indent=2))

@@ -129,6 +129,8 @@ def test_bad_conversations(tiny_ckpt):
         ([{"role": "user", "content": [{"type": "image", "image": np.zeros((1, 300, 3), np.uint8)}]}],
          "aspect ratio"),
         ([{"role": "user", "content": [{"type": "image", "image": np.zeros((4, 4), np.float32)}]}], "uint8"),
+        ([{"role": "user", "content": [{"type": "image", "image": np.zeros((0, 4, 3), np.uint8)}]}],
+         "empty dimension"),
         ([{"role": "user", "content": [{"type": "image", "image": "data:image/png;base64,@@@"}]}], "base64"),
     ]
     for conv, message in cases:
