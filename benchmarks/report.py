@@ -85,26 +85,26 @@ def plots(result: dict, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    systems = result["systems"]
+    lines = {  # file -> (points of one system, x label, y label, title)
+        "ttft_vs_resolution.png": (lambda r: [(int(k), v) for k, v in r["ttft_vs_resolution"].items()],
+                                   "image side (px, square)", "time to first token (s)", "TTFT vs image resolution"),
+        "decode_vs_context.png": (lambda r: [(v["prompt_tokens"], v["decode_tok_s"])
+                                             for v in r["decode_vs_context"].values()],
+                                  "context (prompt tokens)", "decode tokens/s", "Decode speed vs context length"),
+    }
     paths = []
+    for filename, (points, xlabel, ylabel, title) in lines.items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, r in systems.items():
+            pts = sorted(points(r))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+        ax.legend(), ax.grid(alpha=0.3)
+        paths.append(out / filename)
+        fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, r in result["systems"].items():
-        pts = sorted((int(k), v) for k, v in r["ttft_vs_resolution"].items())
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-    ax.set(xlabel="image side (px, square)", ylabel="time to first token (s)", title="TTFT vs image resolution")
-    ax.legend(), ax.grid(alpha=0.3)
-    paths.append(out / "ttft_vs_resolution.png")
-    fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, r in result["systems"].items():
-        pts = sorted((v["prompt_tokens"], v["decode_tok_s"]) for v in r["decode_vs_context"].values())
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-    ax.set(xlabel="context (prompt tokens)", ylabel="decode tokens/s", title="Decode speed vs context length")
-    ax.legend(), ax.grid(alpha=0.3)
-    paths.append(out / "decode_vs_context.png")
-    fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    names = list(result["systems"])
-    ax.bar(names, [result["systems"][n]["peak_rss_bytes"] / 1e9 for n in names])
+    ax.bar(list(systems), [r["peak_rss_bytes"] / 1e9 for r in systems.values()])
     ax.set(ylabel="peak RSS (GB)", title="Peak resident memory per system")
     ax.tick_params(axis="x", rotation=20)
     paths.append(out / "peak_rss.png")

@@ -50,6 +50,7 @@ class Qwen2VLPipeline:
         gen = artifact.generation
         self.eos_ids = [int(t) for t in gen.get("eos_token_id", [])]
         self.pad_id = int(gen.get("pad_token_id", processor.special.pad_id))
+        self.last_result: GenerationResult | None = None  # of the last finished stream()
 
     @classmethod
     def load(cls, artifact_dir: str | Path, backend: str = "onnxruntime", providers: list | None = None,
