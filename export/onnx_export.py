@@ -56,9 +56,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def _versions() -> dict[str, str]:
-    import onnx as onnx_mod
-
-    versions = {"qwen2vl_edge": qwen2vl_edge.__version__, "onnx": onnx_mod.__version__}
+    versions = {"qwen2vl_edge": qwen2vl_edge.__version__, "onnx": onnx.__version__}
     for name in ("torch", "safetensors", "transformers"):
         try:
             versions[name] = __import__(name).__version__
@@ -85,6 +83,7 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32", opse
     of the decoder / vision encoder may be int8/int4 MatMulNBits for ONNX Runtime's CPU kernels.
     """
     quant = _quant_specs(target, weights, vision_weights, block_size, accuracy_level)
+    quantized = [q for q in quant.values() if q is not None]
     if opset < MIN_OPSET:
         raise ValueError(f"--opset must be >= {MIN_OPSET} (LayerNormalization), got {opset}")
     if dtype not in ("fp32", "fp16"):
@@ -136,11 +135,11 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32", opse
         "config": cfg.to_dict(),
         "export": {"dtype": dtype, "compute_dtype": "fp32", "opset": opset, "logits": "all" if all_logits else "last",
                    "target": target, "weights": weights, "vision_weights": vision_weights,
-                   "block_size": block_size if any(quant.values()) else None,
-                   "accuracy_level": accuracy_level if any(quant.values()) else None,
-                   "contrib_ops": ["MatMulNBits"] if any(quant.values()) else [],
-                   "requires_onnxruntime": (f">={max(CONTRIB_MIN_ONNXRUNTIME[q.bits] for q in quant.values() if q)}"
-                                            if any(quant.values()) else None),
+                   "block_size": block_size if quantized else None,
+                   "accuracy_level": accuracy_level if quantized else None,
+                   "contrib_ops": ["MatMulNBits"] if quantized else [],
+                   "requires_onnxruntime": (f">={max(CONTRIB_MIN_ONNXRUNTIME[q.bits] for q in quantized)}"
+                                            if quantized else None),
                    "weights_file": WEIGHTS_FILE, "source": str(ckpt.dir.resolve()),
                    "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                    "versions": _versions()},

@@ -125,9 +125,9 @@ class Qwen2VLPipeline:
                        total=time.perf_counter() - started)
         mask = inputs["attention_mask"]
         return [GenerationResult(text=_cut_at_stop(decode_text(ids), opts.stop), token_ids=list(ids),
-                                       finish_reason=reason, timings=dict(timings),
-                                       usage={"prompt_tokens": int(mask[b].sum()), "completion_tokens": len(ids)})
-                      for b, (ids, reason) in enumerate(zip(state.generated, state.reasons))]
+                                 finish_reason=reason, timings=dict(timings),
+                                 usage={"prompt_tokens": int(mask[b].sum()), "completion_tokens": len(ids)})
+                for b, (ids, reason) in enumerate(zip(state.generated, state.reasons))]
 
     # -- public -------------------------------------------------------------------------------
 

@@ -134,6 +134,12 @@ def _resize(image: Image.Image, height: int, width: int) -> Image.Image:
     return image.resize((width, height), Image.Resampling.BICUBIC)
 
 
+def _requested_size(resized_height: int, resized_width: int, factor: int) -> tuple[int, int]:
+    """An explicit resized_height/width, rounded as qwen-vl-utils does: under the default image budgets."""
+    return smart_resize(int(resized_height), int(resized_width), factor, IMAGE_MIN_TOKENS * factor**2,
+                        IMAGE_MAX_TOKENS * factor**2)
+
+
 def _fit_image(
     image: Image.Image,
     factor: int,
@@ -146,8 +152,7 @@ def _fit_image(
     lo = IMAGE_MIN_TOKENS * factor**2 if min_pixels is None else int(min_pixels)
     hi = IMAGE_MAX_TOKENS * factor**2 if max_pixels is None else int(max_pixels)
     if resized_height is not None and resized_width is not None:
-        h, w = smart_resize(int(resized_height), int(resized_width), factor, IMAGE_MIN_TOKENS * factor**2,
-                            IMAGE_MAX_TOKENS * factor**2)
+        h, w = _requested_size(resized_height, resized_width, factor)
     else:
         h, w = smart_resize(image.height, image.width, factor, lo, hi)
     return _resize(image, h, w)
@@ -270,8 +275,7 @@ def process_video(
         images += [images[-1]] * (-len(images) % FRAME_FACTOR)
     lo, hi = _video_frame_budget(min_pixels, max_pixels, total_pixels, len(images), pp.factor)
     if resized_height is not None and resized_width is not None:
-        h, w = smart_resize(int(resized_height), int(resized_width), pp.factor,
-                            IMAGE_MIN_TOKENS * pp.factor**2, IMAGE_MAX_TOKENS * pp.factor**2)
+        h, w = _requested_size(resized_height, resized_width, pp.factor)
     else:
         h, w = smart_resize(images[0].height, images[0].width, pp.factor, lo, hi)
     # transformers' video processor: second smart_resize with the checkpoint's limits

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..artifact import Artifact
+from ..artifact import GRAPHS, Artifact
 from ..errors import ArtifactError, InputError
 
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
@@ -30,20 +30,19 @@ class OrtBackend:
 
         available = ort.get_available_providers()
         providers = list(providers or ["CPUExecutionProvider"])
-        for p in providers:
-            pname = p[0] if isinstance(p, tuple) else p
-            if pname not in available:
-                raise InputError(f"onnxruntime provider {pname} is not available here (have: {', '.join(available)}); "
+        names = [p[0] if isinstance(p, tuple) else p for p in providers]  # (name, options) or name
+        for name in names:
+            if name not in available:
+                raise InputError(f"onnxruntime provider {name} is not available here (have: {', '.join(available)}); "
                                  "install onnxruntime-gpu for CUDA/TensorRT")
-        first = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
-        self.device = "cuda" if first in GPU_PROVIDERS else "cpu"
+        self.device = "cuda" if names[0] in GPU_PROVIDERS else "cpu"
         opts = ort.SessionOptions()
         if num_threads:
             opts.intra_op_num_threads = int(num_threads)
         self._ort = ort
         try:
             self.sessions = {name: ort.InferenceSession(str(artifact.graph_path(name)), opts, providers=providers)
-                             for name in ("vision_encoder", "embedding_merger", "decoder")}
+                             for name in GRAPHS}
         except Exception as e:  # onnxruntime raises its own exception types
             contrib = artifact.export.get("contrib_ops") or []
             hint = (f" This artifact uses ONNX Runtime contrib ops ({', '.join(contrib)}); it needs onnxruntime"

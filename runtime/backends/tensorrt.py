@@ -94,7 +94,7 @@ class TrtBackend:
     def vision(self, pixel_values, rotary_cos, rotary_sin):
         F, S, _ = pixel_values.shape
         for buf, array in ((self.pixels, pixel_values), (self.cos, rotary_cos), (self.sin, rotary_sin)):
-            buf.upload(array.astype(np.float32), self.stream)
+            buf.upload(np.asarray(array, np.float32), self.stream)
         self._run(self.ctx["vision_encoder"], {"pixel_values": pixel_values.shape, "rotary_cos": rotary_cos.shape,
                                                "rotary_sin": rotary_sin.shape},
                   {"pixel_values": self.pixels, "rotary_cos": self.cos, "rotary_sin": self.sin,

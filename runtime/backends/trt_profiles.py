@@ -10,11 +10,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..artifact import GRAPHS
 from ..config import ModelConfig
 from ..errors import ArtifactError, InputError
 
 SIDECAR_SUFFIX = ".json"
-ENGINES = ("vision_encoder", "embedding_merger", "decoder")
+ENGINES = GRAPHS  # one engine per exported graph
 PREFILL, DECODE = 0, 1  # decoder profile indices
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
