@@ -32,9 +32,12 @@ def _frames(directory: Path, n: int, size: tuple[int, int]) -> list[str]:
     return out
 
 
+FILLER_TOKENS = 32  # with Qwen2's vocabulary, repeated sentences included
+
+
 def text_prompt(tokens: int) -> str:
-    """About `tokens` tokens of text (~23 tokens per filler sentence with Qwen2's vocabulary)."""
-    return FILLER * max(1, round(tokens / 23))
+    """About `tokens` tokens of text (exactly, for multiples of FILLER_TOKENS)."""
+    return FILLER * max(1, round(tokens / FILLER_TOKENS))
 
 
 def scenarios(directory: Path, quick: bool = False) -> dict[str, list]:
@@ -53,6 +56,8 @@ def scenarios(directory: Path, quick: bool = False) -> dict[str, list]:
         "video_16_frames": user({"type": "video", "video": _frames(directory, 16, (224, 224)),
                                  "min_pixels": 64 * 28 * 28}, text("What happens in this video?")),
         "text_only": user(text("Write a short poem about edge computing.")),
+        # S2: 256 + 18 tokens of chat template and instruction = 274 prompt tokens
+        "text_274": user(text(text_prompt(256) + "Summarise the text above.")),
         "long_text_2k": user(text(text_prompt(256 if quick else 2000) + "Summarise the text above.")),
     }
 

@@ -52,7 +52,8 @@ class DecodeState:
 @dataclass
 class StepTimes:
     prefill: float = 0.0
-    decode: list[float] = field(default_factory=list)
+    decode: list[float] = field(default_factory=list)  # per token: choose + bookkeeping + graph runs
+    outside_graphs: list[float] = field(default_factory=list)  # the part of each step not inside a graph run
 
 
 def prefill(backend: Backend, inputs_embeds, inputs: dict, step_times: StepTimes) -> tuple[np.ndarray, DecodeState]:
@@ -75,16 +76,14 @@ def suppress(logits: np.ndarray, token_ids: list[int]) -> np.ndarray:
     return logits
 
 
-def decode_step(backend: Backend, state: DecodeState, tokens: np.ndarray, step_times: StepTimes) -> np.ndarray:
+def decode_step(backend: Backend, state: DecodeState, tokens: np.ndarray) -> np.ndarray:
     """Feed one new token per row; returns the next logits [B, V]."""
-    t0 = time.perf_counter()
     B = len(tokens)
     embeds = backend.merge(tokens.reshape(B, 1), np.zeros((0, backend.hidden_size), np.float32))
     position_ids = decode_positions(state.real_lengths, state.rope_deltas)  # [3, B, 1]
     state.attention_mask = np.concatenate([state.attention_mask, np.ones((B, 1), np.int64)], axis=1)
     logits, state.cache = backend.decode(embeds, state.attention_mask, position_ids, state.cache)
     state.real_lengths = state.real_lengths + 1
-    step_times.decode.append(time.perf_counter() - t0)
     return logits
 
 
@@ -93,6 +92,7 @@ def run(backend: Backend, inputs_embeds, inputs: dict, opts: GenerationOptions, 
     """Yields the state after each chosen token; stops when every row is finished."""
     rng = np.random.default_rng(opts.seed)
     logits, state = prefill(backend, inputs_embeds, inputs, step_times)
+    step_start, graph_start = time.perf_counter(), getattr(backend, "graph_seconds", None)
     for step in range(opts.max_new_tokens):
         if step < opts.min_new_tokens:
             logits = suppress(logits, eos_ids)
@@ -106,8 +106,16 @@ def run(backend: Backend, inputs_embeds, inputs: dict, opts: GenerationOptions, 
                 state.finished[b], state.reasons[b] = True, "stop"
             elif opts.stop and any(s in decode_text(state.generated[b]) for s in opts.stop):
                 state.finished[b], state.reasons[b] = True, "stop"
+        paused = time.perf_counter()
         yield state
+        step_start += time.perf_counter() - paused  # the consumer's time is not the loop's
         if state.finished.all() or step == opts.max_new_tokens - 1:
             break
-        logits = decode_step(backend, state, tokens, step_times)
+        logits = decode_step(backend, state, tokens)
+        now = time.perf_counter()
+        step_times.decode.append(now - step_start)
+        if graph_start is not None:
+            step_times.outside_graphs.append(now - step_start - (backend.graph_seconds - graph_start))
+            graph_start = backend.graph_seconds
+        step_start = now
     state.reasons = [r or "length" for r in state.reasons]

@@ -121,6 +121,8 @@ class Qwen2VLPipeline:
         merge = timings.pop("merge")
         timings.update(prefill=merge + steps.prefill,
                        decode_per_token=float(np.median(steps.decode)) if steps.decode else 0.0,
+                       decode_outside_graphs_per_token=(float(np.median(steps.outside_graphs))
+                                                        if steps.outside_graphs else 0.0),
                        time_to_first_token=timings["preprocess"] + timings["vision"] + merge + steps.prefill,
                        total=time.perf_counter() - started)
         mask = inputs["attention_mask"]

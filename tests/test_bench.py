@@ -36,17 +36,23 @@ def test_quick_bench_report_is_complete(tmp_path):
     assert set(data["systems"]) == {"ours-ort-cpu", "ours-ort-cpu-fp16w", "ours-ort-int8", "ours-ort-int4",
                                     "transformers", "transformers-bf16"}
     for name, r in data["systems"].items():
-        assert set(r["scenarios"]) == {"image_448", "three_images", "video_16_frames", "text_only", "long_text_2k"}
+        assert set(r["scenarios"]) == {"image_448", "three_images", "video_16_frames", "text_only", "text_274",
+                                       "long_text_2k"}
+        assert r["scenarios"]["text_274"]["prompt_tokens"] == 274  # the issue's S2, with Qwen2's real vocabulary
+        s1_peak = r["scenarios"]["image_448"]["peak_rss_bytes"]
+        assert 0 < s1_peak <= r["peak_rss_bytes"]
         for sc in r["scenarios"].values():
             for key in ("preprocess", "vision", "ttft", "decode_tok_s", "e2e"):
                 s = sc[key]
                 assert s["min"] <= s["median"] <= s["max"] and s["min"] >= 0
             assert sc["decode_tok_s"]["median"] > 0 and sc["prompt_tokens"] > 0
+            if name.startswith("ours"):  # time per decode step outside graph runs
+                assert 0 < sc["outside_graphs_ms"]["median"] < 1e3 / sc["decode_tok_s"]["median"]
         assert r["peak_rss_bytes"] > 0 and 0 < r["cold_start_ready_s"] <= r["cold_start_first_token_s"]
         assert 0 < r["decode_roofline_fraction"] and r["weights_on_disk_bytes"] > 0
         assert len(r["ttft_vs_resolution"]) == 2 and len(r["decode_vs_context"]) == 2
     md = (out / "report.md").read_text()
-    assert md.count("| ours-ort-cpu |") == 1 + 1 + 5  # main table, ratio table, one row per scenario
+    assert md.count("| ours-ort-cpu |") == 1 + 1 + 6  # main table, ratio table, one row per scenario
     assert "| transformers |" in md and "decode speed-up" in md
     for png in ("ttft_vs_resolution.png", "decode_vs_context.png", "peak_rss.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

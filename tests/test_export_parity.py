@@ -93,7 +93,7 @@ def test_logits_prefill_and_decode_steps_match(tiny_ckpt, pipe, convs):
         cache, mask = out.cache, t["attention_mask"]
         for step in range(1, 6):
             token = logits.argmax(-1)
-            logits = decode_step(pipe.backend, state, token, StepTimes())
+            logits = decode_step(pipe.backend, state, token)
             mask = torch.cat([mask, torch.ones((1, 1), dtype=mask.dtype)], dim=1)
             pos = torch.from_numpy(ref_pos[:, :, -1:] + step)
             out = model(input_ids=torch.from_numpy(token[:, None]), attention_mask=mask, cache=cache,

@@ -83,7 +83,7 @@ def _teacher_forced(pipe, reference: list[int], conversation) -> float:
     hits = 0
     for token in reference:
         hits += int(logits[0].argmax() == token)
-        logits = decode_step(pipe.backend, state, np.array([token]), StepTimes())
+        logits = decode_step(pipe.backend, state, np.array([token]))
     return hits / len(reference)
 
 

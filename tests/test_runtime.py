@@ -115,6 +115,18 @@ def test_stream_equals_generate_and_never_splits_utf8(pipe):
     assert set(whole.timings) >= {"preprocess", "vision", "prefill", "decode_per_token", "total"}
 
 
+def test_step_timing_splits_graph_time_from_loop_time_and_ignores_the_consumer(pipe):
+    """decode_per_token is the loop's own step; a slow stream consumer must not inflate it."""
+    import time
+
+    conv = [{"role": "user", "content": "Count to ten."}]
+    for _ in pipe.stream(conv, max_new_tokens=8, min_new_tokens=8):
+        time.sleep(0.05)
+    t = pipe.last_result.timings
+    assert 0 < t["decode_outside_graphs_per_token"] < t["decode_per_token"] < 0.05
+    assert pipe.backend.graph_seconds > 0
+
+
 # -- bad input to the front-end ----------------------------------------------------------------
 
 def test_bad_conversations(tiny_ckpt):

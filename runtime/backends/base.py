@@ -12,6 +12,7 @@ class Backend(Protocol):
 
     name: str
     hidden_size: int
+    graph_seconds: float | None  # cumulative time inside graph runs; None where execution is asynchronous
 
     def check_request(self, inputs: dict, max_new_tokens: int) -> None:
         """Raise InputError before running when the request exceeds what this backend was built for."""

@@ -6,6 +6,7 @@ step's past without a copy into NumPy (and stay on the GPU with a GPU provider).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +41,7 @@ class OrtBackend:
         if num_threads:
             opts.intra_op_num_threads = int(num_threads)
         self._ort = ort
+        self.graph_seconds = 0.0  # inside session runs; the loop reports the rest as per-step overhead
         try:
             self.sessions = {name: ort.InferenceSession(str(artifact.graph_path(name)), opts, providers=providers)
                              for name in GRAPHS}
@@ -60,12 +62,18 @@ class OrtBackend:
     def check_request(self, inputs: dict, max_new_tokens: int) -> None:
         """Graphs have dynamic shapes: only the model's context limits a request (checked by the pipeline)."""
 
+    def _run(self, graph: str, feeds: dict) -> np.ndarray:
+        t0 = time.perf_counter()
+        out = self.sessions[graph].run(None, feeds)[0]
+        self.graph_seconds += time.perf_counter() - t0
+        return out
+
     def vision(self, pixel_values, rotary_cos, rotary_sin):
-        return self.sessions["vision_encoder"].run(None, {"pixel_values": pixel_values, "rotary_cos": rotary_cos,
-                                                         "rotary_sin": rotary_sin})[0]
+        return self._run("vision_encoder", {"pixel_values": pixel_values, "rotary_cos": rotary_cos,
+                                            "rotary_sin": rotary_sin})
 
     def merge(self, input_ids, vision_embeds):
-        return self.sessions["embedding_merger"].run(None, {"input_ids": input_ids, "vision_embeds": vision_embeds})[0]
+        return self._run("embedding_merger", {"input_ids": input_ids, "vision_embeds": vision_embeds})
 
     def new_cache(self, batch: int) -> OrtCache:
         empty = np.zeros((batch, self.kv_shape[0], 0, self.kv_shape[1]), np.float32)
@@ -81,7 +89,9 @@ class OrtBackend:
             binding.bind_ortvalue_input(name, value)
         for name in self.output_names:
             binding.bind_output(name, "cpu" if name == "logits" else self.device)
+        t0 = time.perf_counter()
         self.sessions["decoder"].run_with_iobinding(binding)
+        self.graph_seconds += time.perf_counter() - t0
         outputs = dict(zip(self.output_names, binding.get_outputs()))
         new = OrtCache({p: outputs[self.present_for[p]] for p in self.past_names},
                        cache.length + inputs_embeds.shape[1])

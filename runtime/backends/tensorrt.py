@@ -54,6 +54,7 @@ class TrtBackend:
                 raise ArtifactError(f"TensorRT could not deserialize {engines[name]['file']}: rebuild it")
         self.cfg, self.limits = artifact.config, limits_of(sidecars["decoder"])
         self.hidden_size = self.cfg.text.hidden_size
+        self.graph_seconds = None  # execute_async_v3 returns before the GPU is done
         self.stream = cuda_call(cudart().cudaStreamCreate())
         self.ctx = {name: self.engines[name].create_execution_context() for name in ("vision_encoder",
                                                                                      "embedding_merger")}
