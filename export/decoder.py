@@ -12,6 +12,7 @@ import numpy as np
 
 from .checkpoint import Checkpoint
 from .graph import BOOL, FLOAT, INT64, Graph
+from .quantize import matmul_nbits
 from .vision import activation, rotate
 
 MASK_MIN = float(np.finfo(np.float32).min)  # finite: a fully padded row stays NaN-free
@@ -31,6 +32,20 @@ def _rms_norm(g: Graph, x: str, weight: str, eps: float) -> str:
         var = g.reduce_mean(g.op("Mul", x, x), [-1])
         inv = g.op("Reciprocal", g.op("Sqrt", g.op("Add", var, g.const(eps, np.float32))))
         return g.op("Mul", weight, g.op("Mul", x, inv))
+
+
+def _residual_norm(g: Graph, delta: str, residual: str, weight: str, eps: float) -> tuple[str, str]:
+    """(RMSNorm(residual + delta), residual + delta): one SkipSimplifiedLayerNormalization when fused."""
+    if g.fused:
+        normed, _, _, total = g.op("SkipSimplifiedLayerNormalization", delta, residual, weight, n_out=4,
+                                   domain="com.microsoft", epsilon=eps)
+        return normed, total
+    total = g.op("Add", residual, delta)
+    return _rms_norm(g, total, weight, eps), total
+
+
+def _split_last(g: Graph, y: str, sizes: list[int]) -> list[str]:
+    return g.op("Split", y, g.const(sizes), axis=-1, n_out=len(sizes))
 
 
 def _rotary(g: Graph, position_ids: str, ckpt: Checkpoint) -> tuple[str, str]:
@@ -65,13 +80,20 @@ def _attention(g: Graph, h: str, ckpt: Checkpoint, i: int, cos: str, sin: str, b
     nh, kv, hd = tc.num_attention_heads, tc.num_key_value_heads, tc.head_dim
     p = f"model.layers.{i}.self_attn"
 
-    def heads(name: str, n: int) -> str:  # [B, L, n*hd] -> [B, n, L, hd]
-        y = g.linear(h, ckpt.get(f"{p}.{name}.weight"), ckpt.get(f"{p}.{name}.bias"), f"{p}.{name}")
+    def heads(y: str, n: int) -> str:  # [B, L, n*hd] -> [B, n, L, hd]
         return g.op("Transpose", g.op("Reshape", y, g.const([0, 0, n, hd])), perm=[0, 2, 1, 3])
 
-    q = rotate(g, heads("q_proj", nh), cos, sin, hd // 2)
-    k = rotate(g, heads("k_proj", kv), cos, sin, hd // 2)
-    v = heads("v_proj", kv)
+    names = ("q_proj", "k_proj", "v_proj")
+    weights = [ckpt.get(f"{p}.{n}.weight") for n in names]
+    biases = [ckpt.get(f"{p}.{n}.bias") for n in names]
+    if g.fused:  # one packed projection: one kernel call instead of three
+        qkv = g.linear(h, np.concatenate(weights), np.concatenate(biases), f"{p}.qkv_proj")
+        q, k, v = _split_last(g, qkv, [w.shape[0] for w in weights])
+    else:
+        q, k, v = (g.linear(h, w, b, f"{p}.{n}") for w, b, n in zip(weights, biases, names))
+    q = rotate(g, heads(q, nh), cos, sin, hd // 2)
+    k = rotate(g, heads(k, kv), cos, sin, hd // 2)
+    v = heads(v, kv)
     present_k = g.op("Concat", past_k, k, axis=2)  # [B, kv, T, hd]
     present_v = g.op("Concat", past_v, v, axis=2)
     q5 = g.op("Reshape", q, g.const([0, kv, nh // kv, -1, hd]))  # [B, kv, groups, L, hd]
@@ -89,8 +111,12 @@ def _attention(g: Graph, h: str, ckpt: Checkpoint, i: int, cos: str, sin: str, b
 
 def _mlp(g: Graph, h: str, ckpt: Checkpoint, i: int) -> str:
     p = f"model.layers.{i}.mlp"
-    gate = g.linear(h, ckpt.get(f"{p}.gate_proj.weight"), None, f"{p}.gate_proj")
-    up = g.linear(h, ckpt.get(f"{p}.up_proj.weight"), None, f"{p}.up_proj")
+    if g.fused:
+        gate_up = np.concatenate([ckpt.get(f"{p}.gate_proj.weight"), ckpt.get(f"{p}.up_proj.weight")])
+        gate, up = _split_last(g, g.linear(h, gate_up, None, f"{p}.gate_up_proj"), [gate_up.shape[0] // 2] * 2)
+    else:
+        gate = g.linear(h, ckpt.get(f"{p}.gate_proj.weight"), None, f"{p}.gate_proj")
+        up = g.linear(h, ckpt.get(f"{p}.up_proj.weight"), None, f"{p}.up_proj")
     act = activation(g, gate, ckpt.config.text.hidden_act)
     return g.linear(g.op("Mul", act, up), ckpt.get(f"{p}.down_proj.weight"), None, f"{p}.down_proj")
 
@@ -112,25 +138,26 @@ def build_decoder(g: Graph, ckpt: Checkpoint, all_logits: bool = False, progress
              for pk, pv, _, _ in names]
     cos, sin = _rotary(g, position_ids, ckpt)
     bias = _mask_bias(g, attention_mask, g.shape_dim(pasts[0][0], 2), g.shape_dim(x, 1))
+    norm = lambda name: g.weight(name, ckpt.get(name))  # noqa: E731
+    eps, last = tc.rms_norm_eps, tc.num_hidden_layers - 1
+    # x is the residual stream; each block's output joins it in the next norm (fused there on ort-cpu)
+    h = _rms_norm(g, x, norm("model.layers.0.input_layernorm.weight"), eps)
     for i in range(tc.num_hidden_layers):
-        p = f"model.layers.{i}"
-        h = _rms_norm(g, x, g.weight(f"{p}.input_layernorm.weight", ckpt.get(f"{p}.input_layernorm.weight")),
-                      tc.rms_norm_eps)
         attn, present_k, present_v = _attention(g, h, ckpt, i, cos, sin, bias, *pasts[i])
-        x = g.op("Add", x, attn)
-        h = _rms_norm(g, x, g.weight(f"{p}.post_attention_layernorm.weight",
-                                     ckpt.get(f"{p}.post_attention_layernorm.weight")), tc.rms_norm_eps)
-        x = g.op("Add", x, _mlp(g, h, ckpt, i))
+        h, x = _residual_norm(g, attn, x, norm(f"model.layers.{i}.post_attention_layernorm.weight"), eps)
+        mlp = _mlp(g, h, ckpt, i)
+        if i < last:
+            h, x = _residual_norm(g, mlp, x, norm(f"model.layers.{i + 1}.input_layernorm.weight"), eps)
         g.output(present_k, names[i][2], FLOAT, ["batch", kv, "total_seq", hd])
         g.output(present_v, names[i][3], FLOAT, ["batch", kv, "total_seq", hd])
         if progress:
             progress.update(1)
     if not all_logits:  # prefill over a long prompt would otherwise allocate [B, L, vocab]
-        x = g.slice(x, -1, np.iinfo(np.int64).max, 1)
-    x = _rms_norm(g, x, g.weight("model.norm.weight", ckpt.get("model.norm.weight")), tc.rms_norm_eps)
+        mlp, x = (g.slice(t, -1, np.iinfo(np.int64).max, 1) for t in (mlp, x))
+    x, _ = _residual_norm(g, mlp, x, norm("model.norm.weight"), eps)
     name = ckpt.lm_head_name()
-    if g.quant is not None:  # MatMulNBits takes the [V, H] table as it is stored
-        logits = g.linear(x, ckpt.get(name), None, "lm_head")
+    if g.quant is not None:  # MatMulNBits reads the [V, H] table quantized; when tied, the merger's bytes
+        logits = matmul_nbits(g, x, lambda: ckpt.get(name), "lm_head", g.quant, key=name)
     else:
         table = g.weight(name, lambda: ckpt.get(name))  # [V, H], shared with the merger when tied
         flat = g.op("Reshape", x, g.const([-1, H]))

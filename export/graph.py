@@ -57,6 +57,19 @@ class WeightStore:
             entry.key, entry.value = key, value
         return tensor
 
+    def __contains__(self, name: str) -> bool:
+        return name in self._refs
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._refs[name][2]
+
+    def view(self, name: str, of: str, shape: tuple[int, ...]) -> None:
+        """Register `name` as the stored bytes of `of` read with another shape (no second copy)."""
+        offset, length, old_shape, onnx_dtype = self._refs[of]
+        if int(np.prod(shape)) != int(np.prod(old_shape)):
+            raise ValueError(f"a view of {of} {old_shape} must keep its size, got {shape}")
+        self._refs.setdefault(name, (offset, length, tuple(shape), onnx_dtype))
+
     def close(self) -> None:
         self._file.close()
 
@@ -64,9 +77,10 @@ class WeightStore:
 class Graph:
     """Builds one ONNX graph. `op()` returns output names; weights are cast to fp32 inside the graph."""
 
-    def __init__(self, name: str, store: WeightStore, opset: int, quant=None):
+    def __init__(self, name: str, store: WeightStore, opset: int, quant=None, fused: bool = False):
         self.name, self.store, self.opset = name, store, opset
         self.quant = quant  # export.quantize.QuantSpec: linears become com.microsoft MatMulNBits
+        self.fused = fused  # ONNX Runtime's fused contrib ops allowed (the ort-cpu target)
         self.nodes: list[onnx.NodeProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []

@@ -7,22 +7,23 @@ import numpy as np
 
 from .checkpoint import Checkpoint
 from .graph import FLOAT, INT64, Graph
+from .quantize import QuantSpec, gather_block_quantized
 
 EMBED = "model.embed_tokens.weight"
 
 
-def build_embedding_merger(g: Graph, ckpt: Checkpoint, half_table: bool = False) -> None:
-    """`half_table`: store the table in fp16 (the quantized targets, whose lm_head has its own copy)."""
+def build_embedding_merger(g: Graph, ckpt: Checkpoint, quant: QuantSpec | None = None) -> None:
+    """`quant`: the decoder's weight format; the table is then stored block-quantized, in the very bytes
+    the tied lm_head's MatMulNBits reads."""
     cfg = ckpt.config
     H = cfg.text.hidden_size
     ids = g.input("input_ids", INT64, ["batch", "seq"])
     feats = g.input("vision_embeds", FLOAT, ["vision_tokens", H])
-    if half_table:
-        table = g.weight(EMBED + ".fp16", lambda: ckpt.get(EMBED).astype(np.float16), raw=True, exact=True)
+    if quant is not None:
+        embeds = gather_block_quantized(g, ids, lambda: ckpt.get(EMBED), EMBED, quant)  # [B, L, H] fp32
     else:
         table = g.weight(EMBED, lambda: ckpt.get(EMBED), raw=True)
-    embeds = g.op("Gather", table, ids)  # [B, L, H], gathered rows cast after, not the whole table
-    embeds = g.op("Cast", embeds, to=FLOAT)
+        embeds = g.op("Cast", g.op("Gather", table, ids), to=FLOAT)  # gathered rows cast, not the whole table
     is_vision = g.op("Or", g.op("Equal", ids, g.const(cfg.image_token_id)),
                      g.op("Equal", ids, g.const(cfg.video_token_id)))
     flags = g.op("Cast", is_vision, to=FLOAT)

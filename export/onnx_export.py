@@ -26,9 +26,23 @@ PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_conf
 MIN_OPSET = 17
 TARGETS = ("portable", "ort-cpu")
 WEIGHTS = ("fp32", "int8", "int4")
-# onnxruntime needed by MatMulNBits on CPU, by weight bits; tested: 1.20 and 1.21 refuse 8-bit weights
-# ("Only 4b quantization is supported"), 1.22 runs them.
-CONTRIB_MIN_ONNXRUNTIME = {4: "1.20", 8: "1.22"}
+# onnxruntime each contrib op (op, weight bits) needs on CPU, as tried: SkipSimplifiedLayerNormalization
+# and 4-bit MatMulNBits run on 1.20; 1.20 and 1.21 refuse 8-bit MatMulNBits ("Only 4b quantization is
+# supported"), 1.22 runs it; GatherBlockQuantized on packed uint8 takes `bits` from 1.23 (1.22:
+# "Unrecognized attribute: bits").
+CONTRIB_MIN_ONNXRUNTIME = {("SkipSimplifiedLayerNormalization", 0): (1, 20), ("MatMulNBits", 4): (1, 20),
+                           ("MatMulNBits", 8): (1, 22), ("GatherBlockQuantized", 4): (1, 23),
+                           ("GatherBlockQuantized", 8): (1, 23)}
+
+
+def _contrib_ops(target: str, quant: dict) -> list[tuple[str, int]]:
+    """(op, bits) of every contrib op the graphs use; the merger gathers from the decoder's quantized table."""
+    if target != "ort-cpu":
+        return []
+    ops = [("SkipSimplifiedLayerNormalization", 0)] + [("MatMulNBits", q.bits) for q in quant.values() if q]
+    if quant["decoder"] is not None:
+        ops.append(("GatherBlockQuantized", quant["decoder"].bits))
+    return ops
 
 
 def _quant_specs(target: str, weights: str, vision_weights: str, block_size: int, accuracy_level: int) -> dict:
@@ -84,6 +98,7 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32", opse
     """
     quant = _quant_specs(target, weights, vision_weights, block_size, accuracy_level)
     quantized = [q for q in quant.values() if q is not None]
+    contrib = _contrib_ops(target, quant)
     if opset < MIN_OPSET:
         raise ValueError(f"--opset must be >= {MIN_OPSET} (LayerNormalization), got {opset}")
     if dtype not in ("fp32", "fp16"):
@@ -99,13 +114,13 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32", opse
     graphs = {}
     builders = {
         "vision_encoder": (lambda g, p: build_vision_encoder(g, ckpt, p), cfg.vision.depth),
-        "embedding_merger": (lambda g, p: build_embedding_merger(g, ckpt, half_table=quant["decoder"] is not None), 0),
+        "embedding_merger": (lambda g, p: build_embedding_merger(g, ckpt, quant=quant["decoder"]), 0),
         "decoder": (lambda g, p: build_decoder(g, ckpt, all_logits=all_logits, progress=p), cfg.text.num_hidden_layers),
     }
     try:
         for name in GRAPHS:
             build, steps = builders[name]
-            g = Graph(name, store, opset, quant=quant[name])
+            g = Graph(name, store, opset, quant=quant[name], fused=target == "ort-cpu")
             with _progress(steps, f"{name}: weights", verbose) as bar:
                 build(g, bar)
             model = g.model()
@@ -137,9 +152,9 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32", opse
                    "target": target, "weights": weights, "vision_weights": vision_weights,
                    "block_size": block_size if quantized else None,
                    "accuracy_level": accuracy_level if quantized else None,
-                   "contrib_ops": ["MatMulNBits"] if quantized else [],
-                   "requires_onnxruntime": (f">={max(CONTRIB_MIN_ONNXRUNTIME[q.bits] for q in quantized)}"
-                                            if quantized else None),
+                   "contrib_ops": list(dict.fromkeys(op for op, _ in contrib)),
+                   "requires_onnxruntime": (">=" + ".".join(map(str, max(CONTRIB_MIN_ONNXRUNTIME[c] for c in contrib)))
+                                            if contrib else None),
                    "weights_file": WEIGHTS_FILE, "source": str(ckpt.dir.resolve()),
                    "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                    "versions": _versions()},

@@ -58,14 +58,40 @@ def dequantize_blocks(packed: np.ndarray, scales: np.ndarray, bits: int) -> np.n
     return values.reshape(values.shape[0], -1)
 
 
-def matmul_nbits(g, x: str, weight: np.ndarray, name: str, spec: QuantSpec) -> str:
-    """x [..., K] @ weight[N, K].T as one MatMulNBits node (weight stored quantized, never transposed)."""
-    n, k = weight.shape
-    if k % spec.block_size:
-        raise ValueError(f"--block-size {spec.block_size} does not divide the input dimension {k} of {name}: "
-                         "choose a block size that divides it (e.g. 32 or 16)")
-    packed, scales = quantize_blocks(weight, spec.bits, spec.block_size)
-    b = g.weight(f"{name}.weight.q{spec.bits}", packed, exact=True)
-    s = g.weight(f"{name}.weight.scales", scales.reshape(-1), exact=True)
-    return g.op("MatMulNBits", x, b, s, domain="com.microsoft", K=k, N=n, bits=spec.bits,
-                block_size=spec.block_size, accuracy_level=spec.accuracy_level)
+def _stored(g, key: str, weight, spec: QuantSpec) -> tuple[str, str, int, int]:
+    """Quantize `weight` [N, K] (array or loader) into the store once under `key` -> names, N, K.
+
+    Stored as MatMulNBits reads it: packed [N, K/block, block*bits/8], scales flat [N*K/block].
+    """
+    packed_name, scales_name = f"{key}.q{spec.bits}", f"{key}.scales{spec.bits}"
+    if packed_name not in g.store:
+        w = weight() if callable(weight) else weight
+        k = w.shape[1]
+        if k % spec.block_size:
+            raise ValueError(f"--block-size {spec.block_size} does not divide the input dimension {k} of {key}: "
+                             "choose a block size that divides it (e.g. 32 or 16)")
+        packed, scales = quantize_blocks(w, spec.bits, spec.block_size)
+        g.store.add(packed_name, packed, exact=True)
+        g.store.add(scales_name, scales.reshape(-1), exact=True)
+    n, blocks, blob = g.store.shape(packed_name)
+    return packed_name, scales_name, n, blocks * blob * 8 // spec.bits
+
+
+def matmul_nbits(g, x: str, weight, name: str, spec: QuantSpec, key: str | None = None) -> str:
+    """x [..., K] @ weight[N, K].T as one MatMulNBits node (weight stored quantized, never transposed).
+    `key` names the stored tensor when another graph shares it (the tied embedding)."""
+    packed, scales, n, k = _stored(g, key or f"{name}.weight", weight, spec)
+    return g.op("MatMulNBits", x, g.weight(packed, None, exact=True), g.weight(scales, None, exact=True),
+                domain="com.microsoft", K=k, N=n, bits=spec.bits, block_size=spec.block_size,
+                accuracy_level=spec.accuracy_level)
+
+
+def gather_block_quantized(g, ids: str, table, key: str, spec: QuantSpec) -> str:
+    """Rows of the block-quantized table [N, K] -> fp32 [..., K]; the same stored bytes as a MatMulNBits
+    of that table (the tied lm_head), seen as [N, K*bits/8] packed along K with [N, K/block] scales."""
+    packed, scales, n, k = _stored(g, key, table, spec)
+    g.store.view(f"{packed}.rows", packed, (n, k * spec.bits // 8))
+    g.store.view(f"{scales}.rows", scales, (n, k // spec.block_size))
+    return g.op("GatherBlockQuantized", g.weight(f"{packed}.rows", None, exact=True),
+                ids, g.weight(f"{scales}.rows", None, exact=True), domain="com.microsoft",
+                bits=spec.bits, block_size=spec.block_size, gather_axis=0, quantize_axis=1)
