@@ -61,6 +61,11 @@ def markdown(result: dict) -> str:
                      f"{_fmt(r['outside_ms'], ' ms')} | {_fmt(r['s2_ttft'], ' s', 3)} | {_fmt(r['s1_rss_gb'], ' GB')} | "
                      f"{_fmt(r['rss_gb'], ' GB')} | {_fmt(r['cold_ready'], ' s')} | "
                      f"{_fmt(r['cold_first'], ' s')} |")
+    first = {n: r["first_start_ready_s"] for n, r in result["systems"].items() if r.get("first_start_ready_s")}
+    if first:
+        lines += ["", "Started from ONNX Runtime's session cache (graphs optimized, weights packed for this CPU): "
+                  + ", ".join(first) + "; their cold start above is a restart. The first start, which wrote the "
+                  "cache, took " + ", ".join(f"{v:.1f} s ({n})" for n, v in first.items()) + " to ready."]
     ref = next((r for r in rows if r["system"] == REFERENCE), None)
     if ref:
         lines += ["", f"Ratios against {REFERENCE} (speed: higher is better for us; memory: lower is better):", "",

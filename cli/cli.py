@@ -43,7 +43,7 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         pipe = Qwen2VLPipeline.load(args.artifact, backend=args.backend, num_threads=args.threads,
-                                    verify=not args.no_verify)
+                                    verify=not args.no_verify, session_cache=args.session_cache)
         conversation = _conversation_from_args(args)
         options = dict(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy and args.temperature is not None,
                        temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
     p.add_argument("--threads", type=int)
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact files")
+    p.add_argument("--session-cache", metavar="DIR",
+                   help="keep ONNX Runtime's optimized graphs and CPU-packed weights in DIR: later starts are "
+                        "faster (first start writes about the artifact's size again, twice for quantized weights)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.set_defaults(func=_run)
 

@@ -54,9 +54,15 @@ class Qwen2VLPipeline:
 
     @classmethod
     def load(cls, artifact_dir: str | Path, backend: str = "onnxruntime", providers: list | None = None,
-             num_threads: int | None = None, verify: bool = True) -> "Qwen2VLPipeline":
+             num_threads: int | None = None, verify: bool = True,
+             session_cache: str | Path | None = None) -> "Qwen2VLPipeline":
+        """`session_cache`: a directory where ONNX Runtime keeps the graphs optimized and their weights
+        packed for this CPU, so that later starts skip that work (see backends/onnxruntime.py)."""
+        if session_cache is not None and backend != "onnxruntime":
+            raise InputError("session_cache is an ONNX Runtime (CPU) option; TensorRT engines are built ahead")
         artifact = load_artifact(artifact_dir, verify=verify)
-        options = {"providers": providers, "num_threads": num_threads} if backend == "onnxruntime" else {}
+        options = ({"providers": providers, "num_threads": num_threads, "session_cache": session_cache}
+                   if backend == "onnxruntime" else {})
         return cls(artifact, Processor.from_pretrained(artifact.dir), create_backend(artifact, backend, **options))
 
     # -- stages -------------------------------------------------------------------------------

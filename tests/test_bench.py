@@ -50,9 +50,10 @@ def test_quick_bench_report_is_complete(tmp_path):
                 assert 0 < sc["outside_graphs_ms"]["median"] < 1e3 / sc["decode_tok_s"]["median"]
         assert r["peak_rss_bytes"] > 0 and 0 < r["cold_start_ready_s"] <= r["cold_start_first_token_s"]
         assert 0 < r["decode_roofline_fraction"] and r["weights_on_disk_bytes"] > 0
+        assert (r["first_start_ready_s"] is not None) == (name in ("ours-ort-int8", "ours-ort-int4"))
         assert len(r["ttft_vs_resolution"]) == 2 and len(r["decode_vs_context"]) == 2
     md = (out / "report.md").read_text()
     assert md.count("| ours-ort-cpu |") == 1 + 1 + 6  # main table, ratio table, one row per scenario
-    assert "| transformers |" in md and "decode speed-up" in md
+    assert "| transformers |" in md and "decode speed-up" in md and "session cache" in md
     for png in ("ttft_vs_resolution.png", "decode_vs_context.png", "peak_rss.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

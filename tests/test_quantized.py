@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 
 from conftest import export_artifact, random_image, requires_torch
 from qwen2vl_edge.export.quantize import QuantSpec, dequantize_blocks, quantize_blocks
-from qwen2vl_edge.runtime import ArtifactError, Qwen2VLPipeline
+from qwen2vl_edge.runtime import ArtifactError, InputError, Qwen2VLPipeline
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -186,3 +186,27 @@ def test_missing_contrib_kernel_names_the_onnxruntime_needed(quantized, tmp_path
     assert manifest["export"]["requires_onnxruntime"] == ">=1.23"  # GatherBlockQuantized with `bits`
     with pytest.raises(ArtifactError, match=r"needs onnxruntime>=1\.23 .*re-export with --weights fp32"):
         Qwen2VLPipeline.load(bad, verify=False)
+
+
+@requires_torch
+@pytest.mark.parametrize("weights", ["int4", "fp32"])
+def test_session_cache_gives_the_same_tokens_and_is_reused(quantized, tiny_artifact, tmp_path, weights):
+    art = quantized.get(weights, tiny_artifact)
+    conv = [{"role": "user", "content": [{"type": "image", "image": random_image(np.random.default_rng(5), 200, 140)},
+                                         {"type": "text", "text": "What is this?"}]}]
+    run = lambda pipe: pipe.generate(conv, max_new_tokens=16, min_new_tokens=16).token_ids  # noqa: E731
+    expected = run(Qwen2VLPipeline.load(art))
+    cache = tmp_path / "cache"
+    assert run(Qwen2VLPipeline.load(art, session_cache=cache)) == expected  # builds the cache
+    (entry,) = cache.iterdir()
+    files = {p.name: p.stat().st_mtime_ns for p in entry.iterdir()}
+    assert {"vision_encoder.onnx", "embedding_merger.onnx", "decoder.onnx"} <= set(files)
+    cached = Qwen2VLPipeline.load(art, session_cache=cache)
+    assert cached.backend.sessions["decoder"]._model_path == str(entry / "decoder.onnx")  # maps it
+    assert run(cached) == expected
+    assert {p.name: p.stat().st_mtime_ns for p in entry.iterdir()} == files and len(list(cache.iterdir())) == 1
+
+
+def test_session_cache_is_refused_where_it_cannot_apply(tiny_artifact, tmp_path):
+    with pytest.raises(InputError, match="ONNX Runtime \\(CPU\\) option"):
+        Qwen2VLPipeline.load(tiny_artifact, backend="tensorrt", session_cache=tmp_path)
