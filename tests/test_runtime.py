@@ -209,3 +209,9 @@ def test_runtime_runs_without_torch(tiny_artifact, tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "OK without torch" in result.stdout
+
+
+def test_cpu_sessions_share_one_arena(pipe):
+    """The three graphs allocate from one arena (see backends/onnxruntime.py for the measured effect)."""
+    for session in pipe.backend.sessions.values():
+        assert session.get_session_options().get_session_config_entry("session.use_env_allocators") == "1"
