@@ -105,7 +105,17 @@ class Graph:
         return name
 
     def output(self, value: str, name: str, elem_type: int, shape: list) -> None:
-        self.op("Identity", value, outputs=[name])
+        """Expose `value` as graph output `name`: its producer is renamed rather than followed by an Identity,
+        which ONNX Runtime runs as a copy when the value also feeds other nodes (the KV cache: 56 copies a step)."""
+        producer = next((n for n in reversed(self.nodes) if value in n.output), None)
+        if producer is None:  # a graph input or initializer
+            self.op("Identity", value, outputs=[name])
+        else:
+            for node in self.nodes:
+                for seq in (node.input, node.output):
+                    for i, v in enumerate(seq):
+                        if v == value:
+                            seq[i] = name
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
 
     def const(self, value, dtype=np.int64) -> str:
