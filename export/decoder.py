@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .checkpoint import Checkpoint
-from .graph import BOOL, FLOAT, INT64, Graph
+from .graph import BOOL, FLOAT, INT32, INT64, Graph
 from .quantize import matmul_nbits
 from .vision import activation, rotate
 
@@ -48,8 +48,9 @@ def _split_last(g: Graph, y: str, sizes: list[int]) -> list[str]:
     return g.op("Split", y, g.const(sizes), axis=-1, n_out=len(sizes))
 
 
-def _rotary(g: Graph, position_ids: str, ckpt: Checkpoint) -> tuple[str, str]:
-    """cos, sin [B, 1, L, head_dim] from M-RoPE positions [3, B, L]."""
+def _rotary(g: Graph, position_ids: str, ckpt: Checkpoint, heads_axis: int) -> tuple[str, str]:
+    """cos, sin from M-RoPE positions [3, B, L]: [B, 1, L, head_dim] for heads_axis 1 (q/k as [B, n, L, hd]),
+    [B, L, 1, head_dim] for heads_axis 2 (q/k as [B, L, n, hd])."""
     tc = ckpt.config.text
     rows = mrope_rows(tc.mrope_section)
     if len(rows) != tc.head_dim // 2:
@@ -58,7 +59,7 @@ def _rotary(g: Graph, position_ids: str, ckpt: Checkpoint) -> tuple[str, str]:
     with g.fp32():
         pos = g.op("Cast", g.op("Transpose", pos, perm=[1, 2, 0]), to=FLOAT)  # [B, L, hd/2]
         freqs = g.op("Mul", pos, g.const(inv_freq(tc.rope_theta, tc.head_dim), np.float32))
-        emb = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([1]))  # [B, 1, L, hd]
+        emb = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([heads_axis]))
         return g.op("Cos", emb), g.op("Sin", emb)
 
 
@@ -83,14 +84,8 @@ def _attention(g: Graph, h: str, ckpt: Checkpoint, i: int, cos: str, sin: str, b
     def heads(y: str, n: int) -> str:  # [B, L, n*hd] -> [B, n, L, hd]
         return g.op("Transpose", g.op("Reshape", y, g.const([0, 0, n, hd])), perm=[0, 2, 1, 3])
 
-    names = ("q_proj", "k_proj", "v_proj")
-    weights = [ckpt.get(f"{p}.{n}.weight") for n in names]
-    biases = [ckpt.get(f"{p}.{n}.bias") for n in names]
-    if g.fused:  # one packed projection: one kernel call instead of three
-        qkv = g.linear(h, np.concatenate(weights), np.concatenate(biases), f"{p}.qkv_proj")
-        q, k, v = _split_last(g, qkv, [w.shape[0] for w in weights])
-    else:
-        q, k, v = (g.linear(h, w, b, f"{p}.{n}") for w, b, n in zip(weights, biases, names))
+    q, k, v = (g.linear(h, ckpt.get(f"{p}.{n}.weight"), ckpt.get(f"{p}.{n}.bias"), f"{p}.{n}")
+               for n in ("q_proj", "k_proj", "v_proj"))
     q = rotate(g, heads(q, nh), cos, sin, hd // 2)
     k = rotate(g, heads(k, kv), cos, sin, hd // 2)
     v = heads(v, kv)
@@ -107,6 +102,39 @@ def _attention(g: Graph, h: str, ckpt: Checkpoint, i: int, cos: str, sin: str, b
     out = g.op("Reshape", g.op("Transpose", out, perm=[0, 2, 1, 3]), g.const([0, 0, nh * hd]))
     out = g.linear(out, ckpt.get(f"{p}.o_proj.weight"), None, f"{p}.o_proj")
     return out, present_k, present_v
+
+
+def _padding_bias(g: Graph, attention_mask: str, seq_len: str) -> str:
+    """GroupQueryAttention's attention_bias [B, 1, L, T]: MASK_MIN on padding keys (it applies causality itself)."""
+    keep = g.op("Unsqueeze", g.op("Cast", attention_mask, to=BOOL), g.const([1, 2]))  # [B, 1, 1, T]
+    bias = g.op("Where", keep, g.const(0.0, np.float32), g.const(MASK_MIN, np.float32))
+    shape = g.op("Concat", g.shape_dim(attention_mask, 0), g.const([1]), seq_len, g.shape_dim(attention_mask, 1), axis=0)
+    return g.op("Expand", bias, shape)
+
+
+def _attention_gqa(g: Graph, h: str, ckpt: Checkpoint, i: int, cos: str, sin: str, bias: str, seqlens_k: str,
+                   total: str, past_k: str, past_v: str) -> tuple[str, str, str]:
+    """ONNX Runtime's GroupQueryAttention over a preallocated cache [B, kv, capacity, hd] that it updates in
+    place when past and present are bound to the same buffer; M-RoPE is applied before (its own rotary
+    takes one position row). Left padding stays what the mask says: a bias on the padded keys."""
+    tc = ckpt.config.text
+    nh, kv, hd = tc.num_attention_heads, tc.num_key_value_heads, tc.head_dim
+    p = f"model.layers.{i}.self_attn"
+    names = ("q_proj", "k_proj", "v_proj")
+    weights = [ckpt.get(f"{p}.{n}.weight") for n in names]
+    # one packed projection: one kernel call instead of three
+    qkv = g.linear(h, np.concatenate(weights), np.concatenate([ckpt.get(f"{p}.{n}.bias") for n in names]),
+                   f"{p}.qkv_proj")
+    q, k, v = _split_last(g, qkv, [w.shape[0] for w in weights])
+
+    def rotated(x: str, n: int) -> str:  # [B, L, n*hd] -> rotated, same shape
+        x = rotate(g, g.op("Reshape", x, g.const([0, 0, n, hd])), cos, sin, hd // 2)
+        return g.op("Reshape", x, g.const([0, 0, n * hd]))
+
+    out, present_k, present_v = g.op("GroupQueryAttention", rotated(q, nh), rotated(k, kv), v, past_k, past_v,
+                                     seqlens_k, total, "", "", "", bias, n_out=3, domain="com.microsoft",
+                                     num_heads=nh, kv_num_heads=kv, scale=float(hd ** -0.5))
+    return g.linear(out, ckpt.get(f"{p}.o_proj.weight"), None, f"{p}.o_proj"), present_k, present_v
 
 
 def _mlp(g: Graph, h: str, ckpt: Checkpoint, i: int) -> str:
@@ -128,28 +156,41 @@ def cache_names(num_layers: int) -> list[tuple[str, str, str, str]]:
 
 
 def build_decoder(g: Graph, ckpt: Checkpoint, all_logits: bool = False, progress=None) -> None:
+    """Fused graphs (g.fused) keep the cache in preallocated buffers: past/present are [B, kv, capacity, hd]
+    and the runtime binds both to one buffer; otherwise past [B, kv, P, hd] -> present [B, kv, P+L, hd]."""
     tc = ckpt.config.text
     H, kv, hd = tc.hidden_size, tc.num_key_value_heads, tc.head_dim
     x = g.input("inputs_embeds", FLOAT, ["batch", "seq", H])
     attention_mask = g.input("attention_mask", INT64, ["batch", "total_seq"])
     position_ids = g.input("position_ids", INT64, [3, "batch", "seq"])
     names = cache_names(tc.num_hidden_layers)
-    pasts = [(g.input(pk, FLOAT, ["batch", kv, "past_seq", hd]), g.input(pv, FLOAT, ["batch", kv, "past_seq", hd]))
+    past_dim = "capacity" if g.fused else "past_seq"
+    pasts = [(g.input(pk, FLOAT, ["batch", kv, past_dim, hd]), g.input(pv, FLOAT, ["batch", kv, past_dim, hd]))
              for pk, pv, _, _ in names]
-    cos, sin = _rotary(g, position_ids, ckpt)
-    bias = _mask_bias(g, attention_mask, g.shape_dim(pasts[0][0], 2), g.shape_dim(x, 1))
+    cos, sin = _rotary(g, position_ids, ckpt, heads_axis=2 if g.fused else 1)
+    if g.fused:
+        total = g.op("Cast", g.op("Squeeze", g.shape_dim(attention_mask, 1), g.const([0])), to=INT32)  # T, scalar
+        seqlens_k = g.op("Expand", g.op("Sub", total, g.const(1, np.int32)),
+                         g.shape_dim(attention_mask, 0))  # [B] int32: every row holds T positions
+        bias = _padding_bias(g, attention_mask, g.shape_dim(x, 1))
+        attention = lambda h, i: _attention_gqa(g, h, ckpt, i, cos, sin, bias, seqlens_k, total,  # noqa: E731
+                                                *pasts[i])
+    else:
+        bias = _mask_bias(g, attention_mask, g.shape_dim(pasts[0][0], 2), g.shape_dim(x, 1))
+        attention = lambda h, i: _attention(g, h, ckpt, i, cos, sin, bias, *pasts[i])  # noqa: E731
     norm = lambda name: g.weight(name, ckpt.get(name))  # noqa: E731
     eps, last = tc.rms_norm_eps, tc.num_hidden_layers - 1
     # x is the residual stream; each block's output joins it in the next norm (fused there on ort-cpu)
     h = _rms_norm(g, x, norm("model.layers.0.input_layernorm.weight"), eps)
     for i in range(tc.num_hidden_layers):
-        attn, present_k, present_v = _attention(g, h, ckpt, i, cos, sin, bias, *pasts[i])
+        attn, present_k, present_v = attention(h, i)
         h, x = _residual_norm(g, attn, x, norm(f"model.layers.{i}.post_attention_layernorm.weight"), eps)
         mlp = _mlp(g, h, ckpt, i)
         if i < last:
             h, x = _residual_norm(g, mlp, x, norm(f"model.layers.{i + 1}.input_layernorm.weight"), eps)
-        g.output(present_k, names[i][2], FLOAT, ["batch", kv, "total_seq", hd])
-        g.output(present_v, names[i][3], FLOAT, ["batch", kv, "total_seq", hd])
+        present_dim = "capacity" if g.fused else "total_seq"
+        g.output(present_k, names[i][2], FLOAT, ["batch", kv, present_dim, hd])
+        g.output(present_v, names[i][3], FLOAT, ["batch", kv, present_dim, hd])
         if progress:
             progress.update(1)
     if not all_logits:  # prefill over a long prompt would otherwise allocate [B, L, vocab]

@@ -29,8 +29,9 @@ WEIGHTS = ("fp32", "int8", "int4")
 # onnxruntime each contrib op (op, weight bits) needs on CPU, as tried: SkipSimplifiedLayerNormalization
 # and 4-bit MatMulNBits run on 1.20; 1.20 and 1.21 refuse 8-bit MatMulNBits ("Only 4b quantization is
 # supported"), 1.22 runs it; GatherBlockQuantized on packed uint8 takes `bits` from 1.23 (1.22:
-# "Unrecognized attribute: bits").
-CONTRIB_MIN_ONNXRUNTIME = {("SkipSimplifiedLayerNormalization", 0): (1, 20), ("MatMulNBits", 4): (1, 20),
+# "Unrecognized attribute: bits"); GroupQueryAttention with attention_bias (our left padding) from 1.22.
+CONTRIB_MIN_ONNXRUNTIME = {("SkipSimplifiedLayerNormalization", 0): (1, 20), ("GroupQueryAttention", 0): (1, 22),
+                           ("MatMulNBits", 4): (1, 20),
                            ("MatMulNBits", 8): (1, 22), ("GatherBlockQuantized", 4): (1, 23),
                            ("GatherBlockQuantized", 8): (1, 23)}
 
@@ -39,7 +40,7 @@ def _contrib_ops(target: str, quant: dict) -> list[tuple[str, int]]:
     """(op, bits) of every contrib op the graphs use; the merger gathers from the decoder's quantized table."""
     if target != "ort-cpu":
         return []
-    ops = [("SkipSimplifiedLayerNormalization", 0)] + [("MatMulNBits", q.bits) for q in quant.values() if q]
+    ops = [("SkipSimplifiedLayerNormalization", 0), ("GroupQueryAttention", 0)] + [("MatMulNBits", q.bits) for q in quant.values() if q]
     if quant["decoder"] is not None:
         ops.append(("GatherBlockQuantized", quant["decoder"].bits))
     return ops
@@ -155,6 +156,8 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32", opse
                    "contrib_ops": list(dict.fromkeys(op for op, _ in contrib)),
                    "requires_onnxruntime": (">=" + ".".join(map(str, max(CONTRIB_MIN_ONNXRUNTIME[c] for c in contrib)))
                                             if contrib else None),
+                   # preallocated: past and present are one buffer [B, kv, capacity, hd] updated in place
+                   "kv_cache": "preallocated" if target == "ort-cpu" else "concat",
                    "weights_file": WEIGHTS_FILE, "source": str(ckpt.dir.resolve()),
                    "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                    "versions": _versions()},

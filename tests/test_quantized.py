@@ -156,18 +156,57 @@ def test_ort_cpu_target_is_rejected_by_check_trt(quantized):
     assert result.returncode == 1 and "(MatMulNBits): custom domain 'com.microsoft'" in result.stdout
 
 
+@pytest.fixture(scope="module")
+def ort_fp32(tiny_ckpt, workdir):
+    return export_artifact(tiny_ckpt, workdir / "art-ort-fp32", target="ort-cpu")
+
+
 @requires_torch
-def test_fp32_ort_target_stays_token_identical(tiny_ckpt, workdir, pipe):
-    """Packed QKV / gate-up and SkipSimplifiedLayerNormalization change the graph, not the answer."""
-    art = export_artifact(tiny_ckpt, workdir / "art-ort-fp32", target="ort-cpu")
-    fused = Qwen2VLPipeline.load(art)
-    ops = {n.op_type for n in onnx.load(str(art / "decoder.onnx"), load_external_data=False).graph.node}
-    assert "SkipSimplifiedLayerNormalization" in ops and "MatMulNBits" not in ops
+def test_fp32_ort_target_stays_token_identical(ort_fp32, pipe):
+    """Packed projections, SkipSimplifiedLayerNormalization and GroupQueryAttention over a preallocated
+    cache change the graph, not the answer."""
+    fused = Qwen2VLPipeline.load(ort_fp32)
+    nodes = onnx.load(str(ort_fp32 / "decoder.onnx"), load_external_data=False).graph.node
+    assert {"SkipSimplifiedLayerNormalization", "GroupQueryAttention"} <= {n.op_type for n in nodes}
+    assert {n.op_type for n in nodes if any(i.startswith("past_key_values.") for i in n.input)} == {
+        "GroupQueryAttention"}  # no Concat copies the cache
+    assert "MatMulNBits" not in {n.op_type for n in nodes}
     img = random_image(np.random.default_rng(4), 280, 200)
     for conv in ([{"role": "user", "content": "Name three colours."}],
                  [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "What?"}]}]):
         a = fused.generate(conv, max_new_tokens=32, min_new_tokens=32).token_ids
         assert a == pipe.generate(conv, max_new_tokens=32, min_new_tokens=32).token_ids
+
+
+@requires_torch
+def test_preallocated_cache_is_written_in_place_and_grows(ort_fp32, pipe):
+    """GroupQueryAttention writes each step into the request's buffers; past the reserve they double. Logits
+    follow the portable graphs (Concat cache, checked against transformers) on a left-padded batch."""
+    from qwen2vl_edge.runtime.generation import StepTimes, decode_step, prefill
+
+    fused = Qwen2VLPipeline.load(ort_fp32)
+    convs = [[{"role": "user", "content": "Hi."}],
+             [{"role": "user", "content": "Tell me a long story about a robot who sails the sea at night."}]]
+    inputs = pipe.processor(convs)
+    assert (inputs["attention_mask"][0] == 0).any()  # the short row is left-padded
+    reserve = inputs["input_ids"].shape[1] + 3
+    fused.backend.check_request(inputs, 3)
+    states, logits = {}, {}
+    for name, p in (("ref", pipe), ("fused", fused)):
+        logits[name], states[name] = prefill(p.backend, p.backend.merge(inputs["input_ids"], np.zeros((0, 64),
+                                                                                                     np.float32)),
+                                             inputs, StepTimes())
+    first = states["fused"].cache.buffers
+    for step in range(6):
+        np.testing.assert_allclose(logits["fused"], logits["ref"], atol=1e-4, rtol=0)
+        cache = states["fused"].cache
+        if step <= 3:  # prompt + 3 tokens fit the reserve: the same buffers throughout
+            assert cache.buffers is first and cache.capacity == reserve
+        else:
+            assert cache.capacity == 2 * reserve and cache.length == reserve + step - 3
+        token = logits["ref"].argmax(-1)
+        for name, p in (("ref", pipe), ("fused", fused)):
+            logits[name] = decode_step(p.backend, states[name], token)
 
 
 @requires_torch
@@ -181,8 +220,8 @@ def test_missing_contrib_kernel_names_the_onnxruntime_needed(quantized, tmp_path
             node.op_type = "MatMulNBitsFromTheFuture"
     onnx.save(model, str(bad / "decoder.onnx"))
     manifest = json.loads((bad / "manifest.json").read_text())
-    assert manifest["export"]["contrib_ops"] == ["SkipSimplifiedLayerNormalization", "MatMulNBits",
-                                                 "GatherBlockQuantized"]
+    assert manifest["export"]["contrib_ops"] == ["SkipSimplifiedLayerNormalization", "GroupQueryAttention",
+                                                 "MatMulNBits", "GatherBlockQuantized"]
     assert manifest["export"]["requires_onnxruntime"] == ">=1.23"  # GatherBlockQuantized with `bits`
     with pytest.raises(ArtifactError, match=r"needs onnxruntime>=1\.23 .*re-export with --weights fp32"):
         Qwen2VLPipeline.load(bad, verify=False)

@@ -29,8 +29,14 @@ GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 @dataclass
 class OrtCache:
-    values: dict  # past input name -> OrtValue [B, kv_heads, P, head_dim]
-    length: int
+    values: dict  # past input name -> OrtValue: [B, kv, P, hd], or a preallocated buffer [B, kv, capacity, hd]
+    length: int  # P: positions held
+    buffers: dict | None = None  # preallocated cache: the NumPy arrays behind `values` (GroupQueryAttention
+    #                              writes the new positions into them in place)
+
+    @property
+    def capacity(self) -> int:
+        return next(iter(self.buffers.values())).shape[2] if self.buffers else 0
 
 
 def _cpu_identity() -> str:
@@ -73,6 +79,11 @@ class OrtBackend:
                 raise InputError(f"onnxruntime provider {name} is not available here (have: {', '.join(available)}); "
                                  "install onnxruntime-gpu for CUDA/TensorRT")
         self.device = "cuda" if names[0] in GPU_PROVIDERS else "cpu"
+        self.preallocated = artifact.export.get("kv_cache") == "preallocated"
+        if self.preallocated and self.device != "cpu":
+            raise InputError(f"{artifact.dir} is an ort-cpu export (its KV cache lives in host buffers): run it with "
+                             "the CPU provider, or export --target portable for CUDA / TensorRT")
+        self._reserve = 0  # positions the next request needs (prompt + max_new_tokens)
         if session_cache is not None and self.device != "cpu":
             raise InputError("session_cache holds weights packed for this CPU: use it with the CPU provider only")
 
@@ -141,7 +152,9 @@ class OrtBackend:
         return sessions
 
     def check_request(self, inputs: dict, max_new_tokens: int) -> None:
-        """Graphs have dynamic shapes: only the model's context limits a request (checked by the pipeline)."""
+        """Graphs have dynamic shapes: only the model's context limits a request (checked by the pipeline).
+        A preallocated cache is sized here, once per request."""
+        self._reserve = inputs["input_ids"].shape[1] + max_new_tokens
 
     def _run(self, graph: str, feeds: dict) -> np.ndarray:
         t0 = time.perf_counter()
@@ -157,23 +170,49 @@ class OrtBackend:
         return self._run("embedding_merger", {"input_ids": input_ids, "vision_embeds": vision_embeds})
 
     def new_cache(self, batch: int) -> OrtCache:
-        empty = np.zeros((batch, self.kv_shape[0], 0, self.kv_shape[1]), np.float32)
-        value = self._ort.OrtValue.ortvalue_from_numpy(empty, self.device)
-        return OrtCache({name: value for name in self.past_names}, 0)
+        if self.preallocated:  # buffers are made at the first decode, when the prompt length is known
+            return OrtCache({}, 0, {name: np.zeros((batch, *self._kv(0)), np.float32) for name in self.past_names})
+        empty = self._ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, *self._kv(0)), np.float32), self.device)
+        return OrtCache({name: empty for name in self.past_names}, 0)
+
+    def _kv(self, positions: int) -> tuple[int, int, int]:
+        return self.kv_shape[0], positions, self.kv_shape[1]
+
+    def _room(self, cache: OrtCache, total: int) -> OrtCache:
+        """The cache with capacity for `total` positions: the request's reserve, doubled when outgrown."""
+        if total <= cache.capacity:
+            return cache
+        capacity = max(total, self._reserve, 2 * cache.capacity)
+        buffers = {}
+        for name, old in cache.buffers.items():
+            buffers[name] = np.zeros((old.shape[0], *self._kv(capacity)), np.float32)
+            buffers[name][:, :, :cache.length] = old[:, :, :cache.length]
+        values = {name: self._ort.OrtValue.ortvalue_from_numpy(buf) for name, buf in buffers.items()}
+        return OrtCache(values, cache.length, buffers)
 
     def decode(self, inputs_embeds, attention_mask, position_ids, cache: OrtCache):
         binding = self.sessions["decoder"].io_binding()
         binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, np.float32))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
-        for name, value in cache.values.items():
-            binding.bind_ortvalue_input(name, value)
-        for name in self.output_names:
-            binding.bind_output(name, "cpu" if name == "logits" else self.device)
+        total = cache.length + inputs_embeds.shape[1]
+        if self.preallocated:
+            cache = self._room(cache, total)
+            for name, value in cache.values.items():  # past and present: the same buffer
+                binding.bind_ortvalue_input(name, value)
+                binding.bind_ortvalue_output(self.present_for[name], value)
+            binding.bind_output("logits", "cpu")
+        else:
+            for name, value in cache.values.items():
+                binding.bind_ortvalue_input(name, value)
+            for name in self.output_names:
+                binding.bind_output(name, "cpu" if name == "logits" else self.device)
         t0 = time.perf_counter()
         self.sessions["decoder"].run_with_iobinding(binding)
         self.graph_seconds += time.perf_counter() - t0
         outputs = dict(zip(self.output_names, binding.get_outputs()))
-        new = OrtCache({p: outputs[self.present_for[p]] for p in self.past_names},
-                       cache.length + inputs_embeds.shape[1])
+        if self.preallocated:
+            new = OrtCache(cache.values, total, cache.buffers)
+        else:
+            new = OrtCache({p: outputs[self.present_for[p]] for p in self.past_names}, total)
         return outputs["logits"].numpy()[:, -1, :], new
