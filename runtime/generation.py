@@ -56,11 +56,12 @@ class StepTimes:
     outside_graphs: list[float] = field(default_factory=list)  # the part of each step not inside a graph run
 
 
-def prefill(backend: Backend, inputs_embeds, inputs: dict, step_times: StepTimes) -> tuple[np.ndarray, DecodeState]:
+def prefill(backend: Backend, inputs_embeds, inputs: dict, step_times: StepTimes,
+            max_new_tokens: int = 0) -> tuple[np.ndarray, DecodeState]:
     """Run the whole prompt once; the cache then holds it and it is never re-run."""
     t0 = time.perf_counter()
     mask = inputs["attention_mask"]
-    cache = backend.new_cache(mask.shape[0])
+    cache = backend.new_cache(mask.shape[0], reserve=mask.shape[1] + max_new_tokens)
     logits, cache = backend.decode(inputs_embeds, mask, inputs["position_ids"], cache)
     step_times.prefill = time.perf_counter() - t0
     B = mask.shape[0]
@@ -91,7 +92,7 @@ def run(backend: Backend, inputs_embeds, inputs: dict, opts: GenerationOptions, 
         decode_text: Callable[[list[int]], str], step_times: StepTimes) -> Iterator[DecodeState]:
     """Yields the state after each chosen token; stops when every row is finished."""
     rng = np.random.default_rng(opts.seed)
-    logits, state = prefill(backend, inputs_embeds, inputs, step_times)
+    logits, state = prefill(backend, inputs_embeds, inputs, step_times, opts.max_new_tokens)
     step_start, graph_start = time.perf_counter(), getattr(backend, "graph_seconds", None)
     for step in range(opts.max_new_tokens):
         if step < opts.min_new_tokens:

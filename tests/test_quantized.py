@@ -190,12 +190,10 @@ def test_preallocated_cache_is_written_in_place_and_grows(ort_fp32, pipe):
     inputs = pipe.processor(convs)
     assert (inputs["attention_mask"][0] == 0).any()  # the short row is left-padded
     reserve = inputs["input_ids"].shape[1] + 3
-    fused.backend.check_request(inputs, 3)
     states, logits = {}, {}
     for name, p in (("ref", pipe), ("fused", fused)):
-        logits[name], states[name] = prefill(p.backend, p.backend.merge(inputs["input_ids"], np.zeros((0, 64),
-                                                                                                     np.float32)),
-                                             inputs, StepTimes())
+        embeds = p.backend.merge(inputs["input_ids"], np.zeros((0, 64), np.float32))
+        logits[name], states[name] = prefill(p.backend, embeds, inputs, StepTimes(), max_new_tokens=3)
     first = states["fused"].cache.buffers
     for step in range(6):
         np.testing.assert_allclose(logits["fused"], logits["ref"], atol=1e-4, rtol=0)

@@ -23,8 +23,9 @@ class Backend(Protocol):
     def merge(self, input_ids: np.ndarray, vision_embeds: np.ndarray) -> Any:
         """[B, L] ids + [M, hidden] features -> inputs_embeds [B, L, hidden] (backend-native)."""
 
-    def new_cache(self, batch: int) -> Any:
-        """An empty KV cache (past length 0) for `batch` rows."""
+    def new_cache(self, batch: int, reserve: int = 0) -> Any:
+        """An empty KV cache (past length 0) for `batch` rows; `reserve`: positions the request will fill
+        (prompt + max_new_tokens), for backends that preallocate."""
 
     def decode(self, inputs_embeds: Any, attention_mask: np.ndarray, position_ids: np.ndarray,
                cache: Any) -> tuple[np.ndarray, Any]:

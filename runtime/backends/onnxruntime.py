@@ -31,6 +31,7 @@ GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 class OrtCache:
     values: dict  # past input name -> OrtValue: [B, kv, P, hd], or a preallocated buffer [B, kv, capacity, hd]
     length: int  # P: positions held
+    reserve: int = 0  # positions the request asked room for (prompt + max_new_tokens)
     buffers: dict | None = None  # preallocated cache: the NumPy arrays behind `values` (GroupQueryAttention
     #                              writes the new positions into them in place)
 
@@ -83,7 +84,6 @@ class OrtBackend:
         if self.preallocated and self.device != "cpu":
             raise InputError(f"{artifact.dir} is an ort-cpu export (its KV cache lives in host buffers): run it with "
                              "the CPU provider, or export --target portable for CUDA / TensorRT")
-        self._reserve = 0  # positions the next request needs (prompt + max_new_tokens)
         if session_cache is not None and self.device != "cpu":
             raise InputError("session_cache holds weights packed for this CPU: use it with the CPU provider only")
 
@@ -152,9 +152,7 @@ class OrtBackend:
         return sessions
 
     def check_request(self, inputs: dict, max_new_tokens: int) -> None:
-        """Graphs have dynamic shapes: only the model's context limits a request (checked by the pipeline).
-        A preallocated cache is sized here, once per request."""
-        self._reserve = inputs["input_ids"].shape[1] + max_new_tokens
+        """Graphs have dynamic shapes: only the model's context limits a request (checked by the pipeline)."""
 
     def _run(self, graph: str, feeds: dict) -> np.ndarray:
         t0 = time.perf_counter()
@@ -169,9 +167,10 @@ class OrtBackend:
     def merge(self, input_ids, vision_embeds):
         return self._run("embedding_merger", {"input_ids": input_ids, "vision_embeds": vision_embeds})
 
-    def new_cache(self, batch: int) -> OrtCache:
-        if self.preallocated:  # buffers are made at the first decode, when the prompt length is known
-            return OrtCache({}, 0, {name: np.zeros((batch, *self._kv(0)), np.float32) for name in self.past_names})
+    def new_cache(self, batch: int, reserve: int = 0) -> OrtCache:
+        if self.preallocated:  # buffers are made at the first decode
+            return OrtCache({}, 0, reserve, {name: np.zeros((batch, *self._kv(0)), np.float32)
+                                             for name in self.past_names})
         empty = self._ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, *self._kv(0)), np.float32), self.device)
         return OrtCache({name: empty for name in self.past_names}, 0)
 
@@ -182,13 +181,13 @@ class OrtBackend:
         """The cache with capacity for `total` positions: the request's reserve, doubled when outgrown."""
         if total <= cache.capacity:
             return cache
-        capacity = max(total, self._reserve, 2 * cache.capacity)
+        capacity = max(total, cache.reserve, 2 * cache.capacity)
         buffers = {}
         for name, old in cache.buffers.items():
             buffers[name] = np.zeros((old.shape[0], *self._kv(capacity)), np.float32)
             buffers[name][:, :, :cache.length] = old[:, :, :cache.length]
         values = {name: self._ort.OrtValue.ortvalue_from_numpy(buf) for name, buf in buffers.items()}
-        return OrtCache(values, cache.length, buffers)
+        return OrtCache(values, cache.length, cache.reserve, buffers)
 
     def decode(self, inputs_embeds, attention_mask, position_ids, cache: OrtCache):
         binding = self.sessions["decoder"].io_binding()
@@ -212,7 +211,7 @@ class OrtBackend:
         self.graph_seconds += time.perf_counter() - t0
         outputs = dict(zip(self.output_names, binding.get_outputs()))
         if self.preallocated:
-            new = OrtCache(cache.values, total, cache.buffers)
+            new = OrtCache(cache.values, total, cache.reserve, cache.buffers)
         else:
             new = OrtCache({p: outputs[self.present_for[p]] for p in self.past_names}, total)
         return outputs["logits"].numpy()[:, -1, :], new

@@ -111,7 +111,7 @@ class TrtBackend:
                   {"input_ids": self.ids, "vision_embeds": self.feats, "inputs_embeds": self.embeds})
         return DeviceEmbeds((*input_ids.shape, self.hidden_size))
 
-    def new_cache(self, batch: int) -> TrtCache:
+    def new_cache(self, batch: int, reserve: int = 0) -> TrtCache:  # buffers sized at engine limits
         return TrtCache(0, batch, 0)
 
     def decode(self, inputs_embeds: DeviceEmbeds, attention_mask, position_ids, cache: TrtCache):
