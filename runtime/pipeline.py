@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -63,7 +64,10 @@ class Qwen2VLPipeline:
         artifact = load_artifact(artifact_dir, verify=verify)
         options = ({"providers": providers, "num_threads": num_threads, "session_cache": session_cache}
                    if backend == "onnxruntime" else {})
-        return cls(artifact, Processor.from_pretrained(artifact.dir), create_backend(artifact, backend, **options))
+        with ThreadPoolExecutor(1) as pool:  # the tokenizer parses while the graphs load
+            processor = pool.submit(Processor.from_pretrained, artifact.dir)
+            graphs = create_backend(artifact, backend, **options)
+            return cls(artifact, processor.result(), graphs)
 
     # -- stages -------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import os
 import platform
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,13 @@ def session_cache_dir(root: str | Path, artifact: Artifact, ort_version: str) ->
     key = hashlib.sha256("\n".join([(artifact.dir / "manifest.json").read_text(), ort_version, _cpu_identity()])
                          .encode()).hexdigest()[:16]
     return Path(root).expanduser() / key
+
+
+def _each_graph(make) -> dict:
+    """{graph: make(graph)} for the three graphs, side by side: session creation (graph optimization,
+    weight packing) releases the GIL. From the 2B int4 session cache on 2 cores: 1.0 s instead of 1.35 s."""
+    with ThreadPoolExecutor(len(GRAPHS)) as pool:
+        return dict(zip(GRAPHS, pool.map(make, GRAPHS)))
 
 
 def _register_shared_cpu_arena(ort) -> None:
@@ -103,8 +111,8 @@ class OrtBackend:
         self.graph_seconds = 0.0  # inside session runs; the loop reports the rest as per-step overhead
         try:
             if session_cache is None:
-                self.sessions = {name: ort.InferenceSession(str(artifact.graph_path(name)), options(),
-                                                            providers=providers) for name in GRAPHS}
+                self.sessions = _each_graph(lambda name: ort.InferenceSession(str(artifact.graph_path(name)),
+                                                                              options(), providers=providers))
             else:
                 self.sessions = self._cached_sessions(artifact, options, session_cache_dir(session_cache, artifact,
                                                                                           ort.__version__))
@@ -126,17 +134,16 @@ class OrtBackend:
         ort = self._ort
         providers = ["CPUExecutionProvider"]
         if all((cache / f"{name}.onnx").is_file() for name in GRAPHS):
-            sessions = {}
-            for name in GRAPHS:
+            def mapped(name):
                 opts = options()
                 opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # optimized already
-                sessions[name] = ort.InferenceSession(str(cache / f"{name}.onnx"), opts, providers=providers)
-            return sessions
+                return ort.InferenceSession(str(cache / f"{name}.onnx"), opts, providers=providers)
+
+            return _each_graph(mapped)
         # First start: build in a private directory, publish it whole (a killed start leaves no half cache).
         tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
-        sessions = {}
-        for name in GRAPHS:
+        def build(name):
             opts = options()
             opts.optimized_model_filepath = str(tmp / f"{name}.onnx")
             opts.log_severity_level = 3  # its warning says the file is for this machine only: the key says so too
@@ -144,7 +151,9 @@ class OrtBackend:
                                ("session.optimized_model_external_initializers_min_size_in_bytes", "1024"),
                                ("session.save_external_prepacked_constant_initializers", "1")):
                 opts.add_session_config_entry(key, value)
-            sessions[name] = ort.InferenceSession(str(artifact.graph_path(name)), opts, providers=providers)
+            return ort.InferenceSession(str(artifact.graph_path(name)), opts, providers=providers)
+
+        sessions = _each_graph(build)
         try:
             tmp.rename(cache)
         except OSError:  # another process published it first
