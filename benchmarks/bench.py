@@ -28,10 +28,11 @@ SYSTEMS = {  # name -> (kind, artifact variant, weight format read per decode to
     # (the fp32 ones would need twice their 8.8 GB of disk for it)
     "ours-ort-int8": ("ours", "int8", "int8", True),
     "ours-ort-int4": ("ours", "int4", "int4", True),
+    "ours-ort-int4-vdq": ("ours", "int4-vdq", "int4", True),  # vision as DynamicQuantizeMatMul
     "transformers": ("transformers", None, "fp32", False),
     "transformers-bf16": ("transformers", None, "bf16", False),
 }
-DEFAULT_SYSTEMS = ",".join(SYSTEMS)
+DEFAULT_SYSTEMS = ",".join(n for n in SYSTEMS if n != "ours-ort-int4-vdq")  # that one on request
 
 
 def _dir_bytes(path: Path, pattern: str) -> int:

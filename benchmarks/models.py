@@ -28,6 +28,7 @@ VARIANTS = {
     "fp16": {"dtype": "fp16"},
     "int8": {"target": "ort-cpu", "weights": "int8", "vision_weights": "int8"},
     "int4": {"target": "ort-cpu", "weights": "int4", "vision_weights": "int8"},
+    "int4-vdq": {"target": "ort-cpu", "weights": "int4", "vision_weights": "int8-dynamic"},
 }
 
 

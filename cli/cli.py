@@ -120,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", choices=["portable", "ort-cpu"], default="portable",
                    help="portable: standard ONNX (TensorRT, any runtime); ort-cpu: ONNX Runtime CPU kernels")
     p.add_argument("--weights", choices=["fp32", "int8", "int4"], default="fp32", help="decoder weights (ort-cpu)")
-    p.add_argument("--vision-weights", choices=["fp32", "int8", "int4"], default="fp32")
+    p.add_argument("--vision-weights", choices=["fp32", "int8", "int4", "int8-dynamic"], default="fp32",
+                   help="int8/int4: MatMulNBits blocks; int8-dynamic: per-channel int8 weights with activations "
+                        "quantized per tensor at run time (faster vision, coarser activations)")
     p.add_argument("--block-size", type=int, default=32, help="quantization block along the input channels")
     p.add_argument("--accuracy-level", type=int, default=4, help="MatMulNBits accuracy_level (4: int8 activations)")
     p.set_defaults(func=_export)
@@ -165,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="latency, throughput and memory side by side with transformers")
     p.add_argument("--model", default="tiny", help="tiny | 2b-shape | 7b-shape | CHECKPOINT_DIR")
     p.add_argument("--layers", type=int, help="text decoder depth for quicker runs (shapes only)")
-    p.add_argument("--systems", default=None, help="comma list (default: all systems; see benchmarks/bench.py)")
+    p.add_argument("--systems", default=None,
+                   help="comma list (default: all but ours-ort-int4-vdq; see SYSTEMS in benchmarks/bench.py)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)

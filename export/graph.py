@@ -151,9 +151,10 @@ class Graph:
         """x @ weight.T + bias for a weight [out, in]: a MatMul on the pre-transposed weight, or a
         MatMulNBits on the block-quantized weight when the graph quantizes (and `quantize`)."""
         if self.quant is not None and quantize:
-            from .quantize import matmul_nbits
+            from .quantize import dynamic_quant_matmul, matmul_nbits
 
-            y = matmul_nbits(self, x, weight, name, self.quant)
+            y = (dynamic_quant_matmul(self, x, weight, name) if self.quant.dynamic
+                 else matmul_nbits(self, x, weight, name, self.quant))
         else:
             y = self.op("MatMul", x, self.weight(f"{name}.weight.T", np.ascontiguousarray(weight.T)))
         return self.op("Add", y, self.weight(f"{name}.bias", bias)) if bias is not None else y

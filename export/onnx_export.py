@@ -18,7 +18,7 @@ from .checkpoint import Checkpoint
 from .decoder import build_decoder
 from .graph import Graph, WeightStore, value_info
 from .merger import build_embedding_merger
-from .quantize import BITS, QuantSpec
+from .quantize import QuantSpec
 from .vision import build_vision_encoder
 
 WEIGHTS_FILE = "weights.data"
@@ -26,11 +26,13 @@ PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_conf
 MIN_OPSET = 17
 TARGETS = ("portable", "ort-cpu")
 WEIGHTS = ("fp32", "int8", "int4")
+VISION_WEIGHTS = WEIGHTS + ("int8-dynamic",)  # the decoder's table is shared block-quantized with its lm_head
 # onnxruntime each contrib op (op, weight bits) needs on CPU, as tried: SkipSimplifiedLayerNormalization
 # and 4-bit MatMulNBits run on 1.20; 1.20 and 1.21 refuse 8-bit MatMulNBits ("Only 4b quantization is
 # supported"), 1.22 runs it; GatherBlockQuantized on packed uint8 takes `bits` from 1.23 (1.22:
 # "Unrecognized attribute: bits"); GroupQueryAttention with attention_bias (our left padding) from 1.22.
 CONTRIB_MIN_ONNXRUNTIME = {("SkipSimplifiedLayerNormalization", 0): (1, 20), ("GroupQueryAttention", 0): (1, 22),
+                           ("DynamicQuantizeMatMul", 0): (1, 20),
                            ("MatMulNBits", 4): (1, 20),
                            ("MatMulNBits", 8): (1, 22), ("GatherBlockQuantized", 4): (1, 23),
                            ("GatherBlockQuantized", 8): (1, 23)}
@@ -40,7 +42,8 @@ def _contrib_ops(target: str, quant: dict) -> list[tuple[str, int]]:
     """(op, bits) of every contrib op the graphs use; the merger gathers from the decoder's quantized table."""
     if target != "ort-cpu":
         return []
-    ops = [("SkipSimplifiedLayerNormalization", 0), ("GroupQueryAttention", 0)] + [("MatMulNBits", q.bits) for q in quant.values() if q]
+    ops = [("SkipSimplifiedLayerNormalization", 0), ("GroupQueryAttention", 0)]
+    ops += [(q.op, 0 if q.dynamic else q.bits) for q in quant.values() if q]
     if quant["decoder"] is not None:
         ops.append(("GatherBlockQuantized", quant["decoder"].bits))
     return ops
@@ -50,16 +53,16 @@ def _quant_specs(target: str, weights: str, vision_weights: str, block_size: int
     """Per graph, the QuantSpec its linears use (None: float)."""
     if target not in TARGETS:
         raise ValueError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
-    for flag, value in (("--weights", weights), ("--vision-weights", vision_weights)):
-        if value not in WEIGHTS:
-            raise ValueError(f"{flag} must be one of {', '.join(WEIGHTS)}, got {value!r}")
+    for flag, value, allowed in (("--weights", weights, WEIGHTS), ("--vision-weights", vision_weights, VISION_WEIGHTS)):
+        if value not in allowed:
+            raise ValueError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
     if target == "portable" and (weights, vision_weights) != ("fp32", "fp32"):
         raise ValueError("quantized weights use ONNX Runtime contrib ops: add --target ort-cpu "
                          "(portable graphs stay standard ONNX for TensorRT and other runtimes)")
     specs = {"vision_encoder": None, "embedding_merger": None, "decoder": None}
     for graph, value in (("decoder", weights), ("vision_encoder", vision_weights)):
         if value != "fp32":
-            specs[graph] = QuantSpec(BITS[value], block_size, accuracy_level)
+            specs[graph] = QuantSpec.of(value, block_size, accuracy_level)
             specs[graph].validate()
     return specs
 
