@@ -1,7 +1,9 @@
 """ONNX Runtime backend: CPU by default, CUDA / TensorRT execution providers when installed.
 
-The KV cache lives in OrtValues bound with I/O binding: each step's present tensors become the next
-step's past without a copy into NumPy (and stay on the GPU with a GPU provider).
+The KV cache lives in OrtValues bound with I/O binding, never copied into NumPy between steps.
+Portable graphs: each step's present tensors become the next step's past (and stay on the GPU with
+a GPU provider). ort-cpu graphs: one preallocated buffer per layer is bound as both past and present,
+and GroupQueryAttention writes the new positions into it in place.
 
 Session cache (CPU, opt-in): ONNX Runtime spends most of its start-up optimizing the graphs and
 re-packing the weights for this CPU's kernels. With `session_cache=DIR` the first start saves the
