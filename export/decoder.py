@@ -108,7 +108,8 @@ def _padding_bias(g: Graph, attention_mask: str, seq_len: str) -> str:
     """GroupQueryAttention's attention_bias [B, 1, L, T]: MASK_MIN on padding keys (it applies causality itself)."""
     keep = g.op("Unsqueeze", g.op("Cast", attention_mask, to=BOOL), g.const([1, 2]))  # [B, 1, 1, T]
     bias = g.op("Where", keep, g.const(0.0, np.float32), g.const(MASK_MIN, np.float32))
-    shape = g.op("Concat", g.shape_dim(attention_mask, 0), g.const([1]), seq_len, g.shape_dim(attention_mask, 1), axis=0)
+    batch, total = g.shape_dim(attention_mask, 0), g.shape_dim(attention_mask, 1)
+    shape = g.op("Concat", batch, g.const([1]), seq_len, total, axis=0)
     return g.op("Expand", bias, shape)
 
 
@@ -164,7 +165,7 @@ def build_decoder(g: Graph, ckpt: Checkpoint, all_logits: bool = False, progress
     attention_mask = g.input("attention_mask", INT64, ["batch", "total_seq"])
     position_ids = g.input("position_ids", INT64, [3, "batch", "seq"])
     names = cache_names(tc.num_hidden_layers)
-    past_dim = "capacity" if g.fused else "past_seq"
+    past_dim, present_dim = ("capacity", "capacity") if g.fused else ("past_seq", "total_seq")
     pasts = [(g.input(pk, FLOAT, ["batch", kv, past_dim, hd]), g.input(pv, FLOAT, ["batch", kv, past_dim, hd]))
              for pk, pv, _, _ in names]
     cos, sin = _rotary(g, position_ids, ckpt, heads_axis=2 if g.fused else 1)
@@ -188,7 +189,6 @@ def build_decoder(g: Graph, ckpt: Checkpoint, all_logits: bool = False, progress
         mlp = _mlp(g, h, ckpt, i)
         if i < last:
             h, x = _residual_norm(g, mlp, x, norm(f"model.layers.{i + 1}.input_layernorm.weight"), eps)
-        present_dim = "capacity" if g.fused else "total_seq"
         g.output(present_k, names[i][2], FLOAT, ["batch", kv, present_dim, hd])
         g.output(present_v, names[i][3], FLOAT, ["batch", kv, present_dim, hd])
         if progress:

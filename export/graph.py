@@ -107,8 +107,7 @@ class Graph:
     def output(self, value: str, name: str, elem_type: int, shape: list) -> None:
         """Expose `value` as graph output `name`: its producer is renamed rather than followed by an Identity,
         which ONNX Runtime runs as a copy when the value also feeds other nodes (the KV cache: 56 copies a step)."""
-        producer = next((n for n in reversed(self.nodes) if value in n.output), None)
-        if producer is None:  # a graph input or initializer
+        if not any(value in n.output for n in self.nodes):  # a graph input or initializer
             self.op("Identity", value, outputs=[name])
         else:
             for node in self.nodes:
