@@ -19,7 +19,7 @@ import platform
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +131,7 @@ class OrtBackend:
         self.past_names = [i.name for i in dec.get_inputs() if i.name.startswith("past_key_values.")]
         self.output_names = [o.name for o in dec.get_outputs()]
         self.present_for = {p: p.replace("past_key_values.", "present.") for p in self.past_names}
+        self.past_for = {present: past for past, present in self.present_for.items()}
 
     def _cached_sessions(self, artifact: Artifact, options, cache: Path) -> dict:
         ort = self._ort
@@ -145,6 +146,7 @@ class OrtBackend:
         # First start: build in a private directory, publish it whole (a killed start leaves no half cache).
         tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
+
         def build(name):
             opts = options()
             opts.optimized_model_filepath = str(tmp / f"{name}.onnx")
@@ -208,21 +210,21 @@ class OrtBackend:
         total = cache.length + inputs_embeds.shape[1]
         if self.preallocated:
             cache = self._room(cache, total)
-            for name, value in cache.values.items():  # past and present: the same buffer
-                binding.bind_ortvalue_input(name, value)
-                binding.bind_ortvalue_output(self.present_for[name], value)
-            binding.bind_output("logits", "cpu")
-        else:
-            for name, value in cache.values.items():
-                binding.bind_ortvalue_input(name, value)
-            for name in self.output_names:
-                binding.bind_output(name, "cpu" if name == "logits" else self.device)
+        for name, value in cache.values.items():
+            binding.bind_ortvalue_input(name, value)
+        for name in self.output_names:  # in graph order, so that get_outputs() lines up with output_names
+            if name == "logits":
+                binding.bind_output(name, "cpu")
+            elif self.preallocated:  # past and present: the same buffer, written in place
+                binding.bind_ortvalue_output(name, cache.values[self.past_for[name]])
+            else:
+                binding.bind_output(name, self.device)
         t0 = time.perf_counter()
         self.sessions["decoder"].run_with_iobinding(binding)
         self.graph_seconds += time.perf_counter() - t0
         outputs = dict(zip(self.output_names, binding.get_outputs()))
         if self.preallocated:
-            new = OrtCache(cache.values, total, cache.reserve, cache.buffers)
+            new = replace(cache, length=total)
         else:
             new = OrtCache({p: outputs[self.present_for[p]] for p in self.past_names}, total)
         return outputs["logits"].numpy()[:, -1, :], new
