@@ -29,6 +29,7 @@ VARIANTS = {
     "int8": {"target": "ort-cpu", "weights": "int8", "vision_weights": "int8"},
     "int4": {"target": "ort-cpu", "weights": "int4", "vision_weights": "int8"},
     "int4-vdq": {"target": "ort-cpu", "weights": "int4", "vision_weights": "int8-dynamic"},
+    "trt-fp16-10.15": {"target": "tensorrt", "precision": "fp16", "min_tensorrt": "10.15"},
 }
 
 
