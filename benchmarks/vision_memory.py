@@ -44,7 +44,8 @@ def measure(artifact: Path, size: int, threads: int) -> dict:
     started = time.perf_counter()
     feats = session.run(None, {"pixel_values": patches.reshape(1, -1, patches.shape[-1]), "rotary_cos": cos,
                                "rotary_sin": sin})[0]
-    return {"artifact": str(artifact), "export": {k: art.export.get(k) for k in ("target", "precision", "min_tensorrt")},
+    return {"artifact": str(artifact),
+            "export": {k: art.export.get(k) for k in ("target", "precision", "min_tensorrt")},
             "patches": int(patches.shape[0]), "features_finite": bool(np.isfinite(feats).all()),
             "rss_before_load_bytes": loaded_at, "peak_after_load_bytes": after_load,
             "peak_rss_bytes": peak_rss_bytes(), "seconds": round(time.perf_counter() - started, 2), "threads": threads}

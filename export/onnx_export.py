@@ -159,8 +159,8 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32", opse
     graphs = {}
     builders = {
         "vision_encoder": (lambda g, p: build_vision_encoder(g, ckpt, p), cfg.vision.depth),
-        "embedding_merger": (lambda g, p: build_embedding_merger(g, ckpt, quant=None if tgt.typed else quant["decoder"]),
-                             0),
+        # the tensorrt target gathers from the float table its lm_head reads
+        "embedding_merger": (lambda g, p: build_embedding_merger(g, ckpt, None if tgt.typed else quant["decoder"]), 0),
         "decoder": (lambda g, p: build_decoder(g, ckpt, all_logits=all_logits, progress=p), cfg.text.num_hidden_layers),
     }
     try:

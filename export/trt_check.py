@@ -61,7 +61,8 @@ def _node_rules(node: onnx.NodeProto, rule: dict, ranks: dict[str, int], types: 
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     bad = [f"input {i} must be 4D, is {ranks[node.input[i]]}D" for i in rule.get("rank4_inputs", [])
            if given(node.input, i) and ranks.get(node.input[i], 4) != 4]
-    bad += [f"input {i} ({node.input[i]!r}) is unsupported" for i in rule.get("absent_inputs", []) if given(node.input, i)]
+    bad += [f"input {i} ({node.input[i]!r}) is unsupported" for i in rule.get("absent_inputs", [])
+            if given(node.input, i)]
     bad += [f"output {i} is unsupported" for i in rule.get("absent_outputs", []) if given(node.output, i)]
     bad += [f"attribute {a} is unsupported" for a in rule.get("absent_attributes", []) if a in attrs]
     bad += [f"attribute {a} must be {v}" for a, v in rule.get("attribute_values", {}).items() if attrs.get(a, v) != v]

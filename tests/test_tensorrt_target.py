@@ -28,6 +28,10 @@ def prompts():
                                                    {"type": "text", "text": "Describe this image."}]}]}
 
 
+def _report(label: str, top1: dict[str, float]) -> None:
+    print(f"{label}: teacher-forced top-1 vs fp32 " + ", ".join(f"{k} {v:.0%}" for k, v in top1.items()))
+
+
 def _agreement(pipe, reference_pipe, prompts) -> dict[str, float]:
     from test_quantized import _teacher_forced
 
@@ -45,7 +49,7 @@ FP16_TOP1 = 0.9
 def test_fp16_agrees_with_fp32(trt_pipe, pipe, prompts, version):
     half = trt_pipe(min_tensorrt=version, precision="fp16")
     top1 = _agreement(half, pipe, prompts)
-    print(f"tensorrt {version} fp16: teacher-forced top-1 vs fp32 " + ", ".join(f"{k} {v:.0%}" for k, v in top1.items()))
+    _report(f"tensorrt {version} fp16", top1)
     assert min(top1.values()) >= FP16_TOP1
 
 
@@ -79,7 +83,7 @@ def test_quantized_weights_agreement(trt_pipe, pipe, prompts, weights):
           if n.op_type == "DequantizeLinear"]
     assert len(dq) == 7 * q.artifact.config.text.num_hidden_layers  # every linear; the tied lm_head stays fp16
     top1 = _agreement(q, pipe, prompts)
-    print(f"tensorrt fp16 {weights}: teacher-forced top-1 vs fp32 " + ", ".join(f"{k} {v:.0%}" for k, v in top1.items()))
+    _report(f"tensorrt fp16 {weights}", top1)
     assert min(top1.values()) >= QUANT_TOP1[weights]
 
 
