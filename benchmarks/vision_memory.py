@@ -51,16 +51,32 @@ def measure(artifact: Path, size: int, threads: int) -> dict:
             "peak_rss_bytes": peak_rss_bytes(), "seconds": round(time.perf_counter() - started, 2), "threads": threads}
 
 
+def _vmhwm(pid: int) -> int | None:
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def run_child(artifact: Path, size: int, threads: int, timeout: float) -> dict:
+    """measure() in a child process. Past `timeout` the child is stopped and its peak so far reported: a lower
+    bound of the whole run's peak (every block repeats the first one's transient memory)."""
     cmd = [sys.executable, "-m", "qwen2vl_edge.benchmarks.vision_memory", "--child", str(artifact),
            "--size", str(size), "--threads", str(threads)]
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        out, err = child.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"artifact": str(artifact), "error": f"timed out after {timeout:.0f} s"}
-    if done.returncode != 0:  # e.g. killed by the kernel's OOM killer: say so instead of a number
-        return {"artifact": str(artifact), "error": f"exit {done.returncode}: {done.stderr.strip()[-500:]}"}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        peak = _vmhwm(child.pid)
+        child.kill()
+        child.communicate()
+        return {"artifact": str(artifact), "error": f"stopped after {timeout:.0f} s", "peak_rss_so_far_bytes": peak}
+    if child.returncode != 0:  # e.g. killed by the kernel's OOM killer: say so instead of a number
+        return {"artifact": str(artifact), "error": f"exit {child.returncode}: {err.strip()[-500:]}"}
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {"model": args.model, "layers": args.layers, "size": args.size, "machine": machine,
                "variants": {v: run_child(artifacts[v], args.size, args.threads, args.timeout) for v in variants}}
     for name, r in results["variants"].items():
-        print(f"{name}: " + (r["error"] if "error" in r else
+        print(f"{name}: " + (f"{r['error']} (peak so far {(r.get('peak_rss_so_far_bytes') or 0) / 1e9:.2f} GB)"
+                             if "error" in r else
                              f"peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB (weights loaded: "
                              f"{r['peak_after_load_bytes'] / 1e9:.2f} GB), {r['seconds']} s"))
     if args.out:

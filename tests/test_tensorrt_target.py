@@ -217,3 +217,13 @@ def test_bad_tensorrt_options(tiny_ckpt, tmp_path):
         export(tiny_ckpt, tmp_path / "b", precision="fp16", verbose=False)
     with pytest.raises(ValueError, match="above what TensorRT 10.3's parser takes"):
         export(tiny_ckpt, tmp_path / "c", target="tensorrt", opset=24, verbose=False)
+
+
+def test_vision_memory_benchmark_measures_the_encoder_in_a_child(trt_export):
+    from qwen2vl_edge.benchmarks.vision_memory import run_child
+
+    result = run_child(trt_export(precision="fp16"), size=224, threads=1, timeout=300)
+    assert result.get("error") is None, result
+    assert result["patches"] == (224 // 14) ** 2 and result["features_finite"]
+    assert result["peak_rss_bytes"] >= result["peak_after_load_bytes"] > result["rss_before_load_bytes"] > 0
+    assert result["export"] == {"target": "tensorrt", "precision": "fp16", "min_tensorrt": "10.15"}
