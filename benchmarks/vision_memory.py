@@ -61,12 +61,27 @@ def _vmhwm(pid: int) -> int | None:
     return None
 
 
-def run_child(artifact: Path, size: int, threads: int, timeout: float) -> dict:
+def _address_space_limit(gb: float | None):
+    """preexec_fn capping the child's address space, so that a graph too big for a shared machine fails its
+    own allocation (reported) instead of waking the kernel's OOM killer on someone else's process."""
+    if gb is None:
+        return None
+
+    def limit():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (int(gb * 1e9), int(gb * 1e9)))
+
+    return limit
+
+
+def run_child(artifact: Path, size: int, threads: int, timeout: float, max_gb: float | None = None) -> dict:
     """measure() in a child process. Past `timeout` the child is stopped and its peak so far reported: a lower
     bound of the whole run's peak (every block repeats the first one's transient memory)."""
     cmd = [sys.executable, "-m", "qwen2vl_edge.benchmarks.vision_memory", "--child", str(artifact),
            "--size", str(size), "--threads", str(threads)]
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=_address_space_limit(max_gb))
     try:
         out, err = child.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -75,7 +90,8 @@ def run_child(artifact: Path, size: int, threads: int, timeout: float) -> dict:
         child.communicate()
         return {"artifact": str(artifact), "error": f"stopped after {timeout:.0f} s", "peak_rss_so_far_bytes": peak}
     if child.returncode != 0:  # e.g. killed by the kernel's OOM killer: say so instead of a number
-        return {"artifact": str(artifact), "error": f"exit {child.returncode}: {err.strip()[-500:]}"}
+        return {"artifact": str(artifact), "error": f"exit {child.returncode}: {err.strip()[-500:]}",
+            "max_gb": max_gb}
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -91,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="trt-fp16-10.15,fp32")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--timeout", type=float, default=3600)
+    p.add_argument("--max-gb", type=float, default=None, help="cap each child's address space (shared machines)")
     p.add_argument("--out", default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -101,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     _, artifacts = model_dirs(args.model, args.layers, cache_dir() / "bench", variants)
     machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "versions": versions(), "date": time.strftime("%Y-%m-%d")}
     results = {"model": args.model, "layers": args.layers, "size": args.size, "machine": machine,
-               "variants": {v: run_child(artifacts[v], args.size, args.threads, args.timeout) for v in variants}}
+               "variants": {v: run_child(artifacts[v], args.size, args.threads, args.timeout, args.max_gb)
+                            for v in variants}}
     for name, r in results["variants"].items():
         print(f"{name}: " + (f"{r['error']} (peak so far {(r.get('peak_rss_so_far_bytes') or 0) / 1e9:.2f} GB)"
                              if "error" in r else
