@@ -78,7 +78,7 @@ class Logger:
     INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
 
     def __init__(self, min_severity=WARNING):
-        self.min_severity = min_severity
+        pass
 
 
 @dataclass
@@ -113,7 +113,11 @@ class _Network:
     def __init__(self, flags: int):
         if flags != 1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED):
             raise FakeTrtError(f"create_network({flags}): the network must be strongly typed and nothing else")
-        self._inputs, self._outputs, self.num_layers, self._onnx_path = [], [], 0, None
+        self._inputs, self._outputs, self._num_layers, self._onnx_path = [], [], 0, None
+
+    @property
+    def num_layers(self):
+        return self._num_layers
 
     @property
     def num_inputs(self):
@@ -151,7 +155,7 @@ class _OnnxParser:
     def parse_from_file(self, path: str) -> bool:
         model = onnx.load(path, load_external_data=False)
         self._network._inputs, self._network._outputs = _tensors(model.graph.input), _tensors(model.graph.output)
-        self._network.num_layers, self._network._onnx_path = len(model.graph.node), str(Path(path).resolve())
+        self._network._num_layers, self._network._onnx_path = len(model.graph.node), str(Path(path).resolve())
         return True
 
     @property
@@ -399,5 +403,6 @@ def fake_classes() -> dict[str, type]:
     """TensorRT class name -> the fake standing in for it (for the API-surface test)."""
     return {"Builder": _Builder, "INetworkDefinition": _Network, "OnnxParser": _OnnxParser,
             "IOptimizationProfile": _Profile, "ITimingCache": _TimingCache, "IBuilderConfig": _Config,
-            "ICudaEngine": _Engine, "IExecutionContext": _Context, "Runtime": _Runtime, "ParserError": _ParserError}
+            "ICudaEngine": _Engine, "IExecutionContext": _Context, "Runtime": _Runtime, "ParserError": _ParserError,
+            "ITensor": _Tensor}
 
