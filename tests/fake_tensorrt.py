@@ -25,13 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 from qwen2vl_edge.runtime.backends import cuda as cuda_layer
 from qwen2vl_edge.runtime.backends.cuda import cuda_call
 
-ONNX_DTYPES = {onnx.TensorProto.FLOAT: "FLOAT", onnx.TensorProto.FLOAT16: "HALF",
-               onnx.TensorProto.BFLOAT16: "BF16", onnx.TensorProto.INT64: "INT64", onnx.TensorProto.INT32: "INT32"}
+ORT_DTYPES = {"tensor(float)": "FLOAT", "tensor(float16)": "HALF", "tensor(bfloat16)": "BF16",
+              "tensor(int64)": "INT64", "tensor(int32)": "INT32"}
 NUMPY = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "INT32": np.int32}
 POOL_BYTES = 3 << 20  # what each fake engine asks for its activations
 
@@ -99,25 +98,32 @@ class _Tensor:
     _dims: tuple  # the ONNX dim params (str) or values
 
 
+_SESSIONS: dict = {}  # ONNX path -> InferenceSession: the graphs' I/O, and what runs them in run_onnx mode
+
+
+def _session(path: str):
+    """ONNX Runtime reads the graph (no `onnx` package: the GPU check runs where only onnxruntime is)."""
+    import onnxruntime as ort
+
+    if path not in _SESSIONS:
+        _SESSIONS[path] = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return _SESSIONS[path]
+
+
 def _tensors(values) -> list[_Tensor]:
-    out = []
-    for v in values:
-        t = v.type.tensor_type
-        dims = tuple(d.dim_param if d.HasField("dim_param") else d.dim_value for d in t.shape.dim)
-        out.append(_Tensor(v.name, DataType[ONNX_DTYPES[t.elem_type]],
-                           tuple(-1 if isinstance(d, str) else d for d in dims), dims))
-    return out
+    return [_Tensor(v.name, DataType[ORT_DTYPES[v.type]], tuple(d if isinstance(d, int) else -1 for d in v.shape),
+                    tuple(v.shape)) for v in values]
 
 
 class _Network:
     def __init__(self, flags: int):
         if flags != 1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED):
             raise FakeTrtError(f"create_network({flags}): the network must be strongly typed and nothing else")
-        self._inputs, self._outputs, self._num_layers, self._onnx_path = [], [], 0, None
+        self._inputs, self._outputs, self._onnx_path = [], [], None
 
     @property
     def num_layers(self):
-        return self._num_layers
+        return 0  # not known without parsing the nodes
 
     @property
     def num_inputs(self):
@@ -153,9 +159,10 @@ class _OnnxParser:
         self._network, self._errors = network, []
 
     def parse_from_file(self, path: str) -> bool:
-        model = onnx.load(path, load_external_data=False)
-        self._network._inputs, self._network._outputs = _tensors(model.graph.input), _tensors(model.graph.output)
-        self._network._num_layers, self._network._onnx_path = len(model.graph.node), str(Path(path).resolve())
+        path = str(Path(path).resolve())
+        session = _session(path)
+        self._network._inputs, self._network._outputs = _tensors(session.get_inputs()), _tensors(session.get_outputs())
+        self._network._onnx_path = path
         return True
 
     @property
@@ -252,7 +259,6 @@ class _Engine:
         self._io = {name: (TensorIOMode[mode], DataType[dt], tuple(shape), tuple(dims))
                    for name, mode, dt, shape, dims in plan["io"]}
         self._names = [entry[0] for entry in plan["io"]]
-        self._session = None
 
     num_io_tensors = property(lambda self: len(self._names))
     num_optimization_profiles = property(lambda self: len(self._plan["profiles"]))
@@ -348,12 +354,8 @@ class _Context:
     # -- ONNX Runtime on the bound bytes --------------------------------------------------------
 
     def _run_onnx(self, stream_handle, inputs):
-        import onnxruntime as ort
-
         eng, rt = self._engine, cuda_layer.cudart()  # looked up now: the test may have put a fake in
         cuda_call(rt.cudaStreamSynchronize(stream_handle), "cudaStreamSynchronize")
-        if eng._session is None:
-            eng._session = ort.InferenceSession(eng._plan["onnx"], providers=["CPUExecutionProvider"])
         feeds = {}
         for n in inputs:
             feeds[n] = np.empty(self._shapes[n], NUMPY[eng._io[n][1].name])
@@ -361,7 +363,7 @@ class _Context:
                 cuda_call(rt.cudaMemcpy(feeds[n].ctypes.data, self._addresses[n], feeds[n].nbytes,
                                         rt.cudaMemcpyKind.cudaMemcpyDeviceToHost), "read input")
         names = [n for n in eng._names if eng._io[n][0] == TensorIOMode.OUTPUT]
-        for n, value in zip(names, eng._session.run(names, feeds)):
+        for n, value in zip(names, _session(eng._plan["onnx"]).run(names, feeds)):
             value = np.ascontiguousarray(value, NUMPY[eng._io[n][1].name])
             if self._rec.check_buffer and value.nbytes:
                 self._rec.check_buffer(self._addresses[n], value.nbytes)

@@ -209,25 +209,14 @@ def test_build_trt_without_tensorrt_says_how_to_get_it(tmp_path):
 
 # -- build-trt and whole generations through the recording fakes (tests/fake_tensorrt.py, fake_cudart.py) --
 
-
-def tensorrt_standin(src: Path, out: Path, kv_cache: str) -> Path:
-    """A contract-shaped stand-in for a `--target tensorrt --precision fp32` export: a tiny fp32 export
-    with its manifest relabeled. concat: the portable graphs (past [B, kv, P, hd] -> present
-    [B, kv, P+L, hd], as 10.3 graphs are); preallocated: the ort-cpu fp32 graphs (one buffer
-    [B, kv, capacity, hd] written in place, as 10.15 graphs are).
-    SWITCH: when the `--target tensorrt` export lands, export the tiny checkpoint with
-    target="tensorrt", precision="fp32", min_tensorrt="10.3" / "10.15" here instead."""
-    shutil.copytree(src, out)
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest["export"].update(target="tensorrt", precision="fp32", kv_cache=kv_cache,
-                              min_tensorrt="10.3" if kv_cache == "concat" else "10.15")
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return out
+sys.path.insert(0, str(Path(__file__).parent))  # the fakes and the stand-in live beside this file
 
 
 @pytest.fixture(scope="module")
 def trt_standins(tiny_ckpt, tiny_artifact, workdir) -> dict[str, Path]:
+    """SWITCH these to the `--target tensorrt` export when it lands (see trt_standin.py)."""
     from conftest import export_artifact
+    from trt_standin import tensorrt_standin
 
     ort_cpu = workdir / "art-ort-fp32"  # the one test_quantized.py makes, if it ran first
     if not (ort_cpu / "manifest.json").is_file():
@@ -242,7 +231,6 @@ def trt_standins(tiny_ckpt, tiny_artifact, workdir) -> dict[str, Path]:
 @pytest.fixture
 def fakes(monkeypatch):
     """Fake tensorrt (running the source graphs with ONNX Runtime) and fake CUDA, for this test only."""
-    sys.path.insert(0, str(Path(__file__).parent))
     from fake_cudart import FakeCudart
     from fake_tensorrt import make_fake_tensorrt
     from qwen2vl_edge.runtime.backends import cuda as cuda_layer
