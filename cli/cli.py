@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny", help="tiny | 2b-shape | 7b-shape | CHECKPOINT_DIR")
     p.add_argument("--layers", type=int, help="text decoder depth for quicker runs (shapes only)")
     p.add_argument("--systems", default=None,
-                   help="comma list (default: all but ours-ort-int4-vdq; see SYSTEMS in benchmarks/bench.py)")
+                   help="comma list (default: all but ours-ort-int4-vdq and the TensorRT ones, ours-trt-fp16 and "
+                        "ours-trt-int4; see SYSTEMS in benchmarks/bench.py)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)

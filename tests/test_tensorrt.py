@@ -339,6 +339,21 @@ def test_engine_io_is_checked_against_the_manifest(trt_standins, fakes, tmp_path
     assert fakes[1].live() == []  # nothing was allocated before the check
 
 
+@requires_torch
+def test_bench_trt_systems_reach_the_tensorrt_backend(trt_standins, fakes, tmp_path):
+    from qwen2vl_edge.benchmarks.bench import DEFAULT_SYSTEMS, SYSTEMS, backend_of
+    from qwen2vl_edge.benchmarks.worker import make_system
+
+    art = _built(trt_standins["concat"], tmp_path / "art")
+    for name in ("ours-trt-fp16", "ours-trt-int4"):
+        assert name in SYSTEMS and name not in DEFAULT_SYSTEMS.split(",")  # on request: they need a GPU
+        system = make_system({"system": name, "artifact": str(art), "threads": 1, "backend": backend_of(name)})
+        assert system.pipe.backend.name == "tensorrt" and system.device_memory_bytes > 0
+        assert system.run([{"role": "user", "content": "Count to ten."}], 4)["decode_tok_s"] > 0
+        system.pipe.close()
+    assert fakes[1].live() == []
+
+
 # -- on a GPU with TensorRT ---------------------------------------------------------------------------
 
 @requires_gpu_trt
