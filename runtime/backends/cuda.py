@@ -16,12 +16,9 @@ import numpy as np
 @functools.lru_cache(maxsize=1)
 def cudart():
     try:
-        from cuda.bindings import runtime  # cuda-python >= 12.6 (and the only home from 13.0)
+        from cuda.bindings import runtime  # cuda-python >= 12.8 (the [trt] extra's floor)
     except ImportError:
-        try:
-            from cuda import cudart as runtime  # older cuda-python 12.x
-        except ImportError:
-            raise ImportError("the TensorRT backend needs cuda-python: pip install 'qwen2vl-edge[trt]'") from None
+        raise ImportError("the TensorRT backend needs cuda-python >= 12.8: pip install 'qwen2vl-edge[trt]'") from None
     return runtime
 
 
