@@ -86,6 +86,8 @@ class FakeCudart:
     def _alloc(self, size, kind):
         if not isinstance(size, int) or size < 1:
             raise FakeCudaError(f"allocation of {size!r} bytes")
+        if kind == "device" and size > self.cudaMemGetInfo()[1]:
+            return cudaError_t.cudaErrorMemoryAllocation, 0
         backing = np.zeros(size, np.uint8)
         ptr = backing.ctypes.data
         self.allocations[ptr] = (backing, size, kind)

@@ -270,6 +270,20 @@ def test_build_trt_refuses_other_targets(tiny_artifact, fakes):
 
 
 @requires_torch
+def test_build_trt_checks_the_tensorrt_version_against_the_graphs(trt_standins):
+    from qwen2vl_edge.export.trt_build import BuildError, check_buildable
+    from qwen2vl_edge.runtime.artifact import load_artifact
+
+    art = load_artifact(trt_standins["preallocated"], verify=False)
+    check_buildable(art, "10.15.1.29")
+    check_buildable(art, "11.4.0.106")
+    with pytest.raises(BuildError, match="need TensorRT >= 10.15.*this is 10.3.0.*--min-tensorrt 10.3"):
+        check_buildable(art, "10.3.0")
+    with pytest.raises(BuildError, match="TensorRT 12.0.1 is not supported"):
+        check_buildable(art, "12.0.1")
+
+
+@requires_torch
 @pytest.mark.parametrize("kv_cache", ["concat", "preallocated"])
 def test_trt_generation_matches_onnxruntime_token_for_token(trt_standins, fakes, tmp_path, kv_cache):
     """build-trt, then whole generations through TrtBackend (fake TensorRT executing the source graphs with
@@ -337,6 +351,19 @@ def test_engine_io_is_checked_against_the_manifest(trt_standins, fakes, tmp_path
                                             "the manifest's graph"):
         Qwen2VLPipeline.load(art, backend="tensorrt")
     assert fakes[1].live() == []  # nothing was allocated before the check
+
+
+@requires_torch
+def test_out_of_device_memory_is_named_and_leaks_nothing(trt_standins, fakes, tmp_path):
+    from qwen2vl_edge.runtime import Qwen2VLPipeline
+    from qwen2vl_edge.runtime.backends.cuda import CudaError
+
+    art = _built(trt_standins["concat"], tmp_path / "art")
+    fakes[1].total = 41 << 20  # the I/O buffers (40.1 MB at SMALL) fit, the 3 MB activation pool does not
+    with pytest.raises(CudaError, match="cudaMalloc of 3145728 bytes for activation pool failed: "
+                                        "cudaErrorMemoryAllocation"):
+        Qwen2VLPipeline.load(art, backend="tensorrt")
+    assert fakes[1].live() == []
 
 
 @requires_torch

@@ -103,10 +103,14 @@ class TrtBackend:
         if len(set(limits.values())) != 1:
             raise ArtifactError(f"the engines were built with different limits ({limits}): rebuild them together")
         self.limits = limits["decoder"]
-        self.stream = self._keep(Stream())
         self._stamp = 0
-        self._allocate()
-        self._create_contexts(trt)
+        try:
+            self.stream = self._keep(Stream())
+            self._allocate()
+            self._create_contexts(trt)
+        except Exception:  # give back what was allocated before the failure, then re-raise it
+            self.close()
+            raise
 
     # -- loading ------------------------------------------------------------------------------
 
@@ -272,7 +276,7 @@ class TrtBackend:
         """Free every device and pinned allocation, the caches still alive, the stream, contexts and engines."""
         if not self._buffers:
             return
-        self.stream.synchronize()
+        self.stream.synchronize()  # the stream is the first allocation: it exists if anything does
         for kv in list(self._caches):
             kv.free()
         self.ctx, self.engines, self.runtime = {}, {}, None  # contexts before engines before the runtime
