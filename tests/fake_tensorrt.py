@@ -73,6 +73,37 @@ class ExecutionContextAllocationStrategy(enum.Enum):
     USER_MANAGED = 2
 
 
+class SeekPosition(enum.Enum):
+    SET = 0
+    CUR = 1
+    END = 2
+
+
+class IStreamReader:  # TensorRT 10.x before IStreamReaderV2; gone in 11
+    def __init__(self):
+        self._base_initialized = True  # pybind11 needs the base __init__ called explicitly
+
+
+class IStreamReaderV2:
+    def __init__(self):
+        self._base_initialized = True
+
+
+def _read_all(reader) -> bytes:
+    """Pull an engine from a stream reader as TensorRT does, in chunks until the end."""
+    if not getattr(reader, "_base_initialized", False):
+        raise FakeTrtError(f"{type(reader).__name__}.__init__ must call the base class __init__")
+    v2 = isinstance(reader, IStreamReaderV2)
+    if v2 and not reader.seek(0, SeekPosition.SET):
+        raise FakeTrtError("seek failed")
+    chunks = []
+    while True:
+        chunk = reader.read(1 << 16, 0) if v2 else reader.read(1 << 16)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(bytes(chunk))
+
+
 class Logger:
     INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
 
@@ -377,11 +408,17 @@ class _Runtime:
         self._rec = rec
 
     def deserialize_cuda_engine(self, serialized_engine):
+        if isinstance(serialized_engine, (IStreamReader, IStreamReaderV2)):
+            serialized_engine = _read_all(serialized_engine)
         try:
             plan = json.loads(bytes(serialized_engine))
         except ValueError:
             return None  # what TensorRT does with bytes that are not an engine
         return _Engine(plan, self._rec) if plan.get("fake_engine") == 1 else None
+
+
+def _version(version: str) -> tuple[int, int]:
+    return tuple(int(x) for x in version.split(".")[:2])
 
 
 def make_fake_tensorrt(version: str = "10.15.1.29", run_onnx: bool = False, check_buffer=None) -> types.ModuleType:
@@ -390,8 +427,11 @@ def make_fake_tensorrt(version: str = "10.15.1.29", run_onnx: bool = False, chec
     mod = types.ModuleType("tensorrt")
     mod.__version__ = version
     mod.recorder = rec
-    for cls in (DataType, TensorIOMode, MemoryPoolType, BuilderFlag, NetworkDefinitionCreationFlag,
-                ExecutionContextAllocationStrategy, Logger):
+    classes = [DataType, TensorIOMode, MemoryPoolType, BuilderFlag, NetworkDefinitionCreationFlag,
+               ExecutionContextAllocationStrategy, Logger]
+    # the stream reader of the version: only IStreamReader in 10.3, only IStreamReaderV2 in 11
+    classes += [IStreamReaderV2, SeekPosition] if _version(version) >= (10, 15) else [IStreamReader]
+    for cls in classes:
         setattr(mod, cls.__name__, cls)
     mod.float32, mod.float16, mod.bfloat16, mod.int64, mod.int32 = (DataType.FLOAT, DataType.HALF, DataType.BF16,
                                                                     DataType.INT64, DataType.INT32)

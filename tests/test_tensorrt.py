@@ -284,13 +284,18 @@ def test_build_trt_checks_the_tensorrt_version_against_the_graphs(trt_standins):
 
 
 @requires_torch
-@pytest.mark.parametrize("kv_cache", ["concat", "preallocated"])
-def test_trt_generation_matches_onnxruntime_token_for_token(trt_standins, fakes, tmp_path, kv_cache):
+@pytest.mark.parametrize("kv_cache,version", [("concat", "10.3.0"), ("preallocated", "11.4.0.106")])
+def test_trt_generation_matches_onnxruntime_token_for_token(trt_standins, fakes, tmp_path, monkeypatch, kv_cache,
+                                                            version):
     """build-trt, then whole generations through TrtBackend (fake TensorRT executing the source graphs with
-    ONNX Runtime on the bound device bytes) against OrtBackend on the same graphs."""
+    ONNX Runtime on the bound device bytes) against OrtBackend on the same graphs; 10.3's and 11's
+    bindings differ in the engine stream reader."""
+    from fake_tensorrt import make_fake_tensorrt
     from qwen2vl_edge.runtime import Qwen2VLPipeline
 
-    trt, cuda = fakes
+    cuda = fakes[1]
+    trt = make_fake_tensorrt(version, run_onnx=True, check_buffer=cuda.owner)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
     art = _built(trt_standins[kv_cache], tmp_path / "art")
     manifest = json.loads((art / "manifest.json").read_text())
     sidecar = json.loads((art / "engines" / "decoder.engine.json").read_text())

@@ -40,8 +40,8 @@ def present(name: str, names: list[str]) -> bool:
     return name in names or any(n.endswith(name) for n in names)
 
 
-def fake_tensorrt_names() -> set[str]:
-    mod = make_fake_tensorrt()
+def fake_tensorrt_names(version: str) -> set[str]:
+    mod = make_fake_tensorrt(version)
     names = {n for n in vars(mod) if not n.startswith("_")} - NOT_TENSORRT
     for value in vars(mod).values():
         if isinstance(value, type) and issubclass(value, enum.Enum):
@@ -58,8 +58,21 @@ def fake_tensorrt_names() -> set[str]:
 @pytest.mark.parametrize("version", list(SURFACE["tensorrt"]))
 def test_every_tensorrt_name_we_use_exists(version):
     names = SURFACE["tensorrt"][version]["names"]
-    missing = sorted(n for n in fake_tensorrt_names() if not present(n, names))
+    missing = sorted(n for n in fake_tensorrt_names(version) if not present(n, names))
     assert not missing, f"TensorRT {version} has no {missing}"
+
+
+@pytest.mark.parametrize("version", list(SURFACE["tensorrt"]))
+def test_engine_reader_uses_what_each_version_has(version):
+    """runtime/backends/tensorrt.py: engine_reader subclasses IStreamReaderV2 where the module has it, else
+    IStreamReader (10.3); TensorRT calls back read (and seek) on it."""
+    names = SURFACE["tensorrt"][version]["names"]
+    fake = make_fake_tensorrt(version)
+    v2 = hasattr(fake, "IStreamReaderV2")
+    assert v2 == present("IStreamReaderV2", names)
+    used = {"IStreamReaderV2", "SeekPosition", "read", "seek", "SET", "CUR", "END"} if v2 else {"IStreamReader", "read"}
+    assert all(present(n, names) for n in used)
+    assert 'hasattr(trt, "IStreamReaderV2")' in OURS[1].read_text()
 
 
 @pytest.mark.parametrize("version", list(SURFACE["cuda_python"]))

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import os
 import weakref
 from dataclasses import dataclass, replace
 
@@ -42,6 +43,35 @@ def dtype_name(dtype) -> str:
 
 def tensorrt_version(trt) -> str:
     return trt.__version__
+
+
+READ_CHUNK = 64 << 20
+_WHENCE = {"SET": os.SEEK_SET, "CUR": os.SEEK_CUR, "END": os.SEEK_END}
+
+
+def engine_reader(trt, f):
+    """A stream reader over an open engine file: TensorRT pulls the engine in chunks, so no Python copy of
+    the whole engine exists next to TensorRT's (on a Jetson the two would share its 8 GB). TensorRT 11
+    has only IStreamReaderV2, 10.3 only IStreamReader."""
+    if hasattr(trt, "IStreamReaderV2"):
+        class Reader(trt.IStreamReaderV2):
+            def __init__(self):
+                trt.IStreamReaderV2.__init__(self)
+
+            def read(self, num_bytes, stream):
+                return f.read(min(num_bytes, READ_CHUNK))
+
+            def seek(self, offset, where):
+                f.seek(offset, _WHENCE[where.name])
+                return True
+    else:
+        class Reader(trt.IStreamReader):
+            def __init__(self):
+                trt.IStreamReader.__init__(self)
+
+            def read(self, size):
+                return f.read(size)
+    return Reader()
 
 
 class KvBuffers:
@@ -129,8 +159,8 @@ class TrtBackend:
                           precision=export.get("precision"), kv_cache=self.kv_cache,
                           onnx_sha256=artifact.manifest.get("files", {}).get(graph_file))
             path = artifact.dir / entries[name]["file"]
-            with open(path, "rb") as f:  # the engine file, read once into TensorRT (no second copy kept)
-                engines[name] = self.runtime.deserialize_cuda_engine(f.read())
+            with open(path, "rb") as f:
+                engines[name] = self.runtime.deserialize_cuda_engine(engine_reader(trt, f))
             if engines[name] is None:
                 raise ArtifactError(f"TensorRT could not deserialize {entries[name]['file']}: rebuild it with "
                                     "`qwen2vl-edge build-trt`")
