@@ -359,7 +359,7 @@ def test_engine_io_is_checked_against_the_manifest(trt_standins, fakes, tmp_path
 
 
 @requires_torch
-def test_out_of_device_memory_is_named_and_leaks_nothing(trt_standins, fakes, tmp_path):
+def test_out_of_memory_and_oversized_inputs_are_named(trt_standins, fakes, tmp_path):
     from qwen2vl_edge.runtime import Qwen2VLPipeline
     from qwen2vl_edge.runtime.backends.cuda import CudaError
 
@@ -369,6 +369,12 @@ def test_out_of_device_memory_is_named_and_leaks_nothing(trt_standins, fakes, tm
                                         "cudaErrorMemoryAllocation"):
         Qwen2VLPipeline.load(art, backend="tensorrt")
     assert fakes[1].live() == []
+    fakes[1].total = 80 << 30
+    with Qwen2VLPipeline.load(art, backend="tensorrt") as pipe:  # more vision tokens than the engines take
+        too_many = np.zeros((SMALL.max_prompt + 1, pipe.backend.hidden_size), np.float32)
+        with pytest.raises(InputError, match=r"embedding_merger input vision_embeds of shape \(513, 64\).*"
+                                             "build-trt --max-prompt N"):
+            pipe.backend.merge(np.zeros((1, 8), np.int64), too_many)
 
 
 @requires_torch

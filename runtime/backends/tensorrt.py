@@ -201,13 +201,18 @@ class TrtBackend:
 
     # -- running ------------------------------------------------------------------------------
 
-    def _run(self, key: str, shapes: dict, addresses: dict[str, int]) -> None:
+    def _run(self, key: str, shapes: dict, addresses: dict[str, int], uploads: dict[str, np.ndarray]) -> None:
+        """Shapes checked against the profile (a named InputError) before anything is copied; then the
+        `uploads` into their I/O buffers (pageable host memory is staged before the copy call returns)."""
         engine, ctx = CONTEXTS[key][0], self.ctx[key]
         for name, shape in shapes.items():
             shape = tuple(int(d) for d in shape)
             check_shape(engine, name, shape, self.profiles[key][name])
             if not ctx.set_input_shape(name, shape):
                 raise InputError(f"TensorRT refused shape {shape} for {engine} input {name}")
+        for name, array in uploads.items():
+            if array.size:
+                self.buf[name].upload(array, self.stream)
         missing = set(self.io[engine]) - set(addresses)
         if missing:  # a tensor without memory would be undefined behaviour, not an error, in TensorRT
             raise RuntimeError(f"{engine}: no buffer bound for {', '.join(sorted(missing))}")
@@ -226,20 +231,17 @@ class TrtBackend:
         F, S, _ = pixel_values.shape
         b = self.buf
         feeds = {"pixel_values": pixel_values, "rotary_cos": rotary_cos, "rotary_sin": rotary_sin}
-        for name, array in feeds.items():
-            b[name].upload(np.asarray(array, np.float32), self.stream)  # pageable: staged before it returns
         self._run("vision_encoder", {k: v.shape for k, v in feeds.items()},
-                  {name: b[name].ptr for name in (*feeds, "image_embeds")})
+                  {name: b[name].ptr for name in (*feeds, "image_embeds")},
+                  {k: np.asarray(v, np.float32) for k, v in feeds.items()})
         m2 = self.cfg.vision.spatial_merge_size ** 2
         return b["image_embeds"].download((F, S // m2, self.hidden_size), np.float32, self.stream)
 
     def merge(self, input_ids, vision_embeds) -> DeviceEmbeds:
-        b = self.buf
-        b["input_ids"].upload(np.asarray(input_ids, np.int64), self.stream)
-        if len(vision_embeds):
-            b["vision_embeds"].upload(np.asarray(vision_embeds, np.float32), self.stream)
+        names = ("input_ids", "vision_embeds", "inputs_embeds")
         self._run("embedding_merger", {"input_ids": input_ids.shape, "vision_embeds": vision_embeds.shape},
-                  {name: b[name].ptr for name in ("input_ids", "vision_embeds", "inputs_embeds")})
+                  {name: self.buf[name].ptr for name in names},
+                  {"input_ids": np.asarray(input_ids, np.int64), "vision_embeds": np.asarray(vision_embeds, np.float32)})
         self._stamp += 1
         return DeviceEmbeds((*input_ids.shape, self.hidden_size), self._stamp)
 
@@ -284,8 +286,6 @@ class TrtBackend:
         t, b = self.cfg.text, self.buf
         cache = self._room(cache, cache.length + L)
         P = cache.length
-        b["attention_mask"].upload(np.asarray(attention_mask, np.int64), self.stream)
-        b["position_ids"].upload(np.asarray(position_ids, np.int64), self.stream)
         shapes = {"inputs_embeds": (B, L, H), "attention_mask": attention_mask.shape,
                   "position_ids": position_ids.shape}
         addresses = {name: b[name].ptr for name in ("inputs_embeds", "attention_mask", "position_ids", "logits")}
@@ -295,7 +295,9 @@ class TrtBackend:
         for past, present in kv_names(self.cfg):
             shapes[past] = (B, t.num_key_value_heads, past_len, t.head_dim)
             addresses[past], addresses[present] = past_set[past].ptr, present_set[past].ptr
-        self._run("prefill" if P == 0 else "decode", shapes, addresses)
+        self._run("prefill" if P == 0 else "decode", shapes, addresses,
+                  {"attention_mask": np.asarray(attention_mask, np.int64),
+                   "position_ids": np.asarray(position_ids, np.int64)})
         logits = b["logits"].download_into(self.logits.array[:B], self.stream).copy()  # [B, vocab]
         current = cache.current if self.kv_cache == PREALLOCATED else 1 - cache.current
         return logits, replace(cache, length=P + L, current=current)
