@@ -1,14 +1,15 @@
 """A recording fake of the `tensorrt` Python module, for tests only: `make_fake_tensorrt()` returns a fresh
 module object to put in sys.modules["tensorrt"].
 
-It offers only names that every supported TensorRT (10.3, 10.15, 11.x) has (tests/test_trt_api_surface.py
-checks that against the bindings' data), returns statuses where TensorRT does, and checks the calls,
-never the numbers:
+It offers only names that the TensorRT version it fakes has (tests/test_trt_api_surface.py checks that
+against the bindings' data of 10.3, 10.15 and 11.4: they differ only in the engine stream reader),
+returns statuses where TensorRT does, and checks the calls, never the numbers:
 - the network is strongly typed; a profile gives every dynamic input a range of its rank, min <= opt <= max;
 - contexts use user-managed memory, given a pool at least as large as the engine asks for;
 - at execute: every input shape set and inside the active profile, every I/O tensor given an address,
-  each buffer covering its tensor (asked of the CUDA fake), a KV past and its present at the SAME
-  address where the graph's shapes say the cache is written in place (and at different ones otherwise).
+  each input buffer covering the profile's largest shape and each output what was written (asked of
+  the CUDA fake), a KV past and its present at the SAME address where the graph's shapes say the cache
+  is written in place (and at different ones otherwise).
 
 With `run_onnx=True`, execute_async_v3 also runs the engine's source ONNX graph with ONNX Runtime on the
 bytes behind the bound addresses, copied through the CUDA layer (runtime/backends/cuda.py: the fake
@@ -376,10 +377,14 @@ class _Context:
                 raise FakeTrtError(f"{past} and {name} must be {'the same' if in_place else 'different'} buffers")
 
     def _check_inputs_covered(self, inputs):
+        """Each input's buffer holds the profile's largest shape (the limits), the KV cache the shape bound
+        (it is sized per request)."""
         if not self._rec.check_buffer:
             return
         for n in inputs:
-            nbytes = int(np.prod(self._shapes[n])) * np.dtype(NUMPY.get(self._engine._io[n][1].name, np.uint16)).itemsize
+            _, _, hi = self._engine._plan["profiles"][self._profile][n]
+            shape = self._shapes[n] if n.startswith("past_key_values.") else hi
+            nbytes = int(np.prod(shape)) * np.dtype(NUMPY.get(self._engine._io[n][1].name, np.uint16)).itemsize
             self._rec.check_buffer(self._addresses[n], max(nbytes, 1))
 
     # -- ONNX Runtime on the bound bytes --------------------------------------------------------
