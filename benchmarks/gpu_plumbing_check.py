@@ -33,11 +33,10 @@ MiB = 1 << 20
 
 def import_checkout(tmp: Path) -> None:
     """Make `qwen2vl_edge` importable from this checkout without installing it (pyproject's package-dir)."""
-    try:
-        import qwen2vl_edge  # noqa: F401
+    import importlib.util
+
+    if importlib.util.find_spec("qwen2vl_edge") is not None:
         return
-    except ImportError:
-        pass
     pkg = tmp / "shim" / "qwen2vl_edge"
     pkg.mkdir(parents=True)
     for entry in (ROOT / "cli").iterdir():

@@ -107,7 +107,8 @@ def main() -> int:
         wheels = Path(args.wheels or tmp)
         wheels.mkdir(parents=True, exist_ok=True)
         data = {"source": "scripts/trt_api_surface.py: names read from NVIDIA's bindings wheels (PyPI), not imported",
-                "tensorrt": {v: {"requirement": r, **tensorrt_surface(download(r, wheels))} for v, r in TENSORRT.items()},
+                "tensorrt": {v: {"requirement": r, **tensorrt_surface(download(r, wheels))}
+                             for v, r in TENSORRT.items()},
                 "cuda_python": {v: {"requirement": r, **cuda_surface(download(r, wheels))}
                                 for v, r in CUDA_PYTHON.items()}}
     OUT.parent.mkdir(exist_ok=True)

@@ -256,7 +256,8 @@ def _built(src: Path, out: Path) -> Path:
 def _image_conv(seed: int = 0):
     from conftest import random_image
 
-    return [{"role": "user", "content": [{"type": "image", "image": random_image(np.random.default_rng(seed), 160, 120)},
+    image = random_image(np.random.default_rng(seed), 160, 120)
+    return [{"role": "user", "content": [{"type": "image", "image": image},
                                          {"type": "text", "text": "Describe this image."}]}]
 
 

@@ -241,7 +241,8 @@ class TrtBackend:
         names = ("input_ids", "vision_embeds", "inputs_embeds")
         self._run("embedding_merger", {"input_ids": input_ids.shape, "vision_embeds": vision_embeds.shape},
                   {name: self.buf[name].ptr for name in names},
-                  {"input_ids": np.asarray(input_ids, np.int64), "vision_embeds": np.asarray(vision_embeds, np.float32)})
+                  {"input_ids": np.asarray(input_ids, np.int64),
+                   "vision_embeds": np.asarray(vision_embeds, np.float32)})
         self._stamp += 1
         return DeviceEmbeds((*input_ids.shape, self.hidden_size), self._stamp)
 
