@@ -318,10 +318,12 @@ def test_trt_generation_matches_onnxruntime_token_for_token(trt_standins, fakes,
             for i, s in enumerate(streams):
                 pieces[i].append(next(s, ""))
         assert ["".join(p) for p in pieces] == [pipe.processor.decode(ids) for ids in expected]
+        held = pipe.backend.new_cache(1, 16)  # a cache still referenced when the backend closes
     decoder_runs = [(shapes, addr) for engine, shapes, addr in trt.recorder.executions if engine == "decoder"]
     same = {addr["past_key_values.0.key"] == addr["present.0.key"] for _, addr in decoder_runs}
     assert same == {kv_cache == "preallocated"}
     assert cuda.live() == []  # close() gave back every buffer, pinned page and stream
+    del held  # and its buffers are not freed a second time
 
 
 @requires_torch
