@@ -54,6 +54,7 @@ class FakeCudart:
     allocations: dict = field(default_factory=dict)  # ptr -> (np.ndarray backing, nbytes, "device"|"host")
     streams: set = field(default_factory=set)
     calls: list = field(default_factory=list)
+    errors: list = field(default_factory=list)  # also raised, but finalizers only print what they raise
     cudaError_t = cudaError_t
     cudaMemcpyKind = cudaMemcpyKind
 
@@ -97,7 +98,8 @@ class FakeCudart:
     def _release(self, ptr, kind):
         entry = self.allocations.get(int(ptr))
         if entry is None or entry[2] != kind:
-            raise FakeCudaError(f"free of {int(ptr):#x}, which is not a live {kind} allocation")
+            self.errors.append(f"free of {int(ptr):#x}, which is not a live {kind} allocation")
+            raise FakeCudaError(self.errors[-1])
         del self.allocations[int(ptr)]
         self.calls.append((f"free-{kind}", entry[1]))
         return (cudaError_t.cudaSuccess,)
