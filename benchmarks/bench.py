@@ -29,10 +29,18 @@ SYSTEMS = {  # name -> (kind, artifact variant, weight format read per decode to
     "ours-ort-int8": ("ours", "int8", "int8", True),
     "ours-ort-int4": ("ours", "int4", "int4", True),
     "ours-ort-int4-vdq": ("ours", "int4-vdq", "int4", True),  # vision as DynamicQuantizeMatMul
+    # TensorRT engines of the `--target tensorrt` export (needs a GPU and TensorRT; see gpu_check.py)
+    "ours-trt-fp16": ("ours", "trt-fp16", "fp16", False),
+    "ours-trt-int4": ("ours", "trt-int4", "int4", False),
     "transformers": ("transformers", None, "fp32", False),
     "transformers-bf16": ("transformers", None, "bf16", False),
 }
-DEFAULT_SYSTEMS = ",".join(n for n in SYSTEMS if n != "ours-ort-int4-vdq")  # that one on request
+ON_REQUEST = ("ours-ort-int4-vdq", "ours-trt-fp16", "ours-trt-int4")
+DEFAULT_SYSTEMS = ",".join(n for n in SYSTEMS if n not in ON_REQUEST)
+
+
+def backend_of(system: str) -> str:
+    return "tensorrt" if SYSTEMS[system][1].startswith("trt-") else "onnxruntime"
 
 
 def _dir_bytes(path: Path, pattern: str) -> int:
@@ -77,6 +85,7 @@ def run_bench(model: str = "tiny", systems: str = DEFAULT_SYSTEMS, layers: int |
         kind, variant, weight_dtype, cached = SYSTEMS[name]
         print(f"running {name} ...", flush=True)
         spec = {"system": name, "checkpoint": str(ckpt), "artifact": str(artifacts.get(variant, "")),
+                "backend": backend_of(name) if kind == "ours" else None,
                 "threads": threads, "new_tokens": new_tokens, "repeats": repeats, "scenarios": convs,
                 "resolutions": sweep_res, "contexts": sweep_ctx}
         first_start = None

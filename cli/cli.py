@@ -78,11 +78,18 @@ def _build_trt(args: argparse.Namespace) -> int:
     from qwen2vl_edge.export.trt_build import build_trt
     from qwen2vl_edge.runtime.backends.trt_profiles import Limits
 
-    limits = Limits(max_image_tokens=args.max_image_tokens, max_frames=args.max_frames, max_prompt=args.max_prompt,
-                    max_context=args.max_context, max_batch=args.max_batch)
-    build_trt(args.artifact, precision=args.precision, limits=limits, workspace_gb=args.workspace_gb,
-              timing_cache=args.timing_cache)
+    limits = Limits(max_image_tokens=args.max_image_tokens, min_image_tokens=args.min_image_tokens,
+                    max_frames=args.max_frames, max_prompt=args.max_prompt, max_context=args.max_context,
+                    max_batch=args.max_batch)
+    build_trt(args.artifact, limits=limits, workspace_gb=args.workspace_gb, timing_cache=args.timing_cache,
+              verify=not args.no_verify)  # BuildError / ArtifactError: main() prints them
     return 0
+
+
+def _gpu_check(args: argparse.Namespace) -> int:
+    from qwen2vl_edge.benchmarks.gpu_check import gpu_check
+
+    return gpu_check(Path(args.out), models=args.models.split(","), new_tokens=args.new_tokens)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -152,23 +159,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default="qwen2vl-edge-quickstart")
     p.set_defaults(func=_quickstart)
 
-    p = sub.add_parser("build-trt", help="compile the artifact's graphs into TensorRT engines (on the device)")
+    p = sub.add_parser("build-trt", help="compile a --target tensorrt artifact's graphs into TensorRT engines "
+                                         "(on the device; precision and KV layout come from the export)")
     p.add_argument("artifact")
-    p.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16")
     p.add_argument("--max-image-tokens", type=int, default=1280, help="merged tokens per image / video frame pair")
+    p.add_argument("--min-image-tokens", type=int, default=4)
     p.add_argument("--max-frames", type=int, default=16, help="video frames per encoder call")
     p.add_argument("--max-prompt", type=int, default=2048)
     p.add_argument("--max-context", type=int, default=4096)
     p.add_argument("--max-batch", type=int, default=1)
     p.add_argument("--workspace-gb", type=float, default=4.0)
-    p.add_argument("--timing-cache", help="timing cache file to reuse across builds (default: ARTIFACT/engines/)")
+    p.add_argument("--timing-cache", help="timing cache file to reuse across builds (default: one per GPU and "
+                                          "TensorRT version under ~/.cache/qwen2vl-edge/tensorrt/)")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact files")
     p.set_defaults(func=_build_trt)
+
+    p = sub.add_parser("gpu-check", help="on a machine with a GPU and TensorRT: build engines for the tiny and "
+                                         "2B-shape checkpoints, compare greedy tokens with ONNX Runtime, benchmark")
+    p.add_argument("--out", default="benchmarks/results/gpu-check")
+    p.add_argument("--models", default="tiny,2b-shape")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.set_defaults(func=_gpu_check)
 
     p = sub.add_parser("bench", help="latency, throughput and memory side by side with transformers")
     p.add_argument("--model", default="tiny", help="tiny | 2b-shape | 7b-shape | CHECKPOINT_DIR")
     p.add_argument("--layers", type=int, help="text decoder depth for quicker runs (shapes only)")
     p.add_argument("--systems", default=None,
-                   help="comma list (default: all but ours-ort-int4-vdq; see SYSTEMS in benchmarks/bench.py)")
+                   help="comma list (default: all but ours-ort-int4-vdq and the TensorRT ones, ours-trt-fp16 and "
+                        "ours-trt-int4; see SYSTEMS in benchmarks/bench.py)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)

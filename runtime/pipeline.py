@@ -61,13 +61,25 @@ class Qwen2VLPipeline:
         packed for this CPU, so that later starts skip that work (see backends/onnxruntime.py)."""
         if session_cache is not None and backend != "onnxruntime":
             raise InputError("session_cache is an ONNX Runtime (CPU) option; TensorRT engines are built ahead")
-        artifact = load_artifact(artifact_dir, verify=verify)
+        artifact = load_artifact(artifact_dir, verify=verify, engines_only=backend == "tensorrt")
         options = ({"providers": providers, "num_threads": num_threads, "session_cache": session_cache}
                    if backend == "onnxruntime" else {})
         with ThreadPoolExecutor(1) as pool:  # the tokenizer parses while the graphs load
             processor = pool.submit(Processor.from_pretrained, artifact.dir)
             graphs = create_backend(artifact, backend, **options)
             return cls(artifact, processor.result(), graphs)
+
+    def close(self) -> None:
+        """Free what the backend holds (the TensorRT backend's device memory); ONNX Runtime needs nothing."""
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "Qwen2VLPipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- stages -------------------------------------------------------------------------------
 
