@@ -13,7 +13,8 @@ import numpy as np
 from .artifact import Artifact, load_artifact
 from .backends import create_backend
 from .errors import InputError
-from .generation import GenerationOptions, StepTimes, run
+from .detokenize import held_back
+from .generation import GenerationOptions, StepTimes, run, stop_strings
 from .processor import Processor, is_batch
 from .rope import IMAGE, VIDEO, runs, token_types, vision_rotary
 from .sampling import SamplingOptions
@@ -98,9 +99,9 @@ class Qwen2VLPipeline:
     def _options(self, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
                  seed, stop) -> GenerationOptions:
         opts = GenerationOptions(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                                 sampling=SamplingOptions(do_sample, temperature, top_k or 0, top_p,
+                                 sampling=SamplingOptions(do_sample, temperature, 0 if top_k is None else top_k, top_p,
                                                           repetition_penalty),
-                                 seed=seed, stop=tuple([stop] if isinstance(stop, str) else stop or ()))
+                                 seed=seed, stop=stop_strings(stop))
         opts.validate()
         return opts
 
@@ -153,7 +154,8 @@ class Qwen2VLPipeline:
         return results if is_batch(conversations) else results[0]
 
     def stream(self, conversation, max_new_tokens: int = 128, **kwargs) -> Iterator[str]:
-        """Text pieces of one conversation as they are generated; never splits a UTF-8 character."""
+        """Text pieces of one conversation as they are generated; they join to generate()'s text. A piece never
+        splits a UTF-8 character, nor shows the start of a stop string before it is known not to be one."""
         if is_batch(conversation):
             raise InputError("stream() takes one conversation; use generate() for a batch")
         opts = self._options(max_new_tokens, kwargs.pop("min_new_tokens", 0), kwargs.pop("do_sample", False),
@@ -161,16 +163,19 @@ class Qwen2VLPipeline:
                              kwargs.pop("repetition_penalty", 1.0), kwargs.pop("seed", None), kwargs.pop("stop", None))
         if kwargs:
             raise TypeError(f"stream() got unexpected arguments: {', '.join(kwargs)}")
-        emitted, steps = "", self._steps(conversation, opts)
+        emitted, steps = 0, self._steps(conversation, opts)  # emitted: characters yielded so far
         while True:
             try:
                 state = next(steps)
             except StopIteration as done:
                 self.last_result = done.value[0]  # timings and usage of the streamed reply
+                if len(self.last_result.text) > emitted:  # the tail: held-back text, an incomplete character
+                    yield self.last_result.text[emitted:]
                 return
-            text = _cut_at_stop(self.processor.decode(state.generated[0]), opts.stop)
-            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its next bytes
+            text = state.texts[0].text  # complete characters only
+            if state.finished[0]:  # the final text (cut at the stop string) comes with the result
                 continue
-            if len(text) > len(emitted):
-                yield text[len(emitted):]
-                emitted = text
+            safe = len(text) - held_back(text, opts.stop)
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe

@@ -1,5 +1,10 @@
-"""Next-token choice from last-position logits [B, V]: greedy, or sampling with the usual processors
-applied in transformers' order (repetition penalty, temperature, top-k, top-p)."""
+"""Next-token choice from last-position logits [B, V]: greedy, or sampling with transformers' processors in
+transformers' order (repetition penalty, [min_new_tokens in generation.py], temperature, top-k, top-p).
+
+The host loop must stay cheap at a 151,936-token vocabulary, so nothing here sorts the vocabulary:
+top-k and top-p work on a small candidate set found from chunk maxima (one pass over the logits), and
+the full sort is only the fallback of a top-p whose mass is spread over most of the vocabulary.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InputError
+from . import checks
+
+CHUNK = 256  # logits per chunk when bounding the top values from chunk maxima
 
 
 @dataclass(frozen=True)
@@ -19,54 +26,100 @@ class SamplingOptions:
     repetition_penalty: float = 1.0
 
     def validate(self) -> None:
-        if self.temperature <= 0:
-            raise InputError(f"temperature must be > 0, got {self.temperature} (use do_sample=False for greedy)")
-        if not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise InputError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        checks.flag("do_sample", self.do_sample)
+        checks.real("temperature", self.temperature, above=0, hint=" (use do_sample=False for greedy)")
+        checks.real("top_p", self.top_p, above=0, maximum=1, hint=" (1 disables it)")
+        checks.integer("top_k", self.top_k, minimum=0, hint=" (0 disables it)")
+        checks.real("repetition_penalty", self.repetition_penalty, above=0, hint=" (1 disables it)")
 
 
-def repetition_penalty(logits: np.ndarray, seen: list[np.ndarray], penalty: float) -> np.ndarray:
-    """CTRL-style penalty on every token already in the row (prompt and generated)."""
+def repetition_penalty(row: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """CTRL-style penalty on every token already in the row (prompt and generated); row [V] -> a new row."""
     if penalty == 1.0:
-        return logits
-    logits = logits.copy()
-    for b, ids in enumerate(seen):
-        ids = np.unique(ids)
-        scores = logits[b, ids]
-        logits[b, ids] = np.where(scores < 0, scores * penalty, scores / penalty)
-    return logits
+        return row
+    row = row.copy()
+    ids = np.unique(seen)
+    scores = row[ids]
+    row[ids] = np.where(scores < 0, scores * penalty, scores / penalty)
+    return row
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+def top_superset(x: np.ndarray, k: int) -> np.ndarray:
+    """Indices of a small superset of x's k largest values: every value >= the k-th largest chunk maximum
+    (k chunks reach it, so at least k values do). x [V] -> sorted indices [>= k]."""
+    n = len(x) // CHUNK
+    if n <= k:
+        return np.arange(len(x))
+    maxima = x[:n * CHUNK].reshape(n, CHUNK).max(axis=1)  # [n]
+    if len(x) > n * CHUNK:
+        maxima = np.append(maxima, x[n * CHUNK:].max())
+    threshold = np.partition(maxima, len(maxima) - k)[len(maxima) - k]
+    return np.flatnonzero(x >= threshold)
 
 
-def filter_top_k_top_p(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
-    """Set to -inf every logit outside the top-k and outside the smallest set whose mass reaches top_p."""
-    logits = logits.astype(np.float64, copy=True)
-    if 0 < top_k < logits.shape[-1]:
-        kth = np.partition(logits, -top_k, axis=-1)[:, -top_k][:, None]
-        logits[logits < kth] = -np.inf
-    if top_p < 1.0:
-        order = np.argsort(-logits, axis=-1, kind="stable")
-        probs = _softmax(np.take_along_axis(logits, order, axis=-1))
-        # keep a token while the mass before it is < top_p (the first token is always kept)
-        drop = (np.cumsum(probs, axis=-1) - probs) >= top_p
-        np.put_along_axis(logits, order, np.where(drop, -np.inf, np.take_along_axis(logits, order, axis=-1)), axis=-1)
-    return logits
+def top_k_ids(x: np.ndarray, k: int) -> np.ndarray:
+    """transformers' TopKLogitsWarper: keep every value >= the k-th largest (ties kept). -> indices."""
+    cands = top_superset(x, k)
+    vals = x[cands]
+    kth = np.partition(vals, len(vals) - k)[len(vals) - k]
+    return cands[vals >= kth]
+
+
+def _nucleus_candidates(logits: np.ndarray, weights: np.ndarray, total: float, top_p: float) -> np.ndarray:
+    """The smallest top-m superset (m = 64, 512, 4096) whose mass exceeds top_p, or the whole vocabulary:
+    a token outside it has at least top_p of mass above it, so top-p removes it."""
+    for m in (64, 512, 4096):
+        if m >= len(logits) // CHUNK:
+            break
+        cands = top_superset(logits, m)
+        if weights[cands].sum() > top_p * total * (1 + 1e-9):
+            return cands
+    return np.arange(len(logits))
+
+
+def distribution(row: np.ndarray, opts: SamplingOptions) -> tuple[np.ndarray, np.ndarray]:
+    """Processed logits [V] -> (token ids [n], probabilities [n]) after temperature, top-k and top-p: the
+    tokens outside `ids` have probability 0, as after transformers' warpers and softmax."""
+    V = len(row)
+    if 0 < opts.top_k < V:  # top-p then only renormalises inside the top-k
+        ids = top_k_ids(row, opts.top_k)
+        z = row[ids].astype(np.float64) / opts.temperature
+        weights = np.exp(z - z.max())
+        probs = weights / weights.sum()
+    else:
+        z = row.astype(np.float64) / opts.temperature
+        weights = np.exp(z - z.max())
+        total = weights.sum()
+        ids = _nucleus_candidates(row, weights, total, opts.top_p) if opts.top_p < 1 else np.arange(V)
+        probs = weights[ids] / total
+    if opts.top_p < 1:
+        ids, probs = _top_p(ids, probs, opts.top_p)
+    return ids, probs
+
+
+def _top_p(ids: np.ndarray, probs: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """transformers' TopPLogitsWarper: sort ascending, remove while the cumulative mass is <= 1 - top_p,
+    keep the most likely token. `probs` may cover part of the vocabulary; the rest counts as the smallest."""
+    order = np.argsort(probs, kind="stable")  # ascending
+    p = probs[order]
+    cumulative = (1.0 - probs.sum()) + np.cumsum(p)  # mass of every token not above this one
+    keep = cumulative > 1 - top_p
+    keep[-1] = True
+    kept = p[keep]
+    return ids[order][keep], kept / kept.sum()
 
 
 def choose(logits: np.ndarray, opts: SamplingOptions, rng: np.random.Generator,
            seen: list[np.ndarray] | None = None) -> np.ndarray:
     """logits [B, V] -> token ids [B] int64."""
-    if seen is not None:
-        logits = repetition_penalty(logits, seen, opts.repetition_penalty)
-    if not opts.do_sample:
-        return logits.argmax(axis=-1).astype(np.int64)
-    probs = _softmax(filter_top_k_top_p(logits / opts.temperature, opts.top_k, opts.top_p))
-    return np.array([rng.choice(len(p), p=p) for p in probs], np.int64)
+    out = np.empty(len(logits), np.int64)
+    for b, row in enumerate(logits):
+        if seen is not None:
+            row = repetition_penalty(row, seen[b], opts.repetition_penalty)
+        if not opts.do_sample:
+            out[b] = row.argmax()
+            continue
+        ids, probs = distribution(row, opts)
+        cumulative = np.cumsum(probs)  # [n]
+        out[b] = ids[min(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"), len(ids) - 1)]
+    return out
