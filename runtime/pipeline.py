@@ -11,8 +11,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from .artifact import Artifact, load_artifact
-from .backends import create_backend
-from .errors import InputError
+from . import checks
+from .backends import BACKENDS, create_backend
+from .errors import ConfigError, InputError
 from .detokenize import held_back
 from .generation import GenerationOptions, StepTimes, run, stop_strings
 from .processor import Processor, is_batch
@@ -46,6 +47,27 @@ def _cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
     return text[:min(cuts)] if cuts else text
 
 
+def _check_load_options(backend, providers, num_threads, verify, session_cache) -> None:
+    """Load settings, checked before the artifact is read (its verification hashes gigabytes)."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    if num_threads is not None:
+        checks.integer("num_threads", num_threads, minimum=1, error=ConfigError,
+                       hint=" (None lets ONNX Runtime use every core)")
+    if providers is not None and (not isinstance(providers, (list, tuple)) or not all(
+            isinstance(p, str) or isinstance(p, tuple) and len(p) == 2 for p in providers)):
+        raise ConfigError(f"providers must be a list of ONNX Runtime provider names (or (name, options) pairs), "
+                          f"got {providers!r}")
+    if not isinstance(verify, bool):
+        raise ConfigError(f"verify must be True or False, got {verify!r}")
+    if session_cache is not None and not isinstance(session_cache, (str, Path)):
+        raise ConfigError(f"session_cache must be a directory path, got {type(session_cache).__name__}")
+    if session_cache is not None and backend != "onnxruntime":
+        raise ConfigError("session_cache is an ONNX Runtime (CPU) option; TensorRT engines are built ahead")
+    if backend != "onnxruntime" and (providers is not None or num_threads is not None):
+        raise ConfigError("providers and num_threads are ONNX Runtime options; TensorRT takes neither")
+
+
 class Qwen2VLPipeline:
     def __init__(self, artifact: Artifact, processor: Processor, backend):
         self.artifact, self.processor, self.backend = artifact, processor, backend
@@ -60,8 +82,7 @@ class Qwen2VLPipeline:
              session_cache: str | Path | None = None) -> "Qwen2VLPipeline":
         """`session_cache`: a directory where ONNX Runtime keeps the graphs optimized and their weights
         packed for this CPU, so that later starts skip that work (see backends/onnxruntime.py)."""
-        if session_cache is not None and backend != "onnxruntime":
-            raise InputError("session_cache is an ONNX Runtime (CPU) option; TensorRT engines are built ahead")
+        _check_load_options(backend, providers, num_threads, verify, session_cache)
         artifact = load_artifact(artifact_dir, verify=verify)
         options = ({"providers": providers, "num_threads": num_threads, "session_cache": session_cache}
                    if backend == "onnxruntime" else {})

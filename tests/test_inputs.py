@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import requires_torch
 from qwen2vl_edge.runtime import media
 from qwen2vl_edge.runtime.errors import InputError
 from qwen2vl_edge.runtime.preprocess import process_image
@@ -222,3 +223,35 @@ def test_video_options_refused_by_name(video, opts, field):
 
     with pytest.raises(InputError, match=field):
         process_video(video, **opts)
+
+
+# -- messages, load settings ------------------------------------------------------------------------
+
+@requires_torch
+@pytest.mark.parametrize("conv,match", [
+    ({"role": "user", "content": "Hi"}, "got dict: wrap a single message in a list"),
+    ("Hi", "a conversation is a list .* got str"), (None, "got NoneType"), ([], "empty conversation"),
+    ([{"role": "user", "content": [{"type": "text", "text": None}]}], "'text' must be a string, got NoneType"),
+    ([{"role": "user", "content": [{"type": "text", "text": ["a", "b"]}]}], "'text' must be a string, got list"),
+    ([{"role": None, "content": "Hi"}], "role must be a non-empty string"),
+    ([{"role": "user", "content": 5}], "content must be a string or a list of items, got int"),
+])
+def test_malformed_messages(tiny_ckpt, conv, match):
+    from qwen2vl_edge.runtime.processor import Processor
+
+    with pytest.raises(InputError, match=match):
+        Processor.from_pretrained(tiny_ckpt)(conv)
+
+
+@requires_torch
+@pytest.mark.parametrize("options,match", [
+    ({"num_threads": "4"}, "num_threads must be an integer"), ({"num_threads": 0}, "num_threads must be >= 1"),
+    ({"num_threads": 2.5}, "num_threads"), ({"backend": "cuda"}, "unknown backend 'cuda'"),
+    ({"providers": "CPUExecutionProvider"}, "providers must be a list"), ({"verify": "no"}, "verify"),
+    ({"backend": "tensorrt", "session_cache": "x"}, "session_cache is an ONNX Runtime"),
+])
+def test_bad_load_settings_are_config_errors(tiny_artifact, options, match):
+    from qwen2vl_edge.runtime import ConfigError, Qwen2VLPipeline
+
+    with pytest.raises(ConfigError, match=match):
+        Qwen2VLPipeline.load(tiny_artifact, **options)
