@@ -15,6 +15,7 @@ import numpy as np
 from . import checks
 
 CHUNK = 256  # logits per chunk when bounding the top values from chunk maxima
+MIN_PENALTY = 1e-3
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,9 @@ class SamplingOptions:
         checks.real("temperature", self.temperature, above=0, hint=" (use do_sample=False for greedy)")
         checks.real("top_p", self.top_p, above=0, maximum=1, hint=" (1 disables it)")
         checks.integer("top_k", self.top_k, minimum=0, hint=" (0 disables it)")
-        checks.real("repetition_penalty", self.repetition_penalty, above=0, hint=" (1 disables it)")
+        # beyond these a penalised logit overflows float32 for no useful effect
+        checks.real("repetition_penalty", self.repetition_penalty, minimum=MIN_PENALTY, maximum=1 / MIN_PENALTY,
+                    hint=" (1 disables it)")
 
 
 def repetition_penalty(row: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
@@ -83,18 +86,24 @@ def distribution(row: np.ndarray, opts: SamplingOptions) -> tuple[np.ndarray, np
     V = len(row)
     if 0 < opts.top_k < V:  # top-p then only renormalises inside the top-k
         ids = top_k_ids(row, opts.top_k)
-        z = row[ids].astype(np.float64) / opts.temperature
-        weights = np.exp(z - z.max())
+        weights = _scaled_exp(row[ids], opts.temperature)
         probs = weights / weights.sum()
     else:
-        z = row.astype(np.float64) / opts.temperature
-        weights = np.exp(z - z.max())
+        weights = _scaled_exp(row, opts.temperature)
         total = weights.sum()
         ids = _nucleus_candidates(row, weights, total, opts.top_p) if opts.top_p < 1 else np.arange(V)
         probs = weights[ids] / total
     if opts.top_p < 1:
         ids, probs = _top_p(ids, probs, opts.top_p)
     return ids, probs
+
+
+def _scaled_exp(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """exp((x - max) / T) in float64: the softmax numerator. The max is subtracted before dividing, so that a
+    tiny temperature gives 0 and 1 (greedy in the limit), not inf - inf."""
+    x = logits.astype(np.float64)
+    with np.errstate(over="ignore"):  # (x - max) / T below -1e308 is -inf, and exp(-inf) = 0: what we want
+        return np.exp((x - x.max()) / temperature)
 
 
 def _top_p(ids: np.ndarray, probs: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
