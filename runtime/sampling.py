@@ -2,8 +2,8 @@
 transformers' order (repetition penalty, [min_new_tokens in generation.py], temperature, top-k, top-p).
 
 The host loop must stay cheap at a 151,936-token vocabulary, so nothing here sorts the vocabulary:
-top-k and top-p work on a small candidate set found from chunk maxima (one pass over the logits), and
-the full sort is only the fallback of a top-p whose mass is spread over most of the vocabulary.
+top-k and top-p work on a small candidate set found from chunk maxima (one pass over the logits); a
+top-p whose mass is spread over thousands of tokens buckets them by log-probability and sorts one bucket.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from . import checks
 
 CHUNK = 256  # logits per chunk when bounding the top values from chunk maxima
 MIN_PENALTY = 1e-3
+LEVELS_PER_UNIT, LEVELS = 32, 2048  # log-probability buckets of the top-p fallback, down to e^-64
 
 
 @dataclass(frozen=True)
@@ -68,16 +69,35 @@ def top_k_ids(x: np.ndarray, k: int) -> np.ndarray:
     return cands[vals >= kth]
 
 
-def _nucleus_candidates(logits: np.ndarray, weights: np.ndarray, total: float, top_p: float) -> np.ndarray:
-    """The smallest top-m superset (m = 64, 512, 4096) whose mass exceeds top_p, or the whole vocabulary:
-    a token outside it has at least top_p of mass above it, so top-p removes it."""
-    for m in (64, 512, 4096):
+def _nucleus_candidates(logits: np.ndarray, weights: np.ndarray, total: float, top_p: float) -> np.ndarray | None:
+    """The smallest top-m superset (m = 64, 512) whose mass exceeds top_p, or None: a token outside it has at
+    least top_p of mass above it, so top-p removes it."""
+    for m in (64, 512):
         if m >= len(logits) // CHUNK:
             break
         cands = top_superset(logits, m)
         if weights[cands].sum() > top_p * total * (1 + 1e-9):
             return cands
-    return np.arange(len(logits))
+    return None
+
+
+def _nucleus_by_level(weights: np.ndarray, total: float, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """Top-p over a flat distribution, without sorting the vocabulary: tokens bucketed by log-probability
+    (1/LEVELS_PER_UNIT wide). Levels above the one where the cumulative mass reaches top_p are kept whole
+    (less than top_p lies above any of their tokens), levels below are dropped (at least top_p lies above),
+    and only the tokens of that one level are sorted."""
+    with np.errstate(divide="ignore"):  # weight 0 -> log -inf -> the last level
+        level = np.minimum(-np.log(weights) * LEVELS_PER_UNIT, LEVELS - 1).astype(np.int64)  # [V], 0: likeliest
+    mass = np.bincount(level, weights=weights, minlength=LEVELS) / total  # [LEVELS]
+    reached = np.cumsum(mass)
+    edge_level = min(int(np.searchsorted(reached, top_p)), LEVELS - 1)  # first level reaching top_p
+    edge = np.flatnonzero(level == edge_level)
+    p_edge = weights[edge] / total
+    order = np.argsort(-p_edge)
+    above = (reached[edge_level] - mass[edge_level]) + np.cumsum(p_edge[order]) - p_edge[order]
+    ids = np.concatenate([np.flatnonzero(level < edge_level), edge[order][above < top_p]])
+    probs = weights[ids]
+    return ids, probs / probs.sum()
 
 
 def distribution(row: np.ndarray, opts: SamplingOptions) -> tuple[np.ndarray, np.ndarray]:
@@ -91,11 +111,13 @@ def distribution(row: np.ndarray, opts: SamplingOptions) -> tuple[np.ndarray, np
     else:
         weights = _scaled_exp(row, opts.temperature)
         total = weights.sum()
-        ids = _nucleus_candidates(row, weights, total, opts.top_p) if opts.top_p < 1 else np.arange(V)
+        if opts.top_p >= 1:
+            return np.arange(V), weights / total
+        ids = _nucleus_candidates(row, weights, total, opts.top_p)
+        if ids is None:
+            return _nucleus_by_level(weights, total, opts.top_p)
         probs = weights[ids] / total
-    if opts.top_p < 1:
-        ids, probs = _top_p(ids, probs, opts.top_p)
-    return ids, probs
+    return _top_p(ids, probs, opts.top_p) if opts.top_p < 1 else (ids, probs)
 
 
 def _scaled_exp(logits: np.ndarray, temperature: float) -> np.ndarray:
@@ -109,7 +131,7 @@ def _scaled_exp(logits: np.ndarray, temperature: float) -> np.ndarray:
 def _top_p(ids: np.ndarray, probs: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
     """transformers' TopPLogitsWarper: sort ascending, remove while the cumulative mass is <= 1 - top_p,
     keep the most likely token. `probs` may cover part of the vocabulary; the rest counts as the smallest."""
-    order = np.argsort(probs, kind="stable")  # ascending
+    order = np.argsort(probs)  # ascending; ties in any order, as torch.sort leaves them
     p = probs[order]
     cumulative = (1.0 - probs.sum()) + np.cumsum(p)  # mass of every token not above this one
     keep = cumulative > 1 - top_p
