@@ -171,15 +171,20 @@ def local_path(source: str | Path) -> Path:
 
 
 def _open(data: io.BytesIO | Path, what: str) -> Image.Image:
+    return _decoded(lambda: Image.open(data), what)
+
+
+def _decoded(open_image: Callable[[], Image.Image], what: str) -> Image.Image:
+    """Decode now, so that a truncated or closed image fails here with an InputError, not deep in numpy."""
     try:
-        image = Image.open(data)
-        image.load()  # decode now, so a truncated file fails here and not deep inside numpy
+        image = open_image()
+        image.load()
     except Image.DecompressionBombError as e:
         raise InputError(f"{what} is too large to decode safely (Pillow's decompression-bomb guard): {e}") from None
     except UnidentifiedImageError:
         raise InputError(f"{what} is not an image Pillow can decode") from None
-    except (OSError, SyntaxError) as e:
-        raise InputError(f"{what} could not be decoded (truncated or corrupt?): {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:  # ValueError: a closed PIL image
+        raise InputError(f"{what} could not be decoded (truncated, corrupt or closed?): {e}") from None
     return image
 
 
@@ -210,7 +215,7 @@ def _existing_file(source: str) -> Path:
 def load_image(source: Any) -> Image.Image:
     """Path, 'file://', 'http(s)://', 'data:image/...;base64,', PIL.Image or uint8 ndarray -> RGB image."""
     if isinstance(source, Image.Image):
-        image = source
+        image = _decoded(lambda: source, "the PIL image")
     elif isinstance(source, np.ndarray):
         image = _from_array(source)
     elif isinstance(source, (str, Path)):

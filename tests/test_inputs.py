@@ -255,3 +255,15 @@ def test_bad_load_settings_are_config_errors(tiny_artifact, options, match):
 
     with pytest.raises(ConfigError, match=match):
         Qwen2VLPipeline.load(tiny_artifact, **options)
+
+
+def test_truncated_and_closed_pil_images():
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (128, 128, 3), np.uint8)).save(buf, "PNG")
+    truncated = Image.open(io.BytesIO(buf.getvalue()[: len(buf.getvalue()) * 3 // 4]))  # lazily decoded
+    with pytest.raises(InputError, match="truncated"):
+        media.load_image(truncated)
+    closed = Image.open(io.BytesIO(buf.getvalue()))
+    closed.close()
+    with pytest.raises(InputError, match="closed"):
+        media.load_image(closed)
