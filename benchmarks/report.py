@@ -50,7 +50,8 @@ def markdown(result: dict) -> str:
         "loop overhead = median time per decode step spent outside graph runs (sampling, bookkeeping, "
         "I/O binding), greedy; sampled loop = the same with top_p=0.9, top_k=50, repetition_penalty=1.1 at the "
         "151,936-token vocabulary after 1,000 generated tokens, on synthetic logits (benchmarks/host_loop.py; "
-        "one loop for every ours system); peak RSS S1 = the S1 runs alone (weights included), whole run = every scenario and sweep.",
+        "one loop for every ours system); peak RSS S1 = the S1 runs alone (weights included), whole run = every "
+        "scenario and sweep.",
         "",
         "| system | weights on disk | S1 time to first token | vision encoder | decode tok/s | decode % of roofline "
         "| loop overhead | sampled loop | S2 time to first token | peak RSS S1 | peak RSS whole run | cold start → ready "
@@ -61,7 +62,8 @@ def markdown(result: dict) -> str:
     for r in rows:
         lines.append(f"| {r['system']} | {_fmt(r['disk_gb'], ' GB')} | {_fmt(r['s1_ttft'], ' s', 3)} | "
                      f"{_fmt(r['vision'], ' s', 3)} | {_fmt(r['decode'], '', 1)} | {_fmt(r['roofline_pct'], ' %', 0)} | "
-                     f"{_fmt(r['outside_ms'], ' ms')} | {_fmt(r['sampled_ms'], ' ms')} | {_fmt(r['s2_ttft'], ' s', 3)} | {_fmt(r['s1_rss_gb'], ' GB')} | "
+                     f"{_fmt(r['outside_ms'], ' ms')} | {_fmt(r['sampled_ms'], ' ms')} | "
+                     f"{_fmt(r['s2_ttft'], ' s', 3)} | {_fmt(r['s1_rss_gb'], ' GB')} | "
                      f"{_fmt(r['rss_gb'], ' GB')} | {_fmt(r['cold_ready'], ' s')} | "
                      f"{_fmt(r['cold_first'], ' s')} |")
     first = {n: r["first_start_ready_s"] for n, r in result["systems"].items() if r.get("first_start_ready_s")}

@@ -67,8 +67,9 @@ def _generation_options(args: argparse.Namespace) -> dict:
     greedy = args.greedy or args.temperature == 0
     if greedy and (sampling_flags or args.temperature):
         flags = sampling_flags + (["--temperature"] if args.temperature else [])
-        raise UsageError(f"sampling flags ({', '.join(flags)}) contradict "
-                         f"{'--greedy' if args.greedy else '--temperature 0'}, which asks for greedy decoding: choose one")
+        greedy_flag = "--greedy" if args.greedy else "--temperature 0"
+        raise UsageError(f"sampling flags ({', '.join(flags)}) contradict {greedy_flag}, which asks for greedy "
+                         "decoding: choose one")
     do_sample = not greedy and (args.temperature is not None or bool(sampling_flags))
     if args.seed is not None and not do_sample:
         raise UsageError("--seed only matters when sampling: add --temperature T, --top-p or --top-k")

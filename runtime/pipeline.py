@@ -10,11 +10,11 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .artifact import Artifact, load_artifact
 from . import checks
+from .artifact import Artifact, load_artifact
 from .backends import BACKENDS, create_backend
-from .errors import ConfigError, InputError
 from .detokenize import held_back
+from .errors import ConfigError, InputError
 from .generation import GenerationOptions, StepTimes, run, stop_strings
 from .processor import Processor, is_batch
 from .rope import IMAGE, VIDEO, runs, token_types, vision_rotary
@@ -120,8 +120,8 @@ class Qwen2VLPipeline:
     def _options(self, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
                  seed, stop) -> GenerationOptions:
         opts = GenerationOptions(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                                 sampling=SamplingOptions(do_sample, temperature, 0 if top_k is None else top_k, top_p,
-                                                          repetition_penalty),
+                                 sampling=SamplingOptions(do_sample, temperature, 0 if top_k is None else top_k,
+                                                          top_p, repetition_penalty),
                                  seed=seed, stop=stop_strings(stop))
         opts.validate()
         return opts

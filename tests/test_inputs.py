@@ -146,11 +146,15 @@ def test_sixteen_bit_images_keep_their_levels(tmp_path):
 def test_every_pillow_mode_loads_as_rgb(mode):
     rgb = np.random.default_rng(0).integers(0, 256, (12, 16, 3), np.uint8)
     base = Image.fromarray(rgb)
-    image = {"La": lambda: base.convert("LA").convert("La"), "PA": lambda: base.convert("P").convert("PA"),
-             "LAB": lambda: Image.new("LAB", (16, 12), (50, 20, 30)), "HSV": lambda: Image.new("HSV", (16, 12), (10, 200, 150)),
-             # 16-bit data spans 0..65535 (an 8-bit image converted to I;16 keeps 0..255: 16-bit levels, dark)
-             "I;16": lambda: Image.fromarray(np.asarray(base.convert("L"), np.uint16) * 257),
-             "I;16B": lambda: Image.frombytes("I;16B", (16, 12), (np.asarray(base.convert("L"), ">u2") * 257).tobytes())}.get(mode, lambda: base.convert(mode))()
+    grey16 = np.asarray(base.convert("L"), np.uint16) * 257  # 16-bit data spans 0..65535
+    makers = {
+        "La": lambda: base.convert("LA").convert("La"), "PA": lambda: base.convert("P").convert("PA"),
+        "LAB": lambda: Image.new("LAB", (16, 12), (50, 20, 30)),
+        "HSV": lambda: Image.new("HSV", (16, 12), (10, 200, 150)),
+        "I;16": lambda: Image.fromarray(grey16),
+        "I;16B": lambda: Image.frombytes("I;16B", (16, 12), grey16.astype(">u2").tobytes()),
+    }
+    image = makers.get(mode, lambda: base.convert(mode))()
     out = media.load_image(image)
     assert out.mode == "RGB" and out.size == (16, 12)
     if mode in ("L", "La", "LA", "I", "I;16", "I;16B", "F"):  # grey, 8-bit levels kept
@@ -189,7 +193,8 @@ IMG = np.random.default_rng(5).integers(0, 256, (60, 80, 3), np.uint8)
 
 
 @pytest.mark.parametrize("opts,field", [
-    ({"min_pixels": 0, "max_pixels": 0}, "max_pixels"), ({"max_pixels": 1}, "max_pixels .1. must be >= min_pixels"), ({"max_pixels": float("nan")}, "max_pixels"),
+    ({"min_pixels": 0, "max_pixels": 0}, "max_pixels"), ({"max_pixels": 1}, "max_pixels .1. must be >= min_pixels"),
+    ({"max_pixels": float("nan")}, "max_pixels"),
     ({"max_pixels": float("inf")}, "max_pixels"), ({"min_pixels": "100"}, "min_pixels"),
     ({"min_pixels": -5}, "min_pixels"), ({"min_pixels": 10**15}, "min_pixels"),
     ({"min_pixels": 5000, "max_pixels": 4000}, "min_pixels"), ({"max_pixels": True}, "max_pixels"),
@@ -204,8 +209,8 @@ def test_pixel_options_refused_by_name(opts, field):
         process_image(IMG, **opts)
 
 
-@pytest.mark.parametrize("opts", [{"min_pixels": 1, "max_pixels": 1}, {"min_pixels": 0, "max_pixels": 1}, {"min_pixels": 0},
-                                  {"max_pixels": 1e6}, {"resized_height": 1, "resized_width": 1}])
+@pytest.mark.parametrize("opts", [{"min_pixels": 1, "max_pixels": 1}, {"min_pixels": 0, "max_pixels": 1},
+                                  {"min_pixels": 0}, {"max_pixels": 1e6}, {"resized_height": 1, "resized_width": 1}])
 def test_tiny_and_float_budgets_give_one_block_or_more(opts):
     patches, (t, h, w) = process_image(IMG, **opts)
     assert t == 1 and h >= 2 and w >= 2 and patches.shape[0] == h * w

@@ -52,7 +52,8 @@ def mostly(valid):
 
 
 pixel_options = st.one_of(
-    st.fixed_dictionaries({}, optional={"min_pixels": st.integers(0, 300_000), "max_pixels": st.integers(1, 2_000_000)}),
+    st.fixed_dictionaries({}, optional={"min_pixels": st.integers(0, 300_000),
+                                        "max_pixels": st.integers(1, 2_000_000)}),
     st.fixed_dictionaries({"resized_height": st.integers(1, 2000), "resized_width": st.integers(1, 2000)}),
     st.fixed_dictionaries({}, optional={
         "min_pixels": mostly(st.integers(0, 300_000)), "max_pixels": mostly(st.integers(1, 2_000_000)),
