@@ -157,9 +157,9 @@ class PixelOptions:
             return cls(lo, hi)
         h = round(checks.real("resized_height", resized_height, minimum=1, maximum=MAX_SIDE))
         w = round(checks.real("resized_width", resized_width, minimum=1, maximum=MAX_SIDE))
-        if max(h, w) / max(min(h, w), 1) > MAX_RATIO:
+        if max(h, w) / min(h, w) > MAX_RATIO:
             raise InputError(f"resized_height x resized_width ({h} x {w}) has an aspect ratio over {MAX_RATIO}")
-        return cls(lo, hi, max(h, 1), max(w, 1))
+        return cls(lo, hi, h, w)
 
 
 def _resize(image: Image.Image, height: int, width: int) -> Image.Image:

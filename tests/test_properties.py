@@ -72,8 +72,13 @@ def test_images_and_pixel_options(image, opts):
     assert t == 1 and patches.shape[0] == h * w and np.isfinite(patches).all()
 
 
+frame = st.builds(lambda h, w, seed: np.random.default_rng(seed).integers(0, 256, (h, w, 3), np.uint8),
+                  st.integers(8, 64), st.integers(8, 64), st.integers(0, 99))
+
+
 @settings(max_examples=80, deadline=None)
-@given(frames=st.one_of(images().flatmap(lambda im: st.integers(1, 4).map(lambda n: [im] * n)),
+@given(frames=st.one_of(frame.flatmap(lambda im: st.integers(1, 4).map(lambda n: [im] * n)),
+                        images().flatmap(lambda im: st.integers(1, 4).map(lambda n: [im] * n)),
                         st.lists(images(), max_size=3), values, st.just("no/such/video.mp4")),
        opts=pixel_options, fps=st.one_of(st.none(), st.none(), values), nframes=st.one_of(st.none(), values),
        total=st.one_of(st.none(), mostly(st.integers(1, 10**6))))
