@@ -18,7 +18,7 @@ from pathlib import Path
 from qwen2vl_edge.export.vocab import cache_dir
 from qwen2vl_edge.runtime.config import load_config
 
-from . import machine, report, roofline, scenarios
+from . import host_loop, machine, report, roofline, scenarios
 from .models import model_dirs
 
 SYSTEMS = {  # name -> (kind, artifact variant, weight format read per decode token, ORT session cache)
@@ -61,6 +61,16 @@ def _run_worker(spec: dict, threads: int) -> dict:
         return json.loads(out_path.read_text())
 
 
+def _host_loop(ckpt: Path) -> dict:
+    """The sampled loop's time per step outside the graphs, on synthetic logits at the real vocabulary: one
+    number for every `ours` system, since they share the loop."""
+    from tokenizers import Tokenizer
+
+    print("measuring the host loop (top_p=0.9, top_k=50, repetition_penalty=1.1) ...", flush=True)
+    tokenizer = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    return host_loop.host_step_ms(lambda ids: tokenizer.decode(ids))
+
+
 def run_bench(model: str = "tiny", systems: str = DEFAULT_SYSTEMS, layers: int | None = None, threads: int = 2,
               new_tokens: int = 32, repeats: int = 3, out: Path = Path("bench-out"), quick: bool = False,
               resolutions: list[int] | None = None, contexts: list[int] | None = None) -> dict:
@@ -80,7 +90,7 @@ def run_bench(model: str = "tiny", systems: str = DEFAULT_SYSTEMS, layers: int |
                                                                       [224, 448, 672, 896, 1344]))
     sweep_ctx = scenarios.context_sweep(contexts or ([64, 256] if quick else [128, 512, 1024, 2048]))
     result = {"model": model, "layers": layers, "threads": threads, "new_tokens": new_tokens, "repeats": repeats,
-              "machine": desc, "systems": {}}
+              "machine": desc, "systems": {}, "host_loop": _host_loop(ckpt)}
     for name in names:
         kind, variant, weight_dtype, cached = SYSTEMS[name]
         print(f"running {name} ...", flush=True)

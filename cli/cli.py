@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -25,40 +26,78 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+class UsageError(Exception):
+    """Flags that contradict each other or lack a partner: exit 2, as argparse does."""
+
+
+def _read(path: str, what: str) -> str:
+    """A file's text, or standard input for '-'."""
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{what}: could not read {path}: {e}") from None
+
+
 def _conversation_from_args(args: argparse.Namespace) -> list:
     if args.messages:
-        return json.loads(Path(args.messages).read_text())
+        if args.prompt is not None or args.image or args.video:
+            raise UsageError("--messages holds the whole conversation: do not combine it with --prompt, --image "
+                             "or --video (put the images in the messages)")
+        try:
+            return json.loads(_read(args.messages, "--messages"))
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--messages {args.messages} is not valid JSON: {e}") from None
     if args.prompt is None:
-        raise SystemExit("run: give --messages FILE.json, or --prompt TEXT (with optional --image/--video)")
+        raise UsageError("give --messages FILE.json, or --prompt TEXT (with optional --image/--video); '-' reads "
+                         "standard input")
+    prompt = _read("-", "--prompt").rstrip("\n") if args.prompt == "-" else args.prompt
     content = [{"type": "image", "image": p} for p in args.image or []]
     content += [{"type": "video", "video": p} for p in args.video or []]
-    content.append({"type": "text", "text": args.prompt})
+    content.append({"type": "text", "text": prompt})
     return [{"role": "user", "content": content}]
+
+
+def _generation_options(args: argparse.Namespace) -> dict:
+    """--temperature 0 or --greedy: greedy. --temperature > 0, --top-p or --top-k: sampling (temperature 1.0
+    unless given). Greedy with a sampling flag, or --seed without sampling, is a contradiction: an error, not a
+    flag silently ignored."""
+    sampling_flags = [f for f, v in (("--top-p", args.top_p), ("--top-k", args.top_k)) if v is not None]
+    greedy = args.greedy or args.temperature == 0
+    if greedy and (sampling_flags or args.temperature):
+        flags = sampling_flags + (["--temperature"] if args.temperature else [])
+        greedy_flag = "--greedy" if args.greedy else "--temperature 0"
+        raise UsageError(f"sampling flags ({', '.join(flags)}) contradict {greedy_flag}, which asks for greedy "
+                         "decoding: choose one")
+    do_sample = not greedy and (args.temperature is not None or bool(sampling_flags))
+    if args.seed is not None and not do_sample:
+        raise UsageError("--seed only matters when sampling: add --temperature T, --top-p or --top-k")
+    options = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, do_sample=do_sample,
+                   repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+    if do_sample:
+        options.update(temperature=1.0 if args.temperature is None else args.temperature,
+                       top_k=args.top_k, top_p=1.0 if args.top_p is None else args.top_p)
+    return options
 
 
 def _run(args: argparse.Namespace) -> int:
     from qwen2vl_edge.runtime import Qwen2VLPipeline
-    from qwen2vl_edge.runtime.errors import ArtifactError, InputError
     from qwen2vl_edge.runtime.processor import is_batch
 
-    try:
-        pipe = Qwen2VLPipeline.load(args.artifact, backend=args.backend, num_threads=args.threads,
-                                    verify=not args.no_verify, session_cache=args.session_cache)
-        conversation = _conversation_from_args(args)
-        options = dict(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy and args.temperature is not None,
-                       temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-        if args.json or is_batch(conversation):
-            results = pipe.generate(conversation, **options)
-            results = results if isinstance(results, list) else [results]
-            payload = [r.to_dict() for r in results]
-            print(json.dumps(payload if len(payload) > 1 else payload[0], indent=2 if not args.json else None))
-        else:
-            for piece in pipe.stream(conversation, **options):
-                print(piece, end="", flush=True)
-            print()
-    except (InputError, ArtifactError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    conversation = _conversation_from_args(args)  # flags first: a usage error never waits for the model
+    options = _generation_options(args)
+    pipe = Qwen2VLPipeline.load(args.artifact, backend=args.backend, num_threads=args.threads,
+                                verify=not args.no_verify, session_cache=args.session_cache)
+    if args.json or is_batch(conversation):
+        results = pipe.generate(conversation, **options)
+        results = results if isinstance(results, list) else [results]
+        payload = [r.to_dict() for r in results]
+        print(json.dumps(payload if len(payload) > 1 else payload[0], indent=2 if not args.json else None))
+    else:
+        for piece in pipe.stream(conversation, **options):
+            print(piece, end="", flush=True)
+        print()
     return 0
 
 
@@ -136,16 +175,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="generate from an artifact directory (no torch needed)")
     p.add_argument("artifact")
-    p.add_argument("--messages", help="JSON file: one conversation or a list of conversations")
+    p.add_argument("--messages", help="JSON file ('-': standard input): one conversation or a list of them")
     p.add_argument("--image", action="append")
     p.add_argument("--video", action="append")
-    p.add_argument("--prompt")
+    p.add_argument("--prompt", help="the user's text; '-' reads it from standard input")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--greedy", action="store_true", help="greedy decoding (the default unless --temperature)")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--min-new-tokens", type=int, default=0)
+    p.add_argument("--greedy", action="store_true",
+                   help="greedy decoding: the default, unless a sampling flag is given")
+    p.add_argument("--temperature", type=float, help="0: greedy; > 0: sampling at this temperature")
+    p.add_argument("--top-p", type=float, help="sample from the smallest set of tokens holding this mass")
+    p.add_argument("--top-k", type=int, help="sample from the k likeliest tokens (0: all)")
+    p.add_argument("--seed", type=int, help="seed of the sampler (needs a sampling flag)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", help="end the reply before this text (repeatable)")
     p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
     p.add_argument("--threads", type=int)
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact files")
@@ -200,16 +243,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact")
     p.add_argument("--trt-version", default=None)
     p.set_defaults(func=_check_trt)
+    for p in sub.choices.values():
+        p.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Exit codes: 0 done, 1 an unexpected error, 2 bad input or usage, 130 interrupted (Ctrl-C), 141 the
+    reader of standard output went away (`| head`): the codes a shell shows for SIGINT and SIGPIPE."""
+    args = None
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:  # our errors name the fix; no traceback
-        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)  # end the line the ^C was echoed on
+        return 130
+    except BrokenPipeError:
+        _detach_stdout()
+        return 141
+    except Exception as e:  # noqa: BLE001 (the one place that turns any error into one line)
+        if getattr(args, "debug", False):
+            raise
+        return _report(e)
+
+
+def _report(error: Exception) -> int:
+    from qwen2vl_edge.runtime.errors import ArtifactError, ConfigError, InputError
+
+    message = " ".join(str(error).split())  # one line
+    if isinstance(error, (InputError, ArtifactError, ConfigError, UsageError)):  # they name the fix
+        print(f"error: {message}", file=sys.stderr)
         return 2
+    print(f"error: {type(error).__name__}: {message}\nrerun with --debug for the traceback", file=sys.stderr)
+    return 1
+
+
+def _detach_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush does not fail again on exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 if __name__ == "__main__":

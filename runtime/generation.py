@@ -11,7 +11,9 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from . import checks
 from .backends.base import Backend
+from .detokenize import IncrementalText
 from .errors import InputError
 from .rope import decode_positions
 from .sampling import SamplingOptions, choose
@@ -26,13 +28,24 @@ class GenerationOptions:
     stop: tuple[str, ...] = ()
 
     def validate(self) -> None:
-        if not isinstance(self.max_new_tokens, (int, np.integer)) or self.max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
-            raise InputError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise InputError("stop must be a list of non-empty strings")
+        checks.integer("max_new_tokens", self.max_new_tokens, minimum=1)
+        checks.integer("min_new_tokens", self.min_new_tokens, minimum=0, maximum=self.max_new_tokens,
+                       hint=" (at most max_new_tokens)")
+        if self.seed is not None:
+            checks.integer("seed", self.seed, minimum=0, hint=" (or None for a fresh seed)")
+        if not isinstance(self.stop, tuple) or any(not isinstance(s, str) or not s for s in self.stop):
+            raise InputError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
         self.sampling.validate()
+
+
+def stop_strings(stop: Any) -> Any:
+    """The caller's `stop` (None, a string or a list of strings) as a tuple; anything else is left for
+    `GenerationOptions.validate` to refuse by name."""
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    return tuple(stop) if isinstance(stop, (list, tuple)) else stop
 
 
 @dataclass
@@ -45,6 +58,7 @@ class DecodeState:
     cache: Any  # backend-owned KV cache
     seen: list[np.ndarray]  # per row: prompt + generated ids (repetition penalty)
     generated: list[list[int]] = field(default_factory=list)
+    texts: list[IncrementalText] = field(default_factory=list)  # per row: the reply's text so far
     finished: np.ndarray | None = None  # [B] bool
     reasons: list[str | None] = field(default_factory=list)
 
@@ -72,6 +86,7 @@ def prefill(backend: Backend, inputs_embeds, inputs: dict, step_times: StepTimes
 
 
 def suppress(logits: np.ndarray, token_ids: list[int]) -> np.ndarray:
+    """transformers' MinNewTokensLengthLogitsProcessor: end tokens impossible. [B, V] -> a new [B, V]."""
     logits = logits.copy()
     logits[:, token_ids] = -np.inf
     return logits
@@ -93,6 +108,7 @@ def run(backend: Backend, inputs_embeds, inputs: dict, opts: GenerationOptions, 
     """Yields the state after each chosen token; stops when every row is finished."""
     rng = np.random.default_rng(opts.seed)
     logits, state = prefill(backend, inputs_embeds, inputs, step_times, opts.max_new_tokens)
+    state.texts = [IncrementalText(decode_text) for _ in state.generated]
     step_start, graph_start = time.perf_counter(), getattr(backend, "graph_seconds", None)
     for step in range(opts.max_new_tokens):
         if step < opts.min_new_tokens:
@@ -103,9 +119,8 @@ def run(backend: Backend, inputs_embeds, inputs: dict, opts: GenerationOptions, 
             t = int(tokens[b])
             state.generated[b].append(t)
             state.seen[b] = np.append(state.seen[b], t)
-            if t in eos_ids:
-                state.finished[b], state.reasons[b] = True, "stop"
-            elif opts.stop and any(s in decode_text(state.generated[b]) for s in opts.stop):
+            piece = state.texts[b].push(t)
+            if t in eos_ids or state.texts[b].contains_any(opts.stop, piece):
                 state.finished[b], state.reasons[b] = True, "stop"
         paused = time.perf_counter()
         yield state

@@ -10,10 +10,12 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from . import checks
 from .artifact import Artifact, load_artifact
-from .backends import create_backend
-from .errors import InputError
-from .generation import GenerationOptions, StepTimes, run
+from .backends import BACKENDS, create_backend
+from .detokenize import held_back
+from .errors import ConfigError, InputError
+from .generation import GenerationOptions, StepTimes, run, stop_strings
 from .processor import Processor, is_batch
 from .rope import IMAGE, VIDEO, runs, token_types, vision_rotary
 from .sampling import SamplingOptions
@@ -45,6 +47,27 @@ def _cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
     return text[:min(cuts)] if cuts else text
 
 
+def _check_load_options(backend, providers, num_threads, verify, session_cache) -> None:
+    """Load settings, checked before the artifact is read (its verification hashes gigabytes)."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    if num_threads is not None:
+        checks.integer("num_threads", num_threads, minimum=1, error=ConfigError,
+                       hint=" (None lets ONNX Runtime use every core)")
+    if providers is not None and (not isinstance(providers, (list, tuple)) or not all(
+            isinstance(p, str) or isinstance(p, tuple) and len(p) == 2 for p in providers)):
+        raise ConfigError(f"providers must be a list of ONNX Runtime provider names (or (name, options) pairs), "
+                          f"got {providers!r}")
+    if not isinstance(verify, bool):
+        raise ConfigError(f"verify must be True or False, got {verify!r}")
+    if session_cache is not None and not isinstance(session_cache, (str, Path)):
+        raise ConfigError(f"session_cache must be a directory path, got {type(session_cache).__name__}")
+    if session_cache is not None and backend != "onnxruntime":
+        raise ConfigError("session_cache is an ONNX Runtime (CPU) option; TensorRT engines are built ahead")
+    if backend != "onnxruntime" and (providers is not None or num_threads is not None):
+        raise ConfigError("providers and num_threads are ONNX Runtime options; TensorRT takes neither")
+
+
 class Qwen2VLPipeline:
     def __init__(self, artifact: Artifact, processor: Processor, backend):
         self.artifact, self.processor, self.backend = artifact, processor, backend
@@ -59,8 +82,7 @@ class Qwen2VLPipeline:
              session_cache: str | Path | None = None) -> "Qwen2VLPipeline":
         """`session_cache`: a directory where ONNX Runtime keeps the graphs optimized and their weights
         packed for this CPU, so that later starts skip that work (see backends/onnxruntime.py)."""
-        if session_cache is not None and backend != "onnxruntime":
-            raise InputError("session_cache is an ONNX Runtime (CPU) option; TensorRT engines are built ahead")
+        _check_load_options(backend, providers, num_threads, verify, session_cache)
         artifact = load_artifact(artifact_dir, verify=verify, engines_only=backend == "tensorrt")
         options = ({"providers": providers, "num_threads": num_threads, "session_cache": session_cache}
                    if backend == "onnxruntime" else {})
@@ -110,9 +132,9 @@ class Qwen2VLPipeline:
     def _options(self, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
                  seed, stop) -> GenerationOptions:
         opts = GenerationOptions(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                                 sampling=SamplingOptions(do_sample, temperature, top_k or 0, top_p,
-                                                          repetition_penalty),
-                                 seed=seed, stop=tuple([stop] if isinstance(stop, str) else stop or ()))
+                                 sampling=SamplingOptions(do_sample, temperature, 0 if top_k is None else top_k,
+                                                          top_p, repetition_penalty),
+                                 seed=seed, stop=stop_strings(stop))
         opts.validate()
         return opts
 
@@ -165,7 +187,8 @@ class Qwen2VLPipeline:
         return results if is_batch(conversations) else results[0]
 
     def stream(self, conversation, max_new_tokens: int = 128, **kwargs) -> Iterator[str]:
-        """Text pieces of one conversation as they are generated; never splits a UTF-8 character."""
+        """Text pieces of one conversation as they are generated; they join to generate()'s text. A piece never
+        splits a UTF-8 character, nor shows the start of a stop string before it is known not to be one."""
         if is_batch(conversation):
             raise InputError("stream() takes one conversation; use generate() for a batch")
         opts = self._options(max_new_tokens, kwargs.pop("min_new_tokens", 0), kwargs.pop("do_sample", False),
@@ -173,16 +196,19 @@ class Qwen2VLPipeline:
                              kwargs.pop("repetition_penalty", 1.0), kwargs.pop("seed", None), kwargs.pop("stop", None))
         if kwargs:
             raise TypeError(f"stream() got unexpected arguments: {', '.join(kwargs)}")
-        emitted, steps = "", self._steps(conversation, opts)
+        emitted, steps = 0, self._steps(conversation, opts)  # emitted: characters yielded so far
         while True:
             try:
                 state = next(steps)
             except StopIteration as done:
                 self.last_result = done.value[0]  # timings and usage of the streamed reply
+                if len(self.last_result.text) > emitted:  # the tail: held-back text, an incomplete character
+                    yield self.last_result.text[emitted:]
                 return
-            text = _cut_at_stop(self.processor.decode(state.generated[0]), opts.stop)
-            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its next bytes
+            text = state.texts[0].text  # complete characters only
+            if state.finished[0]:  # the final text (cut at the stop string) comes with the result
                 continue
-            if len(text) > len(emitted):
-                yield text[len(emitted):]
-                emitted = text
+            safe = len(text) - held_back(text, opts.stop)
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
