@@ -18,6 +18,7 @@ from pathlib import Path
 
 from qwen2vl_edge.runtime.artifact import MANIFEST, Artifact, load_artifact, sha256_file
 from qwen2vl_edge.runtime.backends.cuda import gpu_identity
+from qwen2vl_edge.runtime.errors import ArtifactError
 from qwen2vl_edge.runtime.backends.tensorrt import dtype_name, tensorrt_version
 from qwen2vl_edge.runtime.backends.trt_profiles import (
     CONCAT, ENGINES, SIDECAR_SUFFIX, Limits, Profile, check_engine_io, make_sidecar, profiles_for,
@@ -29,8 +30,8 @@ SUPPORTED = ((10, 3), (12, 0))  # [lowest, first unsupported): the [trt] extra's
 REEXPORT = "qwen2vl-edge export CKPT OUT --target tensorrt --precision fp16"
 
 
-class BuildError(RuntimeError):
-    pass
+class BuildError(ArtifactError):
+    """Engines cannot be built from this artifact here; the message names the fix (the CLI exits 2)."""
 
 
 def _require(ok: bool, message: str) -> None:

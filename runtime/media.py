@@ -184,7 +184,7 @@ def _decoded(open_image: Callable[[], Image.Image], what: str) -> Image.Image:
     except UnidentifiedImageError:
         raise InputError(f"{what} is not an image Pillow can decode") from None
     except (OSError, SyntaxError, ValueError) as e:  # ValueError: a closed PIL image
-        raise InputError(f"{what} could not be decoded (truncated, corrupt or closed?): {e}") from None
+        raise InputError(f"{what} could not be decoded (truncated or corrupt, or a closed PIL image?): {e}") from None
     return image
 
 
