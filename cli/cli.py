@@ -119,11 +119,9 @@ def _serve(args: argparse.Namespace) -> int:
             raise SystemExit(f"serve --ray needs the [ray] extra: pip install 'qwen2vl-edge[ray]' ({e})") from None
         run_forever(settings, args.replicas, args.host, args.port, args.ray_address, args.cpus_per_replica)
         return 0
-    import uvicorn
+    from qwen2vl_edge.server.app import run_uvicorn
 
-    from qwen2vl_edge.server import create_app
-
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    run_uvicorn(settings, args.host, args.port, args.log_level, args.graceful_timeout)
     return 0
 
 
@@ -146,6 +144,9 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--max-image-pixels", type=int, default=16_777_216, help="per decoded image (width x height)")
     p.add_argument("--default-max-tokens", type=int, default=256, help="when a request names none")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--graceful-timeout", type=float, default=10.0,
+                   help="on SIGTERM/Ctrl-C, seconds uvicorn waits for open connections (requests in flight "
+                        "are answered 503 at their next token)")
     p.add_argument("--ray", action="store_true", help="serve the same app with Ray Serve replicas (needs [ray])")
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--ray-address", help="join this Ray cluster (e.g. 'auto' on a cluster node); default: start one")

@@ -218,3 +218,23 @@ def create_app(settings: ServerSettings, pipe: Qwen2VLPipeline | None = None) ->
                 job.cancelled.set()
 
     return app
+
+
+def run_uvicorn(settings: ServerSettings, host: str, port: int, log_level: str = "info",
+                graceful_timeout: float = 10.0) -> None:
+    """uvicorn in this process. On SIGTERM / Ctrl-C the batcher answers what it holds 503 right away, so the
+    connections close by themselves and uvicorn's graceful shutdown has nothing to cut off."""
+    import uvicorn
+
+    app = create_app(settings)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            batcher = getattr(app.state, "batcher", None)
+            if batcher is not None:
+                batcher.stop()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=graceful_timeout)
+    Server(config).run()

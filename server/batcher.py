@@ -5,6 +5,7 @@ the same generation options (the runtime runs one set of options per batch), run
 `pipeline.steps`, and posts each row's text pieces and result back to the job's event loop. A batch runs
 until its last row is done (static batching). A job whose client has gone is dropped from the queue, or
 stops being served; when every row of a running batch is gone, its generation stops at the next token.
+On shutdown, queued and running jobs are answered 503 at the next token.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .errors import APIError
 from .metrics import Metrics
 
 log = logging.getLogger("qwen2vl_edge.server")
+SHUTTING_DOWN = APIError(503, "the server is shutting down: retry on another replica", code="shutting_down")
 
 
 @dataclass
@@ -73,7 +75,7 @@ class Batcher:
     def submit(self, job: Job) -> None:
         with self._ready:
             if self._closing:
-                raise APIError(503, "the server is shutting down", code="shutting_down")
+                raise SHUTTING_DOWN
             if len(self._queue) >= self.max_queue:
                 raise APIError(503, f"the queue is full ({self.max_queue} requests waiting): retry later",
                                code="queue_full")
@@ -81,14 +83,18 @@ class Batcher:
             self.metrics.queue_depth.set(len(self._queue))
             self._ready.notify()
 
-    def close(self) -> None:
-        """Refuse new jobs, cancel the queued ones, let the running batch see its rows cancelled, join."""
+    def stop(self) -> None:
+        """Refuse new jobs and answer every queued and running one 503; returns at once (any thread)."""
         with self._ready:
             self._closing = True
             for job in self._queue:
-                job.post("error", APIError(503, "the server is shutting down", code="shutting_down"))
+                job.post("error", SHUTTING_DOWN)
             self._queue.clear()
+            self.metrics.queue_depth.set(0)
             self._ready.notify()
+
+    def close(self) -> None:
+        self.stop()
         self._thread.join()
 
     # -- worker side --------------------------------------------------------------------------
@@ -138,8 +144,11 @@ class Batcher:
             except StopIteration as done:
                 results = done.value
                 break
-            if all(j.cancelled.is_set() for j in batch):
-                steps.close()  # nobody is listening any more: stop generating
+            if self._closing or all(j.cancelled.is_set() for j in batch):
+                steps.close()  # shutting down, or nobody is listening any more: stop generating
+                self.metrics.cancelled_batches.inc()
+                for job in batch:
+                    job.post("error", SHUTTING_DOWN)  # unread by a client that has gone
                 return
             for job, ids in zip(batch, state.generated):
                 self._deliver(job, decode(ids))

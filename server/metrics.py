@@ -20,6 +20,8 @@ class Metrics:
                               "from a request's arrival in the queue to its first generated token",
                               buckets=TTFT_BUCKETS, registry=r)
         self.queue_depth = Gauge("qwen2vl_queue_depth", "requests waiting for a batch", registry=r)
+        self.cancelled_batches = Counter("qwen2vl_cancelled_batches",
+                                         "batches stopped early because every client had disconnected", registry=r)
         self.batch_size = Histogram("qwen2vl_batch_size", "requests per batch run",
                                     buckets=(1, 2, 4, 8, 16, 32), registry=r)
 

@@ -167,9 +167,23 @@ def chunk(request_id: str, model: str, delta: dict, finish_reason: str | None = 
     return body
 
 
+BRANCH_LABELS = {"str", "none", "int", "float", "bool"}  # pydantic's names for the arms of a union
+
+
+def _json_path(loc: tuple) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part != "body" and "[" not in part and part not in BRANCH_LABELS:
+            path += f".{part}" if path else part
+    return path
+
+
 def validation_error(errors: list[dict]) -> APIError:
-    """pydantic's first error, named by its JSON path, as a 422."""
-    first = errors[0]
-    path = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-    return APIError(422, f"{path}: {first.get('msg')}" if path else str(first.get("msg")), path or None,
+    """pydantic's most specific error (the deepest, in a union: the arm the value came closest to), named by
+    its JSON path, as a 422."""
+    worst = max(errors, key=lambda e: len(e.get("loc", ())))
+    path = _json_path(worst.get("loc", ()))
+    return APIError(422, f"{path}: {worst.get('msg')}" if path else str(worst.get("msg")), path or None,
                     "invalid_value")

@@ -6,6 +6,7 @@ over the replicas. Needs the `[ray]` extra; imported only by `serve --ray`.
 from __future__ import annotations
 
 import signal
+import sys
 import time
 
 from .app import create_app
@@ -50,9 +51,19 @@ def stop() -> None:
     ray.shutdown()
 
 
+RAY_START_FAILED = 3  # exit status of `serve --ray` when Ray itself cannot start on this machine
+
+
 def run_forever(settings: ServerSettings, replicas: int, host: str, port: int, address: str | None,
                 cpus_per_replica: float) -> None:
+    import ray
+
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops Serve and Ray as Ctrl-C does
+    try:
+        ray.init(address=address or "local", include_dashboard=False)
+    except Exception as e:  # Ray's own start-up (raylet, GCS, ports): reported as such, with its message
+        print(f"error: Ray could not start: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(RAY_START_FAILED) from None
     start(settings, replicas, host, port, address, cpus_per_replica)
     print(f"serving {settings.served_name} on http://{host}:{port}/v1 with {replicas} Ray Serve replicas",
           flush=True)
