@@ -58,13 +58,14 @@ def run_forever(settings: ServerSettings, replicas: int, host: str, port: int, a
                 cpus_per_replica: float) -> None:
     import ray
 
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops Serve and Ray as Ctrl-C does
     try:
         ray.init(address=address or "local", include_dashboard=False)
     except Exception as e:  # Ray's own start-up (raylet, GCS, ports): reported as such, with its message
         print(f"error: Ray could not start: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         raise SystemExit(RAY_START_FAILED) from None
     start(settings, replicas, host, port, address, cpus_per_replica)
+    # after ray.init, which installs its own fatal-signal handler: SIGTERM stops Serve and Ray as Ctrl-C does
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     print(f"serving {settings.served_name} on http://{host}:{port}/v1 with {replicas} Ray Serve replicas",
           flush=True)
     try:
