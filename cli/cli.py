@@ -125,6 +125,18 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_serve(args: argparse.Namespace) -> int:
+    from qwen2vl_edge.benchmarks.serve_bench import SETUPS, run_bench_serve
+
+    setups = args.setups.split(",")
+    unknown = [s for s in setups if s not in SETUPS]
+    if unknown:
+        raise SystemExit(f"bench-serve: unknown setup(s) {', '.join(unknown)}; known: {', '.join(SETUPS)}")
+    run_bench_serve(args.model, args.variant, [int(c) for c in args.concurrency.split(",")], args.requests_per_client,
+                    args.new_tokens, args.image_side, args.threads, args.max_batch, setups, Path(args.out))
+    return 0
+
+
 def _add_serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs [serve]; --ray needs [ray])")
     p.add_argument("artifact")
@@ -152,6 +164,19 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--ray-address", help="join this Ray cluster (e.g. 'auto' on a cluster node); default: start one")
     p.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray CPUs reserved by each replica")
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("bench-serve", help="the server under 1/4/8 concurrent clients: one process vs Ray replicas")
+    p.add_argument("--model", default="tiny", help="tiny | 2b-shape | 7b-shape | CHECKPOINT_DIR")
+    p.add_argument("--variant", default="fp32", help="artifact variant: fp32 | fp16 | int8 | int4 | int4-vdq")
+    p.add_argument("--setups", default="one-process,ray-2-replicas")
+    p.add_argument("--concurrency", default="1,4,8")
+    p.add_argument("--requests-per-client", type=int, default=4)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--image-side", type=int, default=224)
+    p.add_argument("--threads", type=int, default=2, help="threads of the one process; split over the replicas")
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--out", default="bench-serve-out")
+    p.set_defaults(func=_bench_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

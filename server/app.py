@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import socket
-import time
 import uuid
 from contextlib import asynccontextmanager
 

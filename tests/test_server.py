@@ -11,9 +11,6 @@ import importlib.util
 import json
 import re
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -25,15 +22,11 @@ import pytest
 openai = pytest.importorskip("openai", reason="the server tests need the [test] extra (openai client)")
 pytest.importorskip("fastapi", reason="the server tests need the [serve] extra")
 
+from qwen2vl_edge.benchmarks.serve_bench import ServerProcess  # noqa: E402
+
 KEY = "test-key"
 MAX_TOKENS = 16
 PIXEL_LIMIT = 70_000  # images "b" (200x300) and "c" (120x90) pass, "a" (320x240) does not
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url: str, key: str | None = None) -> tuple[int, dict, str]:
@@ -52,36 +45,6 @@ def post(url: str, body: bytes, key: str | None = KEY) -> tuple[int, dict]:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
-
-
-class ServerProcess:
-    """`python -m qwen2vl_edge serve ...` in its own process, its output in a log file."""
-
-    def __init__(self, args: list[str], log: Path, ready_timeout: float = 120.0):
-        self.port, self.log = free_port(), log
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "qwen2vl_edge", "serve", *args, "--port", str(self.port)],
-                                     stdout=log.open("w"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + ready_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return
-            try:
-                if get(f"{self.url}/health")[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise AssertionError(f"server not ready within {ready_timeout:.0f} s:\n{self.output()}")
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-    def stop(self, timeout: float = 60.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
 
 
 def data_uri(path: Path) -> str:
