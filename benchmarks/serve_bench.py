@@ -10,10 +10,12 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -67,6 +69,22 @@ class ServerProcess:
         return self.proc.wait(timeout)
 
 
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of a process and all its descendants; pages shared between processes count once
+    per process."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+            total += next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:"))
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, StopIteration):  # the process ended meanwhile, or is a zombie without VmRSS
+            continue
+    return total
+
+
 def image_uri(seed: int, side: int) -> str:
     pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
     buf = io.BytesIO()
@@ -75,12 +93,13 @@ def image_uri(seed: int, side: int) -> str:
 
 
 def stream_chat(url: str, body: dict) -> dict:
-    """One streamed request -> seconds to the first text piece, total seconds, generated tokens."""
+    """One streamed request -> seconds to the first text piece, total seconds, generated tokens, replica."""
     data = json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}).encode()
     request = urllib.request.Request(f"{url}/v1/chat/completions", data, {"Content-Type": "application/json"})
     t0 = time.perf_counter()
     first, tokens = None, 0
     with urllib.request.urlopen(request, timeout=600) as response:
+        replica = response.headers.get("x-qwen2vl-replica", "")
         for line in response:
             line = line.decode().strip()
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -92,7 +111,7 @@ def stream_chat(url: str, body: dict) -> dict:
                 first = time.perf_counter() - t0
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
-    return {"ttft_s": first, "total_s": time.perf_counter() - t0, "completion_tokens": tokens}
+    return {"ttft_s": first, "total_s": time.perf_counter() - t0, "completion_tokens": tokens, "replica": replica}
 
 
 def run_level(url: str, model: str, concurrency: int, requests: int, new_tokens: int, side: int) -> dict:
@@ -106,6 +125,7 @@ def run_level(url: str, model: str, concurrency: int, requests: int, new_tokens:
     wall = time.perf_counter() - t0
     ttft = [r["ttft_s"] for r in runs if r["ttft_s"] is not None]
     return {"concurrency": concurrency, "requests": requests, "wall_s": round(wall, 3),
+            "replicas": sorted({r["replica"] for r in runs}),
             "requests_per_s": round(requests / wall, 3),
             "generated_tokens_per_s": round(sum(r["completion_tokens"] for r in runs) / wall, 1),
             "ttft_p50_s": round(float(np.percentile(ttft, 50)), 3), "ttft_p95_s": round(float(np.percentile(ttft, 95)), 3)}
@@ -113,6 +133,8 @@ def run_level(url: str, model: str, concurrency: int, requests: int, new_tokens:
 
 SETUPS = {  # name -> extra `serve` arguments, given the thread count of the machine
     "one-process": lambda threads: ["--threads", str(threads)],
+    "one-process-half-threads": lambda threads: ["--threads", str(max(1, threads // 2))],
+    # each replica gets half the threads and reserves half the CPUs
     "ray-2-replicas": lambda threads: ["--ray", "--replicas", "2", "--threads", str(max(1, threads // 2)),
                                        "--cpus-per-replica", str(max(1, threads // 2))],
 }
@@ -125,22 +147,27 @@ def run_bench_serve(model: str, variant: str, levels: list[int], requests_per_cl
     out.mkdir(parents=True, exist_ok=True)
     result = {"model": model, "variant": variant, "new_tokens": new_tokens, "image_side": side,
               "max_batch": max_batch, "machine": machine.describe(threads), "setups": {}}
+    logs = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     for name in setups:
-        print(f"starting {name} ...", flush=True)
+        print(f"starting {name} (log: {logs / name}.log) ...", flush=True)
         srv = ServerProcess([str(artifact), "--max-batch", str(max_batch), *SETUPS[name](threads)],
-                            out / f"server-{name}.log", ready_timeout=600)
+                            logs / f"{name}.log", ready_timeout=600)
         if srv.proc.poll() is not None:
             raise RuntimeError(f"{name}: the server exited:\n{srv.output()[-3000:]}")
+        result["setups"][name] = {"args": SETUPS[name](threads), "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
         try:
             served = json.loads(urllib.request.urlopen(f"{srv.url}/v1/models").read())["data"][0]["id"]
             stream_chat(srv.url, {"model": served, "max_tokens": 4, "messages": [
                 {"role": "user", "content": "warm up"}]})
-            levels_out = []
+            result["setups"][name]["levels"] = levels_out = []
             for c in levels:
                 level = run_level(srv.url, served, c, max(c * requests_per_client, 4), new_tokens, side)
                 print(f"  {name} concurrency {c}: {level}", flush=True)
                 levels_out.append(level)
-            result["setups"][name] = levels_out
+            pids = {int(r.rsplit(":", 1)[1]) for lv in levels_out for r in lv["replicas"]}
+            result["setups"][name]["rss_after_gb"] = {  # the serving process (Ray's driver) and each replica
+                "server": round(tree_rss_bytes(srv.proc.pid) / 1e9, 2),
+                "replicas": [round(tree_rss_bytes(p) / 1e9, 2) for p in sorted(pids - {srv.proc.pid})]}
         finally:
             srv.stop()
     (out / "result.json").write_text(json.dumps(result, indent=2))
@@ -156,8 +183,16 @@ def markdown(result: dict) -> str:
              "streamed; TTFT as the client sees it.", "",
              "| setup | concurrency | requests | requests/s | generated tok/s | TTFT p50 | TTFT p95 |",
              "|---|---|---|---|---|---|---|"]
-    for name, levels in result["setups"].items():
-        for lv in levels:
+    loads = ", ".join(f"{n} {s['load_average_at_start'][0]}" for n, s in result["setups"].items())
+    for name, setup in result["setups"].items():
+        for lv in setup["levels"]:
             lines.append(f"| {name} | {lv['concurrency']} | {lv['requests']} | {lv['requests_per_s']:.2f} | "
                          f"{lv['generated_tokens_per_s']:.1f} | {lv['ttft_p50_s']:.3f} s | {lv['ttft_p95_s']:.3f} s |")
+    lines += ["", "Resident memory after the run: the `serve` process (with its child processes; Ray's GCS and "
+              "raylet are not among them) and each Ray replica: " + "; ".join(
+                  f"{n} {s['rss_after_gb']['server']} GB" + (" + replicas " + " + ".join(
+                      f"{x} GB" for x in s['rss_after_gb']['replicas']) if s['rss_after_gb']['replicas'] else "")
+                  for n, s in result["setups"].items()) + "."]
+    lines += ["", f"1-minute load average of the machine when each setup started: {loads} "
+              f"(on {m['cores']} cores: other work shared the machine)."]
     return "\n".join(lines) + "\n"

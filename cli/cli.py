@@ -168,7 +168,7 @@ def _add_serve_parser(sub) -> None:
     p = sub.add_parser("bench-serve", help="the server under 1/4/8 concurrent clients: one process vs Ray replicas")
     p.add_argument("--model", default="tiny", help="tiny | 2b-shape | 7b-shape | CHECKPOINT_DIR")
     p.add_argument("--variant", default="fp32", help="artifact variant: fp32 | fp16 | int8 | int4 | int4-vdq")
-    p.add_argument("--setups", default="one-process,ray-2-replicas")
+    p.add_argument("--setups", default="one-process,one-process-half-threads,ray-2-replicas")
     p.add_argument("--concurrency", default="1,4,8")
     p.add_argument("--requests-per-client", type=int, default=4)
     p.add_argument("--new-tokens", type=int, default=32)

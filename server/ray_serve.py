@@ -64,8 +64,9 @@ def run_forever(settings: ServerSettings, replicas: int, host: str, port: int, a
         print(f"error: Ray could not start: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         raise SystemExit(RAY_START_FAILED) from None
     start(settings, replicas, host, port, address, cpus_per_replica)
-    # after ray.init, which installs its own fatal-signal handler: SIGTERM stops Serve and Ray as Ctrl-C does
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # after ray.init, which installs handlers of its own: SIGTERM and Ctrl-C stop Serve and Ray
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
     print(f"serving {settings.served_name} on http://{host}:{port}/v1 with {replicas} Ray Serve replicas",
           flush=True)
     try:

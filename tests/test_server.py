@@ -140,6 +140,18 @@ def test_stream_joins_to_the_same_text(client, model, server, images):
     assert events[-1] == "data: [DONE]"
 
 
+def test_video_frames_extension(client, model, pipe, images):
+    frames = [images["c"]] * 4
+    part = {"type": "video", "video": [data_uri(f) for f in frames]}
+    reply = client.chat.completions.create(model=model, max_tokens=MAX_TOKENS, temperature=0, messages=[
+        {"role": "user", "content": [part, {"type": "text", "text": "What happens?"}]}])
+    expected = pipe.generate([{"role": "user", "content": [{"type": "video", "video": [str(f) for f in frames]},
+                                                           {"type": "text", "text": "What happens?"}]}],
+                             max_new_tokens=MAX_TOKENS)
+    assert reply.choices[0].message.content == expected.text
+    assert reply.usage.prompt_tokens == expected.usage["prompt_tokens"]
+
+
 def test_concurrent_clients_batch_and_equal_serial(client, model, server, pipe, images):
     """A long streamed request keeps the worker busy while 8 clients queue; it then disconnects, which stops
     its generation, and the 8 run as one batch. Each answer equals pipe.generate run alone."""
