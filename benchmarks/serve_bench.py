@@ -165,7 +165,7 @@ def run_bench_serve(model: str, variant: str, levels: list[int], requests_per_cl
                 print(f"  {name} concurrency {c}: {level}", flush=True)
                 levels_out.append(level)
             pids = {int(r.rsplit(":", 1)[1]) for lv in levels_out for r in lv["replicas"]}
-            result["setups"][name]["rss_after_gb"] = {  # the serving process (Ray's driver) and each replica
+            result["setups"][name]["rss_after_gb"] = {  # the serve process tree, and each replica in it
                 "server": round(tree_rss_bytes(srv.proc.pid) / 1e9, 2),
                 "replicas": [round(tree_rss_bytes(p) / 1e9, 2) for p in sorted(pids - {srv.proc.pid})]}
         finally:
@@ -188,11 +188,11 @@ def markdown(result: dict) -> str:
         for lv in setup["levels"]:
             lines.append(f"| {name} | {lv['concurrency']} | {lv['requests']} | {lv['requests_per_s']:.2f} | "
                          f"{lv['generated_tokens_per_s']:.1f} | {lv['ttft_p50_s']:.3f} s | {lv['ttft_p95_s']:.3f} s |")
-    lines += ["", "Resident memory after the run: the `serve` process (with its child processes; Ray's GCS and "
-              "raylet are not among them) and each Ray replica: " + "; ".join(
-                  f"{n} {s['rss_after_gb']['server']} GB" + (" + replicas " + " + ".join(
-                      f"{x} GB" for x in s['rss_after_gb']['replicas']) if s['rss_after_gb']['replicas'] else "")
-                  for n, s in result["setups"].items()) + "."]
+    lines += ["", "Resident memory after the run, summed over the `serve` process and all its descendants (with "
+              "--ray: the driver, Ray's GCS, raylet, agents, proxy, controller and the replicas), of which "
+              "replicas: " + "; ".join(f"{n} {s['rss_after_gb']['server']} GB" + (
+                  " (replicas " + " + ".join(f"{x} GB" for x in s['rss_after_gb']['replicas']) + ")"
+                  if s['rss_after_gb']['replicas'] else "") for n, s in result["setups"].items()) + "."]
     lines += ["", f"1-minute load average of the machine when each setup started: {loads} "
               f"(on {m['cores']} cores: other work shared the machine)."]
     return "\n".join(lines) + "\n"
