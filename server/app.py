@@ -8,6 +8,7 @@ loads its own.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import os
 import socket
@@ -46,7 +47,8 @@ class Gate:
 
     def _authorized(self, scope) -> bool:
         headers = dict(scope.get("headers") or [])
-        return headers.get(b"authorization", b"").decode("latin-1") == f"Bearer {self.settings.api_key}"
+        given = headers.get(b"authorization", b"")
+        return hmac.compare_digest(given, f"Bearer {self.settings.api_key}".encode())  # constant time
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -164,6 +166,10 @@ def create_app(settings: ServerSettings, pipe: Qwen2VLPipeline | None = None) ->
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, e: HTTPException):
         return error_response(APIError(e.status_code, str(e.detail)))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception):  # logged by Starlette; the client gets JSON
+        return error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", code="internal"))
 
     @app.get("/health")
     async def health():
