@@ -114,6 +114,13 @@ async def next_event(job: Job, watch: asyncio.Task | None) -> tuple[str, object]
     return get.result()
 
 
+def raise_if_error(event: tuple[str, object]) -> tuple[str, object]:
+    kind, value = event
+    if kind == "error":
+        raise value if isinstance(value, APIError) else bad_request(str(value))
+    return event
+
+
 def _sse(body: dict | str) -> str:
     return f"data: {body if isinstance(body, str) else json.dumps(body, ensure_ascii=False)}\n\n"
 
@@ -184,9 +191,8 @@ def create_app(settings: ServerSettings, pipe: Qwen2VLPipeline | None = None) ->
         return {"object": "list", "data": [{"id": settings.served_name, "object": "model", "created": 0,
                                             "owned_by": "qwen2vl-edge"}]}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        req = parse_request(await read_body(request, settings.limits.max_body_bytes))
+    async def new_job(req: protocol.ChatRequest) -> Job:
+        """Checks that need no model run, images fetched and decoded (in a thread), then the job is queued."""
         if req.model != settings.served_name:
             raise APIError(404, f"model {req.model!r} is not served here; this server serves "
                                 f"{settings.served_name!r} (GET /v1/models)", "model", "model_not_found")
@@ -199,20 +205,22 @@ def create_app(settings: ServerSettings, pipe: Qwen2VLPipeline | None = None) ->
             raise bad_request(str(e)) from None
         job = Job(conversation, opts, asyncio.get_running_loop())
         app.state.batcher.submit(job)
+        return job
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = parse_request(await read_body(request, settings.limits.max_body_bytes))
+        job = await new_job(req)
         request_id, watch = f"chatcmpl-{uuid.uuid4().hex}", asyncio.ensure_future(_disconnected(request))
         try:
-            event = await next_event(job, watch)
-            if event[0] == "error":
-                raise event[1] if isinstance(event[1], APIError) else bad_request(str(event[1]))
+            event = raise_if_error(await next_event(job, watch))  # errors before any token keep their status
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
                 watch.cancel()  # from here Starlette listens for the disconnect itself
                 return StreamingResponse(stream_events(job, request_id, settings.served_name, event, include_usage,
                                                        metrics), media_type="text/event-stream")
             while event[0] == "delta":
-                event = await next_event(job, watch)
-            if event[0] == "error":
-                raise event[1] if isinstance(event[1], APIError) else bad_request(str(event[1]))
+                event = raise_if_error(await next_event(job, watch))
             metrics.count_tokens(event[1].usage)
             return protocol.completion(request_id, settings.served_name, event[1])
         except ClientGone:
