@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 openai = pytest.importorskip("openai", reason="the server tests need the [test] extra (openai client)")
 pytest.importorskip("fastapi", reason="the server tests need the [serve] extra")
@@ -152,14 +153,18 @@ def test_video_frames_extension(client, model, pipe, images):
     assert reply.usage.prompt_tokens == expected.usage["prompt_tokens"]
 
 
-def test_concurrent_clients_batch_and_equal_serial(client, model, server, pipe, images):
+def test_concurrent_clients_batch_and_equal_serial(client, model, server, pipe, images, workdir):
     """A long streamed request keeps the worker busy while 8 clients queue; it then disconnects, which stops
-    its generation, and the 8 run as one batch. Each answer equals pipe.generate run alone."""
-    sources = [None, images["c"], images["b"], None, images["c"], None, images["b"], images["c"]]
+    its generation, and the 8 run as one batch. One of them has an image the model refuses (aspect ratio
+    over 200): it gets its 400 and the 7 others their answers, each equal to pipe.generate run alone."""
+    sources = [None, images["c"], images["b"], None, images["c"], None, images["b"]]
     texts = ["Hello there.", "Describe.", "What colour dominates?", "Count to five.", "Is it dark?",
              "Tell me a story about a robot.", "Where is the light?", "Name three shapes."]
     chats = [image_chat(data_uri(p), t) if p else [{"role": "user", "content": [{"type": "text", "text": t}]}]
              for p, t in zip(sources, texts)]
+    sliver = workdir / "sliver.png"
+    Image.new("RGB", (300, 1), (200, 30, 30)).save(sliver)
+    chats.append(image_chat(data_uri(sliver), texts[7]))
     before = get(f"{server.url}/metrics")[2]
     blocker = client.chat.completions.create(model=model, messages=chats[0], max_tokens=30000, temperature=0,
                                              stream=True)
@@ -167,8 +172,11 @@ def test_concurrent_clients_batch_and_equal_serial(client, model, server, pipe, 
     answers: dict[int, object] = {}
 
     def ask(i):
-        answers[i] = client.chat.completions.create(model=model, messages=chats[i], max_tokens=MAX_TOKENS,
-                                                    temperature=0)
+        try:
+            answers[i] = client.chat.completions.create(model=model, messages=chats[i], max_tokens=MAX_TOKENS,
+                                                        temperature=0)
+        except openai.APIStatusError as e:
+            answers[i] = e
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
     for t in threads:
@@ -181,7 +189,8 @@ def test_concurrent_clients_batch_and_equal_serial(client, model, server, pipe, 
     for t in threads:
         t.join(120)
     assert sorted(answers) == list(range(8))
-    for i, chat in enumerate(chats):
+    assert isinstance(answers[7], openai.BadRequestError) and "aspect ratio" in answers[7].message, answers[7]
+    for i, chat in enumerate(chats[:7]):
         expected = pipe.generate(as_runtime(chat, sources[i]), max_new_tokens=MAX_TOKENS)
         assert answers[i].choices[0].message.content == expected.text, i
         assert answers[i].usage.prompt_tokens == expected.usage["prompt_tokens"], i
