@@ -147,15 +147,18 @@ async def stream_events(job: Job, request_id: str, model: str, first: tuple, inc
         job.cancelled.set()
 
 
+def load_pipeline(settings: ServerSettings) -> Qwen2VLPipeline:
+    return Qwen2VLPipeline.load(settings.artifact, backend=settings.backend, num_threads=settings.threads,
+                                verify=settings.verify, session_cache=settings.session_cache)
+
+
 def create_app(settings: ServerSettings, pipe: Qwen2VLPipeline | None = None) -> FastAPI:
     """The app; `pipe` may be given (tests, embedding), else the lifespan loads it from `settings.artifact`."""
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        loaded = pipe or await run_in_threadpool(
-            Qwen2VLPipeline.load, settings.artifact, backend=settings.backend, num_threads=settings.threads,
-            verify=settings.verify, session_cache=settings.session_cache)
+        loaded = pipe or await run_in_threadpool(load_pipeline, settings)
         app.state.pipe = loaded
         app.state.batcher = Batcher(loaded, settings.max_batch, settings.limits.max_queue, settings.batch_wait_s,
                                     metrics)
@@ -239,7 +242,7 @@ def run_uvicorn(settings: ServerSettings, host: str, port: int, log_level: str =
     connections close by themselves and uvicorn's graceful shutdown has nothing to cut off."""
     import uvicorn
 
-    app = create_app(settings)
+    app = create_app(settings, load_pipeline(settings))  # a bad artifact fails here, as `run` fails, not in uvicorn
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):

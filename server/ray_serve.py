@@ -58,6 +58,9 @@ def run_forever(settings: ServerSettings, replicas: int, host: str, port: int, a
                 cpus_per_replica: float) -> None:
     import ray
 
+    from qwen2vl_edge.runtime.artifact import load_artifact
+
+    load_artifact(settings.artifact, verify=False)  # a wrong path fails here, not inside every replica
     try:
         ray.init(address=address or "local", include_dashboard=False)
     except Exception as e:  # Ray's own start-up (raylet, GCS, ports): reported as such, with its message

@@ -270,6 +270,12 @@ def test_clean_shutdown(tiny_artifact, workdir):
         get(f"{srv.url}/health")
 
 
+def test_bad_artifact_fails_before_serving(workdir):
+    srv = ServerProcess([str(workdir / "no-such-artifact")], workdir / "server-bad.log")
+    assert srv.proc.wait(60) == 2
+    assert srv.output().startswith("error:") and "no-such-artifact" in srv.output(), srv.output()
+
+
 HAS_RAY = importlib.util.find_spec("ray") is not None
 
 
