@@ -92,10 +92,11 @@ def image_uri(seed: int, side: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def stream_chat(url: str, body: dict) -> dict:
+def stream_chat(url: str, body: dict, api_key: str | None = None) -> dict:
     """One streamed request -> seconds to the first text piece, total seconds, generated tokens, replica."""
     data = json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}).encode()
-    request = urllib.request.Request(f"{url}/v1/chat/completions", data, {"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    request = urllib.request.Request(f"{url}/v1/chat/completions", data, headers)
     t0 = time.perf_counter()
     first, tokens = None, 0
     with urllib.request.urlopen(request, timeout=600) as response:
@@ -114,14 +115,15 @@ def stream_chat(url: str, body: dict) -> dict:
     return {"ttft_s": first, "total_s": time.perf_counter() - t0, "completion_tokens": tokens, "replica": replica}
 
 
-def run_level(url: str, model: str, concurrency: int, requests: int, new_tokens: int, side: int) -> dict:
+def run_level(url: str, model: str, concurrency: int, requests: int, new_tokens: int, side: int,
+              api_key: str | None = None) -> dict:
     bodies = [{"model": model, "max_tokens": new_tokens, "temperature": 0,
                "messages": [{"role": "user", "content": [
                    {"type": "image_url", "image_url": {"url": image_uri(i, side)}},
                    {"type": "text", "text": f"Describe picture number {i}."}]}]} for i in range(requests)]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        runs = list(pool.map(lambda b: stream_chat(url, b), bodies))
+        runs = list(pool.map(lambda b: stream_chat(url, b, api_key), bodies))
     wall = time.perf_counter() - t0
     ttft = [r["ttft_s"] for r in runs if r["ttft_s"] is not None]
     return {"concurrency": concurrency, "requests": requests, "wall_s": round(wall, 3),

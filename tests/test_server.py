@@ -270,6 +270,16 @@ def test_clean_shutdown(tiny_artifact, workdir):
         get(f"{srv.url}/health")
 
 
+def test_bench_serve_level_measures_what_it_served(server, model):
+    from qwen2vl_edge.benchmarks.serve_bench import run_level
+
+    level = run_level(server.url, model, concurrency=2, requests=3, new_tokens=5, side=48, api_key=KEY)
+    assert (level["requests"], level["concurrency"]) == (3, 2)
+    assert level["generated_tokens_per_s"] == pytest.approx(3 * 5 / level["wall_s"], rel=0.02)
+    assert 0 < level["ttft_p50_s"] <= level["ttft_p95_s"] <= level["wall_s"]
+    assert len(level["replicas"]) == 1 and level["replicas"][0].endswith(f":{server.proc.pid}")
+
+
 def test_bad_artifact_fails_before_serving(workdir):
     srv = ServerProcess([str(workdir / "no-such-artifact")], workdir / "server-bad.log")
     assert srv.proc.wait(60) == 2
