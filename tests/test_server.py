@@ -118,6 +118,29 @@ def test_image_chat_equals_pipeline(client, model, pipe, images, media_dir):
     assert other.choices[0].message.content != expected.text
 
 
+def test_image_by_http_url(client, model, pipe, images, workdir):
+    """An http:// image URL is fetched by the server (here from a file server on 127.0.0.1)."""
+    import functools
+    import http.server
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(images["c"].parent))
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{files.server_address[1]}"
+    (images["c"].parent / "note.txt").write_text("not an image")
+    try:
+        reply = client.chat.completions.create(model=model, max_tokens=MAX_TOKENS, temperature=0,
+                                               messages=image_chat(f"{base}/{images['c'].name}", "Describe."))
+        expected = pipe.generate(as_runtime(image_chat("", "Describe."), images["c"]), max_new_tokens=MAX_TOKENS)
+        assert reply.choices[0].message.content == expected.text
+        for url, word in ((f"{base}/note.txt", "content-type"), (f"{base}/missing.png", "could not fetch")):
+            status, body = _status_of(lambda: client.chat.completions.create(
+                model=model, max_tokens=4, messages=image_chat(url, "x")))
+            assert status == 400 and word in body["message"].lower(), body
+    finally:
+        files.shutdown()
+
+
 def test_stream_joins_to_the_same_text(client, model, server, images):
     messages = image_chat(data_uri(images["b"]), "What is in it?")
     whole = client.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0)
