@@ -144,6 +144,87 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from qwen2vl_edge.server import Limits, ServerSettings
+    except ImportError as e:
+        raise SystemExit(f"serve needs the [serve] extra: pip install 'qwen2vl-edge[serve]' ({e})") from None
+
+    limits = Limits(max_body_bytes=args.max_body_mb * 2**20, max_image_bytes=args.max_image_mb * 2**20,
+                    max_image_pixels=args.max_image_pixels, default_max_tokens=args.default_max_tokens,
+                    max_queue=args.max_queue)
+    settings = ServerSettings(artifact=Path(args.artifact), backend=args.backend, threads=args.threads,
+                              session_cache=args.session_cache, verify=not args.no_verify, model_name=args.model_name,
+                              max_batch=args.max_batch, api_key=args.api_key,
+                              allowed_media_dir=Path(args.allowed_media_dir) if args.allowed_media_dir else None,
+                              limits=limits)
+    if args.ray:
+        try:
+            from qwen2vl_edge.server.ray_serve import run_forever
+        except ImportError as e:
+            raise SystemExit(f"serve --ray needs the [ray] extra: pip install 'qwen2vl-edge[ray]' ({e})") from None
+        run_forever(settings, args.replicas, args.host, args.port, args.ray_address, args.cpus_per_replica)
+        return 0
+    from qwen2vl_edge.server.app import run_uvicorn
+
+    run_uvicorn(settings, args.host, args.port, args.log_level, args.graceful_timeout)
+    return 0
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    from qwen2vl_edge.benchmarks.serve_bench import SETUPS, run_bench_serve
+
+    setups = args.setups.split(",")
+    unknown = [s for s in setups if s not in SETUPS]
+    if unknown:
+        raise SystemExit(f"bench-serve: unknown setup(s) {', '.join(unknown)}; known: {', '.join(SETUPS)}")
+    run_bench_serve(args.model, args.variant, [int(c) for c in args.concurrency.split(",")], args.requests_per_client,
+                    args.new_tokens, args.image_side, args.threads, args.max_batch, setups, Path(args.out))
+    return 0
+
+
+def _add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs [serve]; --ray needs [ray])")
+    p.add_argument("artifact")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--session-cache", metavar="DIR")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact files")
+    p.add_argument("--model-name", help="the model id clients send (default: the artifact folder's name)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests run together as one left-padded batch")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests; more are answered 503")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--allowed-media-dir", help="accept local image/video paths under this folder only")
+    p.add_argument("--max-body-mb", type=int, default=32)
+    p.add_argument("--max-image-mb", type=int, default=16, help="per encoded image or video frame")
+    p.add_argument("--max-image-pixels", type=int, default=16_777_216, help="per decoded image (width x height)")
+    p.add_argument("--default-max-tokens", type=int, default=256, help="when a request names none")
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--graceful-timeout", type=float, default=10.0,
+                   help="on SIGTERM/Ctrl-C, seconds uvicorn waits for open connections (requests in flight "
+                        "are answered 503 at their next token)")
+    p.add_argument("--ray", action="store_true", help="serve the same app with Ray Serve replicas (needs [ray])")
+    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--ray-address", help="join this Ray cluster (e.g. 'auto' on a cluster node); default: start one")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray CPUs reserved by each replica")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("bench-serve", help="the server under 1/4/8 concurrent clients: one process vs Ray replicas")
+    p.add_argument("--model", default="tiny", help="tiny | 2b-shape | 7b-shape | CHECKPOINT_DIR")
+    p.add_argument("--variant", default="fp32", help="artifact variant: fp32 | fp16 | int8 | int4 | int4-vdq")
+    p.add_argument("--setups", default="one-process,one-process-half-threads,ray-2-replicas")
+    p.add_argument("--concurrency", default="1,4,8")
+    p.add_argument("--requests-per-client", type=int, default=4)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--image-side", type=int, default=224)
+    p.add_argument("--threads", type=int, default=2, help="threads of the one process; split over the replicas")
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--out", default="bench-serve-out")
+    p.set_defaults(func=_bench_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen2vl-edge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -243,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact")
     p.add_argument("--trt-version", default=None)
     p.set_defaults(func=_check_trt)
+    _add_serve_parser(sub)
     for p in sub.choices.values():
         p.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     return parser

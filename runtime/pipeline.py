@@ -212,3 +212,10 @@ class Qwen2VLPipeline:
             if safe > emitted:
                 yield text[emitted:safe]
                 emitted = safe
+
+    def steps(self, conversations, opts: GenerationOptions):
+        """generate() one token at a time, for a caller that streams or cancels a whole batch (the server):
+        yields the DecodeState after each chosen token (row b = conversation b) and returns one
+        GenerationResult per row. Closing the generator stops the work."""
+        opts.validate()
+        return self._steps(conversations, opts)
