@@ -55,6 +55,8 @@ def read_scheme(qc: dict) -> QuantScheme:
     bits, group_size = qc.get("bits"), int(qc.get("group_size", 128))
     if method == "gptq":
         fmt = str(qc.get("checkpoint_format") or qc.get("format") or "gptq").lower()
+        if qc.get("is_marlin_format"):  # AutoGPTQ's older flag for the same repacking
+            fmt = "marlin"
         if fmt not in GPTQ_ZERO_OFFSET:
             raise ConfigError(f"GPTQ checkpoint_format {fmt!r} is not supported (exllama v2 / marlin / bitblas "
                               f"layouts are repacked for one kernel); supported: {SUPPORTED}")
