@@ -98,7 +98,9 @@ class Checkpoint:
         """The weight [out, in] of linear layer `name`: float32, or the checkpoint's own quantized integers."""
         if f"{name}.qweight" not in self:
             return self.get(f"{name}.weight")
-        packed = {t: self._tensor(f"{name}.{t}").numpy() for t in TENSORS if f"{name}.{t}" in self}  # int32, fp16
+        packed = {t: self._tensor(f"{name}.{t}") for t in TENSORS if f"{name}.{t}" in self}
+        # int32 words kept as they are; scales (fp16, sometimes bf16) widened exactly to fp32
+        packed = {t: v.float().numpy() if v.is_floating_point() else v.numpy() for t, v in packed.items()}
         return unpack(self.quant, packed, name)
 
     def lm_head_name(self) -> str:

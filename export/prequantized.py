@@ -30,7 +30,8 @@ TENSORS = ("qweight", "qzeros", "scales", "g_idx")  # g_idx: GPTQ only, and opti
 
 @dataclass(frozen=True)
 class QuantScheme:
-    """config.json's quantization_config, checked."""
+    """config.json's quantization_config, checked. Which layers it covers is read from the tensors: a layer
+    with a qweight is quantized, one with a weight is float (vision tower, lm_head, modules_to_not_convert)."""
 
     method: str  # "gptq" | "awq"
     bits: int
@@ -38,7 +39,6 @@ class QuantScheme:
     checkpoint_format: str  # "gptq", "gptq_v2", "gemm"
     desc_act: bool = False
     sym: bool = False
-    modules_to_not_convert: tuple[str, ...] = ()
 
     @property
     def zero_offset(self) -> int:
@@ -75,8 +75,7 @@ def read_scheme(qc: dict) -> QuantScheme:
                           f"our readers take {' or '.join(map(str, allowed_bits))}); supported: {SUPPORTED}")
     if group_size != -1 and group_size <= 0:
         raise ConfigError(f"quantization_config group_size must be positive or -1, got {group_size}")
-    return QuantScheme(method, bits, group_size, fmt, bool(qc.get("desc_act", False)), bool(qc.get("sym", False)),
-                       tuple(qc.get("modules_to_not_convert") or ()))
+    return QuantScheme(method, bits, group_size, fmt, bool(qc.get("desc_act", False)), bool(qc.get("sym", False)))
 
 
 @dataclass(frozen=True)

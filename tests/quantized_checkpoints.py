@@ -35,11 +35,13 @@ class Variant:
     sym: bool = False
     desc_act: bool = False
     fmt: str = "gptq"  # GPTQ checkpoint_format; AWQ: "gemm"
+    float_layers: tuple[str, ...] = ()  # left unquantized, e.g. ("self_attn.v_proj",)
 
     @property
     def name(self) -> str:
         act = "-act" if self.desc_act else ""
-        return f"{self.method}{self.bits}-g{self.group_size}-{'sym' if self.sym else 'asym'}{act}-{self.fmt}"
+        partial = "-partial" if self.float_layers else ""
+        return f"{self.method}{self.bits}-g{self.group_size}-{'sym' if self.sym else 'asym'}{act}{partial}-{self.fmt}"
 
 
 def rtn(w: np.ndarray, bits: int, g_idx: np.ndarray, sym: bool, min_zero: int) -> tuple:
@@ -89,9 +91,11 @@ def quantization_config(v: Variant) -> dict:
     if v.method == "awq":
         return {"quant_method": "awq", "bits": v.bits, "group_size": v.group_size, "zero_point": True,
                 "version": "gemm", "modules_to_not_convert": ["visual"]}
+    quantized = [[n for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj") if n not in v.float_layers]]
     return {"quant_method": "gptq", "bits": v.bits, "group_size": v.group_size, "desc_act": v.desc_act,
             "sym": v.sym, "checkpoint_format": v.fmt, "damp_percent": 0.01, "true_sequential": True,
-            "static_groups": False}
+            "static_groups": False, "modules_in_block_to_quantize": quantized if v.float_layers else None}
 
 
 def group_index(k: int, group_size: int, perm: np.ndarray | None) -> np.ndarray:
@@ -124,7 +128,7 @@ def write_pair(src: Path, out: Path, v: Variant, seed: int = 0) -> tuple[Path, P
     perms: dict[tuple[str, str], np.ndarray] = {}
     for key, t in tensors.items():
         m = LINEAR.search(key)
-        if not m or "visual" in key:
+        if not m or "visual" in key or m.group(2) in v.float_layers:
             quantized[key] = dequantized[key] = t
             continue
         w = t.float().numpy()

