@@ -9,6 +9,7 @@ the reader (export/prequantized.py) is checked against layouts it did not write.
   qzeros int32 [G, N/8], slot i of word `col` holding output col*8 + order_map[i], order_map [0, 2, 4, 6, 1, 3, 5, 7];
   scales fp16 [G, N]. transformers' AwqConfig: `version` "gemm", `modules_to_not_convert`.
 
+tests/crosscheck_publishers.py compares these packers with AutoAWQ's and AutoGPTQ's own code, by hand.
 The integers come from round-to-nearest per group (not GPTQ's or AWQ's error-compensating search: only the
 formats are under test). Alongside, the float checkpoint of the same weights dequantized here, for transformers.
 """
