@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_make_tiny)
 
     p = sub.add_parser("export", help="checkpoint -> ONNX artifact directory (needs [export])")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a Qwen2-VL checkpoint dir: float, GPTQ or AWQ (GEMM), read from its config")
     p.add_argument("out")
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     p.add_argument("--opset", type=int, default=17)
@@ -246,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoder returns logits for every position (default: last position only)")
     p.add_argument("--target", choices=["portable", "ort-cpu"], default="portable",
                    help="portable: standard ONNX (TensorRT, any runtime); ort-cpu: ONNX Runtime CPU kernels")
-    p.add_argument("--weights", choices=["fp32", "int8", "int4"], default="fp32", help="decoder weights (ort-cpu)")
+    p.add_argument("--weights", choices=["fp32", "int8", "int4"], default="fp32",
+                   help="decoder weights (ort-cpu); of a GPTQ/AWQ checkpoint only its float lm_head (its own "
+                        "quantized layers are kept as they are)")
     p.add_argument("--vision-weights", choices=["fp32", "int8", "int4", "int8-dynamic"], default="fp32",
                    help="int8/int4: MatMulNBits blocks; int8-dynamic: per-channel int8 weights with activations "
                         "quantized per tensor at run time (faster vision, coarser activations)")

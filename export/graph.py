@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .prequantized import QuantizedWeight, dequantized
+
 FLOAT, INT64, INT32, BOOL = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32, TensorProto.BOOL
 STORAGE = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
 ALIGN, PAGE_ALIGN = 64, 4096
@@ -77,10 +79,12 @@ class WeightStore:
 class Graph:
     """Builds one ONNX graph. `op()` returns output names; weights are cast to fp32 inside the graph."""
 
-    def __init__(self, name: str, store: WeightStore, opset: int, quant=None, fused: bool = False):
+    def __init__(self, name: str, store: WeightStore, opset: int, quant=None, fused: bool = False,
+                 accuracy_level: int = 4):
         self.name, self.store, self.opset = name, store, opset
         self.quant = quant  # export.quantize.QuantSpec: linears become com.microsoft MatMulNBits
         self.fused = fused  # ONNX Runtime's fused contrib ops allowed (the ort-cpu target)
+        self.accuracy_level = accuracy_level  # MatMulNBits of weights the checkpoint stores quantized
         self.nodes: list[onnx.NodeProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
@@ -146,10 +150,21 @@ class Graph:
 
     # -- composite helpers --------------------------------------------------------------------
 
-    def linear(self, x: str, weight: np.ndarray, bias: np.ndarray | None, name: str, quantize: bool = True) -> str:
+    def linear(self, x: str, weight, bias: np.ndarray | None, name: str, quantize: bool = True) -> str:
         """x @ weight.T + bias for a weight [out, in]: a MatMul on the pre-transposed weight, or a
-        MatMulNBits on the block-quantized weight when the graph quantizes (and `quantize`)."""
-        if self.quant is not None and quantize:
+        MatMulNBits on the block-quantized weight when the graph quantizes (and `quantize`).
+        `weight` may be a checkpoint's quantized weight (export.prequantized.QuantizedWeight): MatMulNBits of
+        its own integers where contrib ops are allowed, else its dequantized floats; or a list of weights,
+        one kernel each, outputs concatenated."""
+        if isinstance(weight, list) and self.fused:
+            y = self.op("Concat", *[self.linear(x, w, None, f"{name}.part{i}") for i, w in enumerate(weight)], axis=-1)
+        elif isinstance(weight, QuantizedWeight) and self.fused:
+            from .quantize import matmul_nbits_prequantized
+
+            y = matmul_nbits_prequantized(self, x, weight, name, self.accuracy_level)
+        elif isinstance(weight, (list, QuantizedWeight)):
+            return self.linear(x, dequantized(weight), bias, name, quantize)
+        elif self.quant is not None and quantize:
             from .quantize import dynamic_quant_matmul, matmul_nbits
 
             y = (dynamic_quant_matmul(self, x, weight, name) if self.quant.dynamic

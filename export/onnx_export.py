@@ -110,6 +110,10 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32", opse
     started = time.perf_counter()
     ckpt = Checkpoint(checkpoint)
     cfg = ckpt.config
+    prequantized = ckpt.quant is not None and target == "ort-cpu"  # its GPTQ/AWQ layers: MatMulNBits as they are
+    if prequantized:
+        QuantSpec(ckpt.quant.bits, accuracy_level=accuracy_level).validate()
+        contrib.append(("MatMulNBits", ckpt.quant.bits))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     say = print if verbose else (lambda *a, **k: None)
@@ -124,7 +128,7 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32", opse
     try:
         for name in GRAPHS:
             build, steps = builders[name]
-            g = Graph(name, store, opset, quant=quant[name], fused=target == "ort-cpu")
+            g = Graph(name, store, opset, quant=quant[name], fused=target == "ort-cpu", accuracy_level=accuracy_level)
             with _progress(steps, f"{name}: weights", verbose) as bar:
                 build(g, bar)
             model = g.model()
@@ -155,7 +159,9 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32", opse
         "export": {"dtype": dtype, "compute_dtype": "fp32", "opset": opset, "logits": "all" if all_logits else "last",
                    "target": target, "weights": weights, "vision_weights": vision_weights,
                    "block_size": block_size if quantized else None,
-                   "accuracy_level": accuracy_level if quantized else None,
+                   "accuracy_level": accuracy_level if quantized or prequantized else None,
+                   # GPTQ/AWQ checkpoints: method, format, bits, group_size of the decoder linears' own weights
+                   "source_quantization": ckpt.quant.to_manifest() if ckpt.quant else None,
                    "contrib_ops": list(dict.fromkeys(op for op, _ in contrib)),
                    "requires_onnxruntime": (">=" + ".".join(map(str, max(CONTRIB_MIN_ONNXRUNTIME[c] for c in contrib)))
                                             if contrib else None),
