@@ -8,7 +8,7 @@ import io
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -29,7 +29,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def fetch_url(url: str, *, timeout: float | None = None, max_bytes: int | None = None,
-              content_prefix: str = "image/") -> bytes:
+              content_prefix: str | tuple[str, ...] = "image/", what: str = "an image") -> bytes:
     """GET `url` with a timeout and a byte cap (module defaults) and refuse a response not `content_prefix*`."""
     timeout = URL_TIMEOUT_S if timeout is None else timeout
     max_bytes = URL_MAX_BYTES if max_bytes is None else max_bytes
@@ -37,7 +37,7 @@ def fetch_url(url: str, *, timeout: float | None = None, max_bytes: int | None =
         with urllib.request.urlopen(url, timeout=timeout) as response:
             ctype = response.headers.get("Content-Type", "")
             if not ctype.startswith(content_prefix):
-                raise InputError(f"{url} answered with Content-Type {ctype!r}, not an image")
+                raise InputError(f"{url} answered with Content-Type {ctype!r}, not {what}")
             length = response.headers.get("Content-Length")
             if length is not None and int(length) > max_bytes:
                 raise InputError(f"{url} is {int(length)} bytes, over the {max_bytes}-byte limit")
@@ -107,29 +107,3 @@ def load_image(source: Any) -> Image.Image:
     if image.width < 1 or image.height < 1:
         raise InputError(f"image is {image.width}x{image.height} pixels: it must be at least 1x1")
     return to_rgb(image)
-
-
-def load_video_frames(path: str | Path, choose_nframes: Callable[[int, float], int]) -> list[Image.Image]:
-    """Decode a video file with PyAV and sample frames as qwen-vl-utils does (uniform, rounded indices)."""
-    try:
-        import av
-    except ImportError:
-        raise InputError("reading video files needs PyAV: pip install 'qwen2vl-edge[video]'") from None
-    s = str(path)
-    path = Path(s[len("file://"):] if s.startswith("file://") else s)
-    if not path.is_file():
-        raise InputError(f"video file not found: {path}")
-    try:
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            rate = float(stream.average_rate or stream.guessed_rate or 0) or 1.0
-            decoded = [frame.to_image() for frame in container.decode(stream)]
-    except (av.error.FFmpegError, IndexError) as e:
-        raise InputError(f"could not decode video {path}: {e}") from None
-    if not decoded:
-        raise InputError(f"video {path} has zero frames")
-    n = choose_nframes(len(decoded), rate)
-    # torch.linspace(0, total-1, n).round(): half to even, like np.round
-    idx = np.round(np.linspace(0, len(decoded) - 1, n)).astype(int) if n > 1 else np.zeros(1, int)
-    return [to_rgb(decoded[i]) for i in idx]
-

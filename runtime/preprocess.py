@@ -20,7 +20,8 @@ import numpy as np
 from PIL import Image
 
 from .errors import InputError
-from .media import load_image, load_video_frames
+from .media import load_image
+from .video import VideoInfo, read_video
 
 MAX_RATIO = 200
 # qwen-vl-utils budgets, counted in merged tokens of (patch_size * merge_size)^2 pixels
@@ -246,7 +247,30 @@ def _video_frame_budget(ele_min: int | None, ele_max: int | None, total_pixels: 
     return lo, hi
 
 
-def process_video(
+def _video_size(height: int, width: int, n: int, pp: PreprocessorConfig, min_pixels, max_pixels, total_pixels,
+                resized_height, resized_width) -> tuple[int, int]:
+    """Frame size (h, w) of a video of `n` frames: qwen-vl-utils' budget, then the processor's second resize."""
+    lo, hi = _video_frame_budget(min_pixels, max_pixels, total_pixels, n, pp.factor)
+    if resized_height is not None and resized_width is not None:
+        h, w = _requested_size(resized_height, resized_width, pp.factor)
+    else:
+        h, w = smart_resize(height, width, pp.factor, lo, hi)
+    # transformers' video processor: second smart_resize with the checkpoint's limits
+    return smart_resize(h, w, pp.factor, pp.min_pixels, pp.max_pixels, floor_to_factor=False)
+
+
+def video_tokens(n: int, h: int, w: int, pp: PreprocessorConfig) -> int:
+    """Merged tokens of `n` frames of h x w pixels (frames padded to the temporal patch)."""
+    return -(-n // pp.temporal_patch_size) * (h // pp.patch_size) * (w // pp.patch_size) // pp.merge_size ** 2
+
+
+def process_video(video: str | Path | Sequence[Any], **options) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """A list of frames, or a video file (needs the [video] extra) -> patches [N, 1176], (t, h, w)."""
+    patches, grid, _ = process_video_timed(video, **options)
+    return patches, grid
+
+
+def process_video_timed(
     video: str | Path | Sequence[Any],
     *,
     fps: float | None = None,
@@ -256,12 +280,30 @@ def process_video(
     total_pixels: float | None = None,
     resized_height: int | None = None,
     resized_width: int | None = None,
+    video_start: float | None = None,
+    video_end: float | None = None,
+    max_tokens: int | None = None,
     preprocessor: PreprocessorConfig = DEFAULT_PREPROCESSOR,
-) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """A list of frames, or a video file (needs the [video] extra) -> patches [N, 1176], (t, h, w)."""
+) -> tuple[np.ndarray, tuple[int, int, int], list[float]]:
+    """-> patches, grid and the sampled frames' timestamps in seconds (files only; [] for a list of frames).
+
+    A file is sized from its metadata first: more than `max_tokens` tokens fails before decoding."""
     pp = preprocessor
+    size = lambda h, w, n: _video_size(h, w, n, pp, min_pixels, max_pixels, total_pixels,  # noqa: E731
+                                       resized_height, resized_width)
+    timestamps: list[float] = []
     if isinstance(video, (str, Path)):
-        images = load_video_frames(video, lambda total, rate: smart_nframes(total, rate, fps, nframes))
+        def check(info: VideoInfo, n: int) -> None:
+            tokens = video_tokens(n, *size(info.height, info.width, n), pp)
+            if max_tokens is not None and tokens > max_tokens:
+                raise InputError(
+                    f"video {video}: {n} frames of {info.width}x{info.height} ({info.duration:.1f} s at "
+                    f"{info.fps:g} fps) would take {tokens} tokens, over the {max_tokens} this request has room "
+                    "for: sample fewer frames (fps, nframes), make them smaller (max_pixels, total_pixels) or cut "
+                    "the clip (video_start, video_end)")
+
+        images, timestamps = read_video(video, lambda total, rate: smart_nframes(total, rate, fps, nframes), check,
+                                        video_start, video_end)
     else:
         if len(video) == 0:
             raise InputError("video has zero frames: pass at least one frame")
@@ -273,13 +315,9 @@ def process_video(
         if len({im.size for im in images}) > 1:
             raise InputError("video frames differ in size after resizing: give frames of one size")
         images += [images[-1]] * (-len(images) % FRAME_FACTOR)
-    lo, hi = _video_frame_budget(min_pixels, max_pixels, total_pixels, len(images), pp.factor)
-    if resized_height is not None and resized_width is not None:
-        h, w = _requested_size(resized_height, resized_width, pp.factor)
-    else:
-        h, w = smart_resize(images[0].height, images[0].width, pp.factor, lo, hi)
-    # transformers' video processor: second smart_resize with the checkpoint's limits
-    h, w = smart_resize(h, w, pp.factor, pp.min_pixels, pp.max_pixels, floor_to_factor=False)
+    h, w = size(images[0].height, images[0].width, len(images))
     frames = np.stack([_to_chw(_resize(im, h, w)) for im in images])  # [T, C, H, W] uint8
+    del images
     frames = np.concatenate([frames, np.repeat(frames[-1:], -len(frames) % pp.temporal_patch_size, axis=0)])
-    return patchify(frames, pp, fused=True)
+    patches, grid = patchify(frames, pp, fused=True)
+    return patches, grid, timestamps

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..artifact import Artifact
-from ..errors import ArtifactError
+from ..errors import ArtifactError, InputError
 from .cuda import DeviceBuffer, cuda_call, cudart, gpu_identity
 from .trt_profiles import DECODE, ENGINES, PREFILL, check_request, check_sidecar, limits_of
 
@@ -113,6 +113,13 @@ class TrtBackend:
 
     def new_cache(self, batch: int, reserve: int = 0) -> TrtCache:  # buffers sized at engine limits
         return TrtCache(0, batch, 0)
+
+    def reserve(self, cache: TrtCache, positions: int) -> TrtCache:
+        """Engine buffers are fixed at --max-context: a chat session's next turn must fit them."""
+        if positions > self.limits.max_context:
+            raise InputError(f"the chat session needs {positions} positions, over the engines' --max-context "
+                             f"{self.limits.max_context}: reset() the session or rebuild with a larger --max-context")
+        return cache
 
     def decode(self, inputs_embeds: DeviceEmbeds, attention_mask, position_ids, cache: TrtCache):
         B, L, H = inputs_embeds.shape
