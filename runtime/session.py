@@ -119,8 +119,10 @@ class ChatSession:
         return self.pipe.processor.prompt(messages, self.add_vision_id, generation_prompt) if messages else ""
 
     def _delta(self, history: list[dict], message: dict, generation_prompt: bool) -> str:
-        """The text `message` adds after `history` (which is already in the cache)."""
-        before, after = self._render(history, False), self._render(history + [message], generation_prompt)
+        """The text `message` adds after `history` (in the cache, but for a lone system message: it goes in with
+        the first user message)."""
+        fed = history if any(m["role"] != "system" for m in history) else []
+        before, after = self._render(fed, False), self._render(history + [message], generation_prompt)
         if not after.startswith(before):
             raise InputError("this chat template does not render a conversation as the start of its continuation, "
                              "so a session cannot reuse its cache: use pipe.generate() with the whole conversation")

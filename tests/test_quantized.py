@@ -207,11 +207,6 @@ def test_ort_cpu_target_is_rejected_by_check_trt(quantized):
     assert result.returncode == 1 and "(MatMulNBits): custom domain 'com.microsoft'" in result.stdout
 
 
-@pytest.fixture(scope="module")
-def ort_fp32(tiny_ckpt, workdir):
-    return export_artifact(tiny_ckpt, workdir / "art-ort-fp32", target="ort-cpu")
-
-
 @requires_torch
 def test_fp32_ort_target_stays_token_identical(ort_fp32, pipe):
     """Packed projections, SkipSimplifiedLayerNormalization and GroupQueryAttention over a preallocated
