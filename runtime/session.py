@@ -213,11 +213,12 @@ class ChatSession:
         """Segments that rebuild `entries` in an empty cache: user messages re-rendered (vision re-run),
         replies as their ids."""
         segments, history = [], []
-        for e in entries:
+        for e, after in zip(entries, entries[1:] + [None]):
             if e.reply_ids is not None:
                 segments.append(_text_segment(e.reply_ids + self._end_of_turn(history)))
-            elif e.message["role"] != "system":
-                segments.append(self._user_segment(history, e.message, False, room))
+            elif e.message["role"] != "system":  # a reply follows its generation prompt
+                replied = after is not None and after.reply_ids is not None
+                segments.append(self._user_segment(history, e.message, replied, room))
             history.append(e.message)
         return segments
 

@@ -106,3 +106,58 @@ def test_session_turns_match_transformers(tiny_ckpt, pipe, pipe_ort, turns, cach
     ours = np.concatenate([f[:, 0, :] for f in fed], axis=1)  # [3, every token fed, in order]
     assert ours.shape[1] == len(expected)  # each id in the cache was fed exactly once
     np.testing.assert_array_equal(ours, ref_pos.numpy()[:, 0, :])
+
+
+def _small_context(p, tokens):
+    """The same graphs behind a model card that claims a `tokens`-long context."""
+    from dataclasses import replace
+
+    from qwen2vl_edge.runtime import Qwen2VLPipeline
+
+    cfg = p.artifact.config
+    artifact = replace(p.artifact, config=replace(cfg, text=replace(cfg.text, max_position_embeddings=tokens)))
+    return Qwen2VLPipeline(artifact, p.processor, p.backend)
+
+
+@pytest.mark.parametrize("overflow", ["error", "slide"])
+def test_overflow_error_names_the_fix_or_slides_to_the_latest_turns(tiny_ckpt, pipe_ort, turns, overflow):
+    from qwen2vl_edge.runtime import InputError
+
+    small = _small_context(pipe_ort, 180)
+    session = small.chat(overflow=overflow, max_new_tokens=N, min_new_tokens=N)
+    first = session.send(turns[0][1])
+    session.send("Tell me more about the colours.")
+    held = session.token_ids
+    assert len(held) < 180
+    question = "And what about the shapes in it?"
+    if overflow == "error":
+        with pytest.raises(InputError, match=r"holds \d+ of the model's 180-token context .*overflow='slide'"):
+            session.send(question)
+        assert session.token_ids == held  # refused before touching the cache
+        return
+    result = session.send(question)
+    history = session.history
+    assert history[0]["content"] == "Tell me more about the colours."  # the image turn and its reply dropped
+    assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
+    replies = [session._entries[1].reply_ids, result.token_ids]  # the kept replies, as generated
+    assert first.token_ids not in replies
+    expected, out = _reference_ids(tiny_ckpt, history, replies, generation_prompt=False)
+    assert session.token_ids == expected
+    prompt, out = _reference_ids(tiny_ckpt, history[:3], replies[:1], generation_prompt=True)
+    assert result.token_ids == _reference_reply(tiny_ckpt, prompt, out)
+    assert result.usage["cached_prompt_tokens"] == 0  # started over
+
+
+def test_a_stream_stopped_early_leaves_a_usable_session(tiny_ckpt, pipe):
+    session = pipe.chat(max_new_tokens=N, min_new_tokens=N)
+    session.send("Hello!")
+    for _ in session.stream("Count to ten."):
+        break  # the consumer walks away: that turn is forgotten, the cache rebuilt at the next turn
+    result = session.send("Say something else.")
+    messages = session.history
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["Hello!", "Say something else."]
+    replies = [session._entries[1].reply_ids, result.token_ids]
+    expected, _ = _reference_ids(tiny_ckpt, messages, replies, generation_prompt=False)
+    assert session.token_ids == expected
+    prompt, out = _reference_ids(tiny_ckpt, messages[:3], replies[:1], generation_prompt=True)
+    assert result.token_ids == _reference_reply(tiny_ckpt, prompt, out)
