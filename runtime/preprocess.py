@@ -302,8 +302,9 @@ def process_video_timed(
                     "for: sample fewer frames (fps, nframes), make them smaller (max_pixels, total_pixels) or cut "
                     "the clip (video_start, video_end)")
 
-        images, timestamps = read_video(video, lambda total, rate: smart_nframes(total, rate, fps, nframes), check,
-                                        video_start, video_end)
+        sampled = read_video(video, lambda total, rate: smart_nframes(total, rate, fps, nframes), check,
+                             video_start, video_end)
+        images, timestamps = sampled.frames, sampled.timestamps
     else:
         if len(video) == 0:
             raise InputError("video has zero frames: pass at least one frame")

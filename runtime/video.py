@@ -106,19 +106,28 @@ def sample_indices(start: int, end: int, n: int) -> np.ndarray:
     return np.round(np.linspace(start, end, n)).astype(np.int64) if n > 1 else np.array([start], np.int64)
 
 
-def _decode_at(container, stream, indices: np.ndarray, fps: float) -> list[Image.Image]:
-    """The frames at `indices` (sorted), found by presentation time; only these are converted to RGB."""
+@dataclass
+class SampledVideo:
+    frames: list[Image.Image]  # RGB, at the sampled indices
+    timestamps: list[float]  # seconds from the stream's start
+    decoded: int  # frames the decoder produced to reach them (seeking skips the rest)
+
+
+def _decode_at(container, stream, indices: np.ndarray, fps: float) -> tuple[list[Image.Image], int]:
+    """The frames at `indices` (sorted), found by presentation time; only these are converted to RGB.
+    -> the frames, how many frames were decoded."""
     base = stream.start_time or 0
     tb = float(stream.time_base)
     index_of = lambda frame: int(round(((frame.pts or 0) - base) * tb * fps))  # noqa: E731 (constant frame rate)
     out: list[Image.Image] = []
-    frames, current, position = None, None, -1
+    frames, current, position, decoded = None, None, -1, 0
     for target in indices:
         if current is None or position < target:
             if frames is None or target - position > SEEK_GAP_S * fps:
                 container.seek(int(base + target / fps / tb), stream=stream, backward=True, any_frame=False)
                 frames = container.decode(stream)
             for current in frames:
+                decoded += 1
                 position = index_of(current)
                 if position >= target:
                     break
@@ -127,14 +136,14 @@ def _decode_at(container, stream, indices: np.ndarray, fps: float) -> list[Image
         if current is None:
             raise InputError(f"frame {int(target)} of the video could not be decoded")
         out.append(to_rgb(current.to_image()))
-    return out
+    return out, decoded
 
 
 def read_video(source: str | Path, choose_nframes: Callable[[int, float], int],
                check: Callable[[VideoInfo, int], None], video_start: float | None = None,
-               video_end: float | None = None) -> tuple[list[Image.Image], list[float]]:
-    """-> the sampled RGB frames and their timestamps in seconds. `choose_nframes(frames_in_range, fps)`
-    picks how many; `check(info, n)` may refuse the request before anything is decoded."""
+               video_end: float | None = None) -> SampledVideo:
+    """`choose_nframes(frames_in_range, fps)` picks how many frames; `check(info, n)` may refuse the request
+    before anything is decoded."""
     av = _av()
     with _local_file(source) as path:
         try:
@@ -148,7 +157,7 @@ def read_video(source: str | Path, choose_nframes: Callable[[int, float], int],
                 n = choose_nframes(end - start + 1, info.fps)
                 check(info, n)
                 indices = sample_indices(start, end, n)
-                frames = _decode_at(container, stream, indices, info.fps)
+                frames, decoded = _decode_at(container, stream, indices, info.fps)
         except av.error.FFmpegError as e:
             raise InputError(f"could not decode video {source}: {e}") from None
-    return frames, [float(i / info.fps) for i in indices]
+    return SampledVideo(frames, [float(i / info.fps) for i in indices], decoded)
