@@ -5,8 +5,10 @@ It only talks to the `Backend` interface, so ONNX Runtime and TensorRT share it.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -38,6 +40,18 @@ class GenerationOptions:
 # transformers' values for fields neither the call nor generation_config.json sets
 # (GenerationConfig._get_default_generation_params: top_k 50)
 LIBRARY_SAMPLING = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
+
+
+def checkpoint_sampling(directory: Path) -> dict:
+    """The sampling fields of the generation_config.json the export copied from the checkpoint."""
+    path = Path(directory) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path} is not valid JSON ({e}): fix or remove it") from None
+    return {k: config[k] for k in LIBRARY_SAMPLING if config.get(k) is not None}
 
 
 def sampling_options(requested: dict, *defaults: dict) -> SamplingOptions:

@@ -12,8 +12,9 @@ import re
 from dataclasses import dataclass
 
 GRID = 1000
-_REF = r"<\|object_ref_start\|>(?P<label>.*?)<\|object_ref_end\|>"
-_BOX = r"<\|box_start\|>(?P<body>.*?)<\|box_end\|>"
+_NO_TAG = r"(?:(?!<\|).)*?"  # an unclosed span must not swallow the next one
+_REF = rf"<\|object_ref_start\|>(?P<label>{_NO_TAG})<\|object_ref_end\|>"
+_BOX = rf"<\|box_start\|>(?P<body>{_NO_TAG})<\|box_end\|>"
 _SPAN = re.compile(f"{_REF}|{_BOX}", re.S)
 _POINTS = re.compile(r"^\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*,\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*$")
 

@@ -13,7 +13,7 @@ import numpy as np
 from .artifact import Artifact, load_artifact
 from .backends import create_backend
 from .errors import InputError
-from .generation import GenerationOptions, StepTimes, run, sampling_options
+from .generation import GenerationOptions, StepTimes, checkpoint_sampling, run, sampling_options
 from .grounding import Box, parse_boxes
 from .processor import Processor, is_batch
 from .rope import IMAGE, VIDEO, runs, token_types, vision_rotary
@@ -65,6 +65,7 @@ class Qwen2VLPipeline:
         gen = artifact.generation
         self.eos_ids = [int(t) for t in gen.get("eos_token_id", [])]
         self.pad_id = int(gen.get("pad_token_id", processor.special.pad_id))
+        self.sampling_defaults = checkpoint_sampling(artifact.dir)  # generation_config.json, as transformers reads it
         self.last_result: GenerationResult | None = None  # of the last finished stream()
 
     @classmethod
@@ -116,7 +117,7 @@ class Qwen2VLPipeline:
         requested = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                          repetition_penalty=repetition_penalty)
         opts = GenerationOptions(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                                 sampling=sampling_options(requested, defaults or {}, self.artifact.generation),
+                                 sampling=sampling_options(requested, defaults or {}, self.sampling_defaults),
                                  seed=seed, stop=tuple([stop] if isinstance(stop, str) else stop or ()))
         opts.validate()
         return opts
