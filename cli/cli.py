@@ -25,28 +25,52 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _vision_options(args: argparse.Namespace, kind: str) -> dict:
+    """--min-pixels/--max-pixels for every image and video given on the command line, --fps/--nframes for videos."""
+    names = ("min_pixels", "max_pixels") + (("fps", "nframes") if kind == "video" else ())
+    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+
+
+def _user_content(args: argparse.Namespace, images, videos, text: str | None) -> list:
+    content = [{"type": "image", "image": p, **_vision_options(args, "image")} for p in images or []]
+    content += [{"type": "video", "video": p, **_vision_options(args, "video")} for p in videos or []]
+    if text is not None:
+        content.append({"type": "text", "text": text})
+    return content
+
+
 def _conversation_from_args(args: argparse.Namespace) -> list:
     if args.messages:
         return json.loads(Path(args.messages).read_text())
     if args.prompt is None:
         raise SystemExit("run: give --messages FILE.json, or --prompt TEXT (with optional --image/--video)")
-    content = [{"type": "image", "image": p} for p in args.image or []]
-    content += [{"type": "video", "video": p} for p in args.video or []]
-    content.append({"type": "text", "text": args.prompt})
-    return [{"role": "user", "content": content}]
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    return system + [{"role": "user", "content": _user_content(args, args.image, args.video, args.prompt)}]
+
+
+def _generation_options(args: argparse.Namespace) -> dict:
+    """Sampling flags left out take the checkpoint's generation_config.json values."""
+    do_sample = False if args.greedy else (True if args.temperature is not None else None)
+    return dict(max_new_tokens=args.max_new_tokens, do_sample=do_sample, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                stop=args.stop)
+
+
+def _load(args: argparse.Namespace):
+    from qwen2vl_edge.runtime import Qwen2VLPipeline
+
+    return Qwen2VLPipeline.load(args.artifact, backend=args.backend, num_threads=args.threads,
+                                verify=not args.no_verify, session_cache=args.session_cache)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from qwen2vl_edge.runtime import Qwen2VLPipeline
     from qwen2vl_edge.runtime.errors import ArtifactError, InputError
     from qwen2vl_edge.runtime.processor import is_batch
 
     try:
-        pipe = Qwen2VLPipeline.load(args.artifact, backend=args.backend, num_threads=args.threads,
-                                    verify=not args.no_verify, session_cache=args.session_cache)
+        pipe = _load(args)
         conversation = _conversation_from_args(args)
-        options = dict(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy and args.temperature is not None,
-                       temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        options = dict(_generation_options(args), add_vision_id=args.add_vision_id)
         if args.json or is_batch(conversation):
             results = pipe.generate(conversation, **options)
             results = results if isinstance(results, list) else [results]
@@ -59,6 +83,48 @@ def _run(args: argparse.Namespace) -> int:
     except (InputError, ArtifactError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+CHAT_HELP = ("/image PATH and /video PATH attach to your next message; /reset forgets the conversation; "
+             "/quit (or end of input) leaves")
+
+
+def _chat(args: argparse.Namespace) -> int:
+    """An interactive session: the KV cache is kept between turns, so follow-ups start at once."""
+    from qwen2vl_edge.runtime.errors import ArtifactError, InputError
+
+    try:
+        pipe = _load(args)
+        session = pipe.chat(system=args.system, overflow=args.overflow, add_vision_id=args.add_vision_id,
+                            **_generation_options(args))
+    except (InputError, ArtifactError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(CHAT_HELP, file=sys.stderr)
+    attached: dict[str, list] = {"image": [], "video": []}
+    for line in sys.stdin:
+        line = line.strip()
+        command, _, rest = line.partition(" ")
+        if command == "/quit":
+            break
+        if command == "/reset":
+            session.reset()
+            attached = {"image": [], "video": []}
+        elif command in ("/image", "/video") and rest:
+            attached[command[1:]].append(rest.strip())
+        elif line:
+            try:
+                for piece in session.stream(_user_content(args, attached["image"], attached["video"], line)):
+                    print(piece, end="", flush=True)
+                print()
+                usage = session.last_result.usage
+                print(f"[{usage['cached_prompt_tokens']} cached + {usage['prompt_tokens'] - usage['cached_prompt_tokens']}"
+                      f" new prompt tokens, {session.last_result.timings['time_to_first_token']:.2f} s to first token]",
+                      file=sys.stderr)
+            except InputError as e:
+                print(f"error: {e}", file=sys.stderr)
+            attached = {"image": [], "video": []}
     return 0
 
 
@@ -98,6 +164,31 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generation_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--system", help="system message")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--greedy", action="store_true", help="greedy decoding (also the default unless --temperature "
+                                                         "or the checkpoint's generation_config.json samples)")
+    p.add_argument("--temperature", type=float, help="sample at this temperature")
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", help="stop when the reply contains this text (repeatable)")
+    p.add_argument("--min-pixels", type=int, help="per image / video frame: at least this many pixels")
+    p.add_argument("--max-pixels", type=int, help="per image / video frame: at most this many pixels")
+    fps = p.add_mutually_exclusive_group()
+    fps.add_argument("--fps", type=float, help="video frames sampled per second (default 2)")
+    fps.add_argument("--nframes", type=int, help="video frames sampled in all")
+    p.add_argument("--add-vision-id", action="store_true", help="label images 'Picture 1:', videos 'Video 1:'")
+    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact files")
+    p.add_argument("--session-cache", metavar="DIR",
+                   help="keep ONNX Runtime's optimized graphs and CPU-packed weights in DIR: later starts are "
+                        "faster (first start writes about the artifact's size again, twice for quantized weights)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen2vl-edge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,22 +222,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact")
     p.add_argument("--messages", help="JSON file: one conversation or a list of conversations")
     p.add_argument("--image", action="append")
-    p.add_argument("--video", action="append")
+    p.add_argument("--video", action="append", help="a file path or http(s) URL (needs [video])")
     p.add_argument("--prompt")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--greedy", action="store_true", help="greedy decoding (the default unless --temperature)")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact files")
-    p.add_argument("--session-cache", metavar="DIR",
-                   help="keep ONNX Runtime's optimized graphs and CPU-packed weights in DIR: later starts are "
-                        "faster (first start writes about the artifact's size again, twice for quantized weights)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    _generation_flags(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text "
+                                                       "(text, token_ids, boxes, video_timestamps, timings, usage)")
     p.set_defaults(func=_run)
+
+    p = sub.add_parser("chat", help="interactive chat that keeps the KV cache between turns (no torch needed)")
+    p.add_argument("artifact")
+    p.add_argument("--overflow", choices=["error", "slide"], default="error",
+                   help="when the context is full: report it, or start over from the latest turns")
+    _generation_flags(p)
+    p.set_defaults(func=_chat)
 
     p = sub.add_parser("quickstart", help="tiny checkpoint -> export -> multi-image chat -> parity check")
     p.add_argument("--dir", default="qwen2vl-edge-quickstart")
