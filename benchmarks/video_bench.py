@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
               "short_nframes32": measure(short, {"nframes": 32}, args.repeats),
               "long_defaults_over_context": measure(long, {"max_tokens": 32768}, 1)}
     result["time_ratio_long_vs_short"] = result["long_nframes32"]["seconds"] / result["short_nframes32"]["seconds"]
-    (out / "video_bench.json").write_text(json.dumps(result, indent=2))
+    (out / f"video_bench_g{args.keyint}.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return 0
 
