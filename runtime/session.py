@@ -168,18 +168,23 @@ class ChatSession:
         inputs["rope_deltas"] = np.asarray([[next_position - (P + L)]], np.int64)  # decode steps continue here
         return inputs
 
-    def _embed(self, turn: _Turn) -> tuple[dict, Any, dict]:
-        t0 = time.perf_counter()
+    def _checked_inputs(self, turn: _Turn, max_new_tokens: int) -> dict:
+        """The turn's arrays, refused before any graph runs when the backend was not built for them."""
         inputs = self._inputs(turn)
+        self.pipe.backend.check_request(inputs, max_new_tokens)
+        return inputs
+
+    def _embed(self, inputs: dict) -> tuple[Any, dict]:
+        t0 = time.perf_counter()
         feats = self.pipe.vision_features(inputs)
         t1 = time.perf_counter()
         embeds = self.pipe.backend.merge(inputs["input_ids"], feats)
-        return inputs, embeds, {"vision": t1 - t0, "merge": time.perf_counter() - t1}
+        return embeds, {"vision": t1 - t0, "merge": time.perf_counter() - t1}
 
     def _commit(self, ids: list[int], cache: Any, rope_delta: int, image_sizes: list) -> None:
         """The cache now holds `ids` more; the next position follows from the last rope delta."""
         self._ids += ids
-        self.cache = cache
+        self.cache, self._stale = cache, False
         self._next_position = len(self._ids) + rope_delta
         self._image_sizes += image_sizes
 
@@ -190,8 +195,9 @@ class ChatSession:
 
     def _feed(self, turn: _Turn) -> dict:
         """Prefill `turn` with nothing generated -> timings."""
+        inputs = self._checked_inputs(turn, 0)
         self.cache = self._reserve(len(self._ids) + len(turn.ids))
-        inputs, embeds, timings = self._embed(turn)
+        embeds, timings = self._embed(inputs)
         steps = StepTimes()
         _, state = prefill(self.pipe.backend, embeds, inputs, steps, 0, self.cache, np.asarray(self._ids))
         self._commit(turn.ids, state.cache, int(inputs["rope_deltas"][0, 0]), turn.image_sizes)
@@ -239,7 +245,8 @@ class ChatSession:
             if total <= self.context or not kept or self.overflow == "error":
                 break
             drop += 1
-        self._entries, self._stale = system + kept, False
+        # stale until the rebuilt turn is in the cache: a failure before then rebuilds again at the next turn
+        self._entries, self._stale = system + kept, True
         self.cache, self._ids, self._next_position, self._image_sizes = None, [], 0, []
         self._check_room(total - max_new_tokens, max_new_tokens)
         for e, seg in zip([e for e in system + kept if e.message["role"] != "system"], segments):
@@ -302,11 +309,12 @@ class ChatSession:
         end_of_turn_room = 8  # the template's end of turn, fed after the reply (Qwen2-VL's: 2 tokens)
         message, turn, seg = self._prepare(content, True, opts.max_new_tokens + end_of_turn_room)
         cached = len(self._ids)
+        inputs = self._checked_inputs(turn, opts.max_new_tokens + end_of_turn_room)
         preprocess = time.perf_counter() - started
         state, done = None, False
         try:
             self.cache = self._reserve(cached + len(turn.ids) + opts.max_new_tokens + end_of_turn_room)
-            inputs, embeds, timings = self._embed(turn)
+            embeds, timings = self._embed(inputs)
             steps = StepTimes()
             for state in run(self.pipe.backend, embeds, inputs, opts, self.pipe.eos_ids, self.pipe.pad_id,
                              self.pipe.processor.decode, steps, self.cache, np.asarray(self._ids)):
