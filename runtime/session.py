@@ -228,12 +228,17 @@ class ChatSession:
             history.append(e.message)
         return segments
 
-    def _rebuild(self, message: dict, generation_prompt: bool, max_new_tokens: int) -> tuple[_Turn, dict]:
-        """Reset the cache and prefill from the latest messages that fit with `message` (oldest dropped first;
-        a kept history starts with a user message). -> the turn to prefill, the new message's segment."""
+    def _rebuild(self, message: dict, generation_prompt: bool, max_new_tokens: int,
+                 new_tokens: int) -> tuple[_Turn, dict]:
+        """Reset the cache and prefill from the latest messages that fit with `message` (`new_tokens` long;
+        oldest dropped first; a kept history starts with a user message). -> the turn to prefill, the new
+        message's segment. What to drop is estimated from each message's recorded tokens, then checked."""
         system = [e for e in self._entries if e.message["role"] == "system"]
         rest = [e for e in self._entries if e.message["role"] != "system"]
         drop = 0 if self._stale else 1
+        while (self.overflow == "slide" and drop < len(rest)
+               and sum(e.tokens for e in rest[drop:]) + new_tokens + max_new_tokens > self.context):
+            drop += 1
         while True:
             kept = rest[drop:]
             while kept and kept[0].reply_ids is not None:
@@ -260,13 +265,15 @@ class ChatSession:
         chat.validate([message])
         # a video file is sized before decoding: refused at once when it cannot fit (with "slide": even alone)
         room = self.context - max_new_tokens - (len(self._ids) if self.overflow == "error" else 0)
+        new_tokens = 0
         if not self._stale:
             seg = self._user_segment(self.history, message, generation_prompt, max(room, 0))
             if len(self._ids) + len(seg["ids"]) + max_new_tokens <= self.context:
                 return message, _Turn.of([seg]), seg
             if self.overflow == "error":
                 self._check_room(len(seg["ids"]), max_new_tokens)
-        turn, seg = self._rebuild(message, generation_prompt, max_new_tokens)
+            new_tokens = len(seg["ids"])
+        turn, seg = self._rebuild(message, generation_prompt, max_new_tokens, new_tokens)
         return message, turn, seg
 
     # -- turns --------------------------------------------------------------------------------
