@@ -118,10 +118,9 @@ def _chat(args: argparse.Namespace) -> int:
                 for piece in session.stream(_user_content(args, attached["image"], attached["video"], line)):
                     print(piece, end="", flush=True)
                 print()
-                usage = session.last_result.usage
-                print(f"[{usage['cached_prompt_tokens']} cached + {usage['prompt_tokens'] - usage['cached_prompt_tokens']}"
-                      f" new prompt tokens, {session.last_result.timings['time_to_first_token']:.2f} s to first token]",
-                      file=sys.stderr)
+                usage, cached = session.last_result.usage, session.last_result.usage["cached_prompt_tokens"]
+                print(f"[{cached} cached + {usage['prompt_tokens'] - cached} new prompt tokens, "
+                      f"{session.last_result.timings['time_to_first_token']:.2f} s to first token]", file=sys.stderr)
             except InputError as e:
                 print(f"error: {e}", file=sys.stderr)
             attached = {"image": [], "video": []}

@@ -6,7 +6,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
@@ -17,7 +17,9 @@ from .generation import GenerationOptions, StepTimes, checkpoint_sampling, run, 
 from .grounding import Box, parse_boxes
 from .processor import Processor, is_batch
 from .rope import IMAGE, VIDEO, runs, token_types, vision_rotary
-from .sampling import SamplingOptions
+
+if TYPE_CHECKING:
+    from .session import ChatSession
 
 
 @dataclass
@@ -126,7 +128,8 @@ class Qwen2VLPipeline:
                  ) -> tuple[dict, list[dict], Any, dict]:
         t0 = time.perf_counter()
         limit = self.artifact.config.text.max_position_embeddings
-        inputs, meta = self.processor.encode(conversations, add_vision_id, max_tokens=limit - opts.max_new_tokens)
+        inputs, meta = self.processor.encode(conversations, add_vision_id,
+                                             max_tokens=max(limit - opts.max_new_tokens, 0))
         t1 = time.perf_counter()
         prompt_len = inputs["input_ids"].shape[1]
         if prompt_len + opts.max_new_tokens > limit:
