@@ -64,6 +64,7 @@ def turns():
         ("send", [{"type": "image", "image": random_image(rng, 320, 240)}, {"type": "text", "text": "What is it?"}]),
         ("send", "Tell me more about the colours."),
         ("append", [{"type": "video", "video": [random_image(rng, 336, 336) for _ in range(4)]}]),
+        ("append", [{"type": "video", "video": [random_image(rng, 336, 336) for _ in range(2)]}]),  # camera chunks
         ("send", [{"type": "image", "image": random_image(rng, 200, 300)},
                   {"type": "text", "text": "Compare the picture with the clip."}]),
     ]
