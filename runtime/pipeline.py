@@ -30,7 +30,8 @@ class GenerationResult:
     timings: dict[str, float]  # seconds
     usage: dict[str, int]
     boxes: list[Box] = field(default_factory=list)  # grounding boxes in the pixels of the original image
-    video_timestamps: list[list[float]] = field(default_factory=list)  # per video file: its sampled frames, s
+    video_timestamps: list[list[float]] = field(default_factory=list)  # per video: sampled frames' seconds
+    #                                                                     (files only; [] for a list of frames)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -85,7 +85,7 @@ class Processor:
     def _video(self, item: dict, out: dict, max_tokens: int) -> None:
         opts = {k: item[k] for k in VIDEO_OPTIONS if k in item}
         patches, grid, timestamps = process_video_timed(item["video"], preprocessor=self.preprocessor,
-                                                  max_tokens=max_tokens, **opts)
+                                                        max_tokens=max_tokens, **opts)
         out["pixels"]["video"].append(patches)
         out["grids"]["video"].append(grid)
         out["video_timestamps"].append(timestamps)
