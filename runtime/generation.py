@@ -54,13 +54,13 @@ def checkpoint_sampling(directory: Path) -> dict:
     return {k: config[k] for k in LIBRARY_SAMPLING if config.get(k) is not None}
 
 
-def sampling_options(requested: dict, *defaults: dict) -> SamplingOptions:
-    """Each field from the first of: the call (`requested`, None = unset), each of `defaults` in turn (a chat
-    session's, then generation_config.json's), transformers' default. Sampling fields take effect only
-    with do_sample, as in transformers; repetition_penalty applies to greedy decoding too."""
+def sampling_options(requested: dict, checkpoint: dict) -> SamplingOptions:
+    """Each field from the first of: the call (`requested`, None = unset), the checkpoint's
+    generation_config.json, transformers' default. Sampling fields take effect only with do_sample, as in
+    transformers; repetition_penalty applies to greedy decoding too."""
     values = {}
     for name, fallback in LIBRARY_SAMPLING.items():
-        chain = [requested.get(name), *(d.get(name) for d in defaults), fallback]
+        chain = (requested.get(name), checkpoint.get(name), fallback)
         values[name] = next(v for v in chain if v is not None)
     return SamplingOptions(bool(values["do_sample"]), float(values["temperature"]), int(values["top_k"]),
                            float(values["top_p"]), float(values["repetition_penalty"]))

@@ -114,13 +114,12 @@ class Qwen2VLPipeline:
         return np.concatenate(ordered) if ordered else np.zeros((0, cfg.text.hidden_size), np.float32)
 
     def _options(self, max_new_tokens=128, min_new_tokens=0, do_sample=None, temperature=None, top_k=None,
-                 top_p=None, repetition_penalty=None, seed=None, stop=None, defaults: dict | None = None
-                 ) -> GenerationOptions:
-        """Sampling fields left None come from `defaults` (a chat session's), then generation_config.json."""
+                 top_p=None, repetition_penalty=None, seed=None, stop=None) -> GenerationOptions:
+        """Sampling fields left None come from generation_config.json, then transformers' defaults."""
         requested = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                          repetition_penalty=repetition_penalty)
         opts = GenerationOptions(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                                 sampling=sampling_options(requested, defaults or {}, self.sampling_defaults),
+                                 sampling=sampling_options(requested, self.sampling_defaults),
                                  seed=seed, stop=tuple([stop] if isinstance(stop, str) else stop or ()))
         opts.validate()
         return opts

@@ -83,8 +83,7 @@ class ChatSession:
         self.defaults = dict(generation_defaults)
         self.max_new_tokens = self.defaults.pop("max_new_tokens", 128)
         self.skip_special_tokens = self.defaults.pop("skip_special_tokens", True)
-        _generation_kwargs("chat", self.defaults)
-        pipe._options(self.max_new_tokens, defaults=self.defaults)  # refuse bad defaults now, not at the first turn
+        pipe._options(self.max_new_tokens, **_generation_kwargs("chat", self.defaults))  # refused now, not later
         self.pipe, self.system, self.overflow, self.add_vision_id = pipe, system, overflow, add_vision_id
         self.last_result: GenerationResult | None = None
         self.reset()
@@ -306,9 +305,11 @@ class ChatSession:
         yield from self.pipe.stream_steps(self._reply_steps(content, opts, skip), opts, skip)
 
     def _options(self, max_new_tokens: int | None, gen: dict) -> tuple[GenerationOptions, bool]:
+        """The call's options over the session's (given to pipe.chat), over the checkpoint's."""
         skip = gen.pop("skip_special_tokens", self.skip_special_tokens)
         opts = self.pipe._options(self.max_new_tokens if max_new_tokens is None else max_new_tokens,
-                                  **_generation_kwargs("send", gen), defaults=self.defaults)
+                                  **{**self.defaults, **{k: v for k, v in _generation_kwargs("send", gen).items()
+                                                         if v is not None}})
         return opts, skip
 
     def _reply_steps(self, content: Any, opts: GenerationOptions, skip_special_tokens: bool):

@@ -162,3 +162,17 @@ def test_a_stream_stopped_early_leaves_a_usable_session(tiny_ckpt, pipe):
     assert session.token_ids == expected
     prompt, out = _reference_ids(tiny_ckpt, messages[:3], replies[:1], generation_prompt=True)
     assert result.token_ids == _reference_reply(tiny_ckpt, prompt, out)
+
+
+def test_session_defaults_apply_and_a_stopped_reply_stays_as_generated(pipe):
+    free = pipe.chat(max_new_tokens=12, min_new_tokens=12).send("Hello!")
+    piece = free.text[3:6]
+    assert piece.strip(), "need some generated text to stop on"
+    session = pipe.chat(max_new_tokens=12, min_new_tokens=12, stop=[piece])  # defaults for every turn
+    stopped = session.send("Hello!")
+    assert stopped.finish_reason == "stop" and len(stopped.token_ids) < 12
+    assert free.token_ids[:len(stopped.token_ids)] == stopped.token_ids and piece not in stopped.text
+    cached = session.token_ids
+    at = len(cached) - len(stopped.token_ids) - 2  # the reply, then <|im_end|> and a newline
+    assert cached[at:at + len(stopped.token_ids)] == stopped.token_ids  # every generated id, the stop's too
+    assert session.send("Again?", stop=["\x00never"]).finish_reason == "length"  # the call overrides
