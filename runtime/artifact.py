@@ -46,8 +46,16 @@ class Artifact:
         return self.manifest.get("export", {})
 
 
-def load_artifact(directory: str | Path, verify: bool = True) -> Artifact:
-    """Read and check an artifact dir; `verify` compares every file with its sha256 in the manifest."""
+def engine_only_skips(manifest: dict[str, Any]) -> set[str]:
+    """Files that built TensorRT engines replace: the ONNX graphs and their weights."""
+    graphs = {g.get("file") for g in manifest.get("graphs", {}).values()}
+    return graphs | {manifest.get("export", {}).get("weights_file", "weights.data")}
+
+
+def load_artifact(directory: str | Path, verify: bool = True, engines_only: bool = False) -> Artifact:
+    """Read and check an artifact dir; `verify` compares every file with its sha256 in the manifest.
+    `engines_only` (the TensorRT backend): the ONNX graphs and weights are neither required, read nor hashed,
+    so an artifact can ship with its engines alone."""
     d = Path(directory)
     if not d.is_dir():
         raise ArtifactError(f"artifact directory not found: {d} (create one with `qwen2vl-edge export CKPT {d}`)")
@@ -66,7 +74,10 @@ def load_artifact(directory: str | Path, verify: bool = True) -> Artifact:
     missing = [g for g in GRAPHS if g not in manifest.get("graphs", {})]
     if missing:
         raise ArtifactError(f"{path} lists no graph for {', '.join(missing)}")
+    skip = engine_only_skips(manifest) if engines_only else set()
     for name, digest in manifest.get("files", {}).items():
+        if name in skip:
+            continue
         f = d / name
         if not f.is_file():
             raise ArtifactError(f"{d}: file {name} listed in the manifest is missing")

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
+from . import checks
 from .artifact import Artifact, load_artifact
-from .backends import create_backend
-from .errors import InputError
-from .generation import GenerationOptions, StepTimes, checkpoint_sampling, run, sampling_options
+from .backends import BACKENDS, create_backend
+from .detokenize import held_back
+from .errors import ConfigError, InputError
+from .generation import GenerationOptions, StepTimes, checkpoint_sampling, run, sampling_options, stop_strings
 from .grounding import Box, parse_boxes
 from .processor import Processor, is_batch
 from .rope import IMAGE, VIDEO, runs, token_types, vision_rotary
@@ -62,6 +65,27 @@ def _cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
     return text[:min(cuts)] if cuts else text
 
 
+def _check_load_options(backend, providers, num_threads, verify, session_cache) -> None:
+    """Load settings, checked before the artifact is read (its verification hashes gigabytes)."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    if num_threads is not None:
+        checks.integer("num_threads", num_threads, minimum=1, error=ConfigError,
+                       hint=" (None lets ONNX Runtime use every core)")
+    if providers is not None and (not isinstance(providers, (list, tuple)) or not all(
+            isinstance(p, str) or isinstance(p, tuple) and len(p) == 2 for p in providers)):
+        raise ConfigError(f"providers must be a list of ONNX Runtime provider names (or (name, options) pairs), "
+                          f"got {providers!r}")
+    if not isinstance(verify, bool):
+        raise ConfigError(f"verify must be True or False, got {verify!r}")
+    if session_cache is not None and not isinstance(session_cache, (str, Path)):
+        raise ConfigError(f"session_cache must be a directory path, got {type(session_cache).__name__}")
+    if session_cache is not None and backend != "onnxruntime":
+        raise ConfigError("session_cache is an ONNX Runtime (CPU) option; TensorRT engines are built ahead")
+    if backend != "onnxruntime" and (providers is not None or num_threads is not None):
+        raise ConfigError("providers and num_threads are ONNX Runtime options; TensorRT takes neither")
+
+
 class Qwen2VLPipeline:
     def __init__(self, artifact: Artifact, processor: Processor, backend):
         self.artifact, self.processor, self.backend = artifact, processor, backend
@@ -77,15 +101,26 @@ class Qwen2VLPipeline:
              session_cache: str | Path | None = None) -> "Qwen2VLPipeline":
         """`session_cache`: a directory where ONNX Runtime keeps the graphs optimized and their weights
         packed for this CPU, so that later starts skip that work (see backends/onnxruntime.py)."""
-        if session_cache is not None and backend != "onnxruntime":
-            raise InputError("session_cache is an ONNX Runtime (CPU) option; TensorRT engines are built ahead")
-        artifact = load_artifact(artifact_dir, verify=verify)
+        _check_load_options(backend, providers, num_threads, verify, session_cache)
+        artifact = load_artifact(artifact_dir, verify=verify, engines_only=backend == "tensorrt")
         options = ({"providers": providers, "num_threads": num_threads, "session_cache": session_cache}
                    if backend == "onnxruntime" else {})
         with ThreadPoolExecutor(1) as pool:  # the tokenizer parses while the graphs load
             processor = pool.submit(Processor.from_pretrained, artifact.dir)
             graphs = create_backend(artifact, backend, **options)
             return cls(artifact, processor.result(), graphs)
+
+    def close(self) -> None:
+        """Free what the backend holds (the TensorRT backend's device memory); ONNX Runtime needs nothing."""
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "Qwen2VLPipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- stages -------------------------------------------------------------------------------
 
@@ -120,7 +155,7 @@ class Qwen2VLPipeline:
                          repetition_penalty=repetition_penalty)
         opts = GenerationOptions(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                  sampling=sampling_options(requested, self.sampling_defaults),
-                                 seed=seed, stop=tuple([stop] if isinstance(stop, str) else stop or ()))
+                                 seed=seed, stop=stop_strings(stop))
         opts.validate()
         return opts
 
@@ -148,13 +183,17 @@ class Qwen2VLPipeline:
         started = time.perf_counter()
         inputs, meta, embeds, timings = self._prepare(conversations, opts, add_vision_id)
         steps = StepTimes()
-        for state in run(self.backend, embeds, inputs, opts, self.eos_ids, self.pad_id, self.processor.decode,
-                         steps):
+        for state in run(self.backend, embeds, inputs, opts, self.eos_ids, self.pad_id,
+                         self.decoder(skip_special_tokens), steps):
             yield state
         mask = inputs["attention_mask"]
         return [self._result(ids, reason, opts, self._timings(timings, steps, started), meta[b],
                              {"prompt_tokens": int(mask[b].sum())}, skip_special_tokens)
                 for b, (ids, reason) in enumerate(zip(state.generated, state.reasons))]
+
+    def decoder(self, skip_special_tokens: bool = True) -> Callable[[list[int]], str]:
+        """ids -> the text a reply shows: stop strings are looked for, and streams cut, in this text."""
+        return functools.partial(self.processor.decode, skip_special_tokens=skip_special_tokens)
 
     @staticmethod
     def _timings(timings: dict, steps: StepTimes, started: float) -> dict[str, float]:
@@ -192,28 +231,41 @@ class Qwen2VLPipeline:
 
     def stream(self, conversation, max_new_tokens: int = 128, *, add_vision_id: bool = False,
                skip_special_tokens: bool = True, **kwargs) -> Iterator[str]:
-        """Text pieces of one conversation as they are generated; never splits a UTF-8 character."""
+        """Text pieces of one conversation as they are generated; they join to generate()'s text. A piece never
+        splits a UTF-8 character, nor shows the start of a stop string before it is known not to be one."""
         if is_batch(conversation):
             raise InputError("stream() takes one conversation; use generate() for a batch")
         opts = self._options(max_new_tokens, **_generation_kwargs("stream", kwargs))
         results = yield from self.stream_steps(self._steps(conversation, opts, add_vision_id, skip_special_tokens),
-                                               opts, skip_special_tokens)
+                                               opts)
         self.last_result = results[0]  # timings and usage of the streamed reply
 
-    def stream_steps(self, steps, opts: GenerationOptions, skip_special_tokens: bool = True):
-        """Text pieces of row 0 of a running generation; returns what `steps` returns."""
-        emitted = ""
+    def stream_steps(self, steps, opts: GenerationOptions):
+        """Text pieces of row 0 of a running generation (`_steps`, or a chat session's turn), then the tail the
+        final text has beyond them (held-back text, an incomplete character); returns what `steps` returns."""
+        emitted = 0  # characters yielded so far
         while True:
             try:
                 state = next(steps)
             except StopIteration as done:
-                return done.value
-            text = _cut_at_stop(self.processor.decode(state.generated[0], skip_special_tokens), opts.stop)
-            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its next bytes
+                results = done.value
+                if len(results[0].text) > emitted:
+                    yield results[0].text[emitted:]
+                return results
+            text = state.texts[0].text  # complete characters only
+            if state.finished[0]:  # the final text (cut at the stop string) comes with the result
                 continue
-            if len(text) > len(emitted):
-                yield text[len(emitted):]
-                emitted = text
+            safe = len(text) - held_back(text, opts.stop)
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+
+    def steps(self, conversations, opts: GenerationOptions):
+        """generate() one token at a time, for a caller that streams or cancels a whole batch (the server):
+        yields the DecodeState after each chosen token (row b = conversation b) and returns one
+        GenerationResult per row. Closing the generator stops the work."""
+        opts.validate()
+        return self._steps(conversations, opts)
 
     def chat(self, system: str | None = None, *, overflow: str = "error", add_vision_id: bool = False,
              **generation_defaults) -> "ChatSession":
@@ -223,4 +275,3 @@ class Qwen2VLPipeline:
 
         return ChatSession(self, system=system, overflow=overflow, add_vision_id=add_vision_id,
                            **generation_defaults)
-

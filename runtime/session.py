@@ -302,7 +302,7 @@ class ChatSession:
     def stream(self, content: Any, max_new_tokens: int | None = None, **gen) -> Iterator[str]:
         """Text pieces of the reply; the whole result is then `last_result`."""
         opts, skip = self._options(max_new_tokens, gen)
-        yield from self.pipe.stream_steps(self._reply_steps(content, opts, skip), opts, skip)
+        yield from self.pipe.stream_steps(self._reply_steps(content, opts, skip), opts)
 
     def _options(self, max_new_tokens: int | None, gen: dict) -> tuple[GenerationOptions, bool]:
         """The call's options over the session's (given to pipe.chat), over the checkpoint's."""
@@ -325,7 +325,7 @@ class ChatSession:
             embeds, timings = self._embed(inputs)
             steps = StepTimes()
             for state in run(self.pipe.backend, embeds, inputs, opts, self.pipe.eos_ids, self.pipe.pad_id,
-                             self.pipe.processor.decode, steps, self.cache, np.asarray(self._ids)):
+                             self.pipe.decoder(skip_special_tokens), steps, self.cache, np.asarray(self._ids)):
                 yield state
             generated, reason = state.generated[0], state.reasons[0]
             history = self.history + [message]

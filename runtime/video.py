@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import InputError
-from .media import fetch_url, to_rgb
+from .media import existing_file, fetch_url, to_rgb
 
 # Seeking lands on the keyframe before a target and decodes forward from there; when the next sampled frame
 # is this close to where decoding stands, reading on is cheaper than a seek.
@@ -52,10 +52,7 @@ def _local_file(source: str | Path) -> Iterator[Path]:
     """A path to read: the file itself, or an http(s) download kept under the image URLs' time and size limits."""
     s = str(source)
     if not s.startswith(("http://", "https://")):
-        path = Path(s[len("file://"):] if s.startswith("file://") else s)
-        if not path.is_file():
-            raise InputError(f"video file not found: {path}")
-        yield path
+        yield existing_file(s, "video", "A video is a path, a file:// or http(s):// URL, or a list of frames")
         return
     data = fetch_url(s, content_prefix=("video/", "application/octet-stream"), what="a video")
     fd, name = tempfile.mkstemp(suffix=Path(s.split("?")[0]).suffix or ".mp4")

@@ -79,3 +79,17 @@ def test_generation_config_defaults_apply_as_in_transformers(tiny_ckpt, pipe, tm
     assert ours.token_ids != pipe.generate(conv, N, min_new_tokens=N).token_ids  # the penalty took effect
     assert tuned.generate(conv, N, min_new_tokens=N, repetition_penalty=1.0).token_ids == \
         pipe.generate(conv, N, min_new_tokens=N).token_ids  # the call overrides the checkpoint
+
+
+def test_session_and_checkpoint_defaults_get_the_typed_checks(pipe, tmp_path):
+    from qwen2vl_edge.runtime import ArtifactError
+
+    with pytest.raises(InputError, match="top_k must be an integer, got float 2.5"):
+        pipe.chat(top_k=2.5)  # refused when the session is made, not at its first turn
+    with pytest.raises(InputError, match="temperature must be a number, got str 'hot'"):
+        pipe.chat(do_sample=True).send("Hi", temperature="hot")
+    with pytest.raises(InputError, match="do_sample must be True or False"):
+        pipe.generate([{"role": "user", "content": "Hi"}], do_sample="yes")
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": True, "top_k": "50"}))
+    with pytest.raises(ArtifactError, match="generation_config.json: top_k must be an integer, got str '50'"):
+        checkpoint_sampling(tmp_path)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact import GRAPHS, Artifact
-from ..errors import ArtifactError, InputError
+from ..errors import ArtifactError, ConfigError
 
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
@@ -87,15 +87,15 @@ class OrtBackend:
         names = [p[0] if isinstance(p, tuple) else p for p in providers]  # (name, options) or name
         for name in names:
             if name not in available:
-                raise InputError(f"onnxruntime provider {name} is not available here (have: {', '.join(available)}); "
+                raise ConfigError(f"onnxruntime provider {name} is not available here (have: {', '.join(available)}); "
                                  "install onnxruntime-gpu for CUDA/TensorRT")
         self.device = "cuda" if names[0] in GPU_PROVIDERS else "cpu"
         self.preallocated = artifact.export.get("kv_cache") == "preallocated"
         if self.preallocated and self.device != "cpu":
-            raise InputError(f"{artifact.dir} is an ort-cpu export (its KV cache lives in host buffers): run it with "
+            raise ConfigError(f"{artifact.dir} is an ort-cpu export (its KV cache lives in host buffers): run it with "
                              "the CPU provider, or export --target portable for CUDA / TensorRT")
         if session_cache is not None and self.device != "cpu":
-            raise InputError("session_cache holds weights packed for this CPU: use it with the CPU provider only")
+            raise ConfigError("session_cache holds weights packed for this CPU: use it with the CPU provider only")
 
         shared_arena = shared_arena and self.device == "cpu"
         if shared_arena:
