@@ -40,11 +40,25 @@ def _read(path: str, what: str) -> str:
         raise UsageError(f"{what}: could not read {path}: {e}") from None
 
 
+def _vision_options(args: argparse.Namespace, kind: str) -> dict:
+    """--min-pixels/--max-pixels for every image and video given on the command line, --fps/--nframes for videos."""
+    names = ("min_pixels", "max_pixels") + (("fps", "nframes") if kind == "video" else ())
+    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+
+
+def _user_content(args: argparse.Namespace, images, videos, text: str | None) -> list:
+    content = [{"type": "image", "image": p, **_vision_options(args, "image")} for p in images or []]
+    content += [{"type": "video", "video": p, **_vision_options(args, "video")} for p in videos or []]
+    if text is not None:
+        content.append({"type": "text", "text": text})
+    return content
+
+
 def _conversation_from_args(args: argparse.Namespace) -> list:
     if args.messages:
-        if args.prompt is not None or args.image or args.video:
-            raise UsageError("--messages holds the whole conversation: do not combine it with --prompt, --image "
-                             "or --video (put the images in the messages)")
+        if args.prompt is not None or args.image or args.video or args.system:
+            raise UsageError("--messages holds the whole conversation: do not combine it with --prompt, --image, "
+                             "--video or --system (put them in the messages)")
         try:
             return json.loads(_read(args.messages, "--messages"))
         except json.JSONDecodeError as e:
@@ -53,16 +67,15 @@ def _conversation_from_args(args: argparse.Namespace) -> list:
         raise UsageError("give --messages FILE.json, or --prompt TEXT (with optional --image/--video); '-' reads "
                          "standard input")
     prompt = _read("-", "--prompt").rstrip("\n") if args.prompt == "-" else args.prompt
-    content = [{"type": "image", "image": p} for p in args.image or []]
-    content += [{"type": "video", "video": p} for p in args.video or []]
-    content.append({"type": "text", "text": prompt})
-    return [{"role": "user", "content": content}]
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    return system + [{"role": "user", "content": _user_content(args, args.image, args.video, prompt)}]
 
 
 def _generation_options(args: argparse.Namespace) -> dict:
-    """--temperature 0 or --greedy: greedy. --temperature > 0, --top-p or --top-k: sampling (temperature 1.0
-    unless given). Greedy with a sampling flag, or --seed without sampling, is a contradiction: an error, not a
-    flag silently ignored."""
+    """--temperature 0 or --greedy: greedy. --temperature > 0, --top-p or --top-k: sampling. Without either, the
+    checkpoint's generation_config.json decides, as in transformers; so does every sampling field the command
+    line leaves out (then transformers' defaults: temperature 1.0, top-k 50, top-p 1.0). Greedy with a sampling
+    flag, or --seed without a sampling flag, is a contradiction: an error, not a flag silently ignored."""
     sampling_flags = [f for f, v in (("--top-p", args.top_p), ("--top-k", args.top_k)) if v is not None]
     greedy = args.greedy or args.temperature == 0
     if greedy and (sampling_flags or args.temperature):
@@ -70,25 +83,28 @@ def _generation_options(args: argparse.Namespace) -> dict:
         greedy_flag = "--greedy" if args.greedy else "--temperature 0"
         raise UsageError(f"sampling flags ({', '.join(flags)}) contradict {greedy_flag}, which asks for greedy "
                          "decoding: choose one")
-    do_sample = not greedy and (args.temperature is not None or bool(sampling_flags))
-    if args.seed is not None and not do_sample:
+    sampling = args.temperature is not None or bool(sampling_flags)
+    if args.seed is not None and (greedy or not sampling):
         raise UsageError("--seed only matters when sampling: add --temperature T, --top-p or --top-k")
-    options = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, do_sample=do_sample,
-                   repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
-    if do_sample:
-        options.update(temperature=1.0 if args.temperature is None else args.temperature,
-                       top_k=args.top_k, top_p=1.0 if args.top_p is None else args.top_p)
-    return options
+    return dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                do_sample=False if greedy else (True if sampling else None),
+                temperature=None if greedy else args.temperature, top_k=args.top_k, top_p=args.top_p,
+                repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+
+
+def _load(args: argparse.Namespace):
+    from qwen2vl_edge.runtime import Qwen2VLPipeline
+
+    return Qwen2VLPipeline.load(args.artifact, backend=args.backend, num_threads=args.threads,
+                                verify=not args.no_verify, session_cache=args.session_cache)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from qwen2vl_edge.runtime import Qwen2VLPipeline
     from qwen2vl_edge.runtime.processor import is_batch
 
     conversation = _conversation_from_args(args)  # flags first: a usage error never waits for the model
-    options = _generation_options(args)
-    pipe = Qwen2VLPipeline.load(args.artifact, backend=args.backend, num_threads=args.threads,
-                                verify=not args.no_verify, session_cache=args.session_cache)
+    options = dict(_generation_options(args), add_vision_id=args.add_vision_id)
+    pipe = _load(args)
     if args.json or is_batch(conversation):
         results = pipe.generate(conversation, **options)
         results = results if isinstance(results, list) else [results]
@@ -98,6 +114,44 @@ def _run(args: argparse.Namespace) -> int:
         for piece in pipe.stream(conversation, **options):
             print(piece, end="", flush=True)
         print()
+    return 0
+
+
+CHAT_HELP = ("/image PATH and /video PATH attach to your next message; /reset forgets the conversation; "
+             "/quit (or end of input) leaves")
+
+
+def _chat(args: argparse.Namespace) -> int:
+    """An interactive session: the KV cache is kept between turns, so follow-ups start at once. A turn's
+    InputError is reported and the session goes on; anything else ends it through main()."""
+    from qwen2vl_edge.runtime.errors import InputError
+
+    options = _generation_options(args)  # flags first: a usage error never waits for the model
+    session = _load(args).chat(system=args.system, overflow=args.overflow, add_vision_id=args.add_vision_id,
+                               **options)
+    print(CHAT_HELP, file=sys.stderr)
+    attached: dict[str, list] = {"image": [], "video": []}
+    for line in sys.stdin:
+        line = line.strip()
+        command, _, rest = line.partition(" ")
+        if command == "/quit":
+            break
+        if command == "/reset":
+            session.reset()
+            attached = {"image": [], "video": []}
+        elif command in ("/image", "/video") and rest:
+            attached[command[1:]].append(rest.strip())
+        elif line:
+            try:
+                for piece in session.stream(_user_content(args, attached["image"], attached["video"], line)):
+                    print(piece, end="", flush=True)
+                print()
+                usage, cached = session.last_result.usage, session.last_result.usage["cached_prompt_tokens"]
+                print(f"[{cached} cached + {usage['prompt_tokens'] - cached} new prompt tokens, "
+                      f"{session.last_result.timings['time_to_first_token']:.2f} s to first token]", file=sys.stderr)
+            except InputError as e:
+                print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+            attached = {"image": [], "video": []}
     return 0
 
 
@@ -225,6 +279,34 @@ def _add_serve_parser(sub) -> None:
     p.set_defaults(func=_bench_serve)
 
 
+def _generation_flags(p: argparse.ArgumentParser) -> None:
+    """The flags `run` and `chat` share. Sampling flags left out take the checkpoint's generation_config.json
+    values (see _generation_options)."""
+    p.add_argument("--system", help="system message")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--min-new-tokens", type=int, default=0)
+    p.add_argument("--greedy", action="store_true", help="greedy decoding (also the default, unless a sampling flag "
+                                                         "is given or the checkpoint's generation_config.json samples)")
+    p.add_argument("--temperature", type=float, help="0: greedy; > 0: sampling at this temperature")
+    p.add_argument("--top-p", type=float, help="sampling from the smallest set of tokens holding this mass")
+    p.add_argument("--top-k", type=int, help="sampling from the k likeliest tokens (0: all)")
+    p.add_argument("--seed", type=int, help="seed of the sampler (needs a sampling flag)")
+    p.add_argument("--repetition-penalty", type=float, help="default: the checkpoint's, else 1.0 (none)")
+    p.add_argument("--stop", action="append", help="end the reply before this text (repeatable)")
+    p.add_argument("--min-pixels", type=int, help="per image / video frame: at least this many pixels")
+    p.add_argument("--max-pixels", type=int, help="per image / video frame: at most this many pixels")
+    fps = p.add_mutually_exclusive_group()
+    fps.add_argument("--fps", type=float, help="video frames sampled per second (default 2)")
+    fps.add_argument("--nframes", type=int, help="video frames sampled in all")
+    p.add_argument("--add-vision-id", action="store_true", help="label images 'Picture 1:', videos 'Video 1:'")
+    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact files")
+    p.add_argument("--session-cache", metavar="DIR",
+                   help="keep ONNX Runtime's optimized graphs and CPU-packed weights in DIR: later starts are "
+                        "faster (first start writes about the artifact's size again, twice for quantized weights)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen2vl-edge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -260,26 +342,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact")
     p.add_argument("--messages", help="JSON file ('-': standard input): one conversation or a list of them")
     p.add_argument("--image", action="append")
-    p.add_argument("--video", action="append")
+    p.add_argument("--video", action="append", help="a file path or http(s) URL (needs [video])")
     p.add_argument("--prompt", help="the user's text; '-' reads it from standard input")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--min-new-tokens", type=int, default=0)
-    p.add_argument("--greedy", action="store_true",
-                   help="greedy decoding: the default, unless a sampling flag is given")
-    p.add_argument("--temperature", type=float, help="0: greedy; > 0: sampling at this temperature")
-    p.add_argument("--top-p", type=float, help="sample from the smallest set of tokens holding this mass")
-    p.add_argument("--top-k", type=int, help="sample from the k likeliest tokens (0: all)")
-    p.add_argument("--seed", type=int, help="seed of the sampler (needs a sampling flag)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--stop", action="append", help="end the reply before this text (repeatable)")
-    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact files")
-    p.add_argument("--session-cache", metavar="DIR",
-                   help="keep ONNX Runtime's optimized graphs and CPU-packed weights in DIR: later starts are "
-                        "faster (first start writes about the artifact's size again, twice for quantized weights)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    _generation_flags(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text "
+                                                       "(text, token_ids, boxes, video_timestamps, timings, usage)")
     p.set_defaults(func=_run)
+
+    p = sub.add_parser("chat", help="interactive chat that keeps the KV cache between turns (no torch needed)")
+    p.add_argument("artifact")
+    p.add_argument("--overflow", choices=["error", "slide"], default="error",
+                   help="when the context is full: report it, or start over from the latest turns")
+    _generation_flags(p)
+    p.set_defaults(func=_chat)
 
     p = sub.add_parser("quickstart", help="tiny checkpoint -> export -> multi-image chat -> parity check")
     p.add_argument("--dir", default="qwen2vl-edge-quickstart")

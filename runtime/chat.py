@@ -70,6 +70,18 @@ def item_kind(item: dict) -> str:
     raise InputError(f"content item {sorted(item)} has no 'text', 'image' or 'video'")
 
 
+def image_source(item: dict) -> Any:
+    """The image of an image item: 'image', or OpenAI's 'image_url' as a string or {"url": ...}."""
+    if "image" in item:
+        return item["image"]
+    url = item["image_url"]
+    if isinstance(url, dict):
+        if not isinstance(url.get("url"), str):
+            raise InputError("an 'image_url' item must be a string or {'url': '<http(s) URL, data URI or path>'}")
+        return url["url"]
+    return url
+
+
 def validate(conversation: Any) -> list[dict]:
     """Check one conversation's shape and field types; returns it unchanged."""
     if not isinstance(conversation, (list, tuple)):

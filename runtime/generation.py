@@ -5,8 +5,10 @@ It only talks to the `Backend` interface, so ONNX Runtime and TensorRT share it.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -14,7 +16,7 @@ import numpy as np
 from . import checks
 from .backends.base import Backend
 from .detokenize import IncrementalText
-from .errors import InputError
+from .errors import ArtifactError, InputError
 from .rope import decode_positions
 from .sampling import SamplingOptions, choose
 
@@ -48,6 +50,39 @@ def stop_strings(stop: Any) -> Any:
     return tuple(stop) if isinstance(stop, (list, tuple)) else stop
 
 
+# transformers' values for fields neither the call nor generation_config.json sets
+# (GenerationConfig._get_default_generation_params: top_k 50)
+LIBRARY_SAMPLING = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
+
+
+def checkpoint_sampling(directory: Path) -> dict:
+    """The sampling fields of the generation_config.json the export copied from the checkpoint."""
+    path = Path(directory) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path} is not valid JSON ({e}): fix or remove it") from None
+    found = {k: config[k] for k in LIBRARY_SAMPLING if config.get(k) is not None}
+    try:  # the checks a call's values get, at load: a bad default would otherwise fail every call
+        SamplingOptions(**{**LIBRARY_SAMPLING, **found}).validate()
+    except InputError as e:
+        raise ArtifactError(f"{path}: {e}: fix or remove the field") from None
+    return found
+
+
+def sampling_options(requested: dict, checkpoint: dict) -> SamplingOptions:
+    """Each field from the first of: the call (`requested`, None = unset), the checkpoint's
+    generation_config.json, transformers' default (LIBRARY_SAMPLING). Sampling fields take effect only with
+    do_sample, as in transformers; repetition_penalty applies to greedy decoding too."""
+    values = {}
+    for name, fallback in LIBRARY_SAMPLING.items():
+        chain = (requested.get(name), checkpoint.get(name), fallback)
+        values[name] = next(v for v in chain if v is not None)
+    return SamplingOptions(**values)  # as given: SamplingOptions.validate checks each type and range
+
+
 @dataclass
 class DecodeState:
     """Everything that changes between steps; rows are conversations of the batch."""
@@ -70,17 +105,26 @@ class StepTimes:
     outside_graphs: list[float] = field(default_factory=list)  # the part of each step not inside a graph run
 
 
-def prefill(backend: Backend, inputs_embeds, inputs: dict, step_times: StepTimes,
-            max_new_tokens: int = 0) -> tuple[np.ndarray, DecodeState]:
-    """Run the whole prompt once; the cache then holds it and it is never re-run."""
+def prefill(backend: Backend, inputs_embeds, inputs: dict, step_times: StepTimes, max_new_tokens: int = 0,
+            cache: Any = None, cached_ids: np.ndarray | None = None) -> tuple[np.ndarray, DecodeState]:
+    """Run the prompt once; the cache then holds it and it is never re-run.
+
+    `cache`: a cache already holding `cached_ids` [P] (a chat session's earlier turns; one row): the prompt
+    is then only the new tokens, `inputs["attention_mask"]` covers [P + L] and positions continue the cache's.
+    """
     t0 = time.perf_counter()
     mask = inputs["attention_mask"]
-    cache = backend.new_cache(mask.shape[0], reserve=mask.shape[1] + max_new_tokens)
+    if cache is None:
+        cache = backend.new_cache(mask.shape[0], reserve=mask.shape[1] + max_new_tokens)
+    else:
+        cache = backend.reserve(cache, mask.shape[1] + max_new_tokens)
     logits, cache = backend.decode(inputs_embeds, mask, inputs["position_ids"], cache)
     step_times.prefill = time.perf_counter() - t0
-    B = mask.shape[0]
+    B, L = inputs["input_ids"].shape
+    history = np.zeros(0, np.int64) if cached_ids is None else np.asarray(cached_ids, np.int64)
     state = DecodeState(attention_mask=mask, real_lengths=mask.sum(axis=1), rope_deltas=inputs["rope_deltas"],
-                        cache=cache, seen=[inputs["input_ids"][b][mask[b] == 1] for b in range(B)],
+                        cache=cache, seen=[np.concatenate([history, inputs["input_ids"][b][mask[b, -L:] == 1]])
+                                           for b in range(B)],
                         generated=[[] for _ in range(B)], finished=np.zeros(B, bool), reasons=[None] * B)
     return logits, state
 
@@ -104,10 +148,12 @@ def decode_step(backend: Backend, state: DecodeState, tokens: np.ndarray) -> np.
 
 
 def run(backend: Backend, inputs_embeds, inputs: dict, opts: GenerationOptions, eos_ids: list[int], pad_id: int,
-        decode_text: Callable[[list[int]], str], step_times: StepTimes) -> Iterator[DecodeState]:
-    """Yields the state after each chosen token; stops when every row is finished."""
+        decode_text: Callable[[list[int]], str], step_times: StepTimes, cache: Any = None,
+        cached_ids: np.ndarray | None = None) -> Iterator[DecodeState]:
+    """Yields the state after each chosen token; stops when every row is finished. The last chosen token is
+    never fed: the final state's cache holds the prompt and every generated token but the last."""
     rng = np.random.default_rng(opts.seed)
-    logits, state = prefill(backend, inputs_embeds, inputs, step_times, opts.max_new_tokens)
+    logits, state = prefill(backend, inputs_embeds, inputs, step_times, opts.max_new_tokens, cache, cached_ids)
     state.texts = [IncrementalText(decode_text) for _ in state.generated]
     step_start, graph_start = time.perf_counter(), getattr(backend, "graph_seconds", None)
     for step in range(opts.max_new_tokens):

@@ -114,30 +114,32 @@ def _opener(deadline: _Deadline) -> urllib.request.OpenerDirector:
 
 
 def fetch_url(url: str, *, timeout: float | None = None, max_bytes: int | None = None,
-              content_prefix: str = "image/") -> bytes:
-    """GET `url` within one deadline and a byte cap (module defaults) and refuse a response not
-    `content_prefix*`. Every network failure is an InputError naming the URL."""
+              content_prefix: str | tuple[str, ...] = "image/", what: str = "an image") -> bytes:
+    """GET `url` within one deadline and a byte cap (module defaults) and refuse a response whose
+    Content-Type does not start with `content_prefix` (a prefix or a tuple of them), naming `what` was
+    expected. Every network failure is an InputError naming the URL."""
     timeout = URL_TIMEOUT_S if timeout is None else timeout
     max_bytes = URL_MAX_BYTES if max_bytes is None else max_bytes
     with _Deadline(timeout) as deadline:
         try:
-            return _fetch(url, deadline, max_bytes, content_prefix)
+            return _fetch(url, deadline, max_bytes, content_prefix, what)
         except InputError:
             raise
         except (OSError, http.client.HTTPException, ValueError, UnicodeError) as e:
             if deadline.expired or isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None),
                                                                               TimeoutError):
                 raise InputError(f"{url}: not fetched within {timeout:g} s (timeout); check the server, or "
-                                 "download the image and pass the file") from None
+                                 "download the file and pass its path") from None
             reason = e.reason if isinstance(e, urllib.error.URLError) else e
             raise InputError(f"could not fetch {url}: {type(reason).__name__}: {reason}") from None
 
 
-def _fetch(url: str, deadline: _Deadline, max_bytes: int, content_prefix: str) -> bytes:
+def _fetch(url: str, deadline: _Deadline, max_bytes: int, content_prefix: str | tuple[str, ...],
+           what: str) -> bytes:
     with _opener(deadline).open(url, timeout=deadline.remaining()) as response:
         ctype = response.headers.get("Content-Type", "")
         if not ctype.startswith(content_prefix):
-            raise InputError(f"{url} answered with Content-Type {ctype!r}, not an image")
+            raise InputError(f"{url} answered with Content-Type {ctype!r}, not {what}")
         length = response.headers.get("Content-Length")
         if length is not None and not length.strip().isdigit():
             raise InputError(f"{url} answered with an invalid Content-Length {length!r}")
@@ -198,7 +200,12 @@ def _from_array(array: np.ndarray) -> Image.Image:
     raise InputError(f"numpy images must be HxW, HxWx3 or HxWx4 uint8, got shape {array.shape}")
 
 
-def _existing_file(source: str) -> Path:
+IMAGE_FORMS = ("An image is a path, a file:// or http(s):// URL, a 'data:image/<type>;base64,<data>' URI (raw "
+               "base64 needs that prefix), a PIL.Image or a uint8 numpy array")
+
+
+def existing_file(source: str, kind: str = "image", forms: str = IMAGE_FORMS) -> Path:
+    """The local file a path or file:// URL names, or an InputError naming it and the forms `kind` takes."""
     path = local_path(source)
     try:
         found = path.is_file()
@@ -206,9 +213,7 @@ def _existing_file(source: str) -> Path:
         found = False
     if not found:
         shown = source if len(source) < 200 else f"a {len(source)}-character string starting {source[:40]!r}"
-        raise InputError(f"image file not found: {shown}. An image is a path, a file:// or http(s):// URL, a "
-                         "'data:image/<type>;base64,<data>' URI (raw base64 needs that prefix), a PIL.Image or a "
-                         "uint8 numpy array")
+        raise InputError(f"{kind} file not found: {shown}. {forms}")
     return path
 
 
@@ -231,7 +236,7 @@ def load_image(source: Any) -> Image.Image:
                 raise InputError("data URI image: the base64 payload is invalid") from None
             image = _open(io.BytesIO(raw), "data URI image")
         else:
-            image = _open(_existing_file(s), s if len(s) < 200 else s[:60] + "...")
+            image = _open(existing_file(s), s if len(s) < 200 else s[:60] + "...")
     else:
         raise InputError(
             f"unsupported image source of type {type(source).__name__}: pass a path, URL, data URI, "
@@ -240,29 +245,3 @@ def load_image(source: Any) -> Image.Image:
     if image.width < 1 or image.height < 1:
         raise InputError(f"image is {image.width}x{image.height} pixels: it must be at least 1x1")
     return to_rgb(image)
-
-
-def load_video_frames(path: str | Path, choose_nframes: Callable[[int, float], int]) -> list[Image.Image]:
-    """Decode a video file with PyAV and sample frames as qwen-vl-utils does (uniform, rounded indices)."""
-    try:
-        import av
-    except ImportError:
-        raise InputError("reading video files needs PyAV: pip install 'qwen2vl-edge[video]'") from None
-    s = str(path)
-    path = Path(s[len("file://"):] if s.startswith("file://") else s)
-    if not path.is_file():
-        raise InputError(f"video file not found: {path}")
-    try:
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            rate = float(stream.average_rate or stream.guessed_rate or 0) or 1.0
-            decoded = [frame.to_image() for frame in container.decode(stream)]
-    except (av.error.FFmpegError, IndexError) as e:
-        raise InputError(f"could not decode video {path}: {e}") from None
-    if not decoded:
-        raise InputError(f"video {path} has zero frames")
-    n = choose_nframes(len(decoded), rate)
-    # torch.linspace(0, total-1, n).round(): half to even, like np.round
-    idx = np.round(np.linspace(0, len(decoded) - 1, n)).astype(int) if n > 1 else np.zeros(1, int)
-    return [to_rgb(decoded[i]) for i in idx]
-

@@ -21,7 +21,8 @@ from PIL import Image
 
 from . import checks
 from .errors import InputError
-from .media import load_image, load_video_frames
+from .media import load_image
+from .video import VideoInfo, read_video
 
 MAX_RATIO = 200
 MAX_SIDE = 100_000  # a requested side beyond this is a typo, and its area arithmetic would leave floats
@@ -276,7 +277,25 @@ def _video_frame_budget(ele_min: int | None, ele_max: int | None, total_pixels: 
     return lo, hi
 
 
-def _check_video(video: Any, fps: Any, nframes: Any, total_pixels: Any) -> None:
+def _video_size(height: int, width: int, n: int, pp: PreprocessorConfig, opts: PixelOptions,
+                total_pixels: float | None) -> tuple[int, int]:
+    """Frame size (h, w) of a video of `n` frames: qwen-vl-utils' budget, then the processor's second resize."""
+    lo, hi = _video_frame_budget(opts.min_pixels, opts.max_pixels, total_pixels, n, pp.factor)
+    if opts.resized_height is not None:
+        h, w = _requested_size(opts.resized_height, opts.resized_width, pp.factor)
+    else:
+        h, w = smart_resize(height, width, pp.factor, lo, hi)
+        h, w = max(h, pp.factor), max(w, pp.factor)  # as in _fit_image: one block at least
+    # transformers' video processor: second smart_resize with the checkpoint's limits
+    return smart_resize(h, w, pp.factor, pp.min_pixels, pp.max_pixels, floor_to_factor=False)
+
+
+def video_tokens(n: int, h: int, w: int, pp: PreprocessorConfig) -> int:
+    """Merged tokens of `n` frames of h x w pixels (frames padded to the temporal patch)."""
+    return -(-n // pp.temporal_patch_size) * (h // pp.patch_size) * (w // pp.patch_size) // pp.merge_size ** 2
+
+
+def _check_video(video: Any, fps: Any, nframes: Any, total_pixels: Any, video_start: Any, video_end: Any) -> None:
     """The video item and its sampling options, before any decoding."""
     if not (isinstance(video, (str, Path, list, tuple)) or isinstance(video, np.ndarray) and video.ndim == 4):
         raise InputError(f"video must be a file path or a list of frames (or a [T, H, W, C] uint8 array), got "
@@ -287,9 +306,18 @@ def _check_video(video: Any, fps: Any, nframes: Any, total_pixels: Any) -> None:
         checks.integer("nframes", nframes, minimum=FRAME_FACTOR)
     if total_pixels is not None:
         checks.real("total_pixels", total_pixels, above=0)
+    for name, seconds in (("video_start", video_start), ("video_end", video_end)):
+        if seconds is not None:  # out of the clip is clamped to it, as qwen-vl-utils does
+            checks.real(name, seconds)
 
 
-def process_video(
+def process_video(video: str | Path | Sequence[Any], **options) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """A list of frames, or a video file (needs the [video] extra) -> patches [N, 1176], (t, h, w)."""
+    patches, grid, _ = process_video_timed(video, **options)
+    return patches, grid
+
+
+def process_video_timed(
     video: str | Path | Sequence[Any],
     *,
     fps: float | None = None,
@@ -299,14 +327,32 @@ def process_video(
     total_pixels: float | None = None,
     resized_height: int | None = None,
     resized_width: int | None = None,
+    video_start: float | None = None,
+    video_end: float | None = None,
+    max_tokens: int | None = None,
     preprocessor: PreprocessorConfig = DEFAULT_PREPROCESSOR,
-) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """A list of frames, or a video file (needs the [video] extra) -> patches [N, 1176], (t, h, w)."""
+) -> tuple[np.ndarray, tuple[int, int, int], list[float]]:
+    """-> patches, grid and the sampled frames' timestamps in seconds (files only; [] for a list of frames).
+
+    A file is sized from its metadata first: more than `max_tokens` tokens fails before decoding."""
     pp = preprocessor
-    _check_video(video, fps, nframes, total_pixels)
+    _check_video(video, fps, nframes, total_pixels, video_start, video_end)
     opts = PixelOptions.check(pp, min_pixels, max_pixels, resized_height, resized_width)
+    size = lambda h, w, n: _video_size(h, w, n, pp, opts, total_pixels)  # noqa: E731
+    timestamps: list[float] = []
     if isinstance(video, (str, Path)):
-        images = load_video_frames(video, lambda total, rate: smart_nframes(total, rate, fps, nframes))
+        def check(info: VideoInfo, n: int) -> None:
+            tokens = video_tokens(n, *size(info.height, info.width, n), pp)
+            if max_tokens is not None and tokens > max_tokens:
+                raise InputError(
+                    f"video {video}: {n} frames of {info.width}x{info.height} ({info.duration:.1f} s at "
+                    f"{info.fps:g} fps) would take {tokens} tokens, over the {max_tokens} this request has room "
+                    "for: sample fewer frames (fps, nframes), make them smaller (max_pixels, total_pixels) or cut "
+                    "the clip (video_start, video_end)")
+
+        sampled = read_video(video, lambda total, rate: smart_nframes(total, rate, fps, nframes), check,
+                             video_start, video_end)
+        images, timestamps = sampled.frames, sampled.timestamps
     else:
         if len(video) == 0:
             raise InputError("video has zero frames: pass at least one frame")
@@ -317,14 +363,9 @@ def process_video(
         if len({im.size for im in images}) > 1:
             raise InputError("video frames differ in size after resizing: give frames of one size")
         images += [images[-1]] * (-len(images) % FRAME_FACTOR)
-    lo, hi = _video_frame_budget(opts.min_pixels, opts.max_pixels, total_pixels, len(images), pp.factor)
-    if opts.resized_height is not None:
-        h, w = _requested_size(opts.resized_height, opts.resized_width, pp.factor)
-    else:
-        h, w = smart_resize(images[0].height, images[0].width, pp.factor, lo, hi)
-        h, w = max(h, pp.factor), max(w, pp.factor)  # as in _fit_image: one block at least
-    # transformers' video processor: second smart_resize with the checkpoint's limits
-    h, w = smart_resize(h, w, pp.factor, pp.min_pixels, pp.max_pixels, floor_to_factor=False)
+    h, w = size(images[0].height, images[0].width, len(images))
     frames = np.stack([_to_chw(_resize(im, h, w)) for im in images])  # [T, C, H, W] uint8
+    del images
     frames = np.concatenate([frames, np.repeat(frames[-1:], -len(frames) % pp.temporal_patch_size, axis=0)])
-    return patchify(frames, pp, fused=True)
+    patches, grid = patchify(frames, pp, fused=True)
+    return patches, grid, timestamps

@@ -95,3 +95,16 @@ def pipe_v5(tiny_artifact_v5):
     from qwen2vl_edge.runtime import Qwen2VLPipeline
 
     return Qwen2VLPipeline.load(tiny_artifact_v5)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact_ort(tiny_ckpt, workdir) -> Path:
+    """The tiny checkpoint for the ort-cpu target, fp32: GroupQueryAttention over a preallocated cache."""
+    return export_artifact(tiny_ckpt, workdir / "art-ort-fp32", target="ort-cpu")
+
+
+@pytest.fixture(scope="session")
+def pipe_ort(tiny_artifact_ort):
+    from qwen2vl_edge.runtime import Qwen2VLPipeline
+
+    return Qwen2VLPipeline.load(tiny_artifact_ort)

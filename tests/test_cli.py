@@ -25,10 +25,28 @@ def test_run_json_matches_python_api(tiny_artifact, pipe, tmp_path):
                  "--max-new-tokens", "6", "--json")
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
-    assert set(out) == {"text", "token_ids", "finish_reason", "timings", "usage"}
+    assert set(out) == {"text", "token_ids", "finish_reason", "timings", "usage", "boxes", "video_timestamps"}
     conv = [{"role": "user", "content": [{"type": "image", "image": str(img)},
                                          {"type": "text", "text": "Describe this image."}]}]
     assert out["token_ids"] == pipe.generate(conv, max_new_tokens=6).token_ids
+
+
+def test_chat_keeps_the_session(tiny_artifact, pipe, tmp_path):
+    img = tmp_path / "b.png"
+    random_image(np.random.default_rng(4), 120, 160).save(img)
+    lines = f"/image {img}\nWhat is this?\nAnd the colours?\n/reset\nHello.\n"
+    result = subprocess.run([sys.executable, "-m", "qwen2vl_edge", "chat", str(tiny_artifact), "--system", "Be brief.",
+                             "--max-new-tokens", "6", "--max-pixels", "20000"], input=lines, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    session = pipe.chat(system="Be brief.", max_new_tokens=6)
+    expected = [session.send([{"type": "image", "image": str(img), "max_pixels": 20000},
+                              {"type": "text", "text": "What is this?"}]).text,
+                session.send([{"type": "text", "text": "And the colours?"}]).text]
+    session.reset()
+    expected.append(session.send([{"type": "text", "text": "Hello."}]).text)
+    assert result.stdout.split("\n")[:3] == expected
+    assert "cached" in result.stderr
 
 
 def test_run_streams_and_reads_message_files(tiny_artifact, tmp_path):

@@ -72,3 +72,16 @@ def test_stream_never_shows_a_stop_string(pipe, tokenizer, monkeypatch):
     assert whole.text == "one two " and whole.finish_reason == "stop"
     assert "".join(pieces) == whole.text
     assert not any("three" in p for p in pieces)
+
+
+def test_session_stream_holds_back_a_stop_prefix_and_keeps_the_tail(pipe, tokenizer, monkeypatch):
+    """A chat session streams through the same pieces as stream(): a possible stop string is held back, the
+    incomplete last character comes as the tail, and the pieces join to send()'s text."""
+    script = tokenizer.encode("one two three EN").ids + [tokenizer.token_to_id("ä")]
+    _scripted(monkeypatch, script)
+    pieces = list(pipe.chat().stream("Hi", max_new_tokens=len(script), stop=["three END"]))
+    _scripted(monkeypatch, script)
+    whole = pipe.chat().send("Hi", max_new_tokens=len(script), stop=["three END"])
+    assert whole.text == "one two three EN\ufffd" and whole.finish_reason == "length"
+    assert "".join(pieces) == whole.text
+    assert not any("three" in p for p in pieces[:-1]) and pieces[-1].endswith("three EN\ufffd")

@@ -18,7 +18,8 @@ from conftest import requires_torch
 from qwen2vl_edge.runtime import ArtifactError, InputError
 from qwen2vl_edge.runtime.backends.trt_memory import kv_cache_bytes, memory_table
 from qwen2vl_edge.runtime.backends.trt_profiles import (
-    DECODE, PREALLOCATED, PREFILL, Limits, check_request, check_shape, check_sidecar, make_sidecar, profiles_for,
+    DECODE, PREALLOCATED, PREFILL, Limits, check_request, check_shape, check_sidecar, decoder_profile, make_sidecar,
+    profiles_for,
 )
 from qwen2vl_edge.runtime.config import parse_hf_config
 
@@ -57,7 +58,9 @@ def test_decoder_has_prefill_and_decode_profiles_from_limits():
     lim = Limits(max_prompt=1024, max_context=3000, max_batch=2)
     prefill, decode = (profiles_for("decoder", CFG_2B, lim)[i] for i in (PREFILL, DECODE))
     assert prefill["inputs_embeds"] == ((1, 1, 1536), (1, 1024, 1536), (2, 1024, 1536))
-    assert prefill["past_key_values.0.key"] == ((1, 2, 0, 128),) * 2 + ((2, 2, 0, 128),)
+    # a chat session's later turn prefills after a past; the profile is tuned for none
+    assert prefill["past_key_values.0.key"] == ((1, 2, 0, 128), (1, 2, 0, 128), (2, 2, 2999, 128))
+    assert prefill["attention_mask"] == ((1, 1), (1, 1024), (2, 3000))
     assert decode["inputs_embeds"][0][1] == decode["inputs_embeds"][2][1] == 1
     assert decode["past_key_values.27.value"][2] == (2, 2, 2999, 128)
     assert decode["attention_mask"][2] == (2, 3000)
@@ -95,7 +98,21 @@ def test_preallocated_decoder_profiles_bind_the_whole_buffer():
     prefill, decode = profiles_for("decoder", CFG_2B, lim, PREALLOCATED)
     for p in (prefill, decode):
         assert p["past_key_values.0.key"][0] == (1, 2, 1, 128) and p["past_key_values.0.key"][2] == (1, 2, 3000, 128)
-    assert prefill["attention_mask"][2] == (1, 1024) and decode["attention_mask"][2] == (1, 3000)
+    assert prefill["attention_mask"][2] == decode["attention_mask"][2] == (1, 3000)  # prefill after a past too
+
+
+def test_decoder_profile_is_chosen_by_the_run_not_by_an_empty_cache():
+    """One token after a past: decode; a prompt, or a chat session's later turn (L > 1 after P > 0): prefill;
+    and each choice's profile takes that run's shapes."""
+    lim = Limits(max_prompt=1024, max_context=3000)
+    assert [decoder_profile(p, n) for p, n in ((0, 300), (0, 1), (311, 1), (311, 17))] == \
+        [PREFILL, PREFILL, DECODE, PREFILL]
+    profiles = profiles_for("decoder", CFG_2B, lim)
+    for past, new in ((0, 1), (311, 1), (311, 17), (1976, 1024)):
+        profile = profiles[decoder_profile(past, new)]
+        check_shape("decoder", "inputs_embeds", (1, new, 1536), profile["inputs_embeds"])
+        check_shape("decoder", "attention_mask", (1, past + new), profile["attention_mask"])
+        check_shape("decoder", "past_key_values.0.key", (1, 2, past, 128), profile["past_key_values.0.key"])
 
 
 def test_merger_takes_a_whole_batch_of_vision_tokens():
@@ -213,19 +230,15 @@ sys.path.insert(0, str(Path(__file__).parent))  # the fakes and the stand-in liv
 
 
 @pytest.fixture(scope="module")
-def trt_standins(tiny_ckpt, tiny_artifact, workdir) -> dict[str, Path]:
+def trt_standins(tiny_artifact, tiny_artifact_ort, workdir) -> dict[str, Path]:
     """SWITCH these to the `--target tensorrt` export when it lands (see trt_standin.py)."""
-    from conftest import export_artifact
     from trt_standin import tensorrt_standin
 
-    ort_cpu = workdir / "art-ort-fp32"  # the one test_quantized.py makes, if it ran first
-    if not (ort_cpu / "manifest.json").is_file():
-        export_artifact(tiny_ckpt, ort_cpu, target="ort-cpu")
     root = workdir / "trt-standins"
     if root.exists():
         shutil.rmtree(root)
     return {"concat": tensorrt_standin(tiny_artifact, root / "concat", "concat"),
-            "preallocated": tensorrt_standin(ort_cpu, root / "preallocated", "preallocated")}
+            "preallocated": tensorrt_standin(tiny_artifact_ort, root / "preallocated", "preallocated")}
 
 
 @pytest.fixture
@@ -288,9 +301,9 @@ def test_build_trt_checks_the_tensorrt_version_against_the_graphs(trt_standins):
 @pytest.mark.parametrize("kv_cache,version", [("concat", "10.3.0"), ("preallocated", "11.4.0.106")])
 def test_trt_generation_matches_onnxruntime_token_for_token(trt_standins, fakes, tmp_path, monkeypatch, kv_cache,
                                                             version):
-    """build-trt, then whole generations through TrtBackend (fake TensorRT executing the source graphs with
-    ONNX Runtime on the bound device bytes) against OrtBackend on the same graphs; 10.3's and 11's
-    bindings differ in the engine stream reader."""
+    """build-trt, then whole generations and a two-turn chat session through TrtBackend (fake TensorRT
+    executing the source graphs with ONNX Runtime on the bound device bytes) against OrtBackend on the same
+    graphs; 10.3's and 11's bindings differ in the engine stream reader."""
     from fake_tensorrt import make_fake_tensorrt
     from qwen2vl_edge.runtime import Qwen2VLPipeline
 
@@ -308,6 +321,7 @@ def test_trt_generation_matches_onnxruntime_token_for_token(trt_standins, fakes,
     ort_pipe = Qwen2VLPipeline.load(art)
     convs = [_image_conv(0), [{"role": "user", "content": "Count to ten."}]]
     expected = [ort_pipe.generate(c, max_new_tokens=12, min_new_tokens=12).token_ids for c in convs]
+    chat_expected = _two_turn_chat(ort_pipe)
     with Qwen2VLPipeline.load(art, backend="tensorrt") as pipe:
         assert [pipe.generate(c, max_new_tokens=12, min_new_tokens=12).token_ids for c in convs] == expected
         assert len(set(expected[0])) >= 5 and expected[0] != expected[1]  # varied tokens, image-dependent
@@ -318,13 +332,30 @@ def test_trt_generation_matches_onnxruntime_token_for_token(trt_standins, fakes,
             for i, s in enumerate(streams):
                 pieces[i].append(next(s, ""))
         assert ["".join(p) for p in pieces] == [pipe.processor.decode(ids) for ids in expected]
+        runs_before_chat = len(trt.recorder.executions)
+        assert _two_turn_chat(pipe) == chat_expected
         held = pipe.backend.new_cache(1, 16)  # a cache still referenced when the backend closes
+    chat_runs = [shapes for engine, shapes, _ in trt.recorder.executions[runs_before_chat:] if engine == "decoder"]
+    # the second turn: several new positions after a past (the prefill profile), not one token (decode)
+    assert any(s["inputs_embeds"][1] > 1 and s["attention_mask"][1] > s["inputs_embeds"][1] for s in chat_runs)
     decoder_runs = [(shapes, addr) for engine, shapes, addr in trt.recorder.executions if engine == "decoder"]
     same = {addr["past_key_values.0.key"] == addr["present.0.key"] for _, addr in decoder_runs}
     assert same == {kv_cache == "preallocated"}
     assert cuda.live() == []  # close() gave back every buffer, pinned page and stream
     del held  # its buffers are not freed a second time
     assert cuda.errors == []
+
+
+def _two_turn_chat(pipe) -> list[list[int]]:
+    """An image question and a text follow-up in one session: the follow-up prefills after the cache, which
+    grows (its reserve is larger than the first turn's)."""
+    session = pipe.chat(max_new_tokens=10, min_new_tokens=10)
+    first = session.send(_image_conv(1)[0]["content"])
+    second = session.send("And what colour is the corner?", max_new_tokens=40, min_new_tokens=40)
+    # the cache held the first turn, its reply and the template's end of turn (<|im_end|> and a newline)
+    assert second.usage["cached_prompt_tokens"] == first.usage["prompt_tokens"] + len(first.token_ids) + 2
+    assert len(set(second.token_ids)) >= 5  # varied tokens: agreement is not by accident
+    return [first.token_ids, second.token_ids]
 
 
 @requires_torch

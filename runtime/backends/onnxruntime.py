@@ -127,6 +127,7 @@ class OrtBackend:
         cfg = artifact.config.text
         self.hidden_size = cfg.hidden_size
         self.kv_shape = (cfg.num_key_value_heads, cfg.head_dim)
+        self.max_positions = cfg.max_position_embeddings
         dec = self.sessions["decoder"]
         self.past_names = [i.name for i in dec.get_inputs() if i.name.startswith("past_key_values.")]
         self.output_names = [o.name for o in dec.get_outputs()]
@@ -190,11 +191,20 @@ class OrtBackend:
     def _kv(self, positions: int) -> tuple[int, int, int]:
         return self.kv_shape[0], positions, self.kv_shape[1]
 
-    def _room(self, cache: OrtCache, total: int) -> OrtCache:
-        """The cache with capacity for `total` positions: the request's reserve, doubled when outgrown."""
+    def reserve(self, cache: OrtCache, positions: int) -> OrtCache:
+        """Growing OrtValues need no room. A preallocated cache too small for `positions` is copied into one at
+        least twice its size (up to the model's context), so that a session growing turn after turn copies
+        its cache O(log n) times, not at every turn."""
+        if not self.preallocated or positions <= cache.capacity:
+            return cache
+        return self._room(cache, positions, capacity=max(positions, min(2 * cache.capacity, self.max_positions)))
+
+    def _room(self, cache: OrtCache, total: int, capacity: int | None = None) -> OrtCache:
+        """The cache with capacity for `total` positions: `capacity`, else the request's reserve, doubled when
+        outgrown."""
         if total <= cache.capacity:
             return cache
-        capacity = max(total, cache.reserve, 2 * cache.capacity)
+        capacity = capacity or max(total, cache.reserve, 2 * cache.capacity)
         buffers = {}
         for name, old in cache.buffers.items():
             buffers[name] = np.zeros((old.shape[0], *self._kv(capacity)), np.float32)

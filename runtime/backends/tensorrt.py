@@ -27,13 +27,14 @@ from .cuda import DeviceBuffer, PinnedArray, Stream, gpu_identity
 from .trt_memory import DTYPE_BYTES, io_buffers, kv_cache_bytes
 from .trt_profiles import (
     CONCAT, DECODE, ENGINES, PREALLOCATED, PREFILL, check_engine_io, check_request, check_shape, check_sidecar,
-    kv_names, limits_of, profile_of,
+    decoder_profile, kv_names, limits_of, profile_of,
 )
 
 _DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32",
            "INT8": "int8", "UINT8": "uint8", "BOOL": "bool", "FP8": "float8", "INT4": "int4"}
 CONTEXTS = {"vision_encoder": ("vision_encoder", 0), "embedding_merger": ("embedding_merger", 0),
             "prefill": ("decoder", PREFILL), "decode": ("decoder", DECODE)}  # context -> (engine, profile)
+DECODER_CONTEXTS = {PREFILL: "prefill", DECODE: "decode"}  # decoder profile -> its context
 
 
 def dtype_name(dtype) -> str:
@@ -280,6 +281,15 @@ class TrtBackend:
                 new.copy_from(old, rows * cache.length * t.head_dim * item, self.stream)
         return TrtCache(grown, cache.length, cache.batch, 0)
 
+    def reserve(self, cache: TrtCache, positions: int) -> TrtCache:
+        """A chat session's next turn: the cache with room for `positions` in all (doubled, up to the engines'
+        max context, when outgrown, so a growing session copies its cache O(log n) times)."""
+        if positions > self.limits.max_context:
+            raise InputError(f"the chat session needs {positions} positions, over the engines' max context "
+                             f"{self.limits.max_context}: reset() the session, lower max_new_tokens, or rebuild with "
+                             "`build-trt --max-context N`")
+        return self._room(cache, positions)
+
     def decode(self, inputs_embeds: DeviceEmbeds, attention_mask, position_ids, cache: TrtCache):
         if inputs_embeds.stamp != self._stamp:
             raise InputError("these embeddings were overwritten by a later merge(): decode right after merge")
@@ -296,7 +306,7 @@ class TrtBackend:
         for past, present in kv_names(self.cfg):
             shapes[past] = (B, t.num_key_value_heads, past_len, t.head_dim)
             addresses[past], addresses[present] = past_set[past].ptr, present_set[past].ptr
-        self._run("prefill" if P == 0 else "decode", shapes, addresses,
+        self._run(DECODER_CONTEXTS[decoder_profile(P, L)], shapes, addresses,
                   {"attention_mask": np.asarray(attention_mask, np.int64),
                    "position_ids": np.asarray(position_ids, np.int64)})
         logits = b["logits"].download_into(self.logits.array[:B], self.stream).copy()  # [B, vocab]

@@ -71,7 +71,8 @@ def weight_bytes(cfg: ModelConfig, precision: str, weights: str = "fp32", block_
 def activation_bytes(cfg: ModelConfig, lim: Limits, precision: str, min_tensorrt: str = "10.3") -> int:
     """Estimate of the largest engine's working tensors at the limits: the vision encoder on a full
     image (q/k/v and MLP hidden; with 10.3's explicit attention also fp32 scores and probabilities
-    [F, heads, S, S]) or the decoder's prefill at --max-prompt (q/k/v, gate/up, scores with 10.3)."""
+    [F, heads, S, S]) or the decoder's prefill at --max-prompt (q/k/v, gate/up; with 10.3 scores
+    [B, heads, L, P + L], P + L up to --max-context: a chat session's later turn prefills after a past)."""
     t, v = cfg.text, cfg.vision
     a = DTYPE_BYTES[precision]
     explicit = min_tensorrt == "10.3"
@@ -81,7 +82,7 @@ def activation_bytes(cfg: ModelConfig, lim: Limits, precision: str, min_tensorrt
     B, L = lim.max_batch, lim.max_prompt
     kvd = t.num_key_value_heads * t.head_dim
     prefill = B * L * (2 * t.hidden_size + 2 * kvd + 2 * t.intermediate_size) * a + B * t.vocab_size * F32
-    prefill += 2 * B * t.num_attention_heads * L * L * F32 if explicit else 0
+    prefill += 2 * B * t.num_attention_heads * L * lim.max_context * F32 if explicit else 0
     return max(vision, prefill)
 
 

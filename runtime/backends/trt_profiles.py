@@ -95,9 +95,10 @@ def merger_profiles(cfg: ModelConfig, lim: Limits) -> list[Profile]:
 
 
 def decoder_profiles(cfg: ModelConfig, lim: Limits, kv_cache: str = CONCAT) -> list[Profile]:
-    """Prefill (L up to max_prompt) and decode (L = 1). Concat: the past holds P positions (none at
-    prefill, up to max_context - 1 at decode). Preallocated: the past is the request's whole buffer,
-    its capacity up to max_context, in both profiles."""
+    """Prefill (L up to max_prompt, after any past: a chat session's later turn prefills after the earlier
+    ones) and decode (L = 1). Concat: the past holds P positions (0 up to max_context - 1; the prefill
+    profile is tuned for none). Preallocated: the past is the request's whole buffer, its capacity up to
+    max_context, in both profiles. P + L is at most max_context in both."""
     t = cfg.text
     batch = _span(1, lim.max_batch, 1)
 
@@ -111,12 +112,20 @@ def decoder_profiles(cfg: ModelConfig, lim: Limits, kv_cache: str = CONCAT) -> l
 
     if kv_cache == PREALLOCATED:
         capacity = _span(1, lim.max_context, lim.max_prompt + 1)
-        return [profile(_span(1, lim.max_prompt), capacity, _span(1, lim.max_prompt)),
+        return [profile(_span(1, lim.max_prompt), capacity, _span(1, lim.max_context, lim.max_prompt)),
                 profile(_fixed(1), capacity, _span(2, lim.max_context, lim.max_prompt + 1))]
-    prefill = profile(_span(1, lim.max_prompt), _fixed(0), _span(1, lim.max_prompt))
+    prefill = profile(_span(1, lim.max_prompt), _span(0, lim.max_context - 1, 0),
+                      _span(1, lim.max_context, lim.max_prompt))
     decode = profile(_fixed(1), _span(1, lim.max_context - 1, lim.max_prompt),
                      _span(2, lim.max_context, lim.max_prompt + 1))
     return [prefill, decode]
+
+
+def decoder_profile(past: int, new: int) -> int:
+    """The decoder profile for a run of `new` positions after `past` cached ones: decode for one token after
+    a past, prefill for the rest (a prompt, or a chat session's later turn; one token with no past too,
+    which decode's ranges, tuned for the token loop, do not take)."""
+    return DECODE if new == 1 and past > 0 else PREFILL
 
 
 def profiles_for(engine: str, cfg: ModelConfig, lim: Limits, kv_cache: str = CONCAT) -> list[Profile]:
