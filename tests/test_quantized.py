@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 
 from conftest import export_artifact, random_image, requires_torch
 from qwen2vl_edge.export.quantize import QuantSpec, dequantize_blocks, quantize_blocks
-from qwen2vl_edge.runtime import ArtifactError, InputError, Qwen2VLPipeline
+from qwen2vl_edge.runtime import ArtifactError, ConfigError, Qwen2VLPipeline
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -291,5 +291,5 @@ def test_session_cache_gives_the_same_tokens_and_is_reused(quantized, tiny_artif
 
 
 def test_session_cache_is_refused_where_it_cannot_apply(tiny_artifact, tmp_path):
-    with pytest.raises(InputError, match="ONNX Runtime \\(CPU\\) option"):
+    with pytest.raises(ConfigError, match="ONNX Runtime \\(CPU\\) option"):  # a load setting, not input
         Qwen2VLPipeline.load(tiny_artifact, backend="tensorrt", session_cache=tmp_path)
