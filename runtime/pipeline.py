@@ -72,8 +72,8 @@ class Qwen2VLPipeline:
     def __init__(self, artifact: Artifact, processor: Processor, backend):
         self.artifact, self.processor, self.backend = artifact, processor, backend
         gen = artifact.generation
-        self.eos_ids = [int(t) for t in gen.get("eos_token_id", [])]
-        self.pad_id = int(gen.get("pad_token_id", processor.special.pad_id))
+        self.eos_ids = [int(t) for t in gen["eos_token_id"]]  # the manifest schema requires both
+        self.pad_id = int(gen["pad_token_id"])
         self.last_result: GenerationResult | None = None  # of the last finished stream()
 
     @classmethod
@@ -83,7 +83,7 @@ class Qwen2VLPipeline:
         """`session_cache`: a directory where ONNX Runtime keeps the graphs optimized and their weights
         packed for this CPU, so that later starts skip that work (see backends/onnxruntime.py)."""
         _check_load_options(backend, providers, num_threads, verify, session_cache)
-        artifact = load_artifact(artifact_dir, verify=verify, engines_only=backend == "tensorrt")
+        artifact = load_artifact(artifact_dir, verify=verify, backend=backend)
         options = ({"providers": providers, "num_threads": num_threads, "session_cache": session_cache}
                    if backend == "onnxruntime" else {})
         with ThreadPoolExecutor(1) as pool:  # the tokenizer parses while the graphs load
