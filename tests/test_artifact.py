@@ -149,3 +149,28 @@ def test_a_graph_file_swapped_for_another_is_refused(art):
     _edit_manifest(art, lambda m: m["graphs"]["decoder"].update(file="vision_encoder.onnx"))
     with pytest.raises(ArtifactError, match="vision_encoder.onnx is not the decoder graph the manifest describes"):
         Qwen2VLPipeline.load(art)
+
+
+# -- token ids come from the checkpoint (no Qwen2 vocabulary assumed) ------------------------------
+
+def test_placeholder_token_ids_are_required_from_config_json(tiny_ckpt):
+    from qwen2vl_edge.runtime.config import ConfigError, parse_hf_config
+
+    raw = json.loads((tiny_ckpt / "config.json").read_text())
+    assert parse_hf_config(raw).image_token_id == raw["image_token_id"]
+    del raw["video_token_id"]
+    with pytest.raises(ConfigError, match="no integer video_token_id"):
+        parse_hf_config(raw)
+
+
+def test_generation_ids_are_read_from_the_checkpoint(tmp_path):
+    from qwen2vl_edge.export.onnx_export import _generation_settings
+
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"eos_token_id": 7}}))
+    assert _generation_settings(tmp_path) == {"eos_token_id": [7], "pad_token_id": 7}  # generate()'s pad fallback
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 6], "pad_token_id": 9}))
+    assert _generation_settings(tmp_path) == {"eos_token_id": [5, 6], "pad_token_id": 9}
+    (tmp_path / "generation_config.json").write_text("{}")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="no eos_token_id in generation_config.json or config.json"):
+        _generation_settings(tmp_path)
