@@ -193,10 +193,12 @@ def _largest(fits, lo: int, hi: int) -> int | None:
     return lo
 
 
-def _with_grid(req: RequestShape, old, new) -> RequestShape:
+def _with_grid(req: RequestShape, old, new, merge2: int) -> RequestShape:
+    """The request with one vision grid replaced: its placeholder tokens in the prompt change with it."""
     grids = list(req.grids)
     grids[grids.index(old)] = new
-    return RequestShape(req.batch, req.prompt_len, req.max_new_tokens, tuple(grids))
+    tokens = lambda g: g[0] * g[1] * g[2] // merge2  # noqa: E731
+    return RequestShape(req.batch, req.prompt_len - tokens(old) + tokens(new), req.max_new_tokens, tuple(grids))
 
 
 def _fixes(cfg: ModelConfig, export: dict, req: RequestShape, est: Estimate, budget: int) -> list[str]:
@@ -206,7 +208,7 @@ def _fixes(cfg: ModelConfig, export: dict, req: RequestShape, est: Estimate, bud
         t, h, w = est.largest_grid
         unit = cfg.vision.spatial_merge_size ** 2  # patches come in merge x merge blocks
         side = lambda n: (t, 1, n * unit)  # noqa: E731  (the pixel count is what matters, not the aspect)
-        n = _largest(lambda k: fits(_with_grid(req, est.largest_grid, side(k))), 1, h * w // unit)
+        n = _largest(lambda k: fits(_with_grid(req, est.largest_grid, side(k), unit)), 1, h * w // unit)
         if n:
             patch = cfg.vision.patch_size ** 2
             fixes.append(f"max_pixels={n * unit * patch} (this {'video' if t > 1 else 'image'} has "
