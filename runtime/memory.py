@@ -238,7 +238,7 @@ def check(cfg: ModelConfig, export: dict, inputs: dict, max_new_tokens: int, lim
     if budget is not None and est.peak > budget:
         fixes = _fixes(cfg, export, req, est, budget)
         raise InputError(
-            f"this request needs about {est.peak / GB:.1f} GB at its peak ({est.stage}: "
+            f"this request needs about {est.peak / GB:.1f} GB of memory at its peak, in the {est.stage} stage ("
             + ", ".join(f"{k} {v / GB:.1f} GB" for k, v in est.stages.items())
             + f"), more than the {max(budget, 0) / GB:.1f} GB available ({source}); it would fit with "
             + (" or ".join(fixes) if fixes else "nothing smaller that this model allows: run it on a larger machine")

@@ -95,3 +95,10 @@ def pipe_v5(tiny_artifact_v5):
     from qwen2vl_edge.runtime import Qwen2VLPipeline
 
     return Qwen2VLPipeline.load(tiny_artifact_v5)
+
+
+def assert_varied(token_ids, what: str = "reference output") -> None:
+    """Parity on a repeated token proves nothing: most tokens of a reply must differ."""
+    distinct = len(set(token_ids))
+    assert distinct > len(token_ids) // 2, (f"{what} degenerate ({distinct} distinct of {len(token_ids)} tokens): "
+                                            "parity would prove nothing")

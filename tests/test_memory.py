@@ -113,7 +113,7 @@ def test_pipeline_refuses_a_big_photo_before_any_graph_runs(pipe):
     conv = [{"role": "user", "content": [{"type": "image", "image": photo}, {"type": "text", "text": "What?"}]}]
     graph_seconds, pipe.memory_limit = pipe.backend.graph_seconds, 4 * GB
     try:
-        with pytest.raises(InputError, match=r"about \d+\.\d GB at its peak \(vision.*max_pixels=") as e:
+        with pytest.raises(InputError, match=r"about \d+\.\d GB of memory at its peak, in the vision stage.*max_pixels=") as e:
             pipe.generate(conv, max_new_tokens=8)
         suggested = _fits(str(e.value), "max_pixels")
         assert pipe.backend.graph_seconds == graph_seconds  # refused before the encoder ran
@@ -134,7 +134,7 @@ def test_pipeline_refuses_a_prompt_at_the_context_limit(pipe):
     assert length == context - 8
     graph_seconds, pipe.memory_limit = pipe.backend.graph_seconds, 4 * GB
     try:
-        with pytest.raises(InputError, match=r"\(prefill: .*shorter prompt"):
+        with pytest.raises(InputError, match=r"in the prefill stage.*shorter prompt"):
             pipe.generate([{"role": "user", "content": text}], max_new_tokens=context - length)
         assert pipe.backend.graph_seconds == graph_seconds
     finally:
