@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .backends.trt_profiles import DTYPE_BYTES
 from .config import ModelConfig
 from .errors import InputError
 
@@ -34,6 +35,7 @@ ATTENTION = {  # target -> graph -> how its attention holds the scores (export/v
     "portable": {"vision": SOFTMAX, "decoder": MASKED_SOFTMAX},
     "ort-cpu": {"vision": SOFTMAX, "decoder": FUSED},
 }
+KV_CACHE = {"portable": "concat", "ort-cpu": "preallocated"}  # target -> how its decoder keeps the cache
 # fp32 activations alive besides attention, in units of one [tokens, width] row set: the residual stream,
 # the norm output, q/k/v and their rotations; the MLP's hidden width counted separately (fc1 / gate, up,
 # the activation's intermediates).
@@ -82,10 +84,10 @@ def vision_bytes(cfg: ModelConfig, target: str, grid: tuple[int, int, int]) -> i
     return F32 * (scores + frames * patches * widths)
 
 
-def kv_bytes(cfg: ModelConfig, batch: int, positions: int) -> int:
-    """One full set of K and V for `positions` positions: [B, kv, T, hd] x 2 x layers, fp32."""
+def kv_bytes(cfg: ModelConfig, batch: int, positions: int, dtype: str = "fp32") -> int:
+    """One full set of K and V for `positions` positions: [B, kv, T, hd] x 2 x layers."""
     t = cfg.text
-    return F32 * 2 * t.num_hidden_layers * batch * t.num_key_value_heads * positions * t.head_dim
+    return DTYPE_BYTES[dtype] * 2 * t.num_hidden_layers * batch * t.num_key_value_heads * positions * t.head_dim
 
 
 def prefill_bytes(cfg: ModelConfig, export: dict, req: RequestShape) -> int:
@@ -109,10 +111,11 @@ def estimate(cfg: ModelConfig, export: dict, req: RequestShape) -> Estimate:
     largest = max(req.grids, key=lambda g: vision_bytes(cfg, target, g)) if req.grids else None
     stages = {"vision": inputs + features + (vision_bytes(cfg, target, largest) if largest else 0)}
     embeds = F32 * B * L * t.hidden_size
+    dtype = export.get("compute_dtype", "fp32")  # the cache's dtype (fp16 weights still compute in fp32)
     if export.get("kv_cache") == "preallocated":  # one buffer of capacity L + max_new_tokens from the prefill on
-        cache_prefill = cache_decode = kv_bytes(cfg, B, total)
+        cache_prefill = cache_decode = kv_bytes(cfg, B, total, dtype)
     else:  # presents grow by concatenation: past and present both alive in a step
-        cache_prefill, cache_decode = kv_bytes(cfg, B, L), 2 * kv_bytes(cfg, B, total)
+        cache_prefill, cache_decode = kv_bytes(cfg, B, L, dtype), 2 * kv_bytes(cfg, B, total, dtype)
     stages["prefill"] = inputs + features + embeds + cache_prefill + prefill_bytes(cfg, export, req)
     stages["decode"] = inputs + cache_decode + F32 * B * t.vocab_size * 2
     return Estimate({k: int(v) for k, v in stages.items()}, largest)
@@ -204,7 +207,7 @@ def _with_grid(req: RequestShape, old, new, merge2: int) -> RequestShape:
 def _fixes(cfg: ModelConfig, export: dict, req: RequestShape, est: Estimate, budget: int) -> list[str]:
     fits = lambda r, e=export: estimate(cfg, e, r).peak <= budget  # noqa: E731
     fixes = []
-    if est.stage == "vision" and est.largest_grid:
+    if est.stage in ("vision", "prefill") and est.largest_grid:  # smaller images: fewer patches and tokens
         t, h, w = est.largest_grid
         unit = cfg.vision.spatial_merge_size ** 2  # patches come in merge x merge blocks
         side = lambda n: (t, 1, n * unit)  # noqa: E731  (the pixel count is what matters, not the aspect)
@@ -218,7 +221,7 @@ def _fixes(cfg: ModelConfig, export: dict, req: RequestShape, est: Estimate, bud
         if n:
             fixes.append(f"max_new_tokens={n}")
     if est.stage == "prefill":
-        fixes.append("a shorter prompt, fewer or smaller images (max_pixels)")
+        fixes.append("a shorter prompt")
     for target in ATTENTION:
         if target != export.get("target") and fits(req, _export_for(export, target)):
             fixes.append(f"an export with --target {target} (needs about "
@@ -227,7 +230,7 @@ def _fixes(cfg: ModelConfig, export: dict, req: RequestShape, est: Estimate, bud
 
 
 def _export_for(export: dict, target: str) -> dict:
-    return {**export, "target": target, "kv_cache": "preallocated" if target == "ort-cpu" else "concat"}
+    return {**export, "target": target, "kv_cache": KV_CACHE[target]}
 
 
 def check(cfg: ModelConfig, export: dict, inputs: dict, max_new_tokens: int, limit: int | None = None) -> Estimate:

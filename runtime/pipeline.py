@@ -82,7 +82,9 @@ class Qwen2VLPipeline:
              num_threads: int | None = None, verify: bool = True,
              session_cache: str | Path | None = None, memory_limit: int | None = None) -> "Qwen2VLPipeline":
         """`session_cache`: a directory where ONNX Runtime keeps the graphs optimized and their weights
-        packed for this CPU, so that later starts skip that work (see backends/onnxruntime.py)."""
+        packed for this CPU, so that later starts skip that work (see backends/onnxruntime.py).
+        `memory_limit`: bytes one request may use; a request estimated above it (or above what the system
+        has) fails with InputError before any graph runs (runtime/memory.py)."""
         _check_load_options(backend, providers, num_threads, verify, session_cache)
         artifact = load_artifact(artifact_dir, verify=verify, backend=backend)
         options = ({"providers": providers, "num_threads": num_threads, "session_cache": session_cache}

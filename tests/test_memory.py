@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import requires_torch
 from qwen2vl_edge.runtime import InputError
-from qwen2vl_edge.runtime.memory import ATTENTION, RequestShape, available, check, estimate, kv_bytes
+from qwen2vl_edge.runtime.memory import ATTENTION, KV_CACHE, RequestShape, available, check, estimate, kv_bytes
 from qwen2vl_edge.runtime.preprocess import PreprocessorConfig, smart_resize
 from test_tensorrt import CFG_2B
 
@@ -78,7 +78,8 @@ def test_kv_cache_by_kind():
 def test_every_target_has_an_attention_kind_per_graph():
     from qwen2vl_edge.export.onnx_export import TARGETS
 
-    assert set(TARGETS) <= set(ATTENTION) and all(set(k) == {"vision", "decoder"} for k in ATTENTION.values())
+    assert set(TARGETS) <= set(ATTENTION) == set(KV_CACHE)
+    assert all(set(k) == {"vision", "decoder"} for k in ATTENTION.values())
 
 
 def test_available_memory_is_the_smallest_source(tmp_path, monkeypatch):
