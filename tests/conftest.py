@@ -102,3 +102,9 @@ def assert_varied(token_ids, what: str = "reference output") -> None:
     distinct = len(set(token_ids))
     assert distinct > len(token_ids) // 2, (f"{what} degenerate ({distinct} distinct of {len(token_ids)} tokens): "
                                             "parity would prove nothing")
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact_ort(tiny_ckpt, workdir) -> Path:
+    """The tiny checkpoint for the ort-cpu target, fp32: GroupQueryAttention over a preallocated cache."""
+    return export_artifact(tiny_ckpt, workdir / "art-ort-fp32", target="ort-cpu")

@@ -209,17 +209,12 @@ def test_ort_cpu_target_is_rejected_by_check_trt(quantized):
     assert result.returncode == 1 and "(MatMulNBits): custom domain 'com.microsoft'" in result.stdout
 
 
-@pytest.fixture(scope="module")
-def ort_fp32(tiny_ckpt, workdir):
-    return export_artifact(tiny_ckpt, workdir / "art-ort-fp32", target="ort-cpu")
-
-
 @requires_torch
-def test_fp32_ort_target_stays_token_identical(ort_fp32, pipe):
+def test_fp32_ort_target_stays_token_identical(tiny_artifact_ort, pipe):
     """Packed projections, SkipSimplifiedLayerNormalization and GroupQueryAttention over a preallocated
     cache change the graph, not the answer."""
-    fused = Qwen2VLPipeline.load(ort_fp32)
-    nodes = onnx.load(str(ort_fp32 / "decoder.onnx"), load_external_data=False).graph.node
+    fused = Qwen2VLPipeline.load(tiny_artifact_ort)
+    nodes = onnx.load(str(tiny_artifact_ort / "decoder.onnx"), load_external_data=False).graph.node
     assert {"SkipSimplifiedLayerNormalization", "GroupQueryAttention"} <= {n.op_type for n in nodes}
     assert {n.op_type for n in nodes if any(i.startswith("past_key_values.") for i in n.input)} == {
         "GroupQueryAttention"}  # no Concat copies the cache
@@ -233,12 +228,12 @@ def test_fp32_ort_target_stays_token_identical(ort_fp32, pipe):
 
 
 @requires_torch
-def test_preallocated_cache_is_written_in_place_and_grows(ort_fp32, pipe):
+def test_preallocated_cache_is_written_in_place_and_grows(tiny_artifact_ort, pipe):
     """GroupQueryAttention writes each step into the request's buffers; past the reserve they double. Logits
     follow the portable graphs (Concat cache, checked against transformers) on a left-padded batch."""
     from qwen2vl_edge.runtime.generation import StepTimes, decode_step, prefill
 
-    fused = Qwen2VLPipeline.load(ort_fp32)
+    fused = Qwen2VLPipeline.load(tiny_artifact_ort)
     convs = [[{"role": "user", "content": "Hi."}],
              [{"role": "user", "content": "Tell me a long story about a robot who sails the sea at night."}]]
     inputs = pipe.processor(convs)
