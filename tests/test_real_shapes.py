@@ -33,7 +33,7 @@ def real_heads(workdir):
 @pytest.fixture(scope="module")
 def long_conversation():
     rng = np.random.default_rng(21)
-    words = " ".join(f"w{int(i)}" for i in rng.integers(0, 500, 1500))  # about 3,800 tokens
+    words = " ".join(f"w{int(i)}" for i in rng.integers(0, 500, 1020))  # about 3,850 tokens, + 256 for the image
     return [{"role": "user", "content": [{"type": "image", "image": random_image(rng, 448, 448)},
                                          {"type": "text", "text": f"{words} Describe the image."}]}]
 
