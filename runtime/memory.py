@@ -125,11 +125,13 @@ def estimate(cfg: ModelConfig, export: dict, req: RequestShape) -> Estimate:
 
 def _meminfo_available(path: str = "/proc/meminfo") -> int | None:
     try:
-        for line in Path(path).read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
+        text = Path(path).read_text()
+    except OSError:
         return None  # not Linux: the other sources (or none) decide
+    for line in text.splitlines():
+        fields = line.split()
+        if fields[:1] == ["MemAvailable:"] and len(fields) > 1 and fields[1].isdigit():
+            return int(fields[1]) * 1024
     return None
 
 
@@ -149,6 +151,8 @@ def _cgroup_available(root: str = "/sys/fs/cgroup", self_cgroup: str = "/proc/se
     except OSError:
         return None
     for line in lines:
+        if line.count(":") < 2:
+            continue
         _, controllers, rel = line.split(":", 2)
         if controllers == "":  # v2
             d = Path(root) / rel.lstrip("/")
@@ -167,12 +171,13 @@ def _cgroup_available(root: str = "/sys/fs/cgroup", self_cgroup: str = "/proc/se
 
 def _inactive_file(stat: Path) -> int:
     try:
-        for line in stat.read_text().splitlines():
-            key, _, value = line.partition(" ")
-            if key in ("inactive_file", "total_inactive_file"):
-                return int(value)
-    except (OSError, ValueError):
-        pass  # no stat file: count no page cache as free (the safe side)
+        text = stat.read_text()
+    except OSError:
+        return 0  # no stat file: no page cache counted as free (the safe side)
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key in ("inactive_file", "total_inactive_file") and value.strip().isdigit():
+            return int(value)
     return 0
 
 

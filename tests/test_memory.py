@@ -105,6 +105,13 @@ def test_available_memory_is_the_smallest_source(tmp_path, monkeypatch):
     assert memory._cgroup_available(str(cg), str(tmp_path / "self")) == 500000  # page cache counts as free
     (cg / "app" / "memory.max").write_text("max\n")
     assert memory._cgroup_available(str(cg), str(tmp_path / "self")) is None
+    (cg / "memory" / "app").mkdir(parents=True)  # cgroup v1's memory controller
+    (tmp_path / "self").write_text("12:cpu,cpuacct:/app\n4:memory:/app\n")
+    (cg / "memory" / "app" / "memory.limit_in_bytes").write_text("3000000\n")
+    (cg / "memory" / "app" / "memory.usage_in_bytes").write_text("1000000\n")
+    assert memory._cgroup_available(str(cg), str(tmp_path / "self")) == 2000000
+    (cg / "memory" / "app" / "memory.limit_in_bytes").write_text(f"{2 ** 63 - 4096}\n")  # v1's "no limit"
+    assert memory._cgroup_available(str(cg), str(tmp_path / "self")) is None
     monkeypatch.setattr(memory, "_cgroup_available", lambda: 5 * GB)
     monkeypatch.setattr(memory, "_meminfo_available", lambda: 7 * GB)
     assert available() == (5 * GB, "the cgroup's memory limit")
