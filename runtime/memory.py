@@ -17,7 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .backends.trt_profiles import DTYPE_BYTES
+from .backends.trt_memory import kv_cache_bytes
+from .backends.trt_profiles import CONCAT, PREALLOCATED
 from .config import ModelConfig
 from .errors import InputError
 
@@ -35,7 +36,7 @@ ATTENTION = {  # target -> graph -> how its attention holds the scores (export/v
     "portable": {"vision": SOFTMAX, "decoder": MASKED_SOFTMAX},
     "ort-cpu": {"vision": SOFTMAX, "decoder": FUSED},
 }
-KV_CACHE = {"portable": "concat", "ort-cpu": "preallocated"}  # target -> how its decoder keeps the cache
+KV_CACHE = {"portable": CONCAT, "ort-cpu": PREALLOCATED}  # target -> how its decoder keeps the cache
 # fp32 activations alive besides attention, in units of one [tokens, width] row set: the residual stream,
 # the norm output, q/k/v and their rotations; the MLP's hidden width counted separately (fc1 / gate, up,
 # the activation's intermediates).
@@ -84,12 +85,6 @@ def vision_bytes(cfg: ModelConfig, target: str, grid: tuple[int, int, int]) -> i
     return F32 * (scores + frames * patches * widths)
 
 
-def kv_bytes(cfg: ModelConfig, batch: int, positions: int, dtype: str = "fp32") -> int:
-    """One full set of K and V for `positions` positions: [B, kv, T, hd] x 2 x layers."""
-    t = cfg.text
-    return DTYPE_BYTES[dtype] * 2 * t.num_hidden_layers * batch * t.num_key_value_heads * positions * t.head_dim
-
-
 def prefill_bytes(cfg: ModelConfig, export: dict, req: RequestShape) -> int:
     """The decoder's run over the prompt, besides the cache: scores, mask bias, activations, logits."""
     t, B, L = cfg.text, req.batch, req.prompt_len
@@ -111,11 +106,10 @@ def estimate(cfg: ModelConfig, export: dict, req: RequestShape) -> Estimate:
     largest = max(req.grids, key=lambda g: vision_bytes(cfg, target, g)) if req.grids else None
     stages = {"vision": inputs + features + (vision_bytes(cfg, target, largest) if largest else 0)}
     embeds = F32 * B * L * t.hidden_size
-    dtype = export.get("compute_dtype", "fp32")  # the cache's dtype (fp16 weights still compute in fp32)
-    if export.get("kv_cache") == "preallocated":  # one buffer of capacity L + max_new_tokens from the prefill on
-        cache_prefill = cache_decode = kv_bytes(cfg, B, total, dtype)
-    else:  # presents grow by concatenation: past and present both alive in a step
-        cache_prefill, cache_decode = kv_bytes(cfg, B, L, dtype), 2 * kv_bytes(cfg, B, total, dtype)
+    dtype, kind = export.get("compute_dtype", "fp32"), export.get("kv_cache", CONCAT)  # fp16 weights: fp32 cache
+    # concat: past and present both alive in a step; preallocated: one buffer of L + max_new_tokens from the start
+    cache_decode = kv_cache_bytes(cfg, B, total, dtype, kind)
+    cache_prefill = cache_decode if kind == PREALLOCATED else kv_cache_bytes(cfg, B, L, dtype, PREALLOCATED)
     stages["prefill"] = inputs + features + embeds + cache_prefill + prefill_bytes(cfg, export, req)
     stages["decode"] = inputs + cache_decode + F32 * B * t.vocab_size * 2
     return Estimate({k: int(v) for k, v in stages.items()}, largest)
