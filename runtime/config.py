@@ -15,11 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError  # one class for every configuration problem, exported by qwen2vl_edge.runtime
+
 MODEL_TYPE = "qwen2_vl"
-
-
-class ConfigError(ValueError):
-    """The checkpoint or artifact config is missing or not a Qwen2-VL config."""
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from .backends.trt_memory import kv_cache_bytes
 from .backends.trt_profiles import CONCAT, PREALLOCATED
+from . import checks
 from .config import ModelConfig
-from .errors import InputError
+from .errors import ConfigError, InputError
 
 F32 = 4
 GB = 1e9
@@ -234,6 +235,8 @@ def _export_for(export: dict, target: str) -> dict:
 
 def check(cfg: ModelConfig, export: dict, inputs: dict, max_new_tokens: int, limit: int | None = None) -> Estimate:
     """Raise InputError when the request's estimated peak exceeds the memory available to it."""
+    if limit is not None:
+        checks.integer("memory_limit", limit, minimum=1, error=ConfigError, hint=" (bytes; None: what the system has)")
     req = RequestShape.of(inputs, max_new_tokens)
     est = estimate(cfg, export, req)
     budget, source = available(limit)

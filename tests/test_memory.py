@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import requires_torch
-from qwen2vl_edge.runtime import InputError
+from qwen2vl_edge.runtime import ConfigError, InputError
 from qwen2vl_edge.runtime.memory import ATTENTION, KV_CACHE, RequestShape, available, check, estimate
 from qwen2vl_edge.runtime.preprocess import PreprocessorConfig, smart_resize
 from test_tensorrt import CFG_2B
@@ -116,6 +116,9 @@ def test_available_memory_is_the_smallest_source(tmp_path, monkeypatch):
     monkeypatch.setattr(memory, "_meminfo_available", lambda: 7 * GB)
     assert available() == (5 * GB, "the cgroup's memory limit")
     assert available(3 * GB) == (3 * GB, "memory_limit")
+    for bad in (0, -1, 2.5e9, "8GB", True):
+        with pytest.raises(ConfigError, match="memory_limit must be"):
+            check(CFG_2B, PORTABLE, {"input_ids": np.zeros((1, 10), np.int64)}, 8, bad)
 
 
 # -- through the pipeline, on the tiny model --------------------------------------------------------
