@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
-from . import checks
+from . import checks, memory
 from .artifact import Artifact, load_artifact
 from .backends import BACKENDS, create_backend
 from .detokenize import held_back
@@ -90,25 +90,30 @@ class Qwen2VLPipeline:
     def __init__(self, artifact: Artifact, processor: Processor, backend):
         self.artifact, self.processor, self.backend = artifact, processor, backend
         gen = artifact.generation
-        self.eos_ids = [int(t) for t in gen.get("eos_token_id", [])]
-        self.pad_id = int(gen.get("pad_token_id", processor.special.pad_id))
+        self.eos_ids = [int(t) for t in gen["eos_token_id"]]  # the manifest schema requires both
+        self.pad_id = int(gen["pad_token_id"])
         self.sampling_defaults = checkpoint_sampling(artifact.dir)  # generation_config.json, as transformers reads it
         self.last_result: GenerationResult | None = None  # of the last finished stream()
+        self.memory_limit: int | None = None  # bytes a request may use; None: what the system has (memory.py)
 
     @classmethod
     def load(cls, artifact_dir: str | Path, backend: str = "onnxruntime", providers: list | None = None,
              num_threads: int | None = None, verify: bool = True,
-             session_cache: str | Path | None = None) -> "Qwen2VLPipeline":
+             session_cache: str | Path | None = None, memory_limit: int | None = None) -> "Qwen2VLPipeline":
         """`session_cache`: a directory where ONNX Runtime keeps the graphs optimized and their weights
-        packed for this CPU, so that later starts skip that work (see backends/onnxruntime.py)."""
+        packed for this CPU, so that later starts skip that work (see backends/onnxruntime.py).
+        `memory_limit`: bytes one request may use; a request estimated above it (or above what the system
+        has) fails with InputError before any graph runs (runtime/memory.py)."""
         _check_load_options(backend, providers, num_threads, verify, session_cache)
-        artifact = load_artifact(artifact_dir, verify=verify, engines_only=backend == "tensorrt")
+        artifact = load_artifact(artifact_dir, verify=verify, backend=backend)
         options = ({"providers": providers, "num_threads": num_threads, "session_cache": session_cache}
                    if backend == "onnxruntime" else {})
         with ThreadPoolExecutor(1) as pool:  # the tokenizer parses while the graphs load
             processor = pool.submit(Processor.from_pretrained, artifact.dir)
             graphs = create_backend(artifact, backend, **options)
-            return cls(artifact, processor.result(), graphs)
+            pipe = cls(artifact, processor.result(), graphs)
+        pipe.memory_limit = memory_limit
+        return pipe
 
     def close(self) -> None:
         """Free what the backend holds (the TensorRT backend's device memory); ONNX Runtime needs nothing."""
@@ -172,6 +177,8 @@ class Qwen2VLPipeline:
                              f"model's context of {limit} tokens: shorten the prompt, use smaller images "
                              "(max_pixels) or lower max_new_tokens")
         self.backend.check_request(inputs, opts.max_new_tokens)
+        if memory.host_backend(self.backend):  # refuse what would not fit before any graph allocates
+            memory.check(self.artifact.config, self.artifact.export, inputs, opts.max_new_tokens, self.memory_limit)
         feats = self.vision_features(inputs)
         t2 = time.perf_counter()
         embeds = self.backend.merge(inputs["input_ids"], feats)

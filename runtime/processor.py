@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 
 from . import chat
 from .config import ModelConfig, load_config
-from .errors import InputError
+from .errors import ArtifactError, InputError
 from .media import load_image
 from .preprocess import PreprocessorConfig, process_image, process_video_timed
 from .rope import get_rope_index, token_types
@@ -25,22 +25,29 @@ VIDEO_OPTIONS = IMAGE_OPTIONS + ("fps", "nframes", "total_pixels", "video_start"
 class SpecialTokens:
     image_pad: str
     video_pad: str
-    pad_id: int
+    pad_id: int | None  # tokenizer_config.json's pad_token; None: the tokenizer has none
+
+
+def _side_file(path: Path, parse, what: str | None = None):
+    """parse(path), any failure an ArtifactError naming the file (tokenizers raises plain Exception)."""
+    try:
+        return parse(path)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named, never swallowed
+        raise ArtifactError(f"{what or path} is damaged or unreadable ({type(e).__name__}: {e}): restore it from the "
+                            "checkpoint or re-export the artifact") from None
 
 
 def _special_tokens(tokenizer: Tokenizer, directory: Path, config: ModelConfig) -> SpecialTokens:
     image_pad = tokenizer.id_to_token(config.image_token_id)
     video_pad = tokenizer.id_to_token(config.video_token_id)
     if image_pad is None or video_pad is None:
-        raise InputError(f"tokenizer.json in {directory} lacks the image/video token ids of config.json")
+        raise ArtifactError(f"tokenizer.json in {directory} lacks the image/video token ids of config.json")
     pad_id = None
     tc = directory / "tokenizer_config.json"
     if tc.is_file():
-        pad = json.loads(tc.read_text()).get("pad_token")
+        pad = _side_file(tc, lambda p: json.loads(p.read_text()).get("pad_token"))
         pad = pad.get("content") if isinstance(pad, dict) else pad
-        pad_id = tokenizer.token_to_id(pad) if pad else None
-    if pad_id is None:
-        pad_id = tokenizer.token_to_id("<|endoftext|>") or 0
+        pad_id = tokenizer.token_to_id(pad) if isinstance(pad, str) and pad else None
     return SpecialTokens(image_pad, video_pad, pad_id)
 
 
@@ -52,10 +59,10 @@ def is_batch(conversations: Any) -> bool:
 class Processor:
     """`Processor.from_pretrained(dir)(conversations)` -> dict of numpy arrays named as transformers names them."""
 
-    def __init__(self, tokenizer: Tokenizer, template_source: str, preprocessor: PreprocessorConfig,
+    def __init__(self, tokenizer: Tokenizer, template, preprocessor: PreprocessorConfig,
                  config: ModelConfig, special: SpecialTokens):
         self.tokenizer = tokenizer
-        self.template = chat.compile_template(template_source)
+        self.template = template  # compiled (chat.compile_template)
         self.preprocessor = preprocessor
         self.config = config
         self.special = special
@@ -65,12 +72,14 @@ class Processor:
         d = Path(path)
         config = load_config(d)
         if not (d / "tokenizer.json").is_file():
-            raise InputError(f"{d} has no tokenizer.json")
-        tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
-        pp = PreprocessorConfig.from_file(d)
+            raise ArtifactError(f"{d} has no tokenizer.json")
+        tokenizer = _side_file(d / "tokenizer.json", lambda p: Tokenizer.from_file(str(p)))
+        pp = _side_file(d / "preprocessor_config.json", lambda p: PreprocessorConfig.from_file(d))
         if pp.merge_size != config.vision.spatial_merge_size or pp.patch_size != config.vision.patch_size:
-            raise InputError(f"{d}: preprocessor_config.json disagrees with config.json on patch/merge size")
-        return cls(tokenizer, chat.find_template(d), pp, config, _special_tokens(tokenizer, d, config))
+            raise ArtifactError(f"{d}: preprocessor_config.json disagrees with config.json on patch/merge size")
+        template = _side_file(d, lambda p: chat.compile_template(chat.find_template(p)),
+                              f"the chat template of {d} (chat_template.jinja, .json or tokenizer_config.json)")
+        return cls(tokenizer, template, pp, config, _special_tokens(tokenizer, d, config))
 
     # -- vision -------------------------------------------------------------------------------
 
@@ -130,7 +139,10 @@ class Processor:
     def arrays(self, ids: list[list[int]], segments: list[dict]) -> dict[str, np.ndarray]:
         """Left-padded rows + the segments' pixels -> the arrays transformers' processor returns, plus M-RoPE."""
         L = max(len(x) for x in ids)
-        input_ids = np.full((len(ids), L), self.special.pad_id, np.int64)
+        if self.special.pad_id is None and any(len(x) < L for x in ids):
+            raise InputError("this tokenizer has no pad_token (tokenizer_config.json): batch conversations of equal "
+                             "token length, or send them one at a time")
+        input_ids = np.full((len(ids), L), self.special.pad_id or 0, np.int64)  # 0 only where nothing pads
         attention_mask = np.zeros((len(ids), L), np.int64)
         for b, x in enumerate(ids):  # left padding, as generation needs
             input_ids[b, L - len(x):] = x

@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from conftest import export_artifact, random_image, requires_torch
+from conftest import assert_varied, export_artifact, random_image, requires_torch
 from qwen2vl_edge.export.quantize import QuantSpec, dequantize_blocks, quantize_blocks
 from qwen2vl_edge.runtime import ArtifactError, ConfigError, Qwen2VLPipeline
 
@@ -152,6 +152,7 @@ def test_quantized_accuracy_against_fp32(quantized, pipe):
         assert q.artifact.export["weights"] == weights and q.artifact.export["accuracy_level"] == 4
         for name, conv in prompts.items():
             ref = pipe.generate(conv, max_new_tokens=32, min_new_tokens=32).token_ids
+            assert_varied(ref)
             got = q.generate(conv, max_new_tokens=32, min_new_tokens=32).token_ids
             prefix = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), len(ref))
             top1 = _teacher_forced(q, ref, conv)
@@ -195,6 +196,7 @@ def test_dynamic_int8_vision_accuracy_against_fp32(tiny_ckpt, workdir, pipe):
     ref_feats, got_feats = pipe.vision_features(inputs), q.vision_features(inputs)
     rel = np.linalg.norm(got_feats - ref_feats) / np.linalg.norm(ref_feats)
     ref = pipe.generate(conv, max_new_tokens=32, min_new_tokens=32).token_ids
+    assert_varied(ref)
     top1 = _teacher_forced(q, ref, conv)
     print(f"int8-dynamic vision: feature rel. error {rel:.3f}, teacher-forced top-1 {top1:.0%}")
     assert rel < DQ_FEATURE_ERROR and top1 >= DQ_TOP1
@@ -221,6 +223,7 @@ def test_fp32_ort_target_stays_token_identical(tiny_artifact_ort, pipe):
     for conv in ([{"role": "user", "content": "Name three colours."}],
                  [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "What?"}]}]):
         a = fused.generate(conv, max_new_tokens=32, min_new_tokens=32).token_ids
+        assert_varied(a)
         assert a == pipe.generate(conv, max_new_tokens=32, min_new_tokens=32).token_ids
 
 
@@ -279,6 +282,7 @@ def test_session_cache_gives_the_same_tokens_and_is_reused(quantized, tiny_artif
                                          {"type": "text", "text": "What is this?"}]}]
     run = lambda pipe: pipe.generate(conv, max_new_tokens=16, min_new_tokens=16).token_ids  # noqa: E731
     expected = run(Qwen2VLPipeline.load(art))
+    assert_varied(expected)
     cache = tmp_path / "cache"
     assert run(Qwen2VLPipeline.load(art, session_cache=cache)) == expected  # builds the cache
     (entry,) = cache.iterdir()

@@ -75,6 +75,16 @@ def _register_shared_cpu_arena(ort) -> None:
     ort.create_and_register_allocator(info, ort.OrtArenaCfg({"arena_extend_strategy": 1}))  # kSameAsRequested
 
 
+def _check_graphs_are_the_manifests(artifact: Artifact, sessions: dict) -> None:
+    """A graph file swapped for another (verify=False lets that through) is refused before it runs."""
+    for name, session in sessions.items():
+        want = [i["name"] for i in artifact.graph(name)["inputs"]]
+        got = [i.name for i in session.get_inputs()]
+        if got != want:
+            raise ArtifactError(f"{artifact.graph(name)['file']} is not the {name} graph the manifest describes "
+                                f"(inputs {got[:4]}, expected {want[:4]}): restore it or re-export")
+
+
 class OrtBackend:
     name = "onnxruntime"
 
@@ -124,6 +134,7 @@ class OrtBackend:
                     f"{artifact.export.get('requires_onnxruntime', '')} with its CPU contrib kernels (here: "
                     f"onnxruntime {ort.__version__}), or re-export with --weights fp32." if contrib else "")
             raise ArtifactError(f"onnxruntime could not load the graphs of {artifact.dir}: {e}.{hint}") from None
+        _check_graphs_are_the_manifests(artifact, self.sessions)
         cfg = artifact.config.text
         self.hidden_size = cfg.hidden_size
         self.kv_shape = (cfg.num_key_value_heads, cfg.head_dim)
