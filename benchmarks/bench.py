@@ -18,7 +18,7 @@ from pathlib import Path
 from qwen2vl_edge.export.vocab import cache_dir
 from qwen2vl_edge.runtime.config import load_config
 
-from . import machine, report, roofline, scenarios
+from . import host_loop, machine, report, roofline, scenarios
 from .models import model_dirs
 
 SYSTEMS = {  # name -> (kind, artifact variant, weight format read per decode token, ORT session cache)
@@ -29,10 +29,18 @@ SYSTEMS = {  # name -> (kind, artifact variant, weight format read per decode to
     "ours-ort-int8": ("ours", "int8", "int8", True),
     "ours-ort-int4": ("ours", "int4", "int4", True),
     "ours-ort-int4-vdq": ("ours", "int4-vdq", "int4", True),  # vision as DynamicQuantizeMatMul
+    # TensorRT engines of the `--target tensorrt` export (needs a GPU and TensorRT; see gpu_check.py)
+    "ours-trt-fp16": ("ours", "trt-fp16", "fp16", False),
+    "ours-trt-int4": ("ours", "trt-int4", "int4", False),
     "transformers": ("transformers", None, "fp32", False),
     "transformers-bf16": ("transformers", None, "bf16", False),
 }
-DEFAULT_SYSTEMS = ",".join(n for n in SYSTEMS if n != "ours-ort-int4-vdq")  # that one on request
+ON_REQUEST = ("ours-ort-int4-vdq", "ours-trt-fp16", "ours-trt-int4")
+DEFAULT_SYSTEMS = ",".join(n for n in SYSTEMS if n not in ON_REQUEST)
+
+
+def backend_of(system: str) -> str:
+    return "tensorrt" if SYSTEMS[system][1].startswith("trt-") else "onnxruntime"
 
 
 def _dir_bytes(path: Path, pattern: str) -> int:
@@ -51,6 +59,16 @@ def _run_worker(spec: dict, threads: int) -> dict:
         if proc.returncode != 0:
             raise RuntimeError(f"benchmark worker for {spec['system']} failed (exit {proc.returncode})")
         return json.loads(out_path.read_text())
+
+
+def _host_loop(ckpt: Path) -> dict:
+    """The sampled loop's time per step outside the graphs, on synthetic logits at the real vocabulary: one
+    number for every `ours` system, since they share the loop."""
+    from tokenizers import Tokenizer
+
+    print("measuring the host loop (top_p=0.9, top_k=50, repetition_penalty=1.1) ...", flush=True)
+    tokenizer = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    return host_loop.host_step_ms(lambda ids: tokenizer.decode(ids))
 
 
 def run_bench(model: str = "tiny", systems: str = DEFAULT_SYSTEMS, layers: int | None = None, threads: int = 2,
@@ -72,11 +90,12 @@ def run_bench(model: str = "tiny", systems: str = DEFAULT_SYSTEMS, layers: int |
                                                                       [224, 448, 672, 896, 1344]))
     sweep_ctx = scenarios.context_sweep(contexts or ([64, 256] if quick else [128, 512, 1024, 2048]))
     result = {"model": model, "layers": layers, "threads": threads, "new_tokens": new_tokens, "repeats": repeats,
-              "machine": desc, "systems": {}}
+              "machine": desc, "systems": {}, "host_loop": _host_loop(ckpt)}
     for name in names:
         kind, variant, weight_dtype, cached = SYSTEMS[name]
         print(f"running {name} ...", flush=True)
         spec = {"system": name, "checkpoint": str(ckpt), "artifact": str(artifacts.get(variant, "")),
+                "backend": backend_of(name) if kind == "ours" else None,
                 "threads": threads, "new_tokens": new_tokens, "repeats": repeats, "scenarios": convs,
                 "resolutions": sweep_res, "contexts": sweep_ctx}
         first_start = None

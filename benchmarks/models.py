@@ -29,8 +29,19 @@ VARIANTS = {
     "int8": {"target": "ort-cpu", "weights": "int8", "vision_weights": "int8"},
     "int4": {"target": "ort-cpu", "weights": "int4", "vision_weights": "int8"},
     "int4-vdq": {"target": "ort-cpu", "weights": "int4", "vision_weights": "int8-dynamic"},
+    # TensorRT: the export, then engines built on this machine for the benchmark's largest inputs
+    "trt-fp32": {"target": "tensorrt", "precision": "fp32"},  # gpu-check's parity on the tiny model
+    "trt-fp16": {"target": "tensorrt", "precision": "fp16"},
+    "trt-int4": {"target": "tensorrt", "precision": "fp16", "weights": "int4"},
     "trt-fp16-10.15": {"target": "tensorrt", "precision": "fp16", "min_tensorrt": "10.15"},
 }
+
+
+def bench_limits():
+    """Engine limits that hold the benchmark's inputs: 1344 px images (2,304 tokens), 2,048-token prompts."""
+    from qwen2vl_edge.runtime.backends.trt_profiles import Limits
+
+    return Limits(max_image_tokens=2304, max_prompt=3072, max_context=3200)
 
 
 def model_dirs(model: str, layers: int | None, cache: Path, variants=("fp32",)) -> tuple[Path, dict[str, Path]]:
@@ -62,5 +73,9 @@ def model_dirs(model: str, layers: int | None, cache: Path, variants=("fp32",)) 
         art = root / f"artifact-{variant}"
         if not (art / "manifest.json").is_file():
             export(ckpt, art, verbose=True, **VARIANTS[variant])
+        if variant.startswith("trt-") and not (art / "engines").is_dir():
+            from qwen2vl_edge.export.trt_build import build_trt
+
+            build_trt(art, limits=bench_limits())
         artifacts[variant] = art
     return ckpt, artifacts

@@ -45,6 +45,12 @@ def _stats(values: list[float]) -> dict[str, float]:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
+def _device_free() -> int:
+    from qwen2vl_edge.runtime.backends.cuda import device_memory
+
+    return device_memory()[0]
+
+
 class Ours:
     """qwen2vl-edge on ONNX Runtime (CPU): the pipeline's own timings."""
 
@@ -52,7 +58,9 @@ class Ours:
         from qwen2vl_edge.runtime import Qwen2VLPipeline
 
         options = {"num_threads": threads, "session_cache": session_cache} if backend == "onnxruntime" else {}
+        free = _device_free() if backend == "tensorrt" else None
         self.pipe = Qwen2VLPipeline.load(artifact, backend=backend, verify=False, **options)
+        self.device_memory_bytes = free - _device_free() if free is not None else None  # engines, pool, buffers
 
     def run(self, conversation, new_tokens: int) -> dict:
         t0 = time.time()
@@ -164,6 +172,8 @@ def main(spec_path: str, out_path: str) -> None:
         result["decode_vs_context"][length] = {"prompt_tokens": m["prompt_tokens"],
                                                "decode_tok_s": m["decode_tok_s"]["median"]}
     result["peak_rss_bytes"] = whole_run_peak_rss_bytes()
+    if getattr(system, "device_memory_bytes", None) is not None:
+        result["device_memory_at_load_bytes"] = system.device_memory_bytes
     with open(out_path, "w") as f:
         json.dump(result, f, indent=2)
 

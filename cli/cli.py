@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -25,40 +26,132 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+class UsageError(Exception):
+    """Flags that contradict each other or lack a partner: exit 2, as argparse does."""
+
+
+def _read(path: str, what: str) -> str:
+    """A file's text, or standard input for '-'."""
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{what}: could not read {path}: {e}") from None
+
+
+def _vision_options(args: argparse.Namespace, kind: str) -> dict:
+    """--min-pixels/--max-pixels for every image and video given on the command line, --fps/--nframes for videos."""
+    names = ("min_pixels", "max_pixels") + (("fps", "nframes") if kind == "video" else ())
+    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+
+
+def _user_content(args: argparse.Namespace, images, videos, text: str | None) -> list:
+    content = [{"type": "image", "image": p, **_vision_options(args, "image")} for p in images or []]
+    content += [{"type": "video", "video": p, **_vision_options(args, "video")} for p in videos or []]
+    if text is not None:
+        content.append({"type": "text", "text": text})
+    return content
+
+
 def _conversation_from_args(args: argparse.Namespace) -> list:
     if args.messages:
-        return json.loads(Path(args.messages).read_text())
+        if args.prompt is not None or args.image or args.video or args.system:
+            raise UsageError("--messages holds the whole conversation: do not combine it with --prompt, --image, "
+                             "--video or --system (put them in the messages)")
+        try:
+            return json.loads(_read(args.messages, "--messages"))
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--messages {args.messages} is not valid JSON: {e}") from None
     if args.prompt is None:
-        raise SystemExit("run: give --messages FILE.json, or --prompt TEXT (with optional --image/--video)")
-    content = [{"type": "image", "image": p} for p in args.image or []]
-    content += [{"type": "video", "video": p} for p in args.video or []]
-    content.append({"type": "text", "text": args.prompt})
-    return [{"role": "user", "content": content}]
+        raise UsageError("give --messages FILE.json, or --prompt TEXT (with optional --image/--video); '-' reads "
+                         "standard input")
+    prompt = _read("-", "--prompt").rstrip("\n") if args.prompt == "-" else args.prompt
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    return system + [{"role": "user", "content": _user_content(args, args.image, args.video, prompt)}]
+
+
+def _generation_options(args: argparse.Namespace) -> dict:
+    """--temperature 0 or --greedy: greedy. --temperature > 0, --top-p or --top-k: sampling. Without either, the
+    checkpoint's generation_config.json decides, as in transformers; so does every sampling field the command
+    line leaves out (then transformers' defaults: temperature 1.0, top-k 50, top-p 1.0). Greedy with a sampling
+    flag, or --seed without a sampling flag, is a contradiction: an error, not a flag silently ignored."""
+    sampling_flags = [f for f, v in (("--top-p", args.top_p), ("--top-k", args.top_k)) if v is not None]
+    greedy = args.greedy or args.temperature == 0
+    if greedy and (sampling_flags or args.temperature):
+        flags = sampling_flags + (["--temperature"] if args.temperature else [])
+        greedy_flag = "--greedy" if args.greedy else "--temperature 0"
+        raise UsageError(f"sampling flags ({', '.join(flags)}) contradict {greedy_flag}, which asks for greedy "
+                         "decoding: choose one")
+    sampling = args.temperature is not None or bool(sampling_flags)
+    if args.seed is not None and (greedy or not sampling):
+        raise UsageError("--seed only matters when sampling: add --temperature T, --top-p or --top-k")
+    return dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                do_sample=False if greedy else (True if sampling else None),
+                temperature=None if greedy else args.temperature, top_k=args.top_k, top_p=args.top_p,
+                repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+
+
+def _load(args: argparse.Namespace):
+    from qwen2vl_edge.runtime import Qwen2VLPipeline
+
+    return Qwen2VLPipeline.load(args.artifact, backend=args.backend, num_threads=args.threads,
+                                verify=not args.no_verify, session_cache=args.session_cache)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from qwen2vl_edge.runtime import Qwen2VLPipeline
-    from qwen2vl_edge.runtime.errors import ArtifactError, InputError
     from qwen2vl_edge.runtime.processor import is_batch
 
-    try:
-        pipe = Qwen2VLPipeline.load(args.artifact, backend=args.backend, num_threads=args.threads,
-                                    verify=not args.no_verify, session_cache=args.session_cache)
-        conversation = _conversation_from_args(args)
-        options = dict(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy and args.temperature is not None,
-                       temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-        if args.json or is_batch(conversation):
-            results = pipe.generate(conversation, **options)
-            results = results if isinstance(results, list) else [results]
-            payload = [r.to_dict() for r in results]
-            print(json.dumps(payload if len(payload) > 1 else payload[0], indent=2 if not args.json else None))
-        else:
-            for piece in pipe.stream(conversation, **options):
-                print(piece, end="", flush=True)
-            print()
-    except (InputError, ArtifactError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    conversation = _conversation_from_args(args)  # flags first: a usage error never waits for the model
+    options = dict(_generation_options(args), add_vision_id=args.add_vision_id)
+    pipe = _load(args)
+    if args.json or is_batch(conversation):
+        results = pipe.generate(conversation, **options)
+        results = results if isinstance(results, list) else [results]
+        payload = [r.to_dict() for r in results]
+        print(json.dumps(payload if len(payload) > 1 else payload[0], indent=2 if not args.json else None))
+    else:
+        for piece in pipe.stream(conversation, **options):
+            print(piece, end="", flush=True)
+        print()
+    return 0
+
+
+CHAT_HELP = ("/image PATH and /video PATH attach to your next message; /reset forgets the conversation; "
+             "/quit (or end of input) leaves")
+
+
+def _chat(args: argparse.Namespace) -> int:
+    """An interactive session: the KV cache is kept between turns, so follow-ups start at once. A turn's
+    InputError is reported and the session goes on; anything else ends it through main()."""
+    from qwen2vl_edge.runtime.errors import InputError
+
+    options = _generation_options(args)  # flags first: a usage error never waits for the model
+    session = _load(args).chat(system=args.system, overflow=args.overflow, add_vision_id=args.add_vision_id,
+                               **options)
+    print(CHAT_HELP, file=sys.stderr)
+    attached: dict[str, list] = {"image": [], "video": []}
+    for line in sys.stdin:
+        line = line.strip()
+        command, _, rest = line.partition(" ")
+        if command == "/quit":
+            break
+        if command == "/reset":
+            session.reset()
+            attached = {"image": [], "video": []}
+        elif command in ("/image", "/video") and rest:
+            attached[command[1:]].append(rest.strip())
+        elif line:
+            try:
+                for piece in session.stream(_user_content(args, attached["image"], attached["video"], line)):
+                    print(piece, end="", flush=True)
+                print()
+                usage, cached = session.last_result.usage, session.last_result.usage["cached_prompt_tokens"]
+                print(f"[{cached} cached + {usage['prompt_tokens'] - cached} new prompt tokens, "
+                      f"{session.last_result.timings['time_to_first_token']:.2f} s to first token]", file=sys.stderr)
+            except InputError as e:
+                print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+            attached = {"image": [], "video": []}
     return 0
 
 
@@ -78,11 +171,18 @@ def _build_trt(args: argparse.Namespace) -> int:
     from qwen2vl_edge.export.trt_build import build_trt
     from qwen2vl_edge.runtime.backends.trt_profiles import Limits
 
-    limits = Limits(max_image_tokens=args.max_image_tokens, max_frames=args.max_frames, max_prompt=args.max_prompt,
-                    max_context=args.max_context, max_batch=args.max_batch)
-    build_trt(args.artifact, precision=args.precision, limits=limits, workspace_gb=args.workspace_gb,
-              timing_cache=args.timing_cache)
+    limits = Limits(max_image_tokens=args.max_image_tokens, min_image_tokens=args.min_image_tokens,
+                    max_frames=args.max_frames, max_prompt=args.max_prompt, max_context=args.max_context,
+                    max_batch=args.max_batch)
+    build_trt(args.artifact, limits=limits, workspace_gb=args.workspace_gb, timing_cache=args.timing_cache,
+              verify=not args.no_verify)  # BuildError / ArtifactError: main() prints them
     return 0
+
+
+def _gpu_check(args: argparse.Namespace) -> int:
+    from qwen2vl_edge.benchmarks.gpu_check import gpu_check
+
+    return gpu_check(Path(args.out), models=args.models.split(","), new_tokens=args.new_tokens)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -98,6 +198,115 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from qwen2vl_edge.server import Limits, ServerSettings
+    except ImportError as e:
+        raise SystemExit(f"serve needs the [serve] extra: pip install 'qwen2vl-edge[serve]' ({e})") from None
+
+    limits = Limits(max_body_bytes=args.max_body_mb * 2**20, max_image_bytes=args.max_image_mb * 2**20,
+                    max_image_pixels=args.max_image_pixels, default_max_tokens=args.default_max_tokens,
+                    max_queue=args.max_queue)
+    settings = ServerSettings(artifact=Path(args.artifact), backend=args.backend, threads=args.threads,
+                              session_cache=args.session_cache, verify=not args.no_verify, model_name=args.model_name,
+                              max_batch=args.max_batch, api_key=args.api_key,
+                              allowed_media_dir=Path(args.allowed_media_dir) if args.allowed_media_dir else None,
+                              limits=limits)
+    if args.ray:
+        try:
+            from qwen2vl_edge.server.ray_serve import run_forever
+        except ImportError as e:
+            raise SystemExit(f"serve --ray needs the [ray] extra: pip install 'qwen2vl-edge[ray]' ({e})") from None
+        run_forever(settings, args.replicas, args.host, args.port, args.ray_address, args.cpus_per_replica)
+        return 0
+    from qwen2vl_edge.server.app import run_uvicorn
+
+    run_uvicorn(settings, args.host, args.port, args.log_level, args.graceful_timeout)
+    return 0
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    from qwen2vl_edge.benchmarks.serve_bench import SETUPS, run_bench_serve
+
+    setups = args.setups.split(",")
+    unknown = [s for s in setups if s not in SETUPS]
+    if unknown:
+        raise SystemExit(f"bench-serve: unknown setup(s) {', '.join(unknown)}; known: {', '.join(SETUPS)}")
+    run_bench_serve(args.model, args.variant, [int(c) for c in args.concurrency.split(",")], args.requests_per_client,
+                    args.new_tokens, args.image_side, args.threads, args.max_batch, setups, Path(args.out))
+    return 0
+
+
+def _add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs [serve]; --ray needs [ray])")
+    p.add_argument("artifact")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--session-cache", metavar="DIR")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact files")
+    p.add_argument("--model-name", help="the model id clients send (default: the artifact folder's name)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests run together as one left-padded batch")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests; more are answered 503")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--allowed-media-dir", help="accept local image/video paths under this folder only")
+    p.add_argument("--max-body-mb", type=int, default=32)
+    p.add_argument("--max-image-mb", type=int, default=16, help="per encoded image or video frame")
+    p.add_argument("--max-image-pixels", type=int, default=16_777_216, help="per decoded image (width x height)")
+    p.add_argument("--default-max-tokens", type=int, default=256, help="when a request names none")
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--graceful-timeout", type=float, default=10.0,
+                   help="on SIGTERM/Ctrl-C, seconds uvicorn waits for open connections (requests in flight "
+                        "are answered 503 at their next token)")
+    p.add_argument("--ray", action="store_true", help="serve the same app with Ray Serve replicas (needs [ray])")
+    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--ray-address", help="join this Ray cluster (e.g. 'auto' on a cluster node); default: start one")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray CPUs reserved by each replica")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("bench-serve", help="the server under 1/4/8 concurrent clients: one process vs Ray replicas")
+    p.add_argument("--model", default="tiny", help="tiny | 2b-shape | 7b-shape | CHECKPOINT_DIR")
+    p.add_argument("--variant", default="fp32", help="artifact variant: fp32 | fp16 | int8 | int4 | int4-vdq")
+    p.add_argument("--setups", default="one-process,one-process-half-threads,ray-2-replicas")
+    p.add_argument("--concurrency", default="1,4,8")
+    p.add_argument("--requests-per-client", type=int, default=4)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--image-side", type=int, default=224)
+    p.add_argument("--threads", type=int, default=2, help="threads of the one process; split over the replicas")
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--out", default="bench-serve-out")
+    p.set_defaults(func=_bench_serve)
+
+
+def _generation_flags(p: argparse.ArgumentParser) -> None:
+    """The flags `run` and `chat` share. Sampling flags left out take the checkpoint's generation_config.json
+    values (see _generation_options)."""
+    p.add_argument("--system", help="system message")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--min-new-tokens", type=int, default=0)
+    p.add_argument("--greedy", action="store_true", help="greedy decoding (also the default, unless a sampling flag "
+                                                         "is given or the checkpoint's generation_config.json samples)")
+    p.add_argument("--temperature", type=float, help="0: greedy; > 0: sampling at this temperature")
+    p.add_argument("--top-p", type=float, help="sampling from the smallest set of tokens holding this mass")
+    p.add_argument("--top-k", type=int, help="sampling from the k likeliest tokens (0: all)")
+    p.add_argument("--seed", type=int, help="seed of the sampler (needs a sampling flag)")
+    p.add_argument("--repetition-penalty", type=float, help="default: the checkpoint's, else 1.0 (none)")
+    p.add_argument("--stop", action="append", help="end the reply before this text (repeatable)")
+    p.add_argument("--min-pixels", type=int, help="per image / video frame: at least this many pixels")
+    p.add_argument("--max-pixels", type=int, help="per image / video frame: at most this many pixels")
+    fps = p.add_mutually_exclusive_group()
+    fps.add_argument("--fps", type=float, help="video frames sampled per second (default 2)")
+    fps.add_argument("--nframes", type=int, help="video frames sampled in all")
+    p.add_argument("--add-vision-id", action="store_true", help="label images 'Picture 1:', videos 'Video 1:'")
+    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact files")
+    p.add_argument("--session-cache", metavar="DIR",
+                   help="keep ONNX Runtime's optimized graphs and CPU-packed weights in DIR: later starts are "
+                        "faster (first start writes about the artifact's size again, twice for quantized weights)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen2vl-edge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_make_tiny)
 
     p = sub.add_parser("export", help="checkpoint -> ONNX artifact directory (needs [export])")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a Qwen2-VL checkpoint dir: float, GPTQ or AWQ (GEMM), read from its config")
     p.add_argument("out")
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     p.add_argument("--opset", type=int, default=17)
@@ -126,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tensorrt: oldest TensorRT the graphs are written for (default 10.3, JetPack 6; 10.15: fused "
                         "Attention, KV cache updated in place)")
     p.add_argument("--weights", choices=["fp32", "int8", "int4"], default="fp32",
-                   help="decoder weights (ort-cpu); every linear layer (tensorrt)")
+                   help="decoder weights (ort-cpu); every linear layer (tensorrt); of a GPTQ/AWQ checkpoint only "
+                        "its float lm_head on ort-cpu (its own quantized layers are kept as they are)")
     p.add_argument("--vision-weights", choices=["fp32", "int8", "int4", "int8-dynamic"], default=None,
                    help="int8/int4: MatMulNBits blocks; int8-dynamic: per-channel int8 weights with activations "
                         "quantized per tensor at run time (faster vision, coarser activations). Default: fp32 "
@@ -137,46 +347,54 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="generate from an artifact directory (no torch needed)")
     p.add_argument("artifact")
-    p.add_argument("--messages", help="JSON file: one conversation or a list of conversations")
+    p.add_argument("--messages", help="JSON file ('-': standard input): one conversation or a list of them")
     p.add_argument("--image", action="append")
-    p.add_argument("--video", action="append")
-    p.add_argument("--prompt")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--greedy", action="store_true", help="greedy decoding (the default unless --temperature)")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact files")
-    p.add_argument("--session-cache", metavar="DIR",
-                   help="keep ONNX Runtime's optimized graphs and CPU-packed weights in DIR: later starts are "
-                        "faster (first start writes about the artifact's size again, twice for quantized weights)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--video", action="append", help="a file path or http(s) URL (needs [video])")
+    p.add_argument("--prompt", help="the user's text; '-' reads it from standard input")
+    _generation_flags(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text "
+                                                       "(text, token_ids, boxes, video_timestamps, timings, usage)")
     p.set_defaults(func=_run)
+
+    p = sub.add_parser("chat", help="interactive chat that keeps the KV cache between turns (no torch needed)")
+    p.add_argument("artifact")
+    p.add_argument("--overflow", choices=["error", "slide"], default="error",
+                   help="when the context is full: report it, or start over from the latest turns")
+    _generation_flags(p)
+    p.set_defaults(func=_chat)
 
     p = sub.add_parser("quickstart", help="tiny checkpoint -> export -> multi-image chat -> parity check")
     p.add_argument("--dir", default="qwen2vl-edge-quickstart")
     p.set_defaults(func=_quickstart)
 
-    p = sub.add_parser("build-trt", help="compile the artifact's graphs into TensorRT engines (on the device)")
+    p = sub.add_parser("build-trt", help="compile a --target tensorrt artifact's graphs into TensorRT engines "
+                                         "(on the device; precision and KV layout come from the export)")
     p.add_argument("artifact")
-    p.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16")
     p.add_argument("--max-image-tokens", type=int, default=1280, help="merged tokens per image / video frame pair")
+    p.add_argument("--min-image-tokens", type=int, default=4)
     p.add_argument("--max-frames", type=int, default=16, help="video frames per encoder call")
     p.add_argument("--max-prompt", type=int, default=2048)
     p.add_argument("--max-context", type=int, default=4096)
     p.add_argument("--max-batch", type=int, default=1)
     p.add_argument("--workspace-gb", type=float, default=4.0)
-    p.add_argument("--timing-cache", help="timing cache file to reuse across builds (default: ARTIFACT/engines/)")
+    p.add_argument("--timing-cache", help="timing cache file to reuse across builds (default: one per GPU and "
+                                          "TensorRT version under ~/.cache/qwen2vl-edge/tensorrt/)")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact files")
     p.set_defaults(func=_build_trt)
+
+    p = sub.add_parser("gpu-check", help="on a machine with a GPU and TensorRT: build engines for the tiny and "
+                                         "2B-shape checkpoints, compare greedy tokens with ONNX Runtime, benchmark")
+    p.add_argument("--out", default="benchmarks/results/gpu-check")
+    p.add_argument("--models", default="tiny,2b-shape")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.set_defaults(func=_gpu_check)
 
     p = sub.add_parser("bench", help="latency, throughput and memory side by side with transformers")
     p.add_argument("--model", default="tiny", help="tiny | 2b-shape | 7b-shape | CHECKPOINT_DIR")
     p.add_argument("--layers", type=int, help="text decoder depth for quicker runs (shapes only)")
     p.add_argument("--systems", default=None,
-                   help="comma list (default: all but ours-ort-int4-vdq; see SYSTEMS in benchmarks/bench.py)")
+                   help="comma list (default: all but ours-ort-int4-vdq and the TensorRT ones, ours-trt-fp16 and "
+                        "ours-trt-int4; see SYSTEMS in benchmarks/bench.py)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
@@ -190,16 +408,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact")
     p.add_argument("--trt-version", default=None)
     p.set_defaults(func=_check_trt)
+    _add_serve_parser(sub)
+    for p in sub.choices.values():
+        p.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Exit codes: 0 done, 1 an unexpected error, 2 bad input or usage, 130 interrupted (Ctrl-C), 141 the
+    reader of standard output went away (`| head`): the codes a shell shows for SIGINT and SIGPIPE."""
+    args = None
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:  # our errors name the fix; no traceback
-        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)  # end the line the ^C was echoed on
+        return 130
+    except BrokenPipeError:
+        _detach_stdout()
+        return 141
+    except Exception as e:  # noqa: BLE001 (the one place that turns any error into one line)
+        if getattr(args, "debug", False):
+            raise
+        return _report(e)
+
+
+def _report(error: Exception) -> int:
+    from qwen2vl_edge.runtime.errors import ArtifactError, ConfigError, InputError
+
+    message = " ".join(str(error).split())  # one line
+    if isinstance(error, (InputError, ArtifactError, ConfigError, UsageError)):  # they name the fix
+        print(f"error: {message}", file=sys.stderr)
         return 2
+    print(f"error: {type(error).__name__}: {message}\nrerun with --debug for the traceback", file=sys.stderr)
+    return 1
+
+
+def _detach_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush does not fail again on exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import numpy as np
 
 from .checkpoint import Checkpoint
 from .graph import BOOL, FLOAT, INT32, INT64, Graph
+from .prequantized import join_outputs
 from .quantize import matmul_nbits
 from .vision import activation, attend, rotate
 
@@ -96,7 +97,7 @@ def _attention(g: Graph, h: str, ckpt: Checkpoint, i: int, cos: str, sin: str, b
     def heads(y: str, n: int) -> str:  # [B, L, n*hd] -> [B, n, L, hd]
         return g.op("Transpose", g.op("Reshape", y, g.const([0, 0, n, hd])), perm=[0, 2, 1, 3])
 
-    q, k, v = (g.linear(h, ckpt.get(f"{p}.{n}.weight"), ckpt.get(f"{p}.{n}.bias"), f"{p}.{n}")
+    q, k, v = (g.linear(h, ckpt.linear(f"{p}.{n}"), ckpt.get(f"{p}.{n}.bias"), f"{p}.{n}")
                for n in ("q_proj", "k_proj", "v_proj"))
     q = rotate(g, heads(q, nh), cos, sin, hd // 2)
     k = rotate(g, heads(k, kv), cos, sin, hd // 2)
@@ -109,7 +110,7 @@ def _attention(g: Graph, h: str, ckpt: Checkpoint, i: int, cos: str, sin: str, b
     out = attend(g, q5, k5, v5, hd ** -0.5, bias)  # [B, kv, groups, L, hd]
     out = g.op("Reshape", out, g.const([0, nh, -1, hd]))
     out = g.op("Reshape", g.op("Transpose", out, perm=[0, 2, 1, 3]), g.const([0, 0, nh * hd]))
-    out = g.linear(out, ckpt.get(f"{p}.o_proj.weight"), None, f"{p}.o_proj")
+    out = g.linear(out, ckpt.linear(f"{p}.o_proj"), None, f"{p}.o_proj")
     return out, present_k, present_v
 
 
@@ -169,9 +170,9 @@ def _attention_gqa(g: Graph, h: str, ckpt: Checkpoint, i: int, cos: str, sin: st
     nh, kv, hd = tc.num_attention_heads, tc.num_key_value_heads, tc.head_dim
     p = f"model.layers.{i}.self_attn"
     names = ("q_proj", "k_proj", "v_proj")
-    weights = [ckpt.get(f"{p}.{n}.weight") for n in names]
+    weights = [ckpt.linear(f"{p}.{n}") for n in names]
     # one packed projection: one kernel call instead of three
-    qkv = g.linear(h, np.concatenate(weights), np.concatenate([ckpt.get(f"{p}.{n}.bias") for n in names]),
+    qkv = g.linear(h, join_outputs(weights), np.concatenate([ckpt.get(f"{p}.{n}.bias") for n in names]),
                    f"{p}.qkv_proj")
     q, k, v = _split_last(g, qkv, [w.shape[0] for w in weights])
 
@@ -182,19 +183,20 @@ def _attention_gqa(g: Graph, h: str, ckpt: Checkpoint, i: int, cos: str, sin: st
     out, present_k, present_v = g.op("GroupQueryAttention", rotated(q, nh), rotated(k, kv), v, past_k, past_v,
                                      seqlens_k, total, "", "", "", bias, n_out=3, domain="com.microsoft",
                                      num_heads=nh, kv_num_heads=kv, scale=float(hd ** -0.5))
-    return g.linear(out, ckpt.get(f"{p}.o_proj.weight"), None, f"{p}.o_proj"), present_k, present_v
+    return g.linear(out, ckpt.linear(f"{p}.o_proj"), None, f"{p}.o_proj"), present_k, present_v
 
 
 def _mlp(g: Graph, h: str, ckpt: Checkpoint, i: int) -> str:
     p = f"model.layers.{i}.mlp"
     if g.fused:
-        gate_up = np.concatenate([ckpt.get(f"{p}.gate_proj.weight"), ckpt.get(f"{p}.up_proj.weight")])
-        gate, up = _split_last(g, g.linear(h, gate_up, None, f"{p}.gate_up_proj"), [gate_up.shape[0] // 2] * 2)
+        gate_up = join_outputs([ckpt.linear(f"{p}.gate_proj"), ckpt.linear(f"{p}.up_proj")])
+        sizes = [ckpt.config.text.intermediate_size] * 2
+        gate, up = _split_last(g, g.linear(h, gate_up, None, f"{p}.gate_up_proj"), sizes)
     else:
-        gate = g.linear(h, ckpt.get(f"{p}.gate_proj.weight"), None, f"{p}.gate_proj")
-        up = g.linear(h, ckpt.get(f"{p}.up_proj.weight"), None, f"{p}.up_proj")
+        gate = g.linear(h, ckpt.linear(f"{p}.gate_proj"), None, f"{p}.gate_proj")
+        up = g.linear(h, ckpt.linear(f"{p}.up_proj"), None, f"{p}.up_proj")
     act = activation(g, gate, ckpt.config.text.hidden_act)
-    return g.linear(g.op("Mul", act, up), ckpt.get(f"{p}.down_proj.weight"), None, f"{p}.down_proj")
+    return g.linear(g.op("Mul", act, up), ckpt.linear(f"{p}.down_proj"), None, f"{p}.down_proj")
 
 
 def cache_names(num_layers: int) -> list[tuple[str, str, str, str]]:

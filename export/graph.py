@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .prequantized import QuantizedWeight, dequantized
+
 FLOAT, INT64, INT32, BOOL = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32, TensorProto.BOOL
 FLOAT16, BFLOAT16 = TensorProto.FLOAT16, TensorProto.BFLOAT16
 # bf16 has no NumPy dtype: stored as the upper 16 bits of the fp32 value, rounded to nearest even
@@ -130,12 +132,14 @@ class Graph:
     """Builds one ONNX graph. `op()` returns output names; weights are cast to the compute type inside the graph
     (fp32, or the target's precision when it is typed). The builders ask `target` which ops they may use."""
 
-    def __init__(self, name: str, store: WeightStore, opset: int, quant=None, target: Target = Target()):
+    def __init__(self, name: str, store: WeightStore, opset: int, quant=None, target: Target = Target(),
+                 accuracy_level: int = 4):
         self.name, self.store, self.opset = name, store, opset
         self.quant = quant  # export.quantize.QuantSpec: linears become MatMulNBits, or DequantizeLinear + MatMul
         self.target = target
         self.fused = target.contrib  # ONNX Runtime's fused contrib ops allowed (the ort-cpu target)
         self.act = target.dtype  # type of weights and activations between the fp32 islands
+        self.accuracy_level = accuracy_level  # MatMulNBits of weights the checkpoint stores quantized
         self.nodes: list[onnx.NodeProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
@@ -218,10 +222,21 @@ class Graph:
 
     # -- composite helpers --------------------------------------------------------------------
 
-    def linear(self, x: str, weight: np.ndarray, bias: np.ndarray | None, name: str, quantize: bool = True) -> str:
+    def linear(self, x: str, weight, bias: np.ndarray | None, name: str, quantize: bool = True) -> str:
         """x @ weight.T + bias for a weight [out, in]: a MatMul on the pre-transposed weight, or a
-        MatMulNBits on the block-quantized weight when the graph quantizes (and `quantize`)."""
-        if self.quant is not None and quantize:
+        MatMulNBits on the block-quantized weight when the graph quantizes (and `quantize`).
+        `weight` may be a checkpoint's quantized weight (export.prequantized.QuantizedWeight): MatMulNBits of
+        its own integers where contrib ops are allowed, else its dequantized floats; or a list of weights,
+        one kernel each, outputs concatenated."""
+        if isinstance(weight, list) and self.fused:
+            y = self.op("Concat", *[self.linear(x, w, None, f"{name}.part{i}") for i, w in enumerate(weight)], axis=-1)
+        elif isinstance(weight, QuantizedWeight) and self.fused:
+            from .quantize import matmul_nbits_prequantized
+
+            y = matmul_nbits_prequantized(self, x, weight, name, self.accuracy_level)
+        elif isinstance(weight, (list, QuantizedWeight)):
+            return self.linear(x, dequantized(weight), bias, name, quantize)
+        elif self.quant is not None and quantize:
             from .quantize import dequantize_matmul, dynamic_quant_matmul, matmul_nbits
 
             if self.target.typed:

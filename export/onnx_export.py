@@ -116,13 +116,39 @@ def _versions() -> dict[str, str]:
     return versions
 
 
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _token_ids(value) -> list[int]:
+    return [int(t) for t in (value if isinstance(value, list) else [value])]
+
+
 def _generation_settings(ckpt_dir: Path) -> dict:
-    gen = {}
-    path = ckpt_dir / "generation_config.json"
-    if path.is_file():
-        gen = json.loads(path.read_text())
-    eos = gen.get("eos_token_id", [151645, 151643])
-    return {"eos_token_id": eos if isinstance(eos, list) else [eos], "pad_token_id": gen.get("pad_token_id", 151643)}
+    """eos and pad ids, read from the checkpoint as transformers' generate() finds them: generation_config.json,
+    then config.json (top level or text_config); pad falls back to the tokenizer's pad_token, then to the
+    first eos id (what generate() does when no pad id is set)."""
+    gen, cfg = _read_json(ckpt_dir / "generation_config.json"), _read_json(ckpt_dir / "config.json")
+    sources = [gen, cfg, cfg.get("text_config") or {}]
+    eos = next((s["eos_token_id"] for s in sources if s.get("eos_token_id") is not None), None)
+    if eos is None:
+        raise ValueError(f"{ckpt_dir}: no eos_token_id in generation_config.json or config.json; the runtime "
+                         "stops on it: add it to generation_config.json")
+    pad = next((s["pad_token_id"] for s in sources if s.get("pad_token_id") is not None), None)
+    if pad is None:
+        pad = _tokenizer_pad_id(ckpt_dir)
+    eos = _token_ids(eos)
+    return {"eos_token_id": eos, "pad_token_id": eos[0] if pad is None else int(pad)}
+
+
+def _tokenizer_pad_id(ckpt_dir: Path) -> int | None:
+    from tokenizers import Tokenizer
+
+    pad = _read_json(ckpt_dir / "tokenizer_config.json").get("pad_token")
+    pad = pad.get("content") if isinstance(pad, dict) else pad
+    if not pad or not (ckpt_dir / "tokenizer.json").is_file():
+        return None
+    return Tokenizer.from_file(str(ckpt_dir / "tokenizer.json")).token_to_id(pad)
 
 
 def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32", opset: int = MIN_OPSET,
@@ -150,6 +176,10 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32", opse
     started = time.perf_counter()
     ckpt = Checkpoint(checkpoint)
     cfg = ckpt.config
+    prequantized = ckpt.quant is not None and target == "ort-cpu"  # its GPTQ/AWQ layers: MatMulNBits as they are
+    if prequantized:
+        QuantSpec(ckpt.quant.bits, accuracy_level=accuracy_level).validate()
+        contrib.append(("MatMulNBits", ckpt.quant.bits))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     say = print if verbose else (lambda *a, **k: None)
@@ -166,7 +196,7 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32", opse
     try:
         for name in GRAPHS:
             build, steps = builders[name]
-            g = Graph(name, store, opset, quant=quant[name], target=tgt)
+            g = Graph(name, store, opset, quant=quant[name], target=tgt, accuracy_level=accuracy_level)
             with _progress(steps, f"{name}: weights", verbose) as bar:
                 build(g, bar)
             model = g.model()
@@ -201,7 +231,9 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32", opse
                    "target": target, "precision": tgt.precision, "min_tensorrt": tgt.min_tensorrt,
                    "weights": weights, "vision_weights": vision_weights,
                    "block_size": block_size if quantized else None,
-                   "accuracy_level": accuracy_level if quantized and not tgt.typed else None,
+                   "accuracy_level": accuracy_level if (quantized or prequantized) and not tgt.typed else None,
+                   # GPTQ/AWQ checkpoints: method, format, bits, group_size of the decoder linears' own weights
+                   "source_quantization": ckpt.quant.to_manifest() if ckpt.quant else None,
                    "contrib_ops": list(dict.fromkeys(op for op, _ in contrib)),
                    "requires_onnxruntime": (">=" + ".".join(map(str, max(CONTRIB_MIN_ONNXRUNTIME[c] for c in contrib)))
                                             if contrib else None),

@@ -4,6 +4,8 @@ DequantizeLinear + MatMul (the tensorrt target).
 MatMulNBits: symmetric, per block of `block_size` input channels, one fp32 scale per block; no zero-point
 tensor, so the kernel uses its default (2^(bits-1)). With accuracy_level 4 the kernel quantizes
 activations to int8 on the fly and runs int8 dot products (VNNI) instead of dequantizing to fp32.
+Weights a checkpoint stores quantized (GPTQ, AWQ) keep their own integers, scales and zero points
+(matmul_nbits_prequantized).
 """
 
 from __future__ import annotations
@@ -61,10 +63,17 @@ def quantize_blocks(weight: np.ndarray, bits: int, block_size: int) -> tuple[np.
     """
     n, k = weight.shape
     q, scales = symmetric(weight.astype(np.float32).reshape(n, k // block_size, block_size), bits)
-    q = (q + 2 ** (bits - 1)).astype(np.uint8)
-    if bits == 4:
-        q = q[..., 0::2] | (q[..., 1::2] << 4)
-    return q, scales.astype(np.float32)
+    return pack_values((q + 2 ** (bits - 1)).astype(np.uint8), bits), scales.astype(np.float32)
+
+
+def pack_values(q: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 values [..., M] -> bytes as MatMulNBits packs them: 4-bit two per byte, the first in the low nibble
+    (an odd M gets a zero high nibble last); 8-bit as they are."""
+    if bits == 8:
+        return q
+    if q.shape[-1] % 2:
+        q = np.concatenate([q, np.zeros((*q.shape[:-1], 1), np.uint8)], axis=-1)
+    return q[..., 0::2] | (q[..., 1::2] << 4)
 
 
 def dequantize_blocks(packed: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
@@ -140,6 +149,26 @@ def matmul_nbits(g, x: str, weight, name: str, spec: QuantSpec, key: str | None 
     return g.op("MatMulNBits", x, g.weight(packed, None, exact=True), g.weight(scales, None, exact=True),
                 domain="com.microsoft", K=k, N=n, bits=spec.bits, block_size=spec.block_size,
                 accuracy_level=spec.accuracy_level)
+
+
+def matmul_nbits_prequantized(g, x: str, weight, name: str, accuracy_level: int) -> str:
+    """x [..., K] @ W.T for a checkpoint's own quantized weight (export.prequantized.QuantizedWeight): its integers,
+    scales and zero points as MatMulNBits blocks, not re-quantized. MatMulNBits' g_idx input is deprecated (and
+    only a slow 4-bit path on CPU), so act-order (desc_act) weights get their input channels sorted by group
+    instead, and x is gathered in that order."""
+    order, block = weight.block_layout()
+    n, k = weight.shape
+    q = weight.q if order is None else weight.q[:, order]
+    first = weight.g_idx[np.arange(0, k, block) if order is None else order[::block]]  # group of each block
+    packed = pack_values(q.reshape(n, k // block, block), weight.bits)  # [N, K/block, block*bits/8]
+    b = g.weight(f"{name}.weight.q{weight.bits}.ckpt", packed, exact=True)
+    s = g.weight(f"{name}.weight.scales.ckpt", np.ascontiguousarray(weight.scales[:, first]), exact=True)  # [N, K/block]
+    zp = g.weight(f"{name}.weight.zero_points.ckpt", pack_values(weight.zeros[:, first], weight.bits),
+                  exact=True)  # [N, ceil(K/block * bits/8)]
+    if order is not None:
+        x = g.op("Gather", x, g.weight(f"{name}.input_order", order, exact=True), axis=-1)
+    return g.op("MatMulNBits", x, b, s, zp, domain="com.microsoft", K=k, N=n, bits=weight.bits, block_size=block,
+                accuracy_level=accuracy_level)
 
 
 def gather_block_quantized(g, ids: str, table, key: str, spec: QuantSpec) -> str:

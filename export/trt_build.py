@@ -1,58 +1,100 @@
-"""`qwen2vl-edge build-trt`: compile an artifact's three ONNX graphs into TensorRT engines, on the device.
+"""`qwen2vl-edge build-trt`: compile a `--target tensorrt` artifact's three ONNX graphs into TensorRT
+engines, on the device.
 
-Written against TensorRT's documented Python API (10.x). Profiles, sidecars and limits are plain data
-from runtime/backends/trt_profiles.py; this module only drives TensorRT. Engines land in
-ARTIFACT/engines/ with a JSON sidecar each, and manifest.json lists them.
+Written for TensorRT 10.3 to 11.x (tests/test_trt_api_surface.py checks every name used here against
+each version's bindings). The network is strongly typed: every tensor's type comes from the graph,
+which the export fixed per precision, so no builder precision flag exists here (TensorRT 11 removed
+weak typing; 10.x takes the same call). Profiles, sidecars and limits are plain data from
+runtime/backends/trt_profiles.py; this module only drives TensorRT, and checks every status it returns.
+Engines land in ARTIFACT/engines/ with a JSON sidecar each, and manifest.json lists them.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
-from qwen2vl_edge.runtime.artifact import MANIFEST, load_artifact, sha256_file
+from qwen2vl_edge.runtime.artifact import MANIFEST, Artifact, load_artifact, sha256_file
 from qwen2vl_edge.runtime.backends.cuda import gpu_identity
+from qwen2vl_edge.runtime.errors import ArtifactError
+from qwen2vl_edge.runtime.backends.tensorrt import dtype_name, tensorrt_version
 from qwen2vl_edge.runtime.backends.trt_profiles import (
-    ENGINES, SIDECAR_SUFFIX, Limits, make_sidecar, profiles_for,
+    CONCAT, ENGINES, SIDECAR_SUFFIX, Limits, Profile, check_engine_io, make_sidecar, profiles_for,
 )
 
-from .graph import FP32_PREFIX
+from .vocab import cache_dir
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+SUPPORTED = ((10, 3), (12, 0))  # [lowest, first unsupported): the [trt] extra's bounds
+REEXPORT = "qwen2vl-edge export CKPT OUT --target tensorrt --precision fp16"
 
 
-class BuildError(RuntimeError):
-    pass
+class BuildError(ArtifactError):
+    """Engines cannot be built from this artifact here; the message names the fix (the CLI exits 2)."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise BuildError(message)
+
+
+def default_timing_cache(gpu: str, cc: str, trt_version: str) -> Path:
+    """Timings are only valid for one GPU and one TensorRT: one file each, outside the artifact."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-")
+    return cache_dir() / "tensorrt" / f"timing-{slug}-sm{cc}-trt{trt_version}.cache"
+
+
+def check_buildable(art: Artifact, trt_version: str) -> None:
+    """Only `--target tensorrt` artifacts, with last-position logits, for this TensorRT or older."""
+    export = art.export
+    _require(export.get("target") == "tensorrt",
+             f"{art.dir} was exported with --target {export.get('target', 'portable')}; TensorRT engines are built "
+             f"from strongly typed graphs: re-export with `{REEXPORT}`")
+    _require(export.get("logits") == "last",
+             "TensorRT engines need a decoder with last-position logits: re-export without --all-logits")
+    floor = tuple(int(x) for x in str(export.get("min_tensorrt", "10.3")).split("."))
+    version = tuple(int(x) for x in trt_version.split(".")[:2])
+    _require(SUPPORTED[0] <= version < SUPPORTED[1],
+             f"TensorRT {trt_version} is not supported: pip install 'qwen2vl-edge[trt]' (tensorrt>=10.3,<12)")
+    _require(version >= floor, f"these graphs need TensorRT >= {export['min_tensorrt']} (they use its fused ops), "
+                               f"this is {trt_version}: upgrade, or re-export with --min-tensorrt 10.3")
 
 
 def _parse(trt, network, logger, onnx_path: Path):
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):  # reads external data next to the file
+    if not parser.parse_from_file(str(onnx_path)):  # reads the external weights next to the file
         lines = []
         for i in range(parser.num_errors):
             err = parser.get_error(i)
-            node = getattr(err, "node_name", lambda: "?")()
-            op = getattr(err, "node_operator", lambda: "?")()
-            lines.append(f"  node {node!r} ({op}): {err.desc()}")
+            lines.append(f"  node {err.node_name()!r} ({err.node_operator()}): {err.desc()}")
         raise BuildError(f"TensorRT's ONNX parser rejected {onnx_path.name}:\n" + "\n".join(lines)
                          + "\n(`qwen2vl-edge check-trt` runs the same rules on a CPU)")
     return parser
 
 
-def _keep_fp32(trt, network) -> int:
-    """Pin the layers exported under FP32_PREFIX (norms, softmax, rotary) to fp32; returns how many."""
-    pinned = 0
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        if FP32_PREFIX not in layer.name:
-            continue
-        layer.precision = trt.float32
-        for j in range(layer.num_outputs):
-            if layer.get_output(j).dtype in (trt.float16, trt.bfloat16, trt.float32):
-                layer.set_output_type(j, trt.float32)
-        pinned += 1
-    return pinned
+def network_io(trt, network) -> dict[str, tuple[str, str, int]]:
+    """name -> (mode, dtype, rank) of the parsed network, as check_engine_io takes it."""
+    io = {}
+    for mode, count, get in (("input", network.num_inputs, network.get_input),
+                             ("output", network.num_outputs, network.get_output)):
+        for i in range(count):
+            tensor = get(i)
+            io[tensor.name] = (mode, dtype_name(tensor.dtype), len(tensor.shape))
+    return io
+
+
+def _check_profiles_cover(engine: str, network, profiles: list[Profile]) -> None:
+    """Every dynamic input has a range in every profile, of its rank; no profile names another tensor."""
+    inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
+    for k, shapes in enumerate(profiles):
+        for name, shape in inputs.items():
+            if -1 in shape:
+                _require(name in shapes, f"{engine}: input {name} {shape} is dynamic and profile {k} gives it no range")
+        for name, (lo, _, _) in shapes.items():
+            _require(name in inputs, f"{engine}: profile {k} names {name}, which the graph does not take")
+            _require(len(lo) == len(inputs[name]), f"{engine}: profile {k} gives {name} rank {len(lo)}, the graph "
+                                                   f"has {inputs[name]}")
 
 
 def _config(trt, builder, precision: str, workspace_gb: float, timing_cache: bytes):
@@ -60,76 +102,81 @@ def _config(trt, builder, precision: str, workspace_gb: float, timing_cache: byt
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     if precision == "fp32":
         config.clear_flag(trt.BuilderFlag.TF32)  # TF32 matmuls would loosen fp32 parity
-    else:
-        flag = getattr(trt.BuilderFlag, precision.upper(), None)
-        if flag is None:
-            raise BuildError(f"TensorRT {trt.__version__} has no {precision.upper()} builder flag (weakly typed "
-                             "networks were removed): build with --precision fp32")
-        config.set_flag(flag)
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
     cache = config.create_timing_cache(timing_cache)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    _require(cache is not None and config.set_timing_cache(cache, False),
+             "TensorRT refused the timing cache: delete it (--timing-cache FILE names it) and build again")
     return config
 
 
-def build_engine(trt, logger, onnx_path: Path, engine: str, cfg, limits: Limits, precision: str,
-                 workspace_gb: float, timing_cache_path: Path) -> tuple[bytes, list]:
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    _parse(trt, network, logger, onnx_path)
-    cache = timing_cache_path.read_bytes() if timing_cache_path.is_file() else b""
-    config = _config(trt, builder, precision, workspace_gb, cache)
-    pinned = _keep_fp32(trt, network) if precision != "fp32" else 0
-    profiles = profiles_for(engine, cfg, limits)
-    for shapes in profiles:
+def _add_profiles(builder, config, engine: str, profiles: list[Profile]) -> None:
+    for k, shapes in enumerate(profiles):
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in shapes.items():
-            profile.set_shape(name, lo, opt, hi)
-        config.add_optimization_profile(profile)
-    print(f"  {engine}: {network.num_layers} layers, {pinned} kept in fp32, {len(profiles)} profile(s)")
+            ok = profile.set_shape(name, lo, opt, hi)  # None where the bindings return nothing
+            _require(ok is not False, f"TensorRT refused the range {lo}..{hi} of {engine} input {name} (profile "
+                                      f"{k}): check the build-trt limits")
+        index = config.add_optimization_profile(profile)
+        _require(index == k, f"TensorRT refused optimization profile {k} of {engine} ({shapes}): check the "
+                             "build-trt limits (--max-prompt < --max-context, all positive)")
+
+
+def build_engine(trt, logger, art: Artifact, engine: str, limits: Limits, workspace_gb: float,
+                 timing_cache_path: Path) -> tuple[bytes, list[Profile]]:
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    _require(network is not None, "TensorRT could not create a strongly typed network")
+    _parse(trt, network, logger, art.graph_path(engine))
+    check_engine_io(engine, network_io(trt, network), art.graph(engine))
+    profiles = profiles_for(engine, art.config, limits, art.export.get("kv_cache", CONCAT))
+    _check_profiles_cover(engine, network, profiles)
+    cache = timing_cache_path.read_bytes() if timing_cache_path.is_file() else b""
+    config = _config(trt, builder, art.export["precision"], workspace_gb, cache)
+    _add_profiles(builder, config, engine, profiles)
+    print(f"  {engine}: {network.num_layers} layers, {len(profiles)} profile(s)")
     serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise BuildError(f"TensorRT failed to build {engine} (see the log above)")
+    _require(serialized is not None, f"TensorRT failed to build {engine} (see its log above); if it ran out of "
+                                     "memory, lower --workspace-gb or the limits (--max-prompt, --max-image-tokens)")
+    timing_cache_path.parent.mkdir(parents=True, exist_ok=True)
     timing_cache_path.write_bytes(memoryview(config.get_timing_cache().serialize()))
-    return bytes(serialized), profiles
+    return bytes(memoryview(serialized)), profiles
 
 
-def build_trt(artifact_dir: str | Path, *, precision: str = "fp16", limits: Limits = Limits(),
-              workspace_gb: float = 4.0, timing_cache: str | Path | None = None) -> Path:
+def build_trt(artifact_dir: str | Path, *, limits: Limits = Limits(), workspace_gb: float = 4.0,
+              timing_cache: str | Path | None = None, verify: bool = True) -> Path:
     try:
         import tensorrt as trt
     except ImportError:
         raise BuildError("building engines needs TensorRT: pip install 'qwen2vl-edge[trt]' on the target device "
                          "(JetPack ships it on Jetson)") from None
-    if precision not in PRECISIONS:
-        raise BuildError(f"--precision must be one of {', '.join(PRECISIONS)}")
     limits.validate()
-    art = load_artifact(artifact_dir)
-    if art.export.get("logits") != "last":
-        raise BuildError("TensorRT engines need a decoder with last-position logits: re-export without --all-logits")
+    art = load_artifact(artifact_dir, verify=verify)
+    version = tensorrt_version(trt)
+    check_buildable(art, version)
     out = art.dir / "engines"
     out.mkdir(exist_ok=True)
-    cache_path = Path(timing_cache) if timing_cache else out / "timing.cache"
     logger = trt.Logger(trt.Logger.WARNING)
     gpu, cc = gpu_identity()
-    print(f"building {precision} engines for {gpu} (sm_{cc}) with TensorRT {trt.__version__}")
+    cache_path = Path(timing_cache) if timing_cache else default_timing_cache(gpu, cc, version)
+    precision, kv_cache = art.export["precision"], art.export.get("kv_cache", CONCAT)
+    print(f"building {precision} engines ({kv_cache} KV cache) for {gpu} (sm_{cc}) with TensorRT {version}; "
+          f"timing cache {cache_path}")
     manifest = dict(art.manifest)
-    manifest["engines"] = {}
+    manifest["engines"], files = {}, dict(manifest["files"])
     for engine in ENGINES:
         started = time.perf_counter()
-        onnx_path = art.graph_path(engine)
-        data, profiles = build_engine(trt, logger, onnx_path, engine, art.config, limits, precision, workspace_gb,
-                                      cache_path)
+        data, profiles = build_engine(trt, logger, art, engine, limits, workspace_gb, cache_path)
         (out / f"{engine}.engine").write_bytes(data)
-        sidecar = make_sidecar(engine, trt_version=trt.__version__, gpu_name=gpu, compute_capability=cc,
-                               precision=precision, limits=limits, profiles=profiles,
-                               onnx_sha256=sha256_file(onnx_path))
+        graph_file = art.graph(engine)["file"]
+        sidecar = make_sidecar(engine, trt_version=version, gpu_name=gpu, compute_capability=cc,
+                               precision=precision, kv_cache=kv_cache, limits=limits, profiles=profiles,
+                               onnx_sha256=files.get(graph_file) or sha256_file(art.dir / graph_file))
         (out / f"{engine}.engine{SIDECAR_SUFFIX}").write_text(json.dumps(sidecar, indent=2))
         manifest["engines"][engine] = {"file": f"engines/{engine}.engine",
                                        "sidecar": f"engines/{engine}.engine{SIDECAR_SUFFIX}"}
         print(f"  {engine}: built in {time.perf_counter() - started:.0f} s, {len(data) / 1e6:.1f} MB")
     for entry in manifest["engines"].values():
         for key in ("file", "sidecar"):
-            manifest["files"][entry[key]] = sha256_file(art.dir / entry[key])
+            files[entry[key]] = sha256_file(art.dir / entry[key])
+    manifest["files"] = files
     (art.dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return out

@@ -70,20 +70,40 @@ def item_kind(item: dict) -> str:
     raise InputError(f"content item {sorted(item)} has no 'text', 'image' or 'video'")
 
 
+def image_source(item: dict) -> Any:
+    """The image of an image item: 'image', or OpenAI's 'image_url' as a string or {"url": ...}."""
+    if "image" in item:
+        return item["image"]
+    url = item["image_url"]
+    if isinstance(url, dict):
+        if not isinstance(url.get("url"), str):
+            raise InputError("an 'image_url' item must be a string or {'url': '<http(s) URL, data URI or path>'}")
+        return url["url"]
+    return url
+
+
 def validate(conversation: Any) -> list[dict]:
-    """Check one conversation's shape; returns it unchanged."""
-    if not isinstance(conversation, (list, tuple)) or len(conversation) == 0:
+    """Check one conversation's shape and field types; returns it unchanged."""
+    if not isinstance(conversation, (list, tuple)):
+        hint = ": wrap a single message in a list" if isinstance(conversation, dict) else ""
+        raise InputError(f"a conversation is a list of {{'role': ..., 'content': ...}} messages, got "
+                         f"{type(conversation).__name__}{hint}")
+    if len(conversation) == 0:
         raise InputError("empty conversation: pass a list of {'role': ..., 'content': ...} messages")
     for i, message in enumerate(conversation):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise InputError(f"message {i} must be a dict with 'role' and 'content'")
+        if not isinstance(message["role"], str) or not message["role"]:
+            raise InputError(f"message {i}: role must be a non-empty string such as 'user', got {message['role']!r}")
         content = message["content"]
         if isinstance(content, str):
             continue
         if not isinstance(content, (list, tuple)):
-            raise InputError(f"message {i}: content must be a string or a list of items")
+            raise InputError(f"message {i}: content must be a string or a list of items, got {type(content).__name__}")
         for item in content:
-            item_kind(item)
+            if item_kind(item) == "text" and not isinstance(item["text"], str):
+                raise InputError(f"message {i}: a text item's 'text' must be a string, got "
+                                 f"{type(item['text']).__name__}")
     return list(conversation)
 
 

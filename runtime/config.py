@@ -15,11 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError  # one class for every configuration problem, exported by qwen2vl_edge.runtime
+
 MODEL_TYPE = "qwen2_vl"
-
-
-class ConfigError(ValueError):
-    """The checkpoint or artifact config is missing or not a Qwen2-VL config."""
 
 
 @dataclass(frozen=True)
@@ -69,10 +67,10 @@ class TextConfig:
 class ModelConfig:
     text: TextConfig
     vision: VisionConfig
-    image_token_id: int = 151655
-    video_token_id: int = 151656
-    vision_start_token_id: int = 151652
-    vision_end_token_id: int = 151653
+    image_token_id: int  # token ids come from the checkpoint: no Qwen2 vocabulary is assumed
+    video_token_id: int
+    vision_start_token_id: int | None = None  # recorded, not used by the runtime
+    vision_end_token_id: int | None = None
     tie_word_embeddings: bool = False
     model_type: str = MODEL_TYPE
     extra: dict = field(default_factory=dict, compare=False)
@@ -84,12 +82,62 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        """Inverse of to_dict (the manifest form)."""
-        text = dict(d["text"])
+    def from_dict(cls, d: Any) -> "ModelConfig":
+        """Inverse of to_dict (the manifest form); a missing or mistyped field raises ConfigError naming it."""
+        top = _typed_fields(cls, d, "config", skip=("text", "vision", "extra"))
+        text = _typed_fields(TextConfig, d["text"] if "text" in d else None, "config.text")
         text["mrope_section"] = tuple(text["mrope_section"])
-        top = {k: v for k, v in d.items() if k not in ("text", "vision")}
-        return cls(text=TextConfig(**text), vision=VisionConfig(**d["vision"]), **top)
+        cfg = cls(text=TextConfig(**text), vision=VisionConfig(**_typed_fields(VisionConfig, d.get("vision"),
+                                                                               "config.vision")), **top)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """The shapes the graphs are built from must divide as Qwen2-VL's do."""
+        t, v = self.text, self.vision
+        rules = ((t.hidden_size % t.num_attention_heads == 0, "text hidden_size must divide by num_attention_heads"),
+                 (t.num_attention_heads % t.num_key_value_heads == 0,
+                  "num_attention_heads must divide by num_key_value_heads"),
+                 (2 * sum(t.mrope_section) == t.head_dim, "mrope_section must sum to head_dim / 2"),
+                 (v.embed_dim % v.num_heads == 0, "vision embed_dim must divide by num_heads"))
+        broken = [why for ok, why in rules if not ok]
+        if broken:
+            raise ConfigError(f"inconsistent model config: {'; '.join(broken)}")
+
+
+_SCALARS = {"int": int, "float": (int, float), "bool": bool, "str": str}
+
+
+def _typed_fields(cls, d: Any, where: str, skip: tuple[str, ...] = ()) -> dict:
+    """The fields of dataclass `cls` in dict `d`, each present when it has no default and of its annotated
+    type; numbers of the model's shape are positive. Raises ConfigError naming the first bad field."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where} must be a JSON object, got {type(d).__name__}")
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        if f.name not in d:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{where}.{f.name} is missing")
+            continue
+        value, kind = d[f.name], str(f.type).split(" | ")[0]
+        if kind.startswith("tuple"):
+            ok = isinstance(value, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) and x > 0
+                                                          for x in value)
+        elif kind in _SCALARS:
+            ok = (isinstance(value, _SCALARS[kind]) and (kind == "bool" or not isinstance(value, bool))
+                  and (kind not in ("int", "float") or value > 0 or (value == 0 and f.name.endswith("_id"))))
+            ok = ok or (value is None and "None" in str(f.type))
+        else:
+            ok = True
+        if not ok:
+            raise ConfigError(f"{where}.{f.name} = {value!r} is not a valid {f.type}")
+        out[f.name] = value
+    return out
+
+
+REQUIRED_TOKEN_IDS = ("image_token_id", "video_token_id")
 
 
 def _pick(src: dict, cls, renames: dict[str, str] | None = None) -> dict:
@@ -125,20 +173,14 @@ def parse_hf_config(raw: dict[str, Any]) -> ModelConfig:
     text_kwargs.update(_rope_fields(text_src, raw))
     if "num_key_value_heads" not in text_kwargs:
         text_kwargs["num_key_value_heads"] = text_kwargs.get("num_attention_heads")
-    try:
-        text = TextConfig(**text_kwargs)
-    except TypeError as e:
-        raise ConfigError(f"config.json text fields incomplete: {e}") from None
+    text = TextConfig(**_typed_fields(TextConfig, text_kwargs, "config.json text config"))
 
     vsrc = dict(raw.get("vision_config") or {})
     vrope = vsrc.get("rope_parameters") or {}
     if "rope_theta" in vrope:
         vsrc["rope_theta"] = vrope["rope_theta"]
     vision_kwargs = _pick(vsrc, VisionConfig, renames={"in_chans": "in_channels"})
-    try:
-        vision = VisionConfig(**vision_kwargs)
-    except TypeError as e:
-        raise ConfigError(f"config.json vision_config incomplete: {e}") from None
+    vision = VisionConfig(**_typed_fields(VisionConfig, vision_kwargs, "config.json vision_config"))
 
     tie = raw.get("tie_word_embeddings")
     if tie is None:
@@ -146,7 +188,13 @@ def parse_hf_config(raw: dict[str, Any]) -> ModelConfig:
     top = _pick(raw, ModelConfig)
     for k in ("text", "vision", "tie_word_embeddings", "extra"):
         top.pop(k, None)
-    return ModelConfig(text=text, vision=vision, tie_word_embeddings=bool(tie), **top)
+    missing = [k for k in REQUIRED_TOKEN_IDS if not isinstance(top.get(k), int)]
+    if missing:
+        raise ConfigError(f"config.json has no integer {', '.join(missing)}: the runtime reads the vision placeholder "
+                          "token ids from the checkpoint; add them as the published Qwen2-VL config.json has them")
+    cfg = ModelConfig(text=text, vision=vision, tie_word_embeddings=bool(tie), **top)
+    cfg.validate()
+    return cfg
 
 
 def load_config(path: str | Path) -> ModelConfig:
@@ -158,14 +206,21 @@ def load_config(path: str | Path) -> ModelConfig:
         raise ConfigError(f"{path} is not a directory: pass a Qwen2-VL checkpoint or an exported artifact directory")
     manifest = path / "manifest.json"
     if manifest.is_file():
-        return ModelConfig.from_dict(json.loads(manifest.read_text())["config"])
+        raw = _read_json(manifest)
+        return ModelConfig.from_dict(raw["config"] if isinstance(raw, dict) and "config" in raw else None)
     cfg = path / "config.json"
     if not cfg.is_file():
         raise ConfigError(
             f"{path} has neither config.json (a Hugging Face checkpoint) nor manifest.json (an exported artifact dir)"
         )
-    try:
-        raw = json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{cfg} is not valid JSON: {e}") from None
+    raw = _read_json(cfg)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{cfg} must hold a JSON object, got {type(raw).__name__}")
     return parse_hf_config(raw)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ConfigError(f"{path} is not valid UTF-8 JSON: {e}") from None

@@ -2,8 +2,12 @@
 
 
 class InputError(ValueError):
-    """A conversation, image or video the runtime cannot use as given."""
+    """A conversation, image, video or generation option the runtime cannot use as given."""
 
 
 class ArtifactError(RuntimeError):
     """An artifact directory that is missing, of another format version, or corrupted."""
+
+
+class ConfigError(ValueError):
+    """A load-time setting (backend, providers, threads, cache directory) the runtime cannot use."""

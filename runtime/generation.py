@@ -5,14 +5,18 @@ It only talks to the `Backend` interface, so ONNX Runtime and TensorRT share it.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from . import checks
 from .backends.base import Backend
-from .errors import InputError
+from .detokenize import IncrementalText
+from .errors import ArtifactError, InputError
 from .rope import decode_positions
 from .sampling import SamplingOptions, choose
 
@@ -26,13 +30,57 @@ class GenerationOptions:
     stop: tuple[str, ...] = ()
 
     def validate(self) -> None:
-        if not isinstance(self.max_new_tokens, (int, np.integer)) or self.max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
-            raise InputError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise InputError("stop must be a list of non-empty strings")
+        checks.integer("max_new_tokens", self.max_new_tokens, minimum=1)
+        checks.integer("min_new_tokens", self.min_new_tokens, minimum=0, maximum=self.max_new_tokens,
+                       hint=" (at most max_new_tokens)")
+        if self.seed is not None:
+            checks.integer("seed", self.seed, minimum=0, hint=" (or None for a fresh seed)")
+        if not isinstance(self.stop, tuple) or any(not isinstance(s, str) or not s for s in self.stop):
+            raise InputError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
         self.sampling.validate()
+
+
+def stop_strings(stop: Any) -> Any:
+    """The caller's `stop` (None, a string or a list of strings) as a tuple; anything else is left for
+    `GenerationOptions.validate` to refuse by name."""
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    return tuple(stop) if isinstance(stop, (list, tuple)) else stop
+
+
+# transformers' values for fields neither the call nor generation_config.json sets
+# (GenerationConfig._get_default_generation_params: top_k 50)
+LIBRARY_SAMPLING = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
+
+
+def checkpoint_sampling(directory: Path) -> dict:
+    """The sampling fields of the generation_config.json the export copied from the checkpoint."""
+    path = Path(directory) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path} is not valid JSON ({e}): fix or remove it") from None
+    found = {k: config[k] for k in LIBRARY_SAMPLING if config.get(k) is not None}
+    try:  # the checks a call's values get, at load: a bad default would otherwise fail every call
+        SamplingOptions(**{**LIBRARY_SAMPLING, **found}).validate()
+    except InputError as e:
+        raise ArtifactError(f"{path}: {e}: fix or remove the field") from None
+    return found
+
+
+def sampling_options(requested: dict, checkpoint: dict) -> SamplingOptions:
+    """Each field from the first of: the call (`requested`, None = unset), the checkpoint's
+    generation_config.json, transformers' default (LIBRARY_SAMPLING). Sampling fields take effect only with
+    do_sample, as in transformers; repetition_penalty applies to greedy decoding too."""
+    values = {}
+    for name, fallback in LIBRARY_SAMPLING.items():
+        chain = (requested.get(name), checkpoint.get(name), fallback)
+        values[name] = next(v for v in chain if v is not None)
+    return SamplingOptions(**values)  # as given: SamplingOptions.validate checks each type and range
 
 
 @dataclass
@@ -45,6 +93,7 @@ class DecodeState:
     cache: Any  # backend-owned KV cache
     seen: list[np.ndarray]  # per row: prompt + generated ids (repetition penalty)
     generated: list[list[int]] = field(default_factory=list)
+    texts: list[IncrementalText] = field(default_factory=list)  # per row: the reply's text so far
     finished: np.ndarray | None = None  # [B] bool
     reasons: list[str | None] = field(default_factory=list)
 
@@ -56,22 +105,32 @@ class StepTimes:
     outside_graphs: list[float] = field(default_factory=list)  # the part of each step not inside a graph run
 
 
-def prefill(backend: Backend, inputs_embeds, inputs: dict, step_times: StepTimes,
-            max_new_tokens: int = 0) -> tuple[np.ndarray, DecodeState]:
-    """Run the whole prompt once; the cache then holds it and it is never re-run."""
+def prefill(backend: Backend, inputs_embeds, inputs: dict, step_times: StepTimes, max_new_tokens: int = 0,
+            cache: Any = None, cached_ids: np.ndarray | None = None) -> tuple[np.ndarray, DecodeState]:
+    """Run the prompt once; the cache then holds it and it is never re-run.
+
+    `cache`: a cache already holding `cached_ids` [P] (a chat session's earlier turns; one row): the prompt
+    is then only the new tokens, `inputs["attention_mask"]` covers [P + L] and positions continue the cache's.
+    """
     t0 = time.perf_counter()
     mask = inputs["attention_mask"]
-    cache = backend.new_cache(mask.shape[0], reserve=mask.shape[1] + max_new_tokens)
+    if cache is None:
+        cache = backend.new_cache(mask.shape[0], reserve=mask.shape[1] + max_new_tokens)
+    else:
+        cache = backend.reserve(cache, mask.shape[1] + max_new_tokens)
     logits, cache = backend.decode(inputs_embeds, mask, inputs["position_ids"], cache)
     step_times.prefill = time.perf_counter() - t0
-    B = mask.shape[0]
+    B, L = inputs["input_ids"].shape
+    history = np.zeros(0, np.int64) if cached_ids is None else np.asarray(cached_ids, np.int64)
     state = DecodeState(attention_mask=mask, real_lengths=mask.sum(axis=1), rope_deltas=inputs["rope_deltas"],
-                        cache=cache, seen=[inputs["input_ids"][b][mask[b] == 1] for b in range(B)],
+                        cache=cache, seen=[np.concatenate([history, inputs["input_ids"][b][mask[b, -L:] == 1]])
+                                           for b in range(B)],
                         generated=[[] for _ in range(B)], finished=np.zeros(B, bool), reasons=[None] * B)
     return logits, state
 
 
 def suppress(logits: np.ndarray, token_ids: list[int]) -> np.ndarray:
+    """transformers' MinNewTokensLengthLogitsProcessor: end tokens impossible. [B, V] -> a new [B, V]."""
     logits = logits.copy()
     logits[:, token_ids] = -np.inf
     return logits
@@ -89,10 +148,13 @@ def decode_step(backend: Backend, state: DecodeState, tokens: np.ndarray) -> np.
 
 
 def run(backend: Backend, inputs_embeds, inputs: dict, opts: GenerationOptions, eos_ids: list[int], pad_id: int,
-        decode_text: Callable[[list[int]], str], step_times: StepTimes) -> Iterator[DecodeState]:
-    """Yields the state after each chosen token; stops when every row is finished."""
+        decode_text: Callable[[list[int]], str], step_times: StepTimes, cache: Any = None,
+        cached_ids: np.ndarray | None = None) -> Iterator[DecodeState]:
+    """Yields the state after each chosen token; stops when every row is finished. The last chosen token is
+    never fed: the final state's cache holds the prompt and every generated token but the last."""
     rng = np.random.default_rng(opts.seed)
-    logits, state = prefill(backend, inputs_embeds, inputs, step_times, opts.max_new_tokens)
+    logits, state = prefill(backend, inputs_embeds, inputs, step_times, opts.max_new_tokens, cache, cached_ids)
+    state.texts = [IncrementalText(decode_text) for _ in state.generated]
     step_start, graph_start = time.perf_counter(), getattr(backend, "graph_seconds", None)
     for step in range(opts.max_new_tokens):
         if step < opts.min_new_tokens:
@@ -103,9 +165,8 @@ def run(backend: Backend, inputs_embeds, inputs: dict, opts: GenerationOptions, 
             t = int(tokens[b])
             state.generated[b].append(t)
             state.seen[b] = np.append(state.seen[b], t)
-            if t in eos_ids:
-                state.finished[b], state.reasons[b] = True, "stop"
-            elif opts.stop and any(s in decode_text(state.generated[b]) for s in opts.stop):
+            piece = state.texts[b].push(t)
+            if t in eos_ids or state.texts[b].contains_any(opts.stop, piece):
                 state.finished[b], state.reasons[b] = True, "stop"
         paused = time.perf_counter()
         yield state

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
+from . import checks, memory
 from .artifact import Artifact, load_artifact
-from .backends import create_backend
-from .errors import InputError
-from .generation import GenerationOptions, StepTimes, run
+from .backends import BACKENDS, create_backend
+from .detokenize import held_back
+from .errors import ConfigError, InputError
+from .generation import GenerationOptions, StepTimes, checkpoint_sampling, run, sampling_options, stop_strings
+from .grounding import Box, parse_boxes
 from .processor import Processor, is_batch
 from .rope import IMAGE, VIDEO, runs, token_types, vision_rotary
-from .sampling import SamplingOptions
+
+if TYPE_CHECKING:
+    from .session import ChatSession
 
 
 @dataclass
@@ -26,6 +32,9 @@ class GenerationResult:
     finish_reason: str  # "stop" | "length"
     timings: dict[str, float]  # seconds
     usage: dict[str, int]
+    boxes: list[Box] = field(default_factory=list)  # grounding boxes in the pixels of the original image
+    video_timestamps: list[list[float]] = field(default_factory=list)  # per video: sampled frames' seconds
+    #                                                                     (files only; [] for a list of frames)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -40,34 +49,83 @@ def _drain(steps):
             return done.value
 
 
+GENERATION_KWARGS = ("min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "seed",
+                     "stop")
+
+
+def _generation_kwargs(caller: str, kwargs: dict) -> dict:
+    unknown = set(kwargs) - set(GENERATION_KWARGS)
+    if unknown:
+        raise TypeError(f"{caller}() got unexpected arguments: {', '.join(sorted(unknown))}")
+    return kwargs
+
+
 def _cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
     cuts = [text.index(s) for s in stop if s in text]
     return text[:min(cuts)] if cuts else text
+
+
+def _check_load_options(backend, providers, num_threads, verify, session_cache) -> None:
+    """Load settings, checked before the artifact is read (its verification hashes gigabytes)."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    if num_threads is not None:
+        checks.integer("num_threads", num_threads, minimum=1, error=ConfigError,
+                       hint=" (None lets ONNX Runtime use every core)")
+    if providers is not None and (not isinstance(providers, (list, tuple)) or not all(
+            isinstance(p, str) or isinstance(p, tuple) and len(p) == 2 for p in providers)):
+        raise ConfigError(f"providers must be a list of ONNX Runtime provider names (or (name, options) pairs), "
+                          f"got {providers!r}")
+    if not isinstance(verify, bool):
+        raise ConfigError(f"verify must be True or False, got {verify!r}")
+    if session_cache is not None and not isinstance(session_cache, (str, Path)):
+        raise ConfigError(f"session_cache must be a directory path, got {type(session_cache).__name__}")
+    if session_cache is not None and backend != "onnxruntime":
+        raise ConfigError("session_cache is an ONNX Runtime (CPU) option; TensorRT engines are built ahead")
+    if backend != "onnxruntime" and (providers is not None or num_threads is not None):
+        raise ConfigError("providers and num_threads are ONNX Runtime options; TensorRT takes neither")
 
 
 class Qwen2VLPipeline:
     def __init__(self, artifact: Artifact, processor: Processor, backend):
         self.artifact, self.processor, self.backend = artifact, processor, backend
         gen = artifact.generation
-        self.eos_ids = [int(t) for t in gen.get("eos_token_id", [])]
-        self.pad_id = int(gen.get("pad_token_id", processor.special.pad_id))
+        self.eos_ids = [int(t) for t in gen["eos_token_id"]]  # the manifest schema requires both
+        self.pad_id = int(gen["pad_token_id"])
+        self.sampling_defaults = checkpoint_sampling(artifact.dir)  # generation_config.json, as transformers reads it
         self.last_result: GenerationResult | None = None  # of the last finished stream()
+        self.memory_limit: int | None = None  # bytes a request may use; None: what the system has (memory.py)
 
     @classmethod
     def load(cls, artifact_dir: str | Path, backend: str = "onnxruntime", providers: list | None = None,
              num_threads: int | None = None, verify: bool = True,
-             session_cache: str | Path | None = None) -> "Qwen2VLPipeline":
+             session_cache: str | Path | None = None, memory_limit: int | None = None) -> "Qwen2VLPipeline":
         """`session_cache`: a directory where ONNX Runtime keeps the graphs optimized and their weights
-        packed for this CPU, so that later starts skip that work (see backends/onnxruntime.py)."""
-        if session_cache is not None and backend != "onnxruntime":
-            raise InputError("session_cache is an ONNX Runtime (CPU) option; TensorRT engines are built ahead")
-        artifact = load_artifact(artifact_dir, verify=verify)
+        packed for this CPU, so that later starts skip that work (see backends/onnxruntime.py).
+        `memory_limit`: bytes one request may use; a request estimated above it (or above what the system
+        has) fails with InputError before any graph runs (runtime/memory.py)."""
+        _check_load_options(backend, providers, num_threads, verify, session_cache)
+        artifact = load_artifact(artifact_dir, verify=verify, backend=backend)
         options = ({"providers": providers, "num_threads": num_threads, "session_cache": session_cache}
                    if backend == "onnxruntime" else {})
         with ThreadPoolExecutor(1) as pool:  # the tokenizer parses while the graphs load
             processor = pool.submit(Processor.from_pretrained, artifact.dir)
             graphs = create_backend(artifact, backend, **options)
-            return cls(artifact, processor.result(), graphs)
+            pipe = cls(artifact, processor.result(), graphs)
+        pipe.memory_limit = memory_limit
+        return pipe
+
+    def close(self) -> None:
+        """Free what the backend holds (the TensorRT backend's device memory); ONNX Runtime needs nothing."""
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "Qwen2VLPipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- stages -------------------------------------------------------------------------------
 
@@ -95,39 +153,58 @@ class Qwen2VLPipeline:
                     ordered.append(f)
         return np.concatenate(ordered) if ordered else np.zeros((0, cfg.text.hidden_size), np.float32)
 
-    def _options(self, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
-                 seed, stop) -> GenerationOptions:
+    def _options(self, max_new_tokens=128, min_new_tokens=0, do_sample=None, temperature=None, top_k=None,
+                 top_p=None, repetition_penalty=None, seed=None, stop=None) -> GenerationOptions:
+        """Sampling fields left None come from generation_config.json, then transformers' defaults."""
+        requested = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                         repetition_penalty=repetition_penalty)
         opts = GenerationOptions(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                                 sampling=SamplingOptions(do_sample, temperature, top_k or 0, top_p,
-                                                          repetition_penalty),
-                                 seed=seed, stop=tuple([stop] if isinstance(stop, str) else stop or ()))
+                                 sampling=sampling_options(requested, self.sampling_defaults),
+                                 seed=seed, stop=stop_strings(stop))
         opts.validate()
         return opts
 
-    def _prepare(self, conversations, opts: GenerationOptions) -> tuple[dict, Any, dict]:
+    def _prepare(self, conversations, opts: GenerationOptions, add_vision_id: bool = False
+                 ) -> tuple[dict, list[dict], Any, dict]:
         t0 = time.perf_counter()
-        inputs = self.processor(conversations)
-        t1 = time.perf_counter()
         limit = self.artifact.config.text.max_position_embeddings
+        inputs, meta = self.processor.encode(conversations, add_vision_id,
+                                             max_tokens=max(limit - opts.max_new_tokens, 0))
+        t1 = time.perf_counter()
         prompt_len = inputs["input_ids"].shape[1]
         if prompt_len + opts.max_new_tokens > limit:
             raise InputError(f"prompt ({prompt_len} tokens) + max_new_tokens ({opts.max_new_tokens}) exceeds the "
                              f"model's context of {limit} tokens: shorten the prompt, use smaller images "
                              "(max_pixels) or lower max_new_tokens")
         self.backend.check_request(inputs, opts.max_new_tokens)
+        if memory.host_backend(self.backend):  # refuse what would not fit before any graph allocates
+            memory.check(self.artifact.config, self.artifact.export, inputs, opts.max_new_tokens, self.memory_limit)
         feats = self.vision_features(inputs)
         t2 = time.perf_counter()
         embeds = self.backend.merge(inputs["input_ids"], feats)
         t3 = time.perf_counter()
-        return inputs, embeds, {"preprocess": t1 - t0, "vision": t2 - t1, "merge": t3 - t2}
+        return inputs, meta, embeds, {"preprocess": t1 - t0, "vision": t2 - t1, "merge": t3 - t2}
 
-    def _steps(self, conversations, opts: GenerationOptions):
+    def _steps(self, conversations, opts: GenerationOptions, add_vision_id: bool = False,
+               skip_special_tokens: bool = True):
         started = time.perf_counter()
-        inputs, embeds, timings = self._prepare(conversations, opts)
+        inputs, meta, embeds, timings = self._prepare(conversations, opts, add_vision_id)
         steps = StepTimes()
-        decode_text = self.processor.decode
-        for state in run(self.backend, embeds, inputs, opts, self.eos_ids, self.pad_id, decode_text, steps):
+        for state in run(self.backend, embeds, inputs, opts, self.eos_ids, self.pad_id,
+                         self.decoder(skip_special_tokens), steps):
             yield state
+        mask = inputs["attention_mask"]
+        return [self._result(ids, reason, opts, self._timings(timings, steps, started), meta[b],
+                             {"prompt_tokens": int(mask[b].sum())}, skip_special_tokens)
+                for b, (ids, reason) in enumerate(zip(state.generated, state.reasons))]
+
+    def decoder(self, skip_special_tokens: bool = True) -> Callable[[list[int]], str]:
+        """ids -> the text a reply shows: stop strings are looked for, and streams cut, in this text."""
+        return functools.partial(self.processor.decode, skip_special_tokens=skip_special_tokens)
+
+    @staticmethod
+    def _timings(timings: dict, steps: StepTimes, started: float) -> dict[str, float]:
+        timings = dict(timings)
         merge = timings.pop("merge")
         timings.update(prefill=merge + steps.prefill,
                        decode_per_token=float(np.median(steps.decode)) if steps.decode else 0.0,
@@ -135,42 +212,73 @@ class Qwen2VLPipeline:
                                                         if steps.outside_graphs else 0.0),
                        time_to_first_token=timings["preprocess"] + timings["vision"] + merge + steps.prefill,
                        total=time.perf_counter() - started)
-        mask = inputs["attention_mask"]
-        return [GenerationResult(text=_cut_at_stop(decode_text(ids), opts.stop), token_ids=list(ids),
-                                 finish_reason=reason, timings=dict(timings),
-                                 usage={"prompt_tokens": int(mask[b].sum()), "completion_tokens": len(ids)})
-                for b, (ids, reason) in enumerate(zip(state.generated, state.reasons))]
+        return timings
+
+    def _result(self, ids: list[int], reason: str, opts: GenerationOptions, timings: dict, meta: dict,
+                usage: dict, skip_special_tokens: bool = True) -> GenerationResult:
+        tagged = self.processor.decode(ids, skip_special_tokens=False)
+        text = tagged if not skip_special_tokens else self.processor.decode(ids)
+        return GenerationResult(text=_cut_at_stop(text, opts.stop), token_ids=list(ids), finish_reason=reason,
+                                timings=timings, usage={**usage, "completion_tokens": len(ids)},
+                                boxes=parse_boxes(_cut_at_stop(tagged, opts.stop), meta["image_sizes"]),
+                                video_timestamps=meta["video_timestamps"])
 
     # -- public -------------------------------------------------------------------------------
 
-    def generate(self, conversations, max_new_tokens: int = 128, *, min_new_tokens: int = 0, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
-                 repetition_penalty: float = 1.0, seed: int | None = None, stop=None):
-        """One conversation -> GenerationResult; a list of conversations -> a list of them."""
+    def generate(self, conversations, max_new_tokens: int = 128, *, min_new_tokens: int = 0,
+                 do_sample: bool | None = None, temperature: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None, repetition_penalty: float | None = None, seed: int | None = None,
+                 stop=None, add_vision_id: bool = False, skip_special_tokens: bool = True):
+        """One conversation -> GenerationResult; a list of conversations -> a list of them. Sampling
+        fields left None take generation_config.json's values, as transformers does."""
         opts = self._options(max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
                              repetition_penalty, seed, stop)
-        results = _drain(self._steps(conversations, opts))
+        results = _drain(self._steps(conversations, opts, add_vision_id, skip_special_tokens))
         return results if is_batch(conversations) else results[0]
 
-    def stream(self, conversation, max_new_tokens: int = 128, **kwargs) -> Iterator[str]:
-        """Text pieces of one conversation as they are generated; never splits a UTF-8 character."""
+    def stream(self, conversation, max_new_tokens: int = 128, *, add_vision_id: bool = False,
+               skip_special_tokens: bool = True, **kwargs) -> Iterator[str]:
+        """Text pieces of one conversation as they are generated; they join to generate()'s text. A piece never
+        splits a UTF-8 character, nor shows the start of a stop string before it is known not to be one."""
         if is_batch(conversation):
             raise InputError("stream() takes one conversation; use generate() for a batch")
-        opts = self._options(max_new_tokens, kwargs.pop("min_new_tokens", 0), kwargs.pop("do_sample", False),
-                             kwargs.pop("temperature", 1.0), kwargs.pop("top_k", None), kwargs.pop("top_p", 1.0),
-                             kwargs.pop("repetition_penalty", 1.0), kwargs.pop("seed", None), kwargs.pop("stop", None))
-        if kwargs:
-            raise TypeError(f"stream() got unexpected arguments: {', '.join(kwargs)}")
-        emitted, steps = "", self._steps(conversation, opts)
+        opts = self._options(max_new_tokens, **_generation_kwargs("stream", kwargs))
+        results = yield from self.stream_steps(self._steps(conversation, opts, add_vision_id, skip_special_tokens),
+                                               opts)
+        self.last_result = results[0]  # timings and usage of the streamed reply
+
+    def stream_steps(self, steps, opts: GenerationOptions):
+        """Text pieces of row 0 of a running generation (`_steps`, or a chat session's turn), then the tail the
+        final text has beyond them (held-back text, an incomplete character); returns what `steps` returns."""
+        emitted = 0  # characters yielded so far
         while True:
             try:
                 state = next(steps)
             except StopIteration as done:
-                self.last_result = done.value[0]  # timings and usage of the streamed reply
-                return
-            text = _cut_at_stop(self.processor.decode(state.generated[0]), opts.stop)
-            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its next bytes
+                results = done.value
+                if len(results[0].text) > emitted:
+                    yield results[0].text[emitted:]
+                return results
+            text = state.texts[0].text  # complete characters only
+            if state.finished[0]:  # the final text (cut at the stop string) comes with the result
                 continue
-            if len(text) > len(emitted):
-                yield text[len(emitted):]
-                emitted = text
+            safe = len(text) - held_back(text, opts.stop)
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+
+    def steps(self, conversations, opts: GenerationOptions):
+        """generate() one token at a time, for a caller that streams or cancels a whole batch (the server):
+        yields the DecodeState after each chosen token (row b = conversation b) and returns one
+        GenerationResult per row. Closing the generator stops the work."""
+        opts.validate()
+        return self._steps(conversations, opts)
+
+    def chat(self, system: str | None = None, *, overflow: str = "error", add_vision_id: bool = False,
+             **generation_defaults) -> "ChatSession":
+        """A multi-turn session that keeps the KV cache between turns (runtime/session.py).
+        `overflow`: "error" (default) or "slide" (start over from the latest turns that fit)."""
+        from .session import ChatSession
+
+        return ChatSession(self, system=system, overflow=overflow, add_vision_id=add_vision_id,
+                           **generation_defaults)

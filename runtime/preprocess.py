@@ -19,10 +19,13 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from . import checks
 from .errors import InputError
-from .media import load_image, load_video_frames
+from .media import load_image
+from .video import VideoInfo, read_video
 
 MAX_RATIO = 200
+MAX_SIDE = 100_000  # a requested side beyond this is a typo, and its area arithmetic would leave floats
 # qwen-vl-utils budgets, counted in merged tokens of (patch_size * merge_size)^2 pixels
 IMAGE_MIN_TOKENS, IMAGE_MAX_TOKENS = 4, 16384
 VIDEO_MIN_TOKENS, VIDEO_MAX_TOKENS = 128, 768
@@ -111,7 +114,8 @@ def smart_resize(
     """
     _check_ratio(height, width)
     if max_pixels < min_pixels:
-        raise InputError(f"max_pixels ({max_pixels}) must be >= min_pixels ({min_pixels})")
+        raise InputError(f"max_pixels ({max_pixels}) must be >= min_pixels ({min_pixels}): give a smaller min_pixels "
+                         "with a small max_pixels")
     h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
     if floor_to_factor:
         h_bar, w_bar = max(factor, h_bar), max(factor, w_bar)
@@ -128,6 +132,37 @@ def smart_resize(
     return h_bar, w_bar
 
 
+@dataclass(frozen=True)
+class PixelOptions:
+    """A content item's min_pixels / max_pixels / resized_height / resized_width, checked (None: default)."""
+
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    resized_height: int | None = None
+    resized_width: int | None = None
+
+    @classmethod
+    def check(cls, pp: PreprocessorConfig, min_pixels=None, max_pixels=None, resized_height=None,
+              resized_width=None) -> "PixelOptions":
+        """Types and ranges, each error naming its field. min_pixels is capped by the checkpoint's
+        max_pixels, which bounds the final size anyway: above it, the first resize would only waste memory."""
+        lo = None if min_pixels is None else int(checks.real(
+            "min_pixels", min_pixels, minimum=0, maximum=pp.max_pixels, hint=" (the checkpoint's max_pixels is the "
+            "most an image gets)"))
+        hi = None if max_pixels is None else int(checks.real("max_pixels", max_pixels, minimum=1))
+        if lo is not None and hi is not None and lo > hi:
+            raise InputError(f"min_pixels ({lo}) must be <= max_pixels ({hi})")
+        if (resized_height is None) != (resized_width is None):
+            raise InputError("give resized_height and resized_width together, or neither")
+        if resized_height is None:
+            return cls(lo, hi)
+        h = round(checks.real("resized_height", resized_height, minimum=1, maximum=MAX_SIDE))
+        w = round(checks.real("resized_width", resized_width, minimum=1, maximum=MAX_SIDE))
+        if max(h, w) / min(h, w) > MAX_RATIO:
+            raise InputError(f"resized_height x resized_width ({h} x {w}) has an aspect ratio over {MAX_RATIO}")
+        return cls(lo, hi, h, w)
+
+
 def _resize(image: Image.Image, height: int, width: int) -> Image.Image:
     if image.size == (width, height):
         return image
@@ -140,22 +175,17 @@ def _requested_size(resized_height: int, resized_width: int, factor: int) -> tup
                         IMAGE_MAX_TOKENS * factor**2)
 
 
-def _fit_image(
-    image: Image.Image,
-    factor: int,
-    min_pixels: int | None,
-    max_pixels: int | None,
-    resized_height: int | None,
-    resized_width: int | None,
-) -> Image.Image:
+def _fit_image(image: Image.Image, factor: int, opts: PixelOptions) -> Image.Image:
     """qwen-vl-utils `fetch_image` resize step."""
-    lo = IMAGE_MIN_TOKENS * factor**2 if min_pixels is None else int(min_pixels)
-    hi = IMAGE_MAX_TOKENS * factor**2 if max_pixels is None else int(max_pixels)
-    if resized_height is not None and resized_width is not None:
-        h, w = _requested_size(resized_height, resized_width, factor)
+    lo = IMAGE_MIN_TOKENS * factor**2 if opts.min_pixels is None else opts.min_pixels
+    hi = IMAGE_MAX_TOKENS * factor**2 if opts.max_pixels is None else opts.max_pixels
+    if opts.resized_height is not None:
+        h, w = _requested_size(opts.resized_height, opts.resized_width, factor)
     else:
         h, w = smart_resize(image.height, image.width, factor, lo, hi)
-    return _resize(image, h, w)
+    # qwen-vl-utils gives a 0-pixel side (and then crashes) when max_pixels is under about one factor x factor
+    # block; one block is the smallest image there is
+    return _resize(image, max(h, factor), max(w, factor))
 
 
 def _normalize_table(pp: PreprocessorConfig, *, fused: bool) -> np.ndarray:
@@ -212,7 +242,8 @@ def process_image(
 ) -> tuple[np.ndarray, tuple[int, int, int]]:
     """One image (path, URL, data URI, PIL image or HWC uint8 array) -> patches [N, 1176], (1, h, w)."""
     pp = preprocessor
-    img = _fit_image(load_image(image), pp.factor, min_pixels, max_pixels, resized_height, resized_width)
+    opts = PixelOptions.check(pp, min_pixels, max_pixels, resized_height, resized_width)
+    img = _fit_image(load_image(image), pp.factor, opts)
     # transformers' processor: second smart_resize with the checkpoint's limits (usually identity)
     h, w = smart_resize(img.height, img.width, pp.factor, pp.min_pixels, pp.max_pixels, floor_to_factor=False)
     return patchify(_to_chw(_resize(img, h, w))[None], pp, fused=False)
@@ -246,7 +277,47 @@ def _video_frame_budget(ele_min: int | None, ele_max: int | None, total_pixels: 
     return lo, hi
 
 
-def process_video(
+def _video_size(height: int, width: int, n: int, pp: PreprocessorConfig, opts: PixelOptions,
+                total_pixels: float | None) -> tuple[int, int]:
+    """Frame size (h, w) of a video of `n` frames: qwen-vl-utils' budget, then the processor's second resize."""
+    lo, hi = _video_frame_budget(opts.min_pixels, opts.max_pixels, total_pixels, n, pp.factor)
+    if opts.resized_height is not None:
+        h, w = _requested_size(opts.resized_height, opts.resized_width, pp.factor)
+    else:
+        h, w = smart_resize(height, width, pp.factor, lo, hi)
+        h, w = max(h, pp.factor), max(w, pp.factor)  # as in _fit_image: one block at least
+    # transformers' video processor: second smart_resize with the checkpoint's limits
+    return smart_resize(h, w, pp.factor, pp.min_pixels, pp.max_pixels, floor_to_factor=False)
+
+
+def video_tokens(n: int, h: int, w: int, pp: PreprocessorConfig) -> int:
+    """Merged tokens of `n` frames of h x w pixels (frames padded to the temporal patch)."""
+    return -(-n // pp.temporal_patch_size) * (h // pp.patch_size) * (w // pp.patch_size) // pp.merge_size ** 2
+
+
+def _check_video(video: Any, fps: Any, nframes: Any, total_pixels: Any, video_start: Any, video_end: Any) -> None:
+    """The video item and its sampling options, before any decoding."""
+    if not (isinstance(video, (str, Path, list, tuple)) or isinstance(video, np.ndarray) and video.ndim == 4):
+        raise InputError(f"video must be a file path or a list of frames (or a [T, H, W, C] uint8 array), got "
+                         f"{type(video).__name__}")
+    if fps is not None:
+        checks.real("fps", fps, above=0)
+    if nframes is not None:
+        checks.integer("nframes", nframes, minimum=FRAME_FACTOR)
+    if total_pixels is not None:
+        checks.real("total_pixels", total_pixels, above=0)
+    for name, seconds in (("video_start", video_start), ("video_end", video_end)):
+        if seconds is not None:  # out of the clip is clamped to it, as qwen-vl-utils does
+            checks.real(name, seconds)
+
+
+def process_video(video: str | Path | Sequence[Any], **options) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """A list of frames, or a video file (needs the [video] extra) -> patches [N, 1176], (t, h, w)."""
+    patches, grid, _ = process_video_timed(video, **options)
+    return patches, grid
+
+
+def process_video_timed(
     video: str | Path | Sequence[Any],
     *,
     fps: float | None = None,
@@ -256,30 +327,45 @@ def process_video(
     total_pixels: float | None = None,
     resized_height: int | None = None,
     resized_width: int | None = None,
+    video_start: float | None = None,
+    video_end: float | None = None,
+    max_tokens: int | None = None,
     preprocessor: PreprocessorConfig = DEFAULT_PREPROCESSOR,
-) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """A list of frames, or a video file (needs the [video] extra) -> patches [N, 1176], (t, h, w)."""
+) -> tuple[np.ndarray, tuple[int, int, int], list[float]]:
+    """-> patches, grid and the sampled frames' timestamps in seconds (files only; [] for a list of frames).
+
+    A file is sized from its metadata first: more than `max_tokens` tokens fails before decoding."""
     pp = preprocessor
+    _check_video(video, fps, nframes, total_pixels, video_start, video_end)
+    opts = PixelOptions.check(pp, min_pixels, max_pixels, resized_height, resized_width)
+    size = lambda h, w, n: _video_size(h, w, n, pp, opts, total_pixels)  # noqa: E731
+    timestamps: list[float] = []
     if isinstance(video, (str, Path)):
-        images = load_video_frames(video, lambda total, rate: smart_nframes(total, rate, fps, nframes))
+        def check(info: VideoInfo, n: int) -> None:
+            tokens = video_tokens(n, *size(info.height, info.width, n), pp)
+            if max_tokens is not None and tokens > max_tokens:
+                raise InputError(
+                    f"video {video}: {n} frames of {info.width}x{info.height} ({info.duration:.1f} s at "
+                    f"{info.fps:g} fps) would take {tokens} tokens, over the {max_tokens} this request has room "
+                    "for: sample fewer frames (fps, nframes), make them smaller (max_pixels, total_pixels) or cut "
+                    "the clip (video_start, video_end)")
+
+        sampled = read_video(video, lambda total, rate: smart_nframes(total, rate, fps, nframes), check,
+                             video_start, video_end)
+        images, timestamps = sampled.frames, sampled.timestamps
     else:
         if len(video) == 0:
             raise InputError("video has zero frames: pass at least one frame")
         # qwen-vl-utils hands each listed frame to fetch_image with image_patch_size=factor, so frames are
         # first fitted to multiples of 2 * factor under the *image* budgets; we mirror that.
         f2 = 2 * pp.factor
-        images = [_fit_image(load_image(f), f2, min_pixels, max_pixels, resized_height, resized_width)
-                  for f in video]
+        images = [_fit_image(load_image(f), f2, opts) for f in video]
         if len({im.size for im in images}) > 1:
             raise InputError("video frames differ in size after resizing: give frames of one size")
         images += [images[-1]] * (-len(images) % FRAME_FACTOR)
-    lo, hi = _video_frame_budget(min_pixels, max_pixels, total_pixels, len(images), pp.factor)
-    if resized_height is not None and resized_width is not None:
-        h, w = _requested_size(resized_height, resized_width, pp.factor)
-    else:
-        h, w = smart_resize(images[0].height, images[0].width, pp.factor, lo, hi)
-    # transformers' video processor: second smart_resize with the checkpoint's limits
-    h, w = smart_resize(h, w, pp.factor, pp.min_pixels, pp.max_pixels, floor_to_factor=False)
+    h, w = size(images[0].height, images[0].width, len(images))
     frames = np.stack([_to_chw(_resize(im, h, w)) for im in images])  # [T, C, H, W] uint8
+    del images
     frames = np.concatenate([frames, np.repeat(frames[-1:], -len(frames) % pp.temporal_patch_size, axis=0)])
-    return patchify(frames, pp, fused=True)
+    patches, grid = patchify(frames, pp, fused=True)
+    return patches, grid, timestamps

@@ -12,34 +12,42 @@ from tokenizers import Tokenizer
 
 from . import chat
 from .config import ModelConfig, load_config
-from .errors import InputError
-from .preprocess import PreprocessorConfig, process_image, process_video
+from .errors import ArtifactError, InputError
+from .media import load_image
+from .preprocess import PreprocessorConfig, process_image, process_video_timed
 from .rope import get_rope_index, token_types
 
 IMAGE_OPTIONS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
-VIDEO_OPTIONS = IMAGE_OPTIONS + ("fps", "nframes", "total_pixels")
+VIDEO_OPTIONS = IMAGE_OPTIONS + ("fps", "nframes", "total_pixels", "video_start", "video_end")
 
 
 @dataclass(frozen=True)
 class SpecialTokens:
     image_pad: str
     video_pad: str
-    pad_id: int
+    pad_id: int | None  # tokenizer_config.json's pad_token; None: the tokenizer has none
+
+
+def _side_file(path: Path, parse, what: str | None = None):
+    """parse(path), any failure an ArtifactError naming the file (tokenizers raises plain Exception)."""
+    try:
+        return parse(path)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named, never swallowed
+        raise ArtifactError(f"{what or path} is damaged or unreadable ({type(e).__name__}: {e}): restore it from the "
+                            "checkpoint or re-export the artifact") from None
 
 
 def _special_tokens(tokenizer: Tokenizer, directory: Path, config: ModelConfig) -> SpecialTokens:
     image_pad = tokenizer.id_to_token(config.image_token_id)
     video_pad = tokenizer.id_to_token(config.video_token_id)
     if image_pad is None or video_pad is None:
-        raise InputError(f"tokenizer.json in {directory} lacks the image/video token ids of config.json")
+        raise ArtifactError(f"tokenizer.json in {directory} lacks the image/video token ids of config.json")
     pad_id = None
     tc = directory / "tokenizer_config.json"
     if tc.is_file():
-        pad = json.loads(tc.read_text()).get("pad_token")
+        pad = _side_file(tc, lambda p: json.loads(p.read_text()).get("pad_token"))
         pad = pad.get("content") if isinstance(pad, dict) else pad
-        pad_id = tokenizer.token_to_id(pad) if pad else None
-    if pad_id is None:
-        pad_id = tokenizer.token_to_id("<|endoftext|>") or 0
+        pad_id = tokenizer.token_to_id(pad) if isinstance(pad, str) and pad else None
     return SpecialTokens(image_pad, video_pad, pad_id)
 
 
@@ -51,10 +59,10 @@ def is_batch(conversations: Any) -> bool:
 class Processor:
     """`Processor.from_pretrained(dir)(conversations)` -> dict of numpy arrays named as transformers names them."""
 
-    def __init__(self, tokenizer: Tokenizer, template_source: str, preprocessor: PreprocessorConfig,
+    def __init__(self, tokenizer: Tokenizer, template, preprocessor: PreprocessorConfig,
                  config: ModelConfig, special: SpecialTokens):
         self.tokenizer = tokenizer
-        self.template = chat.compile_template(template_source)
+        self.template = template  # compiled (chat.compile_template)
         self.preprocessor = preprocessor
         self.config = config
         self.special = special
@@ -64,22 +72,32 @@ class Processor:
         d = Path(path)
         config = load_config(d)
         if not (d / "tokenizer.json").is_file():
-            raise InputError(f"{d} has no tokenizer.json")
-        tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
-        pp = PreprocessorConfig.from_file(d)
+            raise ArtifactError(f"{d} has no tokenizer.json")
+        tokenizer = _side_file(d / "tokenizer.json", lambda p: Tokenizer.from_file(str(p)))
+        pp = _side_file(d / "preprocessor_config.json", lambda p: PreprocessorConfig.from_file(d))
         if pp.merge_size != config.vision.spatial_merge_size or pp.patch_size != config.vision.patch_size:
-            raise InputError(f"{d}: preprocessor_config.json disagrees with config.json on patch/merge size")
-        return cls(tokenizer, chat.find_template(d), pp, config, _special_tokens(tokenizer, d, config))
+            raise ArtifactError(f"{d}: preprocessor_config.json disagrees with config.json on patch/merge size")
+        template = _side_file(d, lambda p: chat.compile_template(chat.find_template(p)),
+                              f"the chat template of {d} (chat_template.jinja, .json or tokenizer_config.json)")
+        return cls(tokenizer, template, pp, config, _special_tokens(tokenizer, d, config))
 
     # -- vision -------------------------------------------------------------------------------
 
-    def _vision(self, kind: str, item: dict) -> tuple[np.ndarray, tuple[int, int, int]]:
-        if kind == "image":
-            src = item["image"] if "image" in item else item["image_url"]
-            opts = {k: item[k] for k in IMAGE_OPTIONS if k in item}
-            return process_image(src, preprocessor=self.preprocessor, **opts)
+    def _image(self, item: dict, out: dict) -> None:
+        image = load_image(chat.image_source(item))
+        patches, grid = process_image(image, preprocessor=self.preprocessor,
+                                      **{k: item[k] for k in IMAGE_OPTIONS if k in item})
+        out["pixels"]["image"].append(patches)
+        out["grids"]["image"].append(grid)
+        out["image_sizes"].append((image.width, image.height))  # boxes map back to these pixels
+
+    def _video(self, item: dict, out: dict, max_tokens: int) -> None:
         opts = {k: item[k] for k in VIDEO_OPTIONS if k in item}
-        return process_video(item["video"], preprocessor=self.preprocessor, **opts)
+        patches, grid, timestamps = process_video_timed(item["video"], preprocessor=self.preprocessor,
+                                                        max_tokens=max_tokens, **opts)
+        out["pixels"]["video"].append(patches)
+        out["grids"]["video"].append(grid)
+        out["video_timestamps"].append(timestamps)
 
     # -- text ---------------------------------------------------------------------------------
 
@@ -98,45 +116,62 @@ class Processor:
             out.append(rest)
         return "".join(out)
 
-    def prompt(self, conversation: list[dict], add_vision_id: bool = False) -> str:
+    def prompt(self, conversation: list[dict], add_vision_id: bool = False,
+               add_generation_prompt: bool = True) -> str:
         """The rendered chat template of one conversation (placeholders not yet expanded)."""
-        return chat.render(self.template, chat.validate(conversation), add_vision_id=add_vision_id)
+        return chat.render(self.template, chat.validate(conversation), add_vision_id=add_vision_id,
+                           add_generation_prompt=add_generation_prompt)
 
-    def __call__(self, conversations: Any, add_vision_id: bool = False) -> dict[str, np.ndarray]:
-        batch = list(conversations) if is_batch(conversations) else [conversations]
-        if not batch:
-            raise InputError("no conversation given")
-        texts, pixels = [], {"image": [], "video": []}
-        grids: dict[str, list] = {"image": [], "video": []}
-        for conv in batch:
-            text = self.prompt(conv, add_vision_id)
-            local: dict[str, list] = {"image": [], "video": []}
-            for kind, item in chat.vision_items(conv):
-                patches, grid = self._vision(kind, item)
-                pixels[kind].append(patches)
-                local[kind].append(grid)
-            for kind in ("image", "video"):
-                text = self._expand(text, kind, local[kind])
-                grids[kind] += local[kind]
-            texts.append(text)
-        ids = [e.ids for e in self.tokenizer.encode_batch(texts)]
+    def segment(self, text: str, items: list[tuple[str, dict]], max_tokens: int | None = None) -> dict:
+        """Rendered text + its vision items in order -> {"ids": [int], "pixels": {kind: [patches]},
+        "grids": {kind: [(t, h, w)]}, "image_sizes": [(w, h)], "video_timestamps": [[s]]}.
+        `max_tokens`: a video file whose token count (read from its metadata) exceeds it fails before decoding."""
+        limit = self.config.text.max_position_embeddings if max_tokens is None else max_tokens
+        out = {"pixels": {"image": [], "video": []}, "grids": {"image": [], "video": []}, "image_sizes": [],
+               "video_timestamps": []}
+        for kind, item in items:
+            self._image(item, out) if kind == "image" else self._video(item, out, limit)
+        for kind in ("image", "video"):
+            text = self._expand(text, kind, out["grids"][kind])
+        out["ids"] = self.tokenizer.encode(text).ids
+        return out
+
+    def arrays(self, ids: list[list[int]], segments: list[dict]) -> dict[str, np.ndarray]:
+        """Left-padded rows + the segments' pixels -> the arrays transformers' processor returns, plus M-RoPE."""
         L = max(len(x) for x in ids)
-        input_ids = np.full((len(ids), L), self.special.pad_id, np.int64)
+        if self.special.pad_id is None and any(len(x) < L for x in ids):
+            raise InputError("this tokenizer has no pad_token (tokenizer_config.json): batch conversations of equal "
+                             "token length, or send them one at a time")
+        input_ids = np.full((len(ids), L), self.special.pad_id or 0, np.int64)  # 0 only where nothing pads
         attention_mask = np.zeros((len(ids), L), np.int64)
         for b, x in enumerate(ids):  # left padding, as generation needs
             input_ids[b, L - len(x):] = x
             attention_mask[b, L - len(x):] = 1
-        out: dict[str, np.ndarray] = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if pixels["image"]:
-            out["pixel_values"] = np.concatenate(pixels["image"])
-            out["image_grid_thw"] = np.asarray(grids["image"], np.int64)
-        if pixels["video"]:
-            out["pixel_values_videos"] = np.concatenate(pixels["video"])
-            out["video_grid_thw"] = np.asarray(grids["video"], np.int64)
+        out: dict = {"input_ids": input_ids, "attention_mask": attention_mask}
+        for kind, pixels_key, grid_key in (("image", "pixel_values", "image_grid_thw"),
+                                           ("video", "pixel_values_videos", "video_grid_thw")):
+            pixels = [p for seg in segments for p in seg["pixels"][kind]]
+            if pixels:
+                out[pixels_key] = np.concatenate(pixels)
+                out[grid_key] = np.asarray([g for seg in segments for g in seg["grids"][kind]], np.int64)
         out["mm_token_type_ids"] = token_types(input_ids, self.config)
         out["position_ids"], out["rope_deltas"] = get_rope_index(
             input_ids, attention_mask, out.get("image_grid_thw"), out.get("video_grid_thw"), self.config)
         return out
+
+    def encode(self, conversations: Any, add_vision_id: bool = False,
+               max_tokens: int | None = None) -> tuple[dict[str, np.ndarray], list[dict]]:
+        """-> (the arrays of __call__, per row {"image_sizes": [(w, h)], "video_timestamps": [[seconds]]})."""
+        batch = list(conversations) if is_batch(conversations) else [conversations]
+        if not batch:
+            raise InputError("no conversation given")
+        segments = [self.segment(self.prompt(conv, add_vision_id), chat.vision_items(conv), max_tokens)
+                    for conv in batch]
+        meta = [{"image_sizes": seg["image_sizes"], "video_timestamps": seg["video_timestamps"]} for seg in segments]
+        return self.arrays([seg["ids"] for seg in segments], segments), meta
+
+    def __call__(self, conversations: Any, add_vision_id: bool = False) -> dict[str, np.ndarray]:
+        return self.encode(conversations, add_vision_id)[0]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)

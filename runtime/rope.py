@@ -33,6 +33,41 @@ def _vision_positions(start: int, grid: np.ndarray, merge: int) -> np.ndarray:
     return np.stack([tt.ravel(), hh.ravel(), ww.ravel()]) + start
 
 
+def segment_positions(ids: np.ndarray, grids: dict, config: ModelConfig, start: int = 0) -> np.ndarray:
+    """M-RoPE ids [3, n] of one row's real tokens `ids` [n], the first text token at `start`.
+
+    Text advances all three rows by one per token; an image/video of grid (t, h, w) takes
+    t*h*w/merge^2 tokens laid out on its (t, h/merge, w/merge) grid, and the text after it
+    resumes at start + max(h, w)/merge (transformers' rule). `grids`: {IMAGE: iterator, VIDEO: iterator}
+    of (t, h, w), consumed in order. A later chat turn continues at the cache's next position.
+    """
+    merge = config.vision.spatial_merge_size
+    names = {IMAGE: "image", VIDEO: "video"}
+    pieces, pos = [], start
+    for kind, s, e in runs(token_types(ids, config)):
+        if kind == TEXT:
+            pieces.append(np.broadcast_to(np.arange(e - s) + pos, (3, e - s)))
+            pos += e - s
+            continue
+        grid = next(grids[kind], None)
+        if grid is None:
+            raise InputError(f"more {names[kind]} placeholder runs in input_ids than {names[kind]} grids")
+        p = _vision_positions(pos, grid, merge)
+        if p.shape[1] != e - s:
+            raise InputError(
+                f"{names[kind]} grid {tuple(int(g) for g in grid)} needs {p.shape[1]} placeholder tokens, "
+                f"input_ids has {e - s}"
+            )
+        pieces.append(p)
+        pos += max(int(grid[1]), int(grid[2])) // merge
+    return np.concatenate(pieces, axis=1).astype(np.int64) if pieces else np.zeros((3, 0), np.int64)
+
+
+def grid_iterators(image_grid_thw: np.ndarray | None, video_grid_thw: np.ndarray | None) -> dict:
+    return {IMAGE: iter(np.zeros((0, 3)) if image_grid_thw is None else np.asarray(image_grid_thw)),
+            VIDEO: iter(np.zeros((0, 3)) if video_grid_thw is None else np.asarray(video_grid_thw))}
+
+
 def get_rope_index(
     input_ids: np.ndarray,
     attention_mask: np.ndarray | None,
@@ -42,39 +77,17 @@ def get_rope_index(
 ) -> tuple[np.ndarray, np.ndarray]:
     """input_ids [B, L] -> position_ids int64 [3, B, L], rope_deltas int64 [B, 1].
 
-    Text advances all three rows by one per token; an image/video of grid (t, h, w) takes
-    t*h*w/merge^2 tokens laid out on its (t, h/merge, w/merge) grid, and the text after it
-    resumes at start + max(h, w)/merge (transformers' rule). Padding (mask 0) gets position 0.
+    Rows start at 0 (see segment_positions); padding (mask 0) gets position 0.
     """
     input_ids = np.asarray(input_ids)
     B, L = input_ids.shape
     mask = np.ones((B, L), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-    merge = config.vision.spatial_merge_size
-    grids = {IMAGE: iter(np.zeros((0, 3)) if image_grid_thw is None else np.asarray(image_grid_thw)),
-             VIDEO: iter(np.zeros((0, 3)) if video_grid_thw is None else np.asarray(video_grid_thw))}
-    names = {IMAGE: "image", VIDEO: "video"}
+    grids = grid_iterators(image_grid_thw, video_grid_thw)
     position_ids = np.zeros((3, B, L), np.int64)
     deltas = np.zeros((B, 1), np.int64)
     for b in range(B):
         ids = input_ids[b][mask[b]]
-        pieces, pos = [], 0
-        for kind, s, e in runs(token_types(ids, config)):
-            if kind == TEXT:
-                pieces.append(np.broadcast_to(np.arange(e - s) + pos, (3, e - s)))
-                pos += e - s
-                continue
-            grid = next(grids[kind], None)
-            if grid is None:
-                raise InputError(f"more {names[kind]} placeholder runs in input_ids than {names[kind]} grids")
-            p = _vision_positions(pos, grid, merge)
-            if p.shape[1] != e - s:
-                raise InputError(
-                    f"{names[kind]} grid {tuple(int(g) for g in grid)} needs {p.shape[1]} placeholder tokens, "
-                    f"input_ids has {e - s}"
-                )
-            pieces.append(p)
-            pos += max(int(grid[1]), int(grid[2])) // merge
-        llm = np.concatenate(pieces, axis=1) if pieces else np.zeros((3, 0), np.int64)
+        llm = segment_positions(ids, grids, config)
         position_ids[:, b, mask[b]] = llm
         deltas[b, 0] = (llm.max() + 1 - len(ids)) if llm.size else 0
     return position_ids, deltas

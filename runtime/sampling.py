@@ -1,5 +1,10 @@
-"""Next-token choice from last-position logits [B, V]: greedy, or sampling with the usual processors
-applied in transformers' order (repetition penalty, temperature, top-k, top-p)."""
+"""Next-token choice from last-position logits [B, V]: greedy, or sampling with transformers' processors in
+transformers' order (repetition penalty, [min_new_tokens in generation.py], temperature, top-k, top-p).
+
+The host loop must stay cheap at a 151,936-token vocabulary, so nothing here sorts the vocabulary:
+top-k and top-p work on a small candidate set found from chunk maxima (one pass over the logits); a
+top-p whose mass is spread over thousands of tokens buckets them by log-probability and sorts one bucket.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InputError
+from . import checks
+
+CHUNK = 256  # logits per chunk when bounding the top values from chunk maxima
+MIN_PENALTY = 1e-3
+LEVELS_PER_UNIT, LEVELS = 32, 2048  # log-probability buckets of the top-p fallback, down to e^-64
 
 
 @dataclass(frozen=True)
@@ -19,54 +28,129 @@ class SamplingOptions:
     repetition_penalty: float = 1.0
 
     def validate(self) -> None:
-        if self.temperature <= 0:
-            raise InputError(f"temperature must be > 0, got {self.temperature} (use do_sample=False for greedy)")
-        if not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise InputError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        checks.flag("do_sample", self.do_sample)
+        checks.real("temperature", self.temperature, above=0, hint=" (use do_sample=False for greedy)")
+        checks.real("top_p", self.top_p, above=0, maximum=1, hint=" (1 disables it)")
+        checks.integer("top_k", self.top_k, minimum=0, hint=" (0 disables it)")
+        # beyond these a penalised logit overflows float32 for no useful effect
+        checks.real("repetition_penalty", self.repetition_penalty, minimum=MIN_PENALTY, maximum=1 / MIN_PENALTY,
+                    hint=" (1 disables it)")
 
 
-def repetition_penalty(logits: np.ndarray, seen: list[np.ndarray], penalty: float) -> np.ndarray:
-    """CTRL-style penalty on every token already in the row (prompt and generated)."""
+def repetition_penalty(row: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """CTRL-style penalty on every token already in the row (prompt and generated); row [V] -> a new row."""
     if penalty == 1.0:
-        return logits
-    logits = logits.copy()
-    for b, ids in enumerate(seen):
-        ids = np.unique(ids)
-        scores = logits[b, ids]
-        logits[b, ids] = np.where(scores < 0, scores * penalty, scores / penalty)
-    return logits
+        return row
+    row = row.copy()
+    ids = np.unique(seen)
+    scores = row[ids]
+    row[ids] = np.where(scores < 0, scores * penalty, scores / penalty)
+    return row
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+def top_superset(x: np.ndarray, k: int) -> np.ndarray:
+    """Indices of a small superset of x's k largest values: every value >= the k-th largest chunk maximum
+    (k chunks reach it, so at least k values do). x [V] -> sorted indices [>= k]."""
+    n = len(x) // CHUNK
+    if n <= k:
+        return np.arange(len(x))
+    maxima = x[:n * CHUNK].reshape(n, CHUNK).max(axis=1)  # [n]
+    if len(x) > n * CHUNK:
+        maxima = np.append(maxima, x[n * CHUNK:].max())
+    threshold = np.partition(maxima, len(maxima) - k)[len(maxima) - k]
+    return np.flatnonzero(x >= threshold)
 
 
-def filter_top_k_top_p(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
-    """Set to -inf every logit outside the top-k and outside the smallest set whose mass reaches top_p."""
-    logits = logits.astype(np.float64, copy=True)
-    if 0 < top_k < logits.shape[-1]:
-        kth = np.partition(logits, -top_k, axis=-1)[:, -top_k][:, None]
-        logits[logits < kth] = -np.inf
-    if top_p < 1.0:
-        order = np.argsort(-logits, axis=-1, kind="stable")
-        probs = _softmax(np.take_along_axis(logits, order, axis=-1))
-        # keep a token while the mass before it is < top_p (the first token is always kept)
-        drop = (np.cumsum(probs, axis=-1) - probs) >= top_p
-        np.put_along_axis(logits, order, np.where(drop, -np.inf, np.take_along_axis(logits, order, axis=-1)), axis=-1)
-    return logits
+def top_k_ids(x: np.ndarray, k: int) -> np.ndarray:
+    """transformers' TopKLogitsWarper: keep every value >= the k-th largest (ties kept). -> indices."""
+    cands = top_superset(x, k)
+    vals = x[cands]
+    kth = np.partition(vals, len(vals) - k)[len(vals) - k]
+    return cands[vals >= kth]
+
+
+def _nucleus_candidates(logits: np.ndarray, weights: np.ndarray, total: float, top_p: float) -> np.ndarray | None:
+    """The smallest top-m superset (m = 64, 512) whose mass exceeds top_p, or None: a token outside it has at
+    least top_p of mass above it, so top-p removes it."""
+    for m in (64, 512):
+        if m >= len(logits) // CHUNK:
+            break
+        cands = top_superset(logits, m)
+        if weights[cands].sum() > top_p * total * (1 + 1e-9):
+            return cands
+    return None
+
+
+def _nucleus_by_level(weights: np.ndarray, total: float, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """Top-p over a flat distribution, without sorting the vocabulary: tokens bucketed by log-probability
+    (1/LEVELS_PER_UNIT wide). Levels above the one where the cumulative mass reaches top_p are kept whole
+    (less than top_p lies above any of their tokens), levels below are dropped (at least top_p lies above),
+    and only the tokens of that one level are sorted."""
+    with np.errstate(divide="ignore"):  # weight 0 -> log -inf -> the last level
+        level = np.minimum(-np.log(weights) * LEVELS_PER_UNIT, LEVELS - 1).astype(np.int64)  # [V], 0: likeliest
+    mass = np.bincount(level, weights=weights, minlength=LEVELS) / total  # [LEVELS]
+    reached = np.cumsum(mass)
+    edge_level = min(int(np.searchsorted(reached, top_p)), LEVELS - 1)  # first level reaching top_p
+    edge = np.flatnonzero(level == edge_level)
+    p_edge = weights[edge] / total
+    order = np.argsort(-p_edge)
+    above = (reached[edge_level] - mass[edge_level]) + np.cumsum(p_edge[order]) - p_edge[order]
+    ids = np.concatenate([np.flatnonzero(level < edge_level), edge[order][above < top_p]])
+    probs = weights[ids]
+    return ids, probs / probs.sum()
+
+
+def distribution(row: np.ndarray, opts: SamplingOptions) -> tuple[np.ndarray, np.ndarray]:
+    """Processed logits [V] -> (token ids [n], probabilities [n]) after temperature, top-k and top-p: the
+    tokens outside `ids` have probability 0, as after transformers' warpers and softmax."""
+    V = len(row)
+    if 0 < opts.top_k < V:  # top-p then only renormalises inside the top-k
+        ids = top_k_ids(row, opts.top_k)
+        weights = _scaled_exp(row[ids], opts.temperature)
+        probs = weights / weights.sum()
+    else:
+        weights = _scaled_exp(row, opts.temperature)
+        total = weights.sum()
+        if opts.top_p >= 1:
+            return np.arange(V), weights / total
+        ids = _nucleus_candidates(row, weights, total, opts.top_p)
+        if ids is None:
+            return _nucleus_by_level(weights, total, opts.top_p)
+        probs = weights[ids] / total
+    return _top_p(ids, probs, opts.top_p) if opts.top_p < 1 else (ids, probs)
+
+
+def _scaled_exp(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """exp((x - max) / T) in float64: the softmax numerator. The max is subtracted before dividing, so that a
+    tiny temperature gives 0 and 1 (greedy in the limit), not inf - inf."""
+    x = logits.astype(np.float64)
+    with np.errstate(over="ignore"):  # (x - max) / T below -1e308 is -inf, and exp(-inf) = 0: what we want
+        return np.exp((x - x.max()) / temperature)
+
+
+def _top_p(ids: np.ndarray, probs: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """transformers' TopPLogitsWarper: sort ascending, remove while the cumulative mass is <= 1 - top_p,
+    keep the most likely token. `probs` may cover part of the vocabulary; the rest counts as the smallest."""
+    order = np.argsort(probs)  # ascending; ties in any order, as torch.sort leaves them
+    p = probs[order]
+    cumulative = (1.0 - probs.sum()) + np.cumsum(p)  # mass of every token not above this one
+    keep = cumulative > 1 - top_p
+    keep[-1] = True
+    kept = p[keep]
+    return ids[order][keep], kept / kept.sum()
 
 
 def choose(logits: np.ndarray, opts: SamplingOptions, rng: np.random.Generator,
            seen: list[np.ndarray] | None = None) -> np.ndarray:
     """logits [B, V] -> token ids [B] int64."""
-    if seen is not None:
-        logits = repetition_penalty(logits, seen, opts.repetition_penalty)
-    if not opts.do_sample:
-        return logits.argmax(axis=-1).astype(np.int64)
-    probs = _softmax(filter_top_k_top_p(logits / opts.temperature, opts.top_k, opts.top_p))
-    return np.array([rng.choice(len(p), p=p) for p in probs], np.int64)
+    out = np.empty(len(logits), np.int64)
+    for b, row in enumerate(logits):
+        if seen is not None:
+            row = repetition_penalty(row, seen[b], opts.repetition_penalty)
+        if not opts.do_sample:
+            out[b] = row.argmax()
+            continue
+        ids, probs = distribution(row, opts)
+        cumulative = np.cumsum(probs)  # [n]
+        out[b] = ids[min(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"), len(ids) - 1)]
+    return out

@@ -97,6 +97,26 @@ def pipe_v5(tiny_artifact_v5):
     return Qwen2VLPipeline.load(tiny_artifact_v5)
 
 
+def assert_varied(token_ids, what: str = "reference output") -> None:
+    """Parity on a repeated token proves nothing: most tokens of a reply must differ."""
+    distinct = len(set(token_ids))
+    assert distinct > len(token_ids) // 2, (f"{what} degenerate ({distinct} distinct of {len(token_ids)} tokens): "
+                                            "parity would prove nothing")
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact_ort(tiny_ckpt, workdir) -> Path:
+    """The tiny checkpoint for the ort-cpu target, fp32: GroupQueryAttention over a preallocated cache."""
+    return export_artifact(tiny_ckpt, workdir / "art-ort-fp32", target="ort-cpu")
+
+
+@pytest.fixture(scope="session")
+def pipe_ort(tiny_artifact_ort):
+    from qwen2vl_edge.runtime import Qwen2VLPipeline
+
+    return Qwen2VLPipeline.load(tiny_artifact_ort)
+
+
 @pytest.fixture(scope="session")
 def trt_export(tiny_ckpt, tiny_ckpt_v5, workdir):
     """export --target tensorrt of a tiny checkpoint, made once per option set: trt_export(min_tensorrt=...,

@@ -52,7 +52,10 @@ def test_quick_bench_report_is_complete(tmp_path):
         assert 0 < r["decode_roofline_fraction"] and r["weights_on_disk_bytes"] > 0
         assert (r["first_start_ready_s"] is not None) == (name in ("ours-ort-int8", "ours-ort-int4"))
         assert len(r["ttft_vs_resolution"]) == 2 and len(r["decode_vs_context"]) == 2
+    loop = data["host_loop"]  # the sampled host loop at the real vocabulary, after 1,000 tokens
+    assert loop["vocab"] == 151_936 and loop["after_tokens"] == 1000 and 0 < loop["median_ms"] <= loop["p90_ms"]
     md = (out / "report.md").read_text()
+    assert "| sampled loop |" in md
     assert md.count("| ours-ort-cpu |") == 1 + 1 + 6  # main table, ratio table, one row per scenario
     assert "| transformers |" in md and "decode speed-up" in md and "session cache" in md
     for png in ("ttft_vs_resolution.png", "decode_vs_context.png", "peak_rss.png"):

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 
 from conftest import random_image, requires_torch
+from qwen2vl_edge.benchmarks.bench import SYSTEMS
 
 pytestmark = requires_torch
 
@@ -24,10 +25,28 @@ def test_run_json_matches_python_api(tiny_artifact, pipe, tmp_path):
                  "--max-new-tokens", "6", "--json")
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
-    assert set(out) == {"text", "token_ids", "finish_reason", "timings", "usage"}
+    assert set(out) == {"text", "token_ids", "finish_reason", "timings", "usage", "boxes", "video_timestamps"}
     conv = [{"role": "user", "content": [{"type": "image", "image": str(img)},
                                          {"type": "text", "text": "Describe this image."}]}]
     assert out["token_ids"] == pipe.generate(conv, max_new_tokens=6).token_ids
+
+
+def test_chat_keeps_the_session(tiny_artifact, pipe, tmp_path):
+    img = tmp_path / "b.png"
+    random_image(np.random.default_rng(4), 120, 160).save(img)
+    lines = f"/image {img}\nWhat is this?\nAnd the colours?\n/reset\nHello.\n"
+    result = subprocess.run([sys.executable, "-m", "qwen2vl_edge", "chat", str(tiny_artifact), "--system", "Be brief.",
+                             "--max-new-tokens", "6", "--max-pixels", "20000"], input=lines, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    session = pipe.chat(system="Be brief.", max_new_tokens=6)
+    expected = [session.send([{"type": "image", "image": str(img), "max_pixels": 20000},
+                              {"type": "text", "text": "What is this?"}]).text,
+                session.send([{"type": "text", "text": "And the colours?"}]).text]
+    session.reset()
+    expected.append(session.send([{"type": "text", "text": "Hello."}]).text)
+    assert result.stdout.split("\n")[:3] == expected
+    assert "cached" in result.stderr
 
 
 def test_run_streams_and_reads_message_files(tiny_artifact, tmp_path):
@@ -59,3 +78,66 @@ def test_quickstart(tmp_path):
     result = cli("quickstart", "--dir", str(tmp_path / "qs"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "identical" in result.stdout and "reply:" in result.stdout
+
+
+def _json_run(artifact, *flags, stdin=None):
+    result = subprocess.run([sys.executable, "-m", "qwen2vl_edge", "run", str(artifact), "--json",
+                             "--max-new-tokens", "6", *flags], capture_output=True, text=True, input=stdin)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["token_ids"]
+
+
+def test_decoding_flags_mean_what_they_say(tiny_artifact, pipe):
+    conv = [{"role": "user", "content": [{"type": "text", "text": "Tell me a story."}]}]
+    greedy = pipe.generate(conv, max_new_tokens=6).token_ids
+    assert _json_run(tiny_artifact, "--prompt", "-", "--temperature", "0", stdin="Tell me a story.\n") == greedy
+    sampled = pipe.generate(conv, max_new_tokens=6, do_sample=True, top_k=40, seed=3).token_ids
+    assert sampled != greedy  # the tiny model's sampled reply differs, so the next check can fail
+    assert _json_run(tiny_artifact, "--prompt", "Tell me a story.", "--top-k", "40", "--seed", "3") == sampled
+
+
+def test_contradicting_flags_are_usage_errors():
+    for flags, message in [
+        (["--prompt", "x", "--greedy", "--top-p", "0.9"], "contradict --greedy"),
+        (["--prompt", "x", "--temperature", "0", "--top-k", "5"], "contradict --temperature 0"),
+        (["--prompt", "x", "--seed", "3"], "--seed only matters when sampling"),
+        (["--messages", "m.json", "--prompt", "x"], "do not combine it with --prompt"),
+        (["--messages", "m.json", "--image", "a.png"], "do not combine it with --prompt, --image"),
+        (["--image", "a.png"], "give --messages FILE.json, or --prompt TEXT"),
+    ]:
+        result = cli("run", "/nowhere", *flags)  # refused before any artifact is read
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, flags
+
+
+def test_bad_threads_and_unexpected_errors(tiny_artifact):
+    result = cli("run", str(tiny_artifact), "--prompt", "Hi", "--threads", "0")
+    assert result.returncode == 2 and "num_threads must be >= 1" in result.stderr
+    bad = cli("bench", "--systems", "no-such-system")  # a plain ValueError, not one of the runtime's errors
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.splitlines() == ["error: ValueError: unknown system(s) no-such-system; known: "
+                                       + ", ".join(SYSTEMS), "rerun with --debug for the traceback"]
+    debug = cli("bench", "--systems", "no-such-system", "--debug")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def _long_run(artifact) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "qwen2vl_edge", "run", str(artifact), "--prompt", "Go on.",
+                             "--max-new-tokens", "4000", "--min-new-tokens", "4000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_ctrl_c_and_a_closed_pipe_exit_quietly(tiny_artifact):
+    import signal
+
+    proc = _long_run(tiny_artifact)
+    proc.stdout.read(1)  # streaming has begun
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and b"Traceback" not in err, err[-2000:]
+
+    proc = _long_run(tiny_artifact)  # `| head -c 1`: the reader leaves
+    proc.stdout.read(1)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    proc.wait(timeout=60)
+    assert proc.returncode == 141 and b"Traceback" not in err and b"Exception ignored" not in err, err[-2000:]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from ..artifact import Artifact
-from ..errors import InputError
+from ..errors import ConfigError
+
+BACKENDS = ("onnxruntime", "tensorrt")
 
 
 def create_backend(artifact: Artifact, name: str = "onnxruntime", **options):
@@ -15,4 +17,4 @@ def create_backend(artifact: Artifact, name: str = "onnxruntime", **options):
         from .tensorrt import TrtBackend
 
         return TrtBackend(artifact, **options)
-    raise InputError(f"unknown backend {name!r}: use 'onnxruntime' or 'tensorrt'")
+    raise ConfigError(f"unknown backend {name!r}: use one of {', '.join(BACKENDS)}")

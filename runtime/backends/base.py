@@ -27,6 +27,12 @@ class Backend(Protocol):
         """An empty KV cache (past length 0) for `batch` rows; `reserve`: positions the request will fill
         (prompt + max_new_tokens), for backends that preallocate."""
 
+    def reserve(self, cache: Any, positions: int) -> Any:
+        """The cache (holding P positions) with room for `positions` in all, for a chat session's next turn
+        (P + new tokens + max_new_tokens); backends whose cache grows by itself return it unchanged."""
+
     def decode(self, inputs_embeds: Any, attention_mask: np.ndarray, position_ids: np.ndarray,
                cache: Any) -> tuple[np.ndarray, Any]:
-        """One decoder run -> (last-position logits [B, vocab] float32, the cache grown by L)."""
+        """One decoder run over L new positions after the P the cache holds (P = 0: prefill; L = 1: a decode
+        step; both > 0: a chat session's next turn) -> (last-position logits [B, vocab] float32, the cache
+        grown by L)."""

@@ -1,7 +1,12 @@
-"""The little of CUDA the TensorRT backend needs, through cuda-python (NVIDIA's bindings), no torch."""
+"""The little of CUDA the TensorRT backend needs, through cuda-python (NVIDIA's bindings), no torch.
+
+Every call goes through `cuda_call`, which raises on any error code with CUDA's own name for it;
+every allocation is an object with `free()`, so that the backend can give all of it back.
+"""
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from dataclasses import dataclass
 
@@ -11,21 +16,43 @@ import numpy as np
 @functools.lru_cache(maxsize=1)
 def cudart():
     try:
-        from cuda.bindings import runtime  # cuda-python >= 12.6
+        from cuda.bindings import runtime  # cuda-python >= 12.8 (the [trt] extra's floor)
     except ImportError:
-        try:
-            from cuda import cudart as runtime  # older cuda-python
-        except ImportError:
-            raise ImportError("the TensorRT backend needs cuda-python: pip install 'qwen2vl-edge[trt]'") from None
+        raise ImportError("the TensorRT backend needs cuda-python >= 12.8: pip install 'qwen2vl-edge[trt]'") from None
     return runtime
 
 
-def cuda_call(result):
-    """Unpack a cuda-python (err, *values) tuple; raise on any error code."""
+class CudaError(RuntimeError):
+    pass
+
+
+def cuda_call(result, what: str = "CUDA call"):
+    """Unpack a cuda-python (err, *values) tuple; raise CudaError naming the error on any failure."""
     err, *values = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
-        raise RuntimeError(f"CUDA error {err}")
+        name = getattr(err, "name", None) or f"error {int(err)}"
+        raise CudaError(f"{what} failed: {name}")
     return values[0] if len(values) == 1 else (tuple(values) or None)
+
+
+def _copy_kind(name: str):
+    return getattr(cudart().cudaMemcpyKind, name)
+
+
+class Stream:
+    """One CUDA stream; `handle` is the integer TensorRT's execute_async_v3 takes."""
+
+    def __init__(self):
+        self.stream = cuda_call(cudart().cudaStreamCreate(), "cudaStreamCreate")
+        self.handle = int(self.stream)
+
+    def synchronize(self) -> None:
+        cuda_call(cudart().cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+
+    def free(self) -> None:
+        if self.stream is not None:
+            cuda_call(cudart().cudaStreamDestroy(self.stream), "cudaStreamDestroy")
+            self.stream = None
 
 
 @dataclass
@@ -34,35 +61,80 @@ class DeviceBuffer:
 
     ptr: int
     nbytes: int
+    name: str = "buffer"  # what it holds, for error messages
 
     @classmethod
-    def alloc(cls, nbytes: int) -> "DeviceBuffer":
-        return cls(int(cuda_call(cudart().cudaMalloc(max(nbytes, 1)))), nbytes)
+    def alloc(cls, nbytes: int, name: str = "buffer") -> "DeviceBuffer":
+        ptr = cuda_call(cudart().cudaMalloc(max(int(nbytes), 1)), f"cudaMalloc of {nbytes} bytes for {name}")
+        return cls(int(ptr), int(nbytes), name)
 
-    def upload(self, array: np.ndarray, stream) -> None:
+    def _fits(self, nbytes: int) -> None:
+        if nbytes > self.nbytes:
+            raise ValueError(f"{nbytes} bytes do not fit the {self.nbytes}-byte device buffer {self.name}")
+
+    def upload(self, array: np.ndarray, stream: Stream) -> None:
         array = np.ascontiguousarray(array)
-        if array.nbytes > self.nbytes:
-            raise ValueError(f"{array.nbytes} bytes do not fit a {self.nbytes}-byte device buffer")
-        rt = cudart()
-        cuda_call(rt.cudaMemcpyAsync(self.ptr, array.ctypes.data, array.nbytes,
-                                     rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream))
+        self._fits(array.nbytes)
+        # the copy reads `array` after this returns: the caller keeps it alive until the next synchronize
+        cuda_call(cudart().cudaMemcpyAsync(self.ptr, array.ctypes.data, array.nbytes,
+                                           _copy_kind("cudaMemcpyHostToDevice"), stream.stream),
+                  f"upload to {self.name}")
 
-    def download(self, shape: tuple[int, ...], dtype, stream) -> np.ndarray:
-        out = np.empty(shape, dtype)
-        rt = cudart()
-        cuda_call(rt.cudaMemcpyAsync(out.ctypes.data, self.ptr, out.nbytes,
-                                     rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream))
-        cuda_call(rt.cudaStreamSynchronize(stream))
+    def download_into(self, out: np.ndarray, stream: Stream) -> np.ndarray:
+        """Copy the first out.nbytes bytes into `out` (pinned host memory for speed) and wait."""
+        self._fits(out.nbytes)
+        cuda_call(cudart().cudaMemcpyAsync(out.ctypes.data, self.ptr, out.nbytes,
+                                           _copy_kind("cudaMemcpyDeviceToHost"), stream.stream),
+                  f"download from {self.name}")
+        stream.synchronize()
         return out
+
+    def download(self, shape: tuple[int, ...], dtype, stream: Stream) -> np.ndarray:
+        return self.download_into(np.empty(shape, dtype), stream)
+
+    def copy_from(self, src: "DeviceBuffer", nbytes: int, stream: Stream) -> None:
+        self._fits(nbytes)
+        cuda_call(cudart().cudaMemcpyAsync(self.ptr, src.ptr, nbytes, _copy_kind("cudaMemcpyDeviceToDevice"),
+                                           stream.stream), f"copy into {self.name}")
+
+    def copy_rows_from(self, src: "DeviceBuffer", rows: int, row_bytes: int, src_pitch: int, dst_pitch: int,
+                       stream: Stream) -> None:
+        """Copy `rows` strided rows of `row_bytes` (a [N, cap, hd] cache into one of larger capacity)."""
+        self._fits(rows * dst_pitch)
+        cuda_call(cudart().cudaMemcpy2DAsync(self.ptr, dst_pitch, src.ptr, src_pitch, row_bytes, rows,
+                                             _copy_kind("cudaMemcpyDeviceToDevice"), stream.stream),
+                  f"copy into {self.name}")
 
     def free(self) -> None:
         if self.ptr:
-            cuda_call(cudart().cudaFree(self.ptr))
+            cuda_call(cudart().cudaFree(self.ptr), f"cudaFree of {self.name}")
+            self.ptr = 0
+
+
+class PinnedArray:
+    """A page-locked host array (cudaMallocHost): device-to-host copies run at full speed into it."""
+
+    def __init__(self, shape: tuple[int, ...], dtype, name: str = "pinned"):
+        dtype = np.dtype(dtype)
+        self.nbytes = int(np.prod(shape)) * dtype.itemsize
+        self.ptr = int(cuda_call(cudart().cudaMallocHost(max(self.nbytes, 1)), f"cudaMallocHost for {name}"))
+        raw = (ctypes.c_byte * max(self.nbytes, 1)).from_address(self.ptr)
+        self.array = np.frombuffer(raw, dtype, count=int(np.prod(shape))).reshape(shape)
+
+    def free(self) -> None:
+        if self.ptr:
+            self.array = None
+            cuda_call(cudart().cudaFreeHost(self.ptr), "cudaFreeHost")
             self.ptr = 0
 
 
 def gpu_identity(device: int = 0) -> tuple[str, str]:
     """(GPU name, compute capability 'major.minor') of a device: what engine sidecars record."""
-    prop = cuda_call(cudart().cudaGetDeviceProperties(device))
+    prop = cuda_call(cudart().cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
     name = prop.name.decode() if isinstance(prop.name, bytes) else str(prop.name)
     return name.rstrip("\x00"), f"{prop.major}.{prop.minor}"
+
+
+def device_memory() -> tuple[int, int]:
+    """(free, total) bytes of the current device."""
+    return cuda_call(cudart().cudaMemGetInfo(), "cudaMemGetInfo")

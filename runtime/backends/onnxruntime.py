@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact import GRAPHS, Artifact
-from ..errors import ArtifactError, InputError
+from ..errors import ArtifactError, ConfigError
 
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
@@ -76,6 +76,16 @@ def _register_shared_cpu_arena(ort) -> None:
     ort.create_and_register_allocator(info, ort.OrtArenaCfg({"arena_extend_strategy": 1}))  # kSameAsRequested
 
 
+def _check_graphs_are_the_manifests(artifact: Artifact, sessions: dict) -> None:
+    """A graph file swapped for another (verify=False lets that through) is refused before it runs."""
+    for name, session in sessions.items():
+        want = [i["name"] for i in artifact.graph(name)["inputs"]]
+        got = [i.name for i in session.get_inputs()]
+        if got != want:
+            raise ArtifactError(f"{artifact.graph(name)['file']} is not the {name} graph the manifest describes "
+                                f"(inputs {got[:4]}, expected {want[:4]}): restore it or re-export")
+
+
 class OrtBackend:
     name = "onnxruntime"
 
@@ -88,19 +98,19 @@ class OrtBackend:
         names = [p[0] if isinstance(p, tuple) else p for p in providers]  # (name, options) or name
         for name in names:
             if name not in available:
-                raise InputError(f"onnxruntime provider {name} is not available here (have: {', '.join(available)}); "
+                raise ConfigError(f"onnxruntime provider {name} is not available here (have: {', '.join(available)}); "
                                  "install onnxruntime-gpu for CUDA/TensorRT")
         self.device = "cuda" if names[0] in GPU_PROVIDERS else "cpu"
         self.preallocated = artifact.export.get("kv_cache") == "preallocated"
         if self.preallocated and self.device != "cpu":
-            raise InputError(f"{artifact.dir} keeps its KV cache in preallocated buffers that this backend holds in "
-                             "host memory: run it with the CPU provider, or export --target portable for CUDA")
+            raise ConfigError(f"{artifact.dir} keeps its KV cache in preallocated buffers that this backend holds in "
+                              "host memory: run it with the CPU provider, or export --target portable for CUDA")
         if artifact.export.get("precision") == "bf16" and self.device == "cpu":
             raise ArtifactError(f"{artifact.dir} is a bf16 tensorrt export: ONNX Runtime's CPU kernels have no bf16 "
                                 "MatMul, Add or Softmax, so it cannot run here. Build it with TensorRT "
                                 "(`qwen2vl-edge build-trt`), or export --precision fp16 / fp32 to run it on the CPU")
         if session_cache is not None and self.device != "cpu":
-            raise InputError("session_cache holds weights packed for this CPU: use it with the CPU provider only")
+            raise ConfigError("session_cache holds weights packed for this CPU: use it with the CPU provider only")
 
         shared_arena = shared_arena and self.device == "cpu"
         if shared_arena:
@@ -129,9 +139,11 @@ class OrtBackend:
                     f"{artifact.export.get('requires_onnxruntime', '')} with its CPU contrib kernels (here: "
                     f"onnxruntime {ort.__version__}), or re-export with --weights fp32." if contrib else "")
             raise ArtifactError(f"onnxruntime could not load the graphs of {artifact.dir}: {e}.{hint}") from None
+        _check_graphs_are_the_manifests(artifact, self.sessions)
         cfg = artifact.config.text
         self.hidden_size = cfg.hidden_size
         self.kv_shape = (cfg.num_key_value_heads, cfg.head_dim)
+        self.max_positions = cfg.max_position_embeddings
         dec = self.sessions["decoder"]
         self.past_names = [i.name for i in dec.get_inputs() if i.name.startswith("past_key_values.")]
         dtypes = {v["name"]: v["dtype"] for v in artifact.graph("decoder")["inputs"]}
@@ -197,11 +209,20 @@ class OrtBackend:
     def _kv(self, positions: int) -> tuple[int, int, int]:
         return self.kv_shape[0], positions, self.kv_shape[1]
 
-    def _room(self, cache: OrtCache, total: int) -> OrtCache:
-        """The cache with capacity for `total` positions: the request's reserve, doubled when outgrown."""
+    def reserve(self, cache: OrtCache, positions: int) -> OrtCache:
+        """Growing OrtValues need no room. A preallocated cache too small for `positions` is copied into one at
+        least twice its size (up to the model's context), so that a session growing turn after turn copies
+        its cache O(log n) times, not at every turn."""
+        if not self.preallocated or positions <= cache.capacity:
+            return cache
+        return self._room(cache, positions, capacity=max(positions, min(2 * cache.capacity, self.max_positions)))
+
+    def _room(self, cache: OrtCache, total: int, capacity: int | None = None) -> OrtCache:
+        """The cache with capacity for `total` positions: `capacity`, else the request's reserve, doubled when
+        outgrown."""
         if total <= cache.capacity:
             return cache
-        capacity = max(total, cache.reserve, 2 * cache.capacity)
+        capacity = capacity or max(total, cache.reserve, 2 * cache.capacity)
         buffers = {}
         for name, old in cache.buffers.items():
             buffers[name] = np.zeros((old.shape[0], *self._kv(capacity)), self.kv_dtype)

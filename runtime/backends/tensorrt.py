@@ -1,35 +1,115 @@
 """TensorRT backend: the engines of `build-trt`, device memory and a stream through cuda-python.
 
-Device buffers are allocated once for the engines' limits. The KV cache never leaves the GPU: the
-decoder reads the past from one buffer set and writes the present into the other, and the two swap
-every step. The merger writes its embeddings straight into the decoder's input buffer.
+- Engines are deserialized from their files; each one's I/O (names, modes, dtypes, ranks) is checked
+  against the manifest, and its sidecar against this TensorRT, this GPU and the manifest's graphs.
+- One device-memory pool, sized at the largest engine, is shared by the four execution contexts
+  (user-managed allocation): they run one after another on one stream.
+- I/O buffers are allocated once for the engines' limits (sizes from trt_memory.io_buffers); logits
+  come back through pinned host memory, last position only.
+- The KV cache lives in the object `new_cache` returns, in the engine's dtype, sized for the request:
+  preallocated graphs bind past and present to the same buffer, written in place; concat graphs read
+  the past from one buffer set and write the present into the other, and the two swap each step.
+- `close()` (or `with`) frees every allocation, the stream, the contexts and the engines.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+import weakref
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ..artifact import Artifact
-from ..errors import ArtifactError
-from .cuda import DeviceBuffer, cuda_call, cudart, gpu_identity
-from .trt_profiles import DECODE, ENGINES, PREFILL, check_request, check_sidecar, limits_of
+from ..errors import ArtifactError, InputError
+from .cuda import DeviceBuffer, PinnedArray, Stream, gpu_identity
+from .trt_memory import DTYPE_BYTES, io_buffers, kv_cache_bytes
+from .trt_profiles import (
+    CONCAT, DECODE, ENGINES, PREALLOCATED, PREFILL, check_engine_io, check_request, check_shape, check_sidecar,
+    decoder_profile, kv_names, limits_of, profile_of,
+)
 
-F32, I64 = 4, 8
+_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32",
+           "INT8": "int8", "UINT8": "uint8", "BOOL": "bool", "FP8": "float8", "INT4": "int4"}
+CONTEXTS = {"vision_encoder": ("vision_encoder", 0), "embedding_merger": ("embedding_merger", 0),
+            "prefill": ("decoder", PREFILL), "decode": ("decoder", DECODE)}  # context -> (engine, profile)
+DECODER_CONTEXTS = {PREFILL: "prefill", DECODE: "decode"}  # decoder profile -> its context
 
 
-@dataclass
+def dtype_name(dtype) -> str:
+    """numpy-style name of a tensorrt.DataType (what the manifest records)."""
+    return _DTYPES.get(dtype.name, dtype.name.lower())
+
+
+def tensorrt_version(trt) -> str:
+    return trt.__version__
+
+
+READ_CHUNK = 64 << 20
+_WHENCE = {"SET": os.SEEK_SET, "CUR": os.SEEK_CUR, "END": os.SEEK_END}
+
+
+def engine_reader(trt, f):
+    """A stream reader over an open engine file: TensorRT pulls the engine in chunks, so no Python copy of
+    the whole engine exists next to TensorRT's (on a Jetson the two would share its 8 GB). TensorRT 11
+    has only IStreamReaderV2, 10.3 only IStreamReader."""
+    if hasattr(trt, "IStreamReaderV2"):
+        class Reader(trt.IStreamReaderV2):
+            def __init__(self):
+                trt.IStreamReaderV2.__init__(self)
+
+            def read(self, num_bytes, stream):
+                return f.read(min(num_bytes, READ_CHUNK))
+
+            def seek(self, offset, where):
+                f.seek(offset, _WHENCE[where.name])
+                return True
+    else:
+        class Reader(trt.IStreamReader):
+            def __init__(self):
+                trt.IStreamReader.__init__(self)
+
+            def read(self, size):
+                return f.read(size)
+    return Reader()
+
+
+class KvBuffers:
+    """The device buffers of one request's KV cache; freed by `free()`, by the backend's close(), or when
+    the last cache object holding them is collected."""
+
+    def __init__(self, sets: list[dict[str, DeviceBuffer]], capacity: int):
+        self.sets, self.capacity = sets, capacity  # per set: past input name -> [B, kv, capacity, hd]
+        self._finalizer = weakref.finalize(self, KvBuffers._free, sets)
+        self._finalizer.atexit = False  # at interpreter exit the CUDA context goes anyway
+
+    @staticmethod
+    def _free(sets) -> None:
+        for s in sets:
+            for buf in s.values():
+                buf.free()
+
+    def free(self) -> None:
+        self._finalizer()
+
+
+@dataclass(frozen=True)
 class TrtCache:
-    length: int  # tokens held (P)
+    kv: KvBuffers
+    length: int  # P: positions held
     batch: int
-    current: int  # buffer set holding the past: 0 or 1
+    current: int = 0  # concat: the set holding the past (the present goes to the other)
+
+    @property
+    def capacity(self) -> int:
+        return self.kv.capacity
 
 
-@dataclass
+@dataclass(frozen=True)
 class DeviceEmbeds:
-    shape: tuple[int, int, int]  # [B, L, hidden], in TrtBackend.embeds
+    shape: tuple[int, int, int]  # [B, L, hidden], in the backend's inputs_embeds buffer
+    stamp: int  # which merge wrote it: a later merge overwrites the buffer
 
 
 class TrtBackend:
@@ -40,52 +120,108 @@ class TrtBackend:
             import tensorrt as trt
         except ImportError:
             raise ArtifactError("backend='tensorrt' needs TensorRT: pip install 'qwen2vl-edge[trt]'") from None
-        engines = artifact.manifest.get("engines")
-        if not engines:
-            raise ArtifactError(f"{artifact.dir} has no TensorRT engines: run `qwen2vl-edge build-trt {artifact.dir}`")
-        gpu, cc = gpu_identity()
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engines, sidecars = {}, {}
-        for name in ENGINES:
-            sidecars[name] = json.loads((artifact.dir / engines[name]["sidecar"]).read_text())
-            check_sidecar(sidecars[name], trt_version=trt.__version__, gpu_name=gpu, compute_capability=cc)
-            self.engines[name] = runtime.deserialize_cuda_engine((artifact.dir / engines[name]["file"]).read_bytes())
-            if self.engines[name] is None:
-                raise ArtifactError(f"TensorRT could not deserialize {engines[name]['file']}: rebuild it")
-        self.cfg, self.limits = artifact.config, limits_of(sidecars["decoder"])
+        self._trt, self.cfg = trt, artifact.config
         self.hidden_size = self.cfg.text.hidden_size
         self.graph_seconds = None  # execute_async_v3 returns before the GPU is done
-        self.stream = cuda_call(cudart().cudaStreamCreate())
-        self.ctx = {name: self.engines[name].create_execution_context() for name in ("vision_encoder",
-                                                                                     "embedding_merger")}
-        for key, index in (("prefill", PREFILL), ("decode", DECODE)):
-            self.ctx[key] = self.engines["decoder"].create_execution_context()
-            self.ctx[key].set_optimization_profile_async(index, self.stream)
-        self._allocate()
+        self.kv_cache = artifact.export.get("kv_cache", CONCAT)
+        self._buffers: list = []
+        self._caches: weakref.WeakSet = weakref.WeakSet()
+        self.engines, self.sidecars = self._load_engines(trt, artifact)
+        self.io = {name: self._check_io(name, artifact) for name in ENGINES}
+        self.kv_dtype = next(v["dtype"] for v in artifact.graph("decoder")["inputs"]
+                             if v["name"].startswith("past_key_values."))
+        limits = {name: limits_of(s) for name, s in self.sidecars.items()}
+        if len(set(limits.values())) != 1:
+            raise ArtifactError(f"the engines were built with different limits ({limits}): rebuild them together")
+        self.limits = limits["decoder"]
+        self._stamp = 0
+        try:
+            self.stream = self._keep(Stream())
+            self._allocate()
+            self._create_contexts(trt)
+        except Exception:  # give back what was allocated before the failure, then re-raise it
+            self.close()
+            raise
+
+    # -- loading ------------------------------------------------------------------------------
+
+    def _load_engines(self, trt, artifact: Artifact) -> tuple[dict, dict]:
+        entries = artifact.manifest.get("engines")
+        if not entries:
+            raise ArtifactError(f"{artifact.dir} has no TensorRT engines: run `qwen2vl-edge build-trt {artifact.dir}`")
+        gpu, cc = gpu_identity()
+        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        engines, sidecars = {}, {}
+        export = artifact.export
+        for name in ENGINES:
+            sidecars[name] = json.loads((artifact.dir / entries[name]["sidecar"]).read_text())
+            graph_file = artifact.graph(name)["file"]
+            check_sidecar(sidecars[name], trt_version=tensorrt_version(trt), gpu_name=gpu, compute_capability=cc,
+                          precision=export.get("precision"), kv_cache=self.kv_cache,
+                          onnx_sha256=artifact.manifest.get("files", {}).get(graph_file))
+            path = artifact.dir / entries[name]["file"]
+            with open(path, "rb") as f:
+                engines[name] = self.runtime.deserialize_cuda_engine(engine_reader(trt, f))
+            if engines[name] is None:
+                raise ArtifactError(f"TensorRT could not deserialize {entries[name]['file']}: rebuild it with "
+                                    "`qwen2vl-edge build-trt`")
+        return engines, sidecars
+
+    def _check_io(self, name: str, artifact: Artifact) -> dict[str, tuple[str, str, int]]:
+        engine, found = self.engines[name], {}
+        for i in range(engine.num_io_tensors):
+            tensor = engine.get_tensor_name(i)
+            mode = "input" if engine.get_tensor_mode(tensor) == self._trt.TensorIOMode.INPUT else "output"
+            found[tensor] = (mode, dtype_name(engine.get_tensor_dtype(tensor)), len(engine.get_tensor_shape(tensor)))
+        check_engine_io(name, found, artifact.graph(name))
+        return found
+
+    def _keep(self, allocation):
+        self._buffers.append(allocation)
+        return allocation
 
     def _allocate(self) -> None:
-        lim, t, v = self.limits, self.cfg.text, self.cfg.vision
-        B, kv_bytes = lim.max_batch, lim.max_batch * t.num_key_value_heads * lim.max_context * t.head_dim * F32
-        self.kv = [[DeviceBuffer.alloc(kv_bytes) for _ in range(2 * t.num_hidden_layers)] for _ in range(2)]
-        self.embeds = DeviceBuffer.alloc(B * lim.max_prompt * t.hidden_size * F32)
-        self.ids = DeviceBuffer.alloc(B * lim.max_prompt * I64)
-        self.feats = DeviceBuffer.alloc(lim.max_prompt * t.hidden_size * F32)
-        self.mask = DeviceBuffer.alloc(B * lim.max_context * I64)
-        self.pos = DeviceBuffer.alloc(3 * B * lim.max_prompt * I64)
-        self.logits = DeviceBuffer.alloc(B * t.vocab_size * F32)
-        frames, patches = max(1, lim.max_frames // v.temporal_patch_size), lim.max_image_tokens * v.spatial_merge_size ** 2
-        self.pixels = DeviceBuffer.alloc(frames * patches * v.patch_dim * F32)
-        self.cos = DeviceBuffer.alloc(patches * v.head_dim * F32)
-        self.sin = DeviceBuffer.alloc(patches * v.head_dim * F32)
-        self.vision_out = DeviceBuffer.alloc(frames * lim.max_image_tokens * t.hidden_size * F32)
+        lim, t = self.limits, self.cfg.text
+        self.buf = {name: self._keep(DeviceBuffer.alloc(n, name)) for name, n in io_buffers(self.cfg, lim).items()}
+        self.logits = self._keep(PinnedArray((lim.max_batch, t.vocab_size), np.float32, "logits"))
 
-    def _run(self, ctx, shapes: dict, addresses: dict) -> None:
+    def _create_contexts(self, trt) -> None:
+        """Four contexts without their own activation memory, sharing one pool sized at the largest engine."""
+        pool = max(int(e.device_memory_size_v2) for e in self.engines.values())
+        self.pool = self._keep(DeviceBuffer.alloc(pool, "activation pool"))
+        self.ctx = {}
+        for key, (engine, profile) in CONTEXTS.items():
+            ctx = self.engines[engine].create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+            if ctx is None:
+                raise ArtifactError(f"TensorRT could not create an execution context for {engine}")
+            ctx.set_device_memory(self.pool.ptr, self.pool.nbytes)
+            if profile and not ctx.set_optimization_profile_async(profile, self.stream.handle):
+                raise ArtifactError(f"TensorRT refused optimization profile {profile} of {engine}: rebuild the engines")
+            self.ctx[key] = ctx
+        self.profiles = {key: profile_of(self.sidecars[engine], profile) for key, (engine, profile) in CONTEXTS.items()}
+
+    # -- running ------------------------------------------------------------------------------
+
+    def _run(self, key: str, shapes: dict, addresses: dict[str, int], uploads: dict[str, np.ndarray]) -> None:
+        """Shapes checked against the profile (a named InputError) before anything is copied; then the
+        `uploads` into their I/O buffers (pageable host memory is staged before the copy call returns)."""
+        engine, ctx = CONTEXTS[key][0], self.ctx[key]
         for name, shape in shapes.items():
-            ctx.set_input_shape(name, tuple(int(d) for d in shape))
-        for name, buf in addresses.items():
-            ctx.set_tensor_address(name, buf.ptr)
-        if not ctx.execute_async_v3(self.stream):
-            raise RuntimeError("TensorRT execution failed")
+            shape = tuple(int(d) for d in shape)
+            check_shape(engine, name, shape, self.profiles[key][name])
+            if not ctx.set_input_shape(name, shape):
+                raise InputError(f"TensorRT refused shape {shape} for {engine} input {name}")
+        for name, array in uploads.items():
+            if array.size:
+                self.buf[name].upload(array, self.stream)
+        missing = set(self.io[engine]) - set(addresses)
+        if missing:  # a tensor without memory would be undefined behaviour, not an error, in TensorRT
+            raise RuntimeError(f"{engine}: no buffer bound for {', '.join(sorted(missing))}")
+        for name, ptr in addresses.items():
+            if not ctx.set_tensor_address(name, ptr):
+                raise RuntimeError(f"TensorRT refused the address of {engine} tensor {name}")
+        if not ctx.execute_async_v3(self.stream.handle):
+            raise RuntimeError(f"TensorRT failed to run {engine} ({key}) with shapes {shapes}")
 
     def check_request(self, inputs: dict, max_new_tokens: int) -> None:
         grids = [tuple(int(x) for x in g) for key in ("image_grid_thw", "video_grid_thw") for g in inputs.get(key, [])]
@@ -94,40 +230,105 @@ class TrtBackend:
 
     def vision(self, pixel_values, rotary_cos, rotary_sin):
         F, S, _ = pixel_values.shape
-        for buf, array in ((self.pixels, pixel_values), (self.cos, rotary_cos), (self.sin, rotary_sin)):
-            buf.upload(np.asarray(array, np.float32), self.stream)
-        self._run(self.ctx["vision_encoder"], {"pixel_values": pixel_values.shape, "rotary_cos": rotary_cos.shape,
-                                               "rotary_sin": rotary_sin.shape},
-                  {"pixel_values": self.pixels, "rotary_cos": self.cos, "rotary_sin": self.sin,
-                   "image_embeds": self.vision_out})
+        b = self.buf
+        feeds = {"pixel_values": pixel_values, "rotary_cos": rotary_cos, "rotary_sin": rotary_sin}
+        self._run("vision_encoder", {k: v.shape for k, v in feeds.items()},
+                  {name: b[name].ptr for name in (*feeds, "image_embeds")},
+                  {k: np.asarray(v, np.float32) for k, v in feeds.items()})
         m2 = self.cfg.vision.spatial_merge_size ** 2
-        return self.vision_out.download((F, S // m2, self.hidden_size), np.float32, self.stream)
+        return b["image_embeds"].download((F, S // m2, self.hidden_size), np.float32, self.stream)
 
     def merge(self, input_ids, vision_embeds) -> DeviceEmbeds:
-        self.ids.upload(input_ids.astype(np.int64), self.stream)
-        if len(vision_embeds):
-            self.feats.upload(vision_embeds.astype(np.float32), self.stream)
-        self._run(self.ctx["embedding_merger"], {"input_ids": input_ids.shape, "vision_embeds": vision_embeds.shape},
-                  {"input_ids": self.ids, "vision_embeds": self.feats, "inputs_embeds": self.embeds})
-        return DeviceEmbeds((*input_ids.shape, self.hidden_size))
+        names = ("input_ids", "vision_embeds", "inputs_embeds")
+        self._run("embedding_merger", {"input_ids": input_ids.shape, "vision_embeds": vision_embeds.shape},
+                  {name: self.buf[name].ptr for name in names},
+                  {"input_ids": np.asarray(input_ids, np.int64),
+                   "vision_embeds": np.asarray(vision_embeds, np.float32)})
+        self._stamp += 1
+        return DeviceEmbeds((*input_ids.shape, self.hidden_size), self._stamp)
 
-    def new_cache(self, batch: int, reserve: int = 0) -> TrtCache:  # buffers sized at engine limits
-        return TrtCache(0, batch, 0)
+    def new_cache(self, batch: int, reserve: int = 0) -> TrtCache:
+        """Room for `reserve` positions (prompt + max_new_tokens; the engines' max context if not given)."""
+        capacity = min(reserve or self.limits.max_context, self.limits.max_context)
+        return TrtCache(self._kv_buffers(batch, capacity), 0, batch)
+
+    def _kv_buffers(self, batch: int, capacity: int) -> KvBuffers:
+        sets = 2 if self.kv_cache == CONCAT else 1
+        per_tensor = kv_cache_bytes(self.cfg, batch, capacity, self.kv_dtype, self.kv_cache) // (
+            sets * 2 * self.cfg.text.num_hidden_layers)
+        kv = KvBuffers([{past: DeviceBuffer.alloc(per_tensor, past) for past, _ in kv_names(self.cfg)}
+                        for _ in range(sets)], capacity)
+        self._caches.add(kv)
+        return kv
+
+    def _room(self, cache: TrtCache, total: int) -> TrtCache:
+        """The cache with capacity for `total` positions: doubled (up to the engines' max context) if outgrown."""
+        if total <= cache.capacity:
+            return cache
+        if total > self.limits.max_context:
+            raise InputError(f"{total} positions exceed the engines' max context {self.limits.max_context}: "
+                             "rebuild with `build-trt --max-context N`")
+        t, item = self.cfg.text, DTYPE_BYTES[self.kv_dtype]
+        capacity = min(max(total, 2 * cache.capacity), self.limits.max_context)
+        grown = self._kv_buffers(cache.batch, capacity)
+        rows = cache.batch * t.num_key_value_heads  # [B * kv] rows of [positions, hd]
+        for name, old in cache.kv.sets[cache.current].items():
+            new = grown.sets[0][name]
+            if self.kv_cache == PREALLOCATED:  # row r keeps its positions at r * capacity
+                new.copy_rows_from(old, rows, cache.length * t.head_dim * item, cache.capacity * t.head_dim * item,
+                                   capacity * t.head_dim * item, self.stream)
+            else:  # concat: the past is packed [B, kv, P, hd]
+                new.copy_from(old, rows * cache.length * t.head_dim * item, self.stream)
+        return TrtCache(grown, cache.length, cache.batch, 0)
+
+    def reserve(self, cache: TrtCache, positions: int) -> TrtCache:
+        """A chat session's next turn: the cache with room for `positions` in all (doubled, up to the engines'
+        max context, when outgrown, so a growing session copies its cache O(log n) times)."""
+        if positions > self.limits.max_context:
+            raise InputError(f"the chat session needs {positions} positions, over the engines' max context "
+                             f"{self.limits.max_context}: reset() the session, lower max_new_tokens, or rebuild with "
+                             "`build-trt --max-context N`")
+        return self._room(cache, positions)
 
     def decode(self, inputs_embeds: DeviceEmbeds, attention_mask, position_ids, cache: TrtCache):
+        if inputs_embeds.stamp != self._stamp:
+            raise InputError("these embeddings were overwritten by a later merge(): decode right after merge")
         B, L, H = inputs_embeds.shape
-        P, t = cache.length, self.cfg.text
-        self.mask.upload(attention_mask.astype(np.int64), self.stream)
-        self.pos.upload(position_ids.astype(np.int64), self.stream)
-        shapes = {"inputs_embeds": (B, L, H), "attention_mask": attention_mask.shape, "position_ids": position_ids.shape}
-        addresses = {"inputs_embeds": self.embeds, "attention_mask": self.mask, "position_ids": self.pos,
-                     "logits": self.logits}
-        past, present = self.kv[cache.current], self.kv[1 - cache.current]
-        for i in range(t.num_hidden_layers):
-            for j, kind in enumerate(("key", "value")):
-                shapes[f"past_key_values.{i}.{kind}"] = (B, t.num_key_value_heads, P, t.head_dim)
-                addresses[f"past_key_values.{i}.{kind}"] = past[2 * i + j]
-                addresses[f"present.{i}.{kind}"] = present[2 * i + j]
-        self._run(self.ctx["prefill" if P == 0 else "decode"], shapes, addresses)
-        logits = self.logits.download((B, t.vocab_size), np.float32, self.stream)
-        return logits, TrtCache(P + L, B, 1 - cache.current)
+        t, b = self.cfg.text, self.buf
+        cache = self._room(cache, cache.length + L)
+        P = cache.length
+        shapes = {"inputs_embeds": (B, L, H), "attention_mask": attention_mask.shape,
+                  "position_ids": position_ids.shape}
+        addresses = {name: b[name].ptr for name in ("inputs_embeds", "attention_mask", "position_ids", "logits")}
+        past_set = cache.kv.sets[cache.current]
+        present_set = past_set if self.kv_cache == PREALLOCATED else cache.kv.sets[1 - cache.current]
+        past_len = cache.capacity if self.kv_cache == PREALLOCATED else P
+        for past, present in kv_names(self.cfg):
+            shapes[past] = (B, t.num_key_value_heads, past_len, t.head_dim)
+            addresses[past], addresses[present] = past_set[past].ptr, present_set[past].ptr
+        self._run(DECODER_CONTEXTS[decoder_profile(P, L)], shapes, addresses,
+                  {"attention_mask": np.asarray(attention_mask, np.int64),
+                   "position_ids": np.asarray(position_ids, np.int64)})
+        logits = b["logits"].download_into(self.logits.array[:B], self.stream).copy()  # [B, vocab]
+        current = cache.current if self.kv_cache == PREALLOCATED else 1 - cache.current
+        return logits, replace(cache, length=P + L, current=current)
+
+    # -- freeing ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free every device and pinned allocation, the caches still alive, the stream, contexts and engines."""
+        if not self._buffers:
+            return
+        self.stream.synchronize()  # the stream is the first allocation: it exists if anything does
+        for kv in list(self._caches):
+            kv.free()
+        self.ctx, self.engines, self.runtime = {}, {}, None  # contexts before engines before the runtime
+        for allocation in reversed(self._buffers):
+            allocation.free()
+        self._buffers = []
+
+    def __enter__(self) -> "TrtBackend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

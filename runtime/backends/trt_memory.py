@@ -1,0 +1,127 @@
+"""Device memory of a TensorRT engine set, as plain data: ONE function (`memory_plan`) gives the weights,
+the KV cache per token and at the limits, the I/O buffers and an estimate of the activations.
+
+The TensorRT backend allocates exactly `io_buffers(...)` and `kv_cache_bytes(...)` from here; the
+README's Jetson table is `memory_table(...)` of the same function. Activations are an estimate from
+the graphs' largest tensors; the backend sizes its one shared pool from what the engines report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import ModelConfig
+from .trt_profiles import CONCAT, JETSON_8GB, PREALLOCATED, Limits
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "fp32": 4, "fp16": 2, "bf16": 2}
+F32, I64 = 4, 8
+
+
+def kv_cache_bytes(cfg: ModelConfig, batch: int, capacity: int, dtype: str, kv_cache: str = CONCAT) -> int:
+    """One request's KV cache: keys + values of every layer for `capacity` positions; concat graphs
+    need two buffer sets (the past is read from one, the present written to the other), preallocated
+    graphs one (written in place)."""
+    t = cfg.text
+    per_set = 2 * t.num_hidden_layers * batch * t.num_key_value_heads * capacity * t.head_dim * DTYPE_BYTES[dtype]
+    return per_set * (2 if kv_cache == CONCAT else 1)
+
+
+def io_buffers(cfg: ModelConfig, lim: Limits) -> dict[str, int]:
+    """Bytes of each I/O buffer the backend keeps for the engines' limits (graph I/O is fp32 / int64)."""
+    t, v = cfg.text, cfg.vision
+    B, F, m2 = lim.max_batch, lim.frames(cfg), v.spatial_merge_size ** 2
+    patches = lim.max_image_tokens * m2
+    return {
+        "pixel_values": F * patches * v.patch_dim * F32,  # [F, S, patch_dim]
+        "rotary_cos": patches * v.head_dim * F32,  # [S, vision head_dim]
+        "rotary_sin": patches * v.head_dim * F32,
+        "image_embeds": F * lim.max_image_tokens * t.hidden_size * F32,  # [F, S / merge^2, hidden]
+        "input_ids": B * lim.max_prompt * I64,  # [B, L]
+        "vision_embeds": B * lim.max_prompt * t.hidden_size * F32,  # [M, hidden], M <= B * L
+        "inputs_embeds": B * lim.max_prompt * t.hidden_size * F32,  # [B, L, hidden]
+        "attention_mask": B * lim.max_context * I64,  # [B, P + L]
+        "position_ids": 3 * B * lim.max_prompt * I64,  # [3, B, L]
+        "logits": B * t.vocab_size * F32,  # [B, 1, vocab]; the same again in pinned host memory
+    }
+
+
+def _weight_params(cfg: ModelConfig) -> tuple[int, int]:
+    """(parameters in matrices, parameters in vectors) of the three graphs, the tied embedding once."""
+    t, v = cfg.text, cfg.vision
+    E, mlp, m2 = v.embed_dim, int(v.embed_dim * v.mlp_ratio), v.spatial_merge_size ** 2
+    kvd = t.num_key_value_heads * t.head_dim
+    H, I = t.hidden_size, t.intermediate_size
+    vision_m = v.patch_dim * E + v.depth * (4 * E * E + 2 * E * mlp) + (E * m2) ** 2 + E * m2 * H
+    vision_v = v.depth * (4 * E + 4 * E + mlp + E) + 2 * E + E * m2 + H
+    text_m = t.num_hidden_layers * (2 * H * H + 2 * H * kvd + 3 * H * I) + t.vocab_size * H
+    text_m += 0 if cfg.tie_word_embeddings else t.vocab_size * H
+    text_v = t.num_hidden_layers * (H + 2 * kvd + 2 * H) + H
+    return vision_m + text_m, vision_v + text_v
+
+
+def weight_bytes(cfg: ModelConfig, precision: str, weights: str = "fp32", block_size: int = 32) -> int:
+    """Matrices in the weight format (int8/int4 blocks carry one scale in the graph precision), the rest
+    in the precision; weights 'fp32' means float weights in the graph precision."""
+    matrices, vectors = _weight_params(cfg)
+    p = DTYPE_BYTES[precision]
+    per = {"fp32": p, "int8": 1 + p / block_size, "int4": 0.5 + p / block_size}[weights]
+    return int(matrices * per + vectors * p)
+
+
+def activation_bytes(cfg: ModelConfig, lim: Limits, precision: str, min_tensorrt: str = "10.3") -> int:
+    """Estimate of the largest engine's working tensors at the limits: the vision encoder on a full
+    image (q/k/v and MLP hidden; with 10.3's explicit attention also fp32 scores and probabilities
+    [F, heads, S, S]) or the decoder's prefill at --max-prompt (q/k/v, gate/up; with 10.3 scores
+    [B, heads, L, P + L], P + L up to --max-context: a chat session's later turn prefills after a past)."""
+    t, v = cfg.text, cfg.vision
+    a = DTYPE_BYTES[precision]
+    explicit = min_tensorrt == "10.3"
+    F, S = lim.frames(cfg), lim.max_image_tokens * v.spatial_merge_size ** 2
+    vision = F * S * (4 * v.embed_dim + int(v.embed_dim * v.mlp_ratio)) * a
+    vision += 2 * F * v.num_heads * S * S * F32 if explicit else 0
+    B, L = lim.max_batch, lim.max_prompt
+    kvd = t.num_key_value_heads * t.head_dim
+    prefill = B * L * (2 * t.hidden_size + 2 * kvd + 2 * t.intermediate_size) * a + B * t.vocab_size * F32
+    prefill += 2 * B * t.num_attention_heads * L * lim.max_context * F32 if explicit else 0
+    return max(vision, prefill)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    weights: int
+    kv_per_token: int  # one row, all layers, keys and values, every buffer set the graphs need
+    kv_cache: int  # at max_context for max_batch rows
+    io: int  # the backend's I/O buffers (pinned logits included)
+    activations: int  # estimate; the backend uses the engines' own figure
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.io + self.activations
+
+
+def memory_plan(cfg: ModelConfig, lim: Limits, *, precision: str, weights: str = "fp32",
+                min_tensorrt: str = "10.3", block_size: int = 32) -> MemoryPlan:
+    kv_cache = CONCAT if min_tensorrt == "10.3" else PREALLOCATED
+    return MemoryPlan(
+        weights=weight_bytes(cfg, precision, weights, block_size),
+        kv_per_token=kv_cache_bytes(cfg, 1, 1, precision, kv_cache),
+        kv_cache=kv_cache_bytes(cfg, lim.max_batch, lim.max_context, precision, kv_cache),
+        io=sum(io_buffers(cfg, lim).values()) + lim.max_batch * cfg.text.vocab_size * F32,
+        activations=activation_bytes(cfg, lim, precision, min_tensorrt),
+    )
+
+
+def memory_table(cfg: ModelConfig, lim: Limits = JETSON_8GB) -> str:
+    """The README's Jetson table: one row per (TensorRT floor, weights), fp16, at `lim`."""
+    def mb(n: float) -> str:
+        return f"{n / 1e6:,.0f} MB" if n >= 1e6 else f"{n / 1e3:,.1f} KB"
+
+    rows = ["| TensorRT floor | weights | weights memory | KV per token | KV at max context | I/O buffers | "
+            "activations (estimate) | total |", "|---|---|---|---|---|---|---|---|"]
+    for floor in ("10.3", "10.15"):
+        for weights in ("fp32", "int8", "int4"):
+            p = memory_plan(cfg, lim, precision="fp16", weights=weights, min_tensorrt=floor)
+            rows.append(f"| {floor} | {'fp16' if weights == 'fp32' else weights} | {mb(p.weights)} | "
+                        f"{mb(p.kv_per_token)} | {mb(p.kv_cache)} | {mb(p.io)} | {mb(p.activations)} | "
+                        f"{mb(p.total)} |")
+    return "\n".join(rows)

@@ -1,0 +1,256 @@
+"""Host memory of one request, estimated before any graph runs, and the memory there is to run it in.
+
+Plain data: the request's shapes (batch, prompt length, new tokens, vision grids), the model config and
+the export settings (graph target, KV-cache kind, logits) -> bytes at the peak of each stage. A request
+whose peak exceeds what is available (MemAvailable, the cgroup's limit, an explicit `memory_limit`)
+is refused with the option that would make it fit, instead of an allocation error from inside ONNX
+Runtime or the kernel's OOM killer.
+
+What dominates is attention: the graphs of some targets hold fp32 scores [rows, heads, queries, keys].
+How each target's graphs hold them is a table (ATTENTION), so a target with fused attention (no S x S
+tensor) is one more row. The estimate covers host memory with ONNX Runtime on the CPU; TensorRT engines
+have their own limits (backends/trt_profiles.py) and GPU memory is not estimated here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .backends.trt_memory import kv_cache_bytes
+from .backends.trt_profiles import CONCAT, PREALLOCATED
+from . import checks
+from .config import ModelConfig
+from .errors import ConfigError, InputError
+
+F32 = 4
+GB = 1e9
+
+# fp32 [rows, heads, queries, keys] tensors alive at the peak of one attention. Measured with onnxruntime 1.32
+# (benchmarks/memory_estimate.py, README): the vision encoder's MatMul -> Mul -> Softmax peaked at 1.3 of them,
+# the portable decoder's MatMul -> Mul -> Add(mask) -> Softmax at 2.7, GroupQueryAttention at none (its mask
+# bias is counted apart). Each kind is rounded up.
+SOFTMAX = 2  # scores and probabilities
+MASKED_SOFTMAX = 3  # scores, masked scores and probabilities
+FUSED = 0  # no S x S tensor (ONNX Runtime's CPU GroupQueryAttention; flash-style fused attention)
+ATTENTION = {  # target -> graph -> how its attention holds the scores (export/vision.py, export/decoder.py)
+    "portable": {"vision": SOFTMAX, "decoder": MASKED_SOFTMAX},
+    "ort-cpu": {"vision": SOFTMAX, "decoder": FUSED},
+}
+KV_CACHE = {"portable": CONCAT, "ort-cpu": PREALLOCATED}  # target -> how its decoder keeps the cache
+# fp32 activations alive besides attention, in units of one [tokens, width] row set: the residual stream,
+# the norm output, q/k/v and their rotations; the MLP's hidden width counted separately (fc1 / gate, up,
+# the activation's intermediates).
+VISION_WIDTHS, VISION_MLP_WIDTHS = 6, 3
+DECODER_WIDTHS, DECODER_MLP_WIDTHS = 6, 4
+
+
+@dataclass(frozen=True)
+class RequestShape:
+    batch: int
+    prompt_len: int  # L, padded
+    max_new_tokens: int
+    grids: tuple[tuple[int, int, int], ...]  # (t, h, w) in patches of each image / video: one encoder run each
+
+    @classmethod
+    def of(cls, inputs: dict, max_new_tokens: int) -> "RequestShape":
+        grids = [tuple(int(x) for x in g) for key in ("image_grid_thw", "video_grid_thw") for g in inputs.get(key, [])]
+        batch, length = inputs["input_ids"].shape
+        return cls(int(batch), int(length), int(max_new_tokens), tuple(grids))
+
+
+@dataclass(frozen=True)
+class Estimate:
+    stages: dict[str, int]  # bytes at the peak of each stage: inputs + what the stage adds
+    largest_grid: tuple[int, int, int] | None  # the vision run that peaks
+
+    @property
+    def peak(self) -> int:
+        return max(self.stages.values())
+
+    @property
+    def stage(self) -> str:
+        return max(self.stages, key=self.stages.get)
+
+
+def _attention(target: str, graph: str) -> int:
+    return ATTENTION.get(target, ATTENTION["portable"])[graph]  # an unknown target: the costliest kind
+
+
+def vision_bytes(cfg: ModelConfig, target: str, grid: tuple[int, int, int]) -> int:
+    """The encoder's peak for one image / video grid: frames are a batch, attention runs within a frame."""
+    v = cfg.vision
+    frames, patches = grid[0], grid[1] * grid[2]  # F temporal slices of S patches
+    scores = _attention(target, "vision") * frames * v.num_heads * patches * patches
+    widths = VISION_WIDTHS * v.embed_dim + VISION_MLP_WIDTHS * int(v.embed_dim * v.mlp_ratio)
+    return F32 * (scores + frames * patches * widths)
+
+
+def prefill_bytes(cfg: ModelConfig, export: dict, req: RequestShape) -> int:
+    """The decoder's run over the prompt, besides the cache: scores, mask bias, activations, logits."""
+    t, B, L = cfg.text, req.batch, req.prompt_len
+    scores = _attention(export.get("target", "portable"), "decoder") * B * t.num_attention_heads * L * L
+    mask = B * L * L * 1.25 + L * L / 4  # fp32 bias [B, (1,) 1, L, T] and its bool masks
+    widths = DECODER_WIDTHS * t.hidden_size + DECODER_MLP_WIDTHS * t.intermediate_size
+    logits = B * (L if export.get("logits") == "all" else 1) * t.vocab_size
+    return int(F32 * (scores + mask + B * L * widths + logits))
+
+
+def estimate(cfg: ModelConfig, export: dict, req: RequestShape) -> Estimate:
+    """Peak bytes of each stage of one request on ONNX Runtime (CPU)."""
+    t, B, L = cfg.text, req.batch, req.prompt_len
+    m2 = cfg.vision.spatial_merge_size ** 2
+    patches = sum(g[0] * g[1] * g[2] for g in req.grids)
+    inputs = F32 * patches * cfg.vision.patch_dim + 8 * 5 * B * L  # pixel patches, ids, mask, positions
+    features = F32 * (patches // m2) * t.hidden_size
+    target, total = export.get("target", "portable"), L + req.max_new_tokens
+    largest = max(req.grids, key=lambda g: vision_bytes(cfg, target, g)) if req.grids else None
+    stages = {"vision": inputs + features + (vision_bytes(cfg, target, largest) if largest else 0)}
+    embeds = F32 * B * L * t.hidden_size
+    dtype, kind = export.get("compute_dtype", "fp32"), export.get("kv_cache", CONCAT)  # fp16 weights: fp32 cache
+    # concat: past and present both alive in a step; preallocated: one buffer of L + max_new_tokens from the start
+    cache_decode = kv_cache_bytes(cfg, B, total, dtype, kind)
+    cache_prefill = cache_decode if kind == PREALLOCATED else kv_cache_bytes(cfg, B, L, dtype, PREALLOCATED)
+    stages["prefill"] = inputs + features + embeds + cache_prefill + prefill_bytes(cfg, export, req)
+    stages["decode"] = inputs + cache_decode + F32 * B * t.vocab_size * 2
+    return Estimate({k: int(v) for k, v in stages.items()}, largest)
+
+
+# -- what there is ------------------------------------------------------------------------------------
+
+def _meminfo_available(path: str = "/proc/meminfo") -> int | None:
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return None  # not Linux: the other sources (or none) decide
+    for line in text.splitlines():
+        fields = line.split()
+        if fields[:1] == ["MemAvailable:"] and len(fields) > 1 and fields[1].isdigit():
+            return int(fields[1]) * 1024
+    return None
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max": no limit
+
+
+def _cgroup_available(root: str = "/sys/fs/cgroup", self_cgroup: str = "/proc/self/cgroup") -> int | None:
+    """limit - usage of this process's cgroup (v2, or v1's memory controller), page cache it may reclaim
+    (inactive_file) counted as free."""
+    try:
+        lines = Path(self_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.count(":") < 2:
+            continue
+        _, controllers, rel = line.split(":", 2)
+        if controllers == "":  # v2
+            d = Path(root) / rel.lstrip("/")
+            limit, usage, stat = d / "memory.max", d / "memory.current", d / "memory.stat"
+        elif "memory" in controllers.split(","):
+            d = Path(root) / "memory" / rel.lstrip("/")
+            limit, usage, stat = d / "memory.limit_in_bytes", d / "memory.usage_in_bytes", d / "memory.stat"
+        else:
+            continue
+        lim, used = _read_int(limit), _read_int(usage)
+        if lim is None or used is None or lim >= 1 << 60:  # v1 writes "no limit" as a huge number
+            continue
+        return lim - used + _inactive_file(stat)
+    return None
+
+
+def _inactive_file(stat: Path) -> int:
+    try:
+        text = stat.read_text()
+    except OSError:
+        return 0  # no stat file: no page cache counted as free (the safe side)
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key in ("inactive_file", "total_inactive_file") and value.strip().isdigit():
+            return int(value)
+    return 0
+
+
+def available(limit: int | None = None) -> tuple[int | None, str]:
+    """(bytes a request may still allocate, where that figure comes from); None: unknown."""
+    sources = [(limit, "memory_limit"), (_cgroup_available(), "the cgroup's memory limit"),
+               (_meminfo_available(), "MemAvailable")]
+    known = [(b, name) for b, name in sources if b is not None]
+    return min(known) if known else (None, "")
+
+
+# -- the check ------------------------------------------------------------------------------------------
+
+def _largest(fits, lo: int, hi: int) -> int | None:
+    """The largest n in [lo, hi] with fits(n) (fits is monotone), or None."""
+    if not fits(lo):
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+def _with_grid(req: RequestShape, old, new, merge2: int) -> RequestShape:
+    """The request with one vision grid replaced: its placeholder tokens in the prompt change with it."""
+    grids = list(req.grids)
+    grids[grids.index(old)] = new
+    tokens = lambda g: g[0] * g[1] * g[2] // merge2  # noqa: E731
+    return RequestShape(req.batch, req.prompt_len - tokens(old) + tokens(new), req.max_new_tokens, tuple(grids))
+
+
+def _fixes(cfg: ModelConfig, export: dict, req: RequestShape, est: Estimate, budget: int) -> list[str]:
+    fits = lambda r, e=export: estimate(cfg, e, r).peak <= budget  # noqa: E731
+    fixes = []
+    if est.stage in ("vision", "prefill") and est.largest_grid:  # smaller images: fewer patches and tokens
+        t, h, w = est.largest_grid
+        unit = cfg.vision.spatial_merge_size ** 2  # patches come in merge x merge blocks
+        side = lambda n: (t, 1, n * unit)  # noqa: E731  (the pixel count is what matters, not the aspect)
+        n = _largest(lambda k: fits(_with_grid(req, est.largest_grid, side(k), unit)), 1, h * w // unit)
+        if n:
+            patch = cfg.vision.patch_size ** 2
+            fixes.append(f"max_pixels={n * unit * patch} (this {'video' if t > 1 else 'image'} has "
+                         f"{h * w * patch} pixels per frame after resizing)")
+    if est.stage == "decode" or est.stages["decode"] > budget:
+        n = _largest(lambda k: fits(RequestShape(req.batch, req.prompt_len, k, req.grids)), 1, req.max_new_tokens)
+        if n:
+            fixes.append(f"max_new_tokens={n}")
+    if est.stage == "prefill":
+        fixes.append("a shorter prompt")
+    for target in ATTENTION:
+        if target != export.get("target") and fits(req, _export_for(export, target)):
+            fixes.append(f"an export with --target {target} (needs about "
+                         f"{estimate(cfg, _export_for(export, target), req).peak / GB:.1f} GB)")
+    return fixes
+
+
+def _export_for(export: dict, target: str) -> dict:
+    return {**export, "target": target, "kv_cache": KV_CACHE[target]}
+
+
+def check(cfg: ModelConfig, export: dict, inputs: dict, max_new_tokens: int, limit: int | None = None) -> Estimate:
+    """Raise InputError when the request's estimated peak exceeds the memory available to it."""
+    if limit is not None:
+        checks.integer("memory_limit", limit, minimum=1, error=ConfigError, hint=" (bytes; None: what the system has)")
+    req = RequestShape.of(inputs, max_new_tokens)
+    est = estimate(cfg, export, req)
+    budget, source = available(limit)
+    if budget is not None and est.peak > budget:
+        fixes = _fixes(cfg, export, req, est, budget)
+        raise InputError(
+            f"this request needs about {est.peak / GB:.1f} GB of memory at its peak, in the {est.stage} stage ("
+            + ", ".join(f"{k} {v / GB:.1f} GB" for k, v in est.stages.items())
+            + f"), more than the {max(budget, 0) / GB:.1f} GB available ({source}); it would fit with "
+            + (" or ".join(fixes) if fixes else "nothing smaller that this model allows: run it on a larger machine")
+        )
+    return est
+
+
+def host_backend(backend) -> bool:
+    """Whether the backend runs the graphs in host memory (ONNX Runtime on the CPU), the memory estimated here."""
+    return getattr(backend, "name", None) == "onnxruntime" and getattr(backend, "device", None) == "cpu"

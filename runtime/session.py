@@ -1,0 +1,352 @@
+"""ChatSession: a conversation that keeps its KV cache between turns, the pipeline's stateful helper.
+
+Each turn renders the whole conversation with the chat template and prefills only what the cache does not
+hold: the new user message (its images / videos through the vision encoder) and the generation prompt.
+A reply stays in the cache as the ids it was generated with (a decoded reply does not always re-tokenise to
+the same ids), and the template's end of turn is fed right after it, so that the next turn starts at once.
+M-RoPE positions continue from the cache's next position. The session talks to the backend only through
+the Backend interface (new_cache, reserve, decode), so every cache kind serves it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
+
+from . import chat
+from .errors import InputError
+from .generation import GenerationOptions, StepTimes, prefill, run
+from .pipeline import GenerationResult, _drain, _generation_kwargs
+from .rope import grid_iterators, segment_positions
+
+if TYPE_CHECKING:
+    from .pipeline import Qwen2VLPipeline
+
+SENTINEL = "\x00qwen2vl-edge-reply\x00"  # stands for a reply when the template's end of turn is rendered
+OVERFLOW = ("error", "slide")
+
+
+@dataclass
+class _Entry:
+    message: dict  # as `history` shows it
+    tokens: int  # ids it added to the cache: a user message with its template framing, a reply + end of turn
+    reply_ids: list[int] | None = None  # assistant messages: the ids generated (without a final eos)
+
+
+def _text_segment(ids: list[int]) -> dict:
+    return {"ids": list(ids), "pixels": {"image": [], "video": []}, "grids": {"image": [], "video": []},
+            "image_sizes": [], "video_timestamps": []}
+
+
+@dataclass
+class _Turn:
+    """What one prefill adds: ids, the vision inputs of its placeholders, and per-item metadata."""
+    ids: list[int]
+    pixels: dict
+    grids: dict
+    image_sizes: list
+    video_timestamps: list
+
+    @classmethod
+    def text(cls, ids: list[int]) -> "_Turn":
+        return cls.of([_text_segment(ids)])
+
+    @classmethod
+    def of(cls, segments: list[dict]) -> "_Turn":
+        """Segments (Processor.segment's dicts) in order -> one turn."""
+        turn = cls([], {"image": [], "video": []}, {"image": [], "video": []}, [], [])
+        for seg in segments:
+            turn.ids += seg["ids"]
+            turn.image_sizes += seg["image_sizes"]
+            turn.video_timestamps += seg["video_timestamps"]
+            for kind in ("image", "video"):
+                turn.pixels[kind] += seg["pixels"][kind]
+                turn.grids[kind] += seg["grids"][kind]
+        return turn
+
+
+class ChatSession:
+    """`pipe.chat(system=None, overflow="error", add_vision_id=False, **generation_defaults)`.
+
+    send(content, **gen) -> GenerationResult; stream(content, **gen) -> text pieces (then `last_result`);
+    append(content) -> dict: prefill only (images, camera frames); reset(); history; token_ids.
+    `content` is what a user message holds: a string or a list of content items.
+    """
+
+    def __init__(self, pipe: "Qwen2VLPipeline", system: str | None = None, overflow: str = "error",
+                 add_vision_id: bool = False, **generation_defaults):
+        if overflow not in OVERFLOW:
+            raise InputError(f"overflow must be one of {', '.join(OVERFLOW)}, got {overflow!r}")
+        self.defaults = dict(generation_defaults)
+        self.max_new_tokens = self.defaults.pop("max_new_tokens", 128)
+        self.skip_special_tokens = self.defaults.pop("skip_special_tokens", True)
+        pipe._options(self.max_new_tokens, **_generation_kwargs("chat", self.defaults))  # refused now, not later
+        self.pipe, self.system, self.overflow, self.add_vision_id = pipe, system, overflow, add_vision_id
+        self.last_result: GenerationResult | None = None
+        self.reset()
+
+    # -- state --------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget the conversation (the system message stays) and the cache."""
+        self.cache: Any = None  # backend-owned; holds exactly self._ids
+        self._ids: list[int] = []
+        self._next_position = 0  # M-RoPE position of the next token
+        self._image_sizes: list[tuple[int, int]] = []  # every image in the cache, in order (boxes refer to them)
+        self._entries = [_Entry({"role": "system", "content": self.system}, 0)] if self.system else []
+        self._stale = False  # the cache no longer matches the entries (a turn failed midway): rebuild first
+
+    @property
+    def history(self) -> list[dict]:
+        return [dict(e.message) for e in self._entries]
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The ids in the cache: the conversation as the template renders it, replies as generated."""
+        return list(self._ids)
+
+    @property
+    def context(self) -> int:
+        return self.pipe.artifact.config.text.max_position_embeddings
+
+    # -- rendering ----------------------------------------------------------------------------
+
+    def _render(self, messages: list[dict], generation_prompt: bool) -> str:
+        return self.pipe.processor.prompt(messages, self.add_vision_id, generation_prompt) if messages else ""
+
+    def _delta(self, history: list[dict], message: dict, generation_prompt: bool) -> str:
+        """The text `message` adds after `history` (in the cache, but for a lone system message: it goes in with
+        the first user message)."""
+        fed = history if any(m["role"] != "system" for m in history) else []
+        before, after = self._render(fed, False), self._render(history + [message], generation_prompt)
+        if not after.startswith(before):
+            raise InputError("this chat template does not render a conversation as the start of its continuation, "
+                             "so a session cannot reuse its cache: use pipe.generate() with the whole conversation")
+        return after[len(before):]
+
+    def _end_of_turn(self, history: list[dict]) -> list[int]:
+        """The ids the template puts after a reply to `history` (Qwen2-VL: <|im_end|> and a newline)."""
+        rendered = self._render(history + [{"role": "assistant", "content": SENTINEL}], False)
+        at = rendered.find(SENTINEL)
+        if at < 0 or rendered[:at] != self._render(history, True):
+            raise InputError("this chat template does not render a reply right after its generation prompt, so a "
+                             "session cannot reuse its cache: use pipe.generate() with the whole conversation")
+        return self.pipe.processor.tokenizer.encode(rendered[at + len(SENTINEL):]).ids
+
+    def _user_segment(self, history: list[dict], message: dict, generation_prompt: bool, room: int) -> dict:
+        text = self._delta(history, message, generation_prompt)
+        return self.pipe.processor.segment(text, chat.vision_items([message]), max_tokens=room)
+
+    def _reply_ids(self, generated: list[int], reason: str) -> list[int]:
+        """The reply as it stays in the cache: the generated ids, less the eos that ended it (the template's
+        end of turn follows instead)."""
+        if reason == "stop" and generated and generated[-1] in self.pipe.eos_ids:
+            return list(generated[:-1])
+        return list(generated)
+
+    # -- the cache ----------------------------------------------------------------------------
+
+    def _inputs(self, turn: _Turn) -> dict:
+        """The arrays one prefill of `turn` needs: positions continue from the cache."""
+        L, P = len(turn.ids), len(self._ids)
+        input_ids = np.asarray([turn.ids], np.int64)  # [1, L]
+        inputs = {"input_ids": input_ids, "attention_mask": np.ones((1, P + L), np.int64)}
+        for kind, pixels_key, grid_key in (("image", "pixel_values", "image_grid_thw"),
+                                           ("video", "pixel_values_videos", "video_grid_thw")):
+            if turn.pixels[kind]:
+                inputs[pixels_key] = np.concatenate(turn.pixels[kind])
+                inputs[grid_key] = np.asarray(turn.grids[kind], np.int64)
+        positions = segment_positions(input_ids[0], grid_iterators(inputs.get("image_grid_thw"),
+                                                                   inputs.get("video_grid_thw")),
+                                      self.pipe.artifact.config, start=self._next_position)  # [3, L]
+        inputs["position_ids"] = positions[:, None, :]  # [3, 1, L]
+        next_position = int(positions.max()) + 1 if L else self._next_position
+        inputs["rope_deltas"] = np.asarray([[next_position - (P + L)]], np.int64)  # decode steps continue here
+        return inputs
+
+    def _checked_inputs(self, turn: _Turn, max_new_tokens: int) -> dict:
+        """The turn's arrays, refused before any graph runs when the backend was not built for them."""
+        inputs = self._inputs(turn)
+        self.pipe.backend.check_request(inputs, max_new_tokens)
+        return inputs
+
+    def _embed(self, inputs: dict) -> tuple[Any, dict]:
+        t0 = time.perf_counter()
+        feats = self.pipe.vision_features(inputs)
+        t1 = time.perf_counter()
+        embeds = self.pipe.backend.merge(inputs["input_ids"], feats)
+        return embeds, {"vision": t1 - t0, "merge": time.perf_counter() - t1}
+
+    def _commit(self, ids: list[int], cache: Any, rope_delta: int, image_sizes: list) -> None:
+        """The cache now holds `ids` more; the next position follows from the last rope delta."""
+        self._ids += ids
+        self.cache, self._stale = cache, False
+        self._next_position = len(self._ids) + rope_delta
+        self._image_sizes += image_sizes
+
+    def _reserve(self, positions: int) -> Any:
+        """The session's cache with room for `positions` in all (made at the first turn)."""
+        backend = self.pipe.backend
+        return backend.new_cache(1, positions) if self.cache is None else backend.reserve(self.cache, positions)
+
+    def _feed(self, turn: _Turn) -> dict:
+        """Prefill `turn` with nothing generated -> timings."""
+        inputs = self._checked_inputs(turn, 0)
+        self.cache = self._reserve(len(self._ids) + len(turn.ids))
+        embeds, timings = self._embed(inputs)
+        steps = StepTimes()
+        _, state = prefill(self.pipe.backend, embeds, inputs, steps, 0, self.cache, np.asarray(self._ids))
+        self._commit(turn.ids, state.cache, int(inputs["rope_deltas"][0, 0]), turn.image_sizes)
+        return {**timings, "prefill": steps.prefill}
+
+    def _check_room(self, new: int, max_new_tokens: int) -> None:
+        need = len(self._ids) + new + max_new_tokens
+        if need > self.context:
+            held = len(self._ids)
+            raise InputError(
+                f"this turn needs {new} new tokens + max_new_tokens {max_new_tokens}, but the session already holds "
+                f"{held} of the model's {self.context}-token context ({held / self.context:.0%} full): reset() the "
+                "session, lower max_new_tokens, send smaller images (max_pixels) or fewer frames, or create it with "
+                "pipe.chat(overflow='slide') to start over from the latest turns")
+
+    # -- overflow: start over from the latest turns ---------------------------------------------
+
+    def _replay(self, entries: list[_Entry], room: int) -> list[dict]:
+        """Segments that rebuild `entries` in an empty cache: user messages re-rendered (vision re-run),
+        replies as their ids."""
+        segments, history = [], []
+        for e, after in zip(entries, entries[1:] + [None]):
+            if e.reply_ids is not None:
+                segments.append(_text_segment(e.reply_ids + self._end_of_turn(history)))
+            elif e.message["role"] != "system":  # a reply follows its generation prompt
+                replied = after is not None and after.reply_ids is not None
+                segments.append(self._user_segment(history, e.message, replied, room))
+            history.append(e.message)
+        return segments
+
+    def _rebuild(self, message: dict, generation_prompt: bool, max_new_tokens: int,
+                 new_tokens: int) -> tuple[_Turn, dict]:
+        """Reset the cache and prefill from the latest messages that fit with `message` (`new_tokens` long;
+        oldest dropped first; a kept history starts with a user message). -> the turn to prefill, the new
+        message's segment. What to drop is estimated from each message's recorded tokens, then checked."""
+        system = [e for e in self._entries if e.message["role"] == "system"]
+        rest = [e for e in self._entries if e.message["role"] != "system"]
+        drop = 0 if self._stale else 1
+        while (self.overflow == "slide" and drop < len(rest)
+               and sum(e.tokens for e in rest[drop:]) + new_tokens + max_new_tokens > self.context):
+            drop += 1
+        while True:
+            kept = rest[drop:]
+            while kept and kept[0].reply_ids is not None:
+                kept = kept[1:]
+            segments = self._replay(system + kept, self.context)
+            history = [e.message for e in system + kept]
+            new = self._user_segment(history, message, generation_prompt, self.context)
+            total = sum(len(s["ids"]) for s in segments) + len(new["ids"]) + max_new_tokens
+            if total <= self.context or not kept or self.overflow == "error":
+                break
+            drop += 1
+        # stale until the rebuilt turn is in the cache: a failure before then rebuilds again at the next turn
+        self._entries, self._stale = system + kept, True
+        self.cache, self._ids, self._next_position, self._image_sizes = None, [], 0, []
+        self._check_room(total - max_new_tokens, max_new_tokens)
+        for e, seg in zip([e for e in system + kept if e.message["role"] != "system"], segments):
+            e.tokens = len(seg["ids"])
+        return _Turn.of(segments + [new]), new
+
+    def _prepare(self, content: Any, generation_prompt: bool, max_new_tokens: int) -> tuple[dict, _Turn, dict]:
+        """-> the user message, the turn to prefill (the message; after a rebuild, the kept history too), and
+        the message's own segment."""
+        message = {"role": "user", "content": content}
+        chat.validate([message])
+        # a video file is sized before decoding: refused at once when it cannot fit (with "slide": even alone)
+        room = self.context - max_new_tokens - (len(self._ids) if self.overflow == "error" else 0)
+        new_tokens = 0
+        if not self._stale:
+            seg = self._user_segment(self.history, message, generation_prompt, max(room, 0))
+            if len(self._ids) + len(seg["ids"]) + max_new_tokens <= self.context:
+                return message, _Turn.of([seg]), seg
+            if self.overflow == "error":
+                self._check_room(len(seg["ids"]), max_new_tokens)
+            new_tokens = len(seg["ids"])
+        turn, seg = self._rebuild(message, generation_prompt, max_new_tokens, new_tokens)
+        return message, turn, seg
+
+    # -- turns --------------------------------------------------------------------------------
+
+    def append(self, content: Any) -> dict:
+        """Prefill a user message without a reply (images, a chunk of camera frames). Each call is its own
+        user message in the template, so each chunk of frames is its own video item.
+        -> {"prompt_tokens", "cached_prompt_tokens", "timings", "video_timestamps"}."""
+        t0 = time.perf_counter()
+        message, turn, seg = self._prepare(content, False, 0)
+        cached = len(self._ids)
+        t1 = time.perf_counter()
+        try:
+            timings = self._feed(turn)
+        except BaseException:
+            self._stale = True
+            raise
+        self._entries.append(_Entry(message, len(seg["ids"])))
+        return {"prompt_tokens": len(turn.ids), "cached_prompt_tokens": cached,
+                "timings": {"preprocess": t1 - t0, **timings}, "video_timestamps": seg["video_timestamps"]}
+
+    def send(self, content: Any, max_new_tokens: int | None = None, **gen) -> GenerationResult:
+        """A user message -> the reply; both stay in the cache."""
+        opts, skip = self._options(max_new_tokens, gen)
+        return _drain(self._reply_steps(content, opts, skip))[0]
+
+    def stream(self, content: Any, max_new_tokens: int | None = None, **gen) -> Iterator[str]:
+        """Text pieces of the reply; the whole result is then `last_result`."""
+        opts, skip = self._options(max_new_tokens, gen)
+        yield from self.pipe.stream_steps(self._reply_steps(content, opts, skip), opts)
+
+    def _options(self, max_new_tokens: int | None, gen: dict) -> tuple[GenerationOptions, bool]:
+        """The call's options over the session's (given to pipe.chat), over the checkpoint's."""
+        skip = gen.pop("skip_special_tokens", self.skip_special_tokens)
+        opts = self.pipe._options(self.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                                  **{**self.defaults, **{k: v for k, v in _generation_kwargs("send", gen).items()
+                                                         if v is not None}})
+        return opts, skip
+
+    def _reply_steps(self, content: Any, opts: GenerationOptions, skip_special_tokens: bool):
+        started = time.perf_counter()
+        end_of_turn_room = 8  # the template's end of turn, fed after the reply (Qwen2-VL's: 2 tokens)
+        message, turn, seg = self._prepare(content, True, opts.max_new_tokens + end_of_turn_room)
+        cached = len(self._ids)
+        inputs = self._checked_inputs(turn, opts.max_new_tokens + end_of_turn_room)
+        preprocess = time.perf_counter() - started
+        state, done = None, False
+        try:
+            self.cache = self._reserve(cached + len(turn.ids) + opts.max_new_tokens + end_of_turn_room)
+            embeds, timings = self._embed(inputs)
+            steps = StepTimes()
+            for state in run(self.pipe.backend, embeds, inputs, opts, self.pipe.eos_ids, self.pipe.pad_id,
+                             self.pipe.decoder(skip_special_tokens), steps, self.cache, np.asarray(self._ids)):
+                yield state
+            generated, reason = state.generated[0], state.reasons[0]
+            history = self.history + [message]
+            reply, end_of_turn = self._reply_ids(generated, reason), self._end_of_turn(history)
+            # the cache holds the turn and all generated tokens but the last; the rest of the reply and the end
+            # of turn go in now, so that the next turn prefills only itself
+            self._commit(turn.ids + generated[:-1], state.cache, int(state.rope_deltas[0, 0]), turn.image_sizes)
+            t0 = time.perf_counter()
+            self._feed(_Turn.text(reply[len(generated) - 1:] + end_of_turn))
+            done = True
+        finally:
+            if not done:  # the consumer stopped early or a graph failed: the cache is not the history anymore
+                self._stale = True
+        timings = self.pipe._timings({"preprocess": preprocess, **timings}, steps, started)
+        timings["end_of_turn"] = time.perf_counter() - t0
+        meta = {"image_sizes": self._image_sizes, "video_timestamps": seg["video_timestamps"]}
+        result = self.pipe._result(generated, reason, opts, timings, meta,
+                                   {"prompt_tokens": cached + len(turn.ids), "cached_prompt_tokens": cached},
+                                   skip_special_tokens)
+        self._entries.append(_Entry(message, len(seg["ids"])))
+        self._entries.append(_Entry({"role": "assistant", "content": self.pipe.processor.decode(reply)},
+                                    len(reply) + len(end_of_turn), reply))
+        self.last_result = result
+        return [result]

@@ -1,0 +1,256 @@
+"""The one ASGI app: uvicorn serves it in one process, Ray Serve serves it in each replica (ray_serve.py).
+
+Routes: POST /v1/chat/completions (OpenAI Chat Completions, SSE when `stream`), GET /v1/models, /health,
+/metrics. The pipeline is loaded and the batcher started by the app's lifespan, so that every replica
+loads its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import os
+import socket
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from qwen2vl_edge.runtime import Qwen2VLPipeline
+from qwen2vl_edge.runtime.errors import InputError
+
+from . import protocol
+from .batcher import Batcher, Job
+from .errors import APIError, bad_request, too_large
+from .metrics import Metrics
+from .settings import ServerSettings
+
+REPLICA_HEADER = "x-qwen2vl-replica"
+ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
+def error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+class Gate:
+    """ASGI middleware: bearer-token check on /v1/*, the replica's name on every response, request counts.
+    (Plain ASGI, not BaseHTTPMiddleware, so that streamed responses and disconnects pass untouched.)"""
+
+    def __init__(self, app, settings: ServerSettings, metrics: Metrics, state):
+        self.app, self.settings, self.metrics, self.state = app, settings, metrics, state
+
+    def _authorized(self, scope) -> bool:
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"authorization", b"")
+        return hmac.compare_digest(given, f"Bearer {self.settings.api_key}".encode())  # constant time
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+
+        async def send_tagged(message):
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [
+                    (REPLICA_HEADER.encode(), getattr(self.state, "replica", "starting").encode())]
+                self.metrics.requests.labels(route=route, status=str(message["status"])).inc()
+            await send(message)
+
+        if self.settings.api_key and scope["path"].startswith("/v1/") and not self._authorized(scope):
+            e = APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+            return await error_response(e)(scope, receive, send_tagged)
+        await self.app(scope, receive, send_tagged)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large(f"the request body is {declared} bytes, over the {limit}-byte limit")
+    body = bytearray()
+    async for part in request.stream():  # counted as it arrives: a chunked body has no Content-Length
+        body += part
+        if len(body) > limit:
+            raise too_large(f"the request body is over the {limit}-byte limit")
+    return bytes(body)
+
+
+def parse_request(raw: bytes) -> protocol.ChatRequest:
+    try:
+        payload = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad_request(f"the body is not valid JSON: {e}") from None
+    try:
+        return protocol.ChatRequest.model_validate(payload)
+    except ValidationError as e:
+        raise protocol.validation_error(e.errors()) from None
+
+
+class ClientGone(Exception):
+    pass
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def next_event(job: Job, watch: asyncio.Task | None) -> tuple[str, object]:
+    """The job's next event; ClientGone if the client disconnects first (then the job is cancelled)."""
+    get = asyncio.ensure_future(job.events.get())
+    if watch is None:
+        return await get
+    done, _ = await asyncio.wait({get, watch}, return_when=asyncio.FIRST_COMPLETED)
+    if get not in done:
+        get.cancel()
+        job.cancelled.set()
+        raise ClientGone()
+    return get.result()
+
+
+def raise_if_error(event: tuple[str, object]) -> tuple[str, object]:
+    kind, value = event
+    if kind == "error":
+        raise value if isinstance(value, APIError) else bad_request(str(value))
+    return event
+
+
+def _sse(body: dict | str) -> str:
+    return f"data: {body if isinstance(body, str) else json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+async def stream_events(job: Job, request_id: str, model: str, first: tuple, include_usage: bool, metrics: Metrics):
+    """SSE: a role chunk, text pieces, the finish chunk, usage if asked, `data: [DONE]`. Starlette cancels
+    this generator when the client disconnects; the finally then cancels the job."""
+    try:
+        yield _sse(protocol.chunk(request_id, model, {"role": "assistant", "content": ""}))
+        kind, value = first
+        while kind == "delta":
+            yield _sse(protocol.chunk(request_id, model, {"content": value}))
+            kind, value = await job.events.get()
+        if kind == "error":
+            yield _sse(value.body() if isinstance(value, APIError) else {"error": {"message": str(value)}})
+        else:
+            extra = {"boxes": protocol.assistant_message(value)["boxes"]} if getattr(value, "boxes", None) else {}
+            yield _sse(protocol.chunk(request_id, model, extra, value.finish_reason))
+            metrics.count_tokens(value.usage)
+            if include_usage:
+                yield _sse(protocol.chunk(request_id, model, {}, usage_=protocol.usage(value)))
+        yield _sse("[DONE]")
+    finally:
+        job.cancelled.set()
+
+
+def load_pipeline(settings: ServerSettings) -> Qwen2VLPipeline:
+    return Qwen2VLPipeline.load(settings.artifact, backend=settings.backend, num_threads=settings.threads,
+                                verify=settings.verify, session_cache=settings.session_cache)
+
+
+def create_app(settings: ServerSettings, pipe: Qwen2VLPipeline | None = None) -> FastAPI:
+    """The app; `pipe` may be given (tests, embedding), else the lifespan loads it from `settings.artifact`."""
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loaded = pipe or await run_in_threadpool(load_pipeline, settings)
+        app.state.pipe = loaded
+        app.state.batcher = Batcher(loaded, settings.max_batch, settings.limits.max_queue, settings.batch_wait_s,
+                                    metrics)
+        app.state.replica = f"{socket.gethostname()}:{os.getpid()}"
+        yield
+        await run_in_threadpool(app.state.batcher.close)
+
+    app = FastAPI(title="qwen2vl-edge", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(Gate, settings=settings, metrics=metrics, state=app.state)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return error_response(e)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, e: HTTPException):
+        return error_response(APIError(e.status_code, str(e.detail)))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception):  # logged by Starlette; the client gets JSON
+        return error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", code="internal"))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": settings.served_name}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": settings.served_name, "object": "model", "created": 0,
+                                            "owned_by": "qwen2vl-edge"}]}
+
+    async def new_job(req: protocol.ChatRequest) -> Job:
+        """Checks that need no model run, images fetched and decoded (in a thread), then the job is queued."""
+        if req.model != settings.served_name:
+            raise APIError(404, f"model {req.model!r} is not served here; this server serves "
+                                f"{settings.served_name!r} (GET /v1/models)", "model", "model_not_found")
+        context = app.state.pipe.artifact.config.text.max_position_embeddings
+        opts = protocol.generation_options(req, settings.limits, context)
+        try:
+            conversation = await run_in_threadpool(protocol.conversation, req, settings.limits,
+                                                   settings.allowed_media_dir)
+        except InputError as e:
+            raise bad_request(str(e)) from None
+        job = Job(conversation, opts, asyncio.get_running_loop())
+        app.state.batcher.submit(job)
+        return job
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = parse_request(await read_body(request, settings.limits.max_body_bytes))
+        job = await new_job(req)
+        request_id, watch = f"chatcmpl-{uuid.uuid4().hex}", asyncio.ensure_future(_disconnected(request))
+        try:
+            event = raise_if_error(await next_event(job, watch))  # errors before any token keep their status
+            if req.stream:
+                include_usage = bool(req.stream_options and req.stream_options.include_usage)
+                watch.cancel()  # from here Starlette listens for the disconnect itself
+                return StreamingResponse(stream_events(job, request_id, settings.served_name, event, include_usage,
+                                                       metrics), media_type="text/event-stream")
+            while event[0] == "delta":
+                event = raise_if_error(await next_event(job, watch))
+            metrics.count_tokens(event[1].usage)
+            return protocol.completion(request_id, settings.served_name, event[1])
+        except ClientGone:
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        finally:
+            watch.cancel()
+            if not req.stream:
+                job.cancelled.set()
+
+    return app
+
+
+def run_uvicorn(settings: ServerSettings, host: str, port: int, log_level: str = "info",
+                graceful_timeout: float = 10.0) -> None:
+    """uvicorn in this process. On SIGTERM / Ctrl-C the batcher answers what it holds 503 right away, so the
+    connections close by themselves and uvicorn's graceful shutdown has nothing to cut off."""
+    import uvicorn
+
+    app = create_app(settings, load_pipeline(settings))  # a bad artifact fails here, as `run` fails, not in uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            batcher = getattr(app.state, "batcher", None)
+            if batcher is not None:
+                batcher.stop()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=graceful_timeout)
+    Server(config).run()

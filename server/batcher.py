@@ -1,0 +1,167 @@
+"""Requests queued and run as left-padded batches on one pipeline, in one worker thread.
+
+The event loop submits `Job`s; the worker takes the oldest job plus up to `max_batch - 1` queued jobs with
+the same generation options (the runtime runs one set of options per batch), runs them with
+`pipeline.steps`, and posts each row's text pieces and result back to the job's event loop. A batch runs
+until its last row is done (static batching). A job whose client has gone is dropped from the queue, or
+stops being served; when every row of a running batch is gone, its generation stops at the next token.
+On shutdown, queued and running jobs are answered 503 at the next token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from qwen2vl_edge.runtime.errors import InputError
+from qwen2vl_edge.runtime.generation import GenerationOptions
+
+from .errors import APIError
+from .metrics import Metrics
+
+log = logging.getLogger("qwen2vl_edge.server")
+SHUTTING_DOWN = APIError(503, "the server is shutting down: retry on another replica", code="shutting_down")
+
+
+@dataclass
+class Job:
+    conversation: list
+    options: GenerationOptions
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # ("delta", str) | ("done", result) | ("error", e)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    enqueued: float = field(default_factory=time.perf_counter)
+    emitted: str = ""  # text already sent as pieces
+    started: bool = False  # first token seen
+
+    @property
+    def batch_key(self) -> Any:
+        """Jobs batch together when their options are equal. A seeded sampled job runs alone: its draws
+        must not depend on the rows beside it."""
+        seeded = self.options.sampling.do_sample and self.options.seed is not None
+        return self if seeded else self.options
+
+    def post(self, kind: str, value: Any) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+
+
+def new_text(decoded: str, stop: tuple[str, ...], emitted: str) -> str:
+    """The part of a row's decoded text not sent yet: cut at the first stop string, and held back while it
+    ends in an incomplete UTF-8 character (as Qwen2VLPipeline.stream does)."""
+    cuts = [decoded.index(s) for s in stop if s in decoded]
+    text = decoded[:min(cuts)] if cuts else decoded
+    if text.endswith("\ufffd") or len(text) <= len(emitted):
+        return ""
+    return text[len(emitted):]
+
+
+class Batcher:
+    def __init__(self, pipe, max_batch: int, max_queue: int, batch_wait_s: float, metrics: Metrics):
+        self.pipe, self.max_batch, self.max_queue, self.batch_wait_s = pipe, max_batch, max_queue, batch_wait_s
+        self.metrics = metrics
+        self._queue: deque[Job] = deque()
+        self._ready = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._work, name="qwen2vl-batcher", daemon=True)
+        self._thread.start()
+
+    # -- event-loop side ----------------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        with self._ready:
+            if self._closing:
+                raise SHUTTING_DOWN
+            if len(self._queue) >= self.max_queue:
+                raise APIError(503, f"the queue is full ({self.max_queue} requests waiting): retry later",
+                               code="queue_full")
+            self._queue.append(job)
+            self.metrics.queue_depth.set(len(self._queue))
+            self._ready.notify()
+
+    def stop(self) -> None:
+        """Refuse new jobs and answer every queued and running one 503; returns at once (any thread)."""
+        with self._ready:
+            self._closing = True
+            for job in self._queue:
+                job.post("error", SHUTTING_DOWN)
+            self._queue.clear()
+            self.metrics.queue_depth.set(0)
+            self._ready.notify()
+
+    def close(self) -> None:
+        self.stop()
+        self._thread.join()
+
+    # -- worker side --------------------------------------------------------------------------
+
+    def _take(self) -> list[Job] | None:
+        with self._ready:
+            while not self._closing and not self._queue:
+                self._ready.wait()
+            if self._closing:
+                return None
+            self._ready.wait(self.batch_wait_s)  # let requests that arrive together share the batch
+            if self._closing:
+                return None
+            first = self._queue.popleft()
+            batch = [first] + [j for j in self._queue if j.batch_key == first.batch_key][:self.max_batch - 1]
+            for job in batch[1:]:
+                self._queue.remove(job)
+            self.metrics.queue_depth.set(len(self._queue))
+            return [j for j in batch if not j.cancelled.is_set()]
+
+    def _work(self) -> None:
+        while (batch := self._take()) is not None:
+            if batch:
+                self.metrics.batch_size.observe(len(batch))
+                self._run(batch)
+
+    def _run(self, batch: list[Job]) -> None:
+        try:
+            self._generate(batch)
+        except (InputError, APIError) as e:
+            if len(batch) > 1:  # find the row at fault: the others still get their answers
+                for job in batch:
+                    self._run([job])
+            else:
+                batch[0].post("error", e)
+        except Exception as e:  # a failure of ours: this batch's requests get a 500, the server keeps serving
+            log.exception("generation failed")
+            for job in batch:
+                job.post("error", APIError(500, f"generation failed: {type(e).__name__}: {e}", code="internal"))
+
+    def _generate(self, batch: list[Job]) -> None:
+        steps = self.pipe.steps([j.conversation for j in batch], batch[0].options)
+        decode = self.pipe.processor.decode
+        while True:
+            try:
+                state = next(steps)
+            except StopIteration as done:
+                results = done.value
+                break
+            if self._closing or all(j.cancelled.is_set() for j in batch):
+                steps.close()  # shutting down, or nobody is listening any more: stop generating
+                self.metrics.cancelled_batches.inc()
+                for job in batch:
+                    job.post("error", SHUTTING_DOWN)  # unread by a client that has gone
+                return
+            for job, ids in zip(batch, state.generated):
+                self._deliver(job, decode(ids))
+        for job, result in zip(batch, results):
+            if result.text.startswith(job.emitted) and len(result.text) > len(job.emitted):
+                job.post("delta", result.text[len(job.emitted):])  # a trailing incomplete character, as decoded
+            job.post("done", result)
+
+    def _deliver(self, job: Job, decoded: str) -> None:
+        if not job.started:
+            job.started = True
+            self.metrics.ttft.observe(time.perf_counter() - job.enqueued)
+        piece = new_text(decoded, job.options.stop, job.emitted)
+        if piece and not job.cancelled.is_set():
+            job.emitted += piece
+            job.post("delta", piece)

@@ -1,0 +1,189 @@
+"""OpenAI Chat Completions on the wire <-> the runtime's conversations, options and results.
+
+Request bodies are validated by pydantic models (type and range errors -> 422); what the runtime needs is
+built from them as plain data: a conversation of text / image / video items, and `GenerationOptions`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from qwen2vl_edge.runtime.generation import GenerationOptions
+from qwen2vl_edge.runtime.sampling import SamplingOptions
+
+from . import media
+from .errors import APIError, bad_request
+from .settings import Limits
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we have no use for (user, metadata)
+
+
+class TextPart(_Model):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Model):
+    url: str
+    detail: str | None = None  # OpenAI's low/high/auto: the resolution is the model's own choice here
+
+
+class ImagePart(_Model):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class VideoPart(_Model):
+    """Extension: `{"type": "video", "video": [frame URL, ...], "fps": 2.0}` (frames as image URLs), or
+    `"video": "path/clip.mp4"` for a file under --allowed-media-dir."""
+    type: Literal["video"]
+    video: Union[list[str], str]
+    fps: float | None = Field(None, gt=0)
+
+
+Part = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminator="type")]
+
+
+class Message(_Model):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[Part], None] = None
+
+
+class StreamOptions(_Model):
+    include_usage: bool = False
+
+
+class ChatRequest(_Model):
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: Union[str, list[str], None] = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1)  # one choice per request: batch by sending requests concurrently
+    presence_penalty: float = Field(0, ge=0, le=0)
+    frequency_penalty: float = Field(0, ge=0, le=0)
+    logprobs: Literal[False] = False  # not computed
+
+
+def max_new_tokens(req: ChatRequest, limits: Limits, context: int) -> int:
+    n = req.max_completion_tokens or req.max_tokens or limits.default_max_tokens
+    if n >= context:
+        raise bad_request(f"max_tokens ({n}) must be below the model's context of {context} tokens",
+                          "max_tokens", "context_length_exceeded")
+    return n
+
+
+def generation_options(req: ChatRequest, limits: Limits, context: int) -> GenerationOptions:
+    """temperature 0 or absent (and top_p absent) -> greedy, as `qwen2vl-edge run`; otherwise sampling."""
+    sample = bool(req.temperature) or (req.temperature is None and req.top_p is not None)
+    sampling = SamplingOptions(do_sample=sample, temperature=req.temperature or 1.0,
+                               top_p=req.top_p or 1.0) if sample else SamplingOptions()
+    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    if any(not s for s in stop):
+        raise bad_request("stop strings must not be empty", "stop")
+    return GenerationOptions(max_new_tokens=max_new_tokens(req, limits, context), sampling=sampling,
+                             seed=req.seed if sample else None, stop=stop)
+
+
+def _content(message: Message, index: int, limits: Limits, allowed_dir: Path | None) -> str | list[dict]:
+    if message.content is None or isinstance(message.content, str):
+        return message.content or ""
+    items = []
+    for j, part in enumerate(message.content):
+        param = f"messages[{index}].content[{j}]"
+        if isinstance(part, TextPart):
+            items.append({"type": "text", "text": part.text})
+        elif message.role != "user":
+            raise bad_request(f"only user messages may carry images or video ({message.role} does)", param)
+        elif isinstance(part, ImagePart):
+            items.append({"type": "image", "image": media.load_image(part.image_url.url, limits, allowed_dir, param)})
+        else:
+            video = media.load_video(part.video, limits, allowed_dir, param)
+            items.append({"type": "video", "video": video, **({"fps": part.fps} if part.fps else {})})
+    return items
+
+
+def conversation(req: ChatRequest, limits: Limits, allowed_dir: Path | None) -> list[dict]:
+    """Messages -> the runtime's conversation, with every image fetched and decoded (blocking: run it in a thread)."""
+    role = {"developer": "system"}  # OpenAI's newer name for the system role
+    return [{"role": role.get(m.role, m.role), "content": _content(m, i, limits, allowed_dir)}
+            for i, m in enumerate(req.messages)]
+
+
+# -- responses ---------------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def usage(result) -> dict:
+    """OpenAI's usage; every further key the runtime reports is passed on, and `cached_prompt_tokens`
+    (KV-cache reuse) is also given as OpenAI's `prompt_tokens_details.cached_tokens`."""
+    u = dict(result.usage)
+    u["total_tokens"] = u["prompt_tokens"] + u["completion_tokens"]
+    if "cached_prompt_tokens" in u:
+        u["prompt_tokens_details"] = {"cached_tokens": u["cached_prompt_tokens"]}
+    return u
+
+
+def assistant_message(result) -> dict:
+    message = {"role": "assistant", "content": result.text}
+    boxes = getattr(result, "boxes", None)  # grounding boxes, where the runtime finds them (extension)
+    if boxes:
+        message["boxes"] = _plain(boxes)
+    return message
+
+
+def completion(request_id: str, model: str, result) -> dict:
+    return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": assistant_message(result), "finish_reason": result.finish_reason,
+                         "logprobs": None}],
+            "usage": usage(result)}
+
+
+def chunk(request_id: str, model: str, delta: dict, finish_reason: str | None = None,
+          usage_: dict | None = None) -> dict:
+    choices = [] if usage_ is not None else [{"index": 0, "delta": delta, "finish_reason": finish_reason,
+                                              "logprobs": None}]
+    body = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": choices}
+    if usage_ is not None:
+        body["usage"] = usage_
+    return body
+
+
+BRANCH_LABELS = {"str", "none", "int", "float", "bool"}  # pydantic's names for the arms of a union
+
+
+def _json_path(loc: tuple) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part != "body" and "[" not in part and part not in BRANCH_LABELS:
+            path += f".{part}" if path else part
+    return path
+
+
+def validation_error(errors: list[dict]) -> APIError:
+    """pydantic's most specific error (the deepest, in a union: the arm the value came closest to), named by
+    its JSON path, as a 422."""
+    worst = max(errors, key=lambda e: len(e.get("loc", ())))
+    path = _json_path(worst.get("loc", ()))
+    return APIError(422, f"{path}: {worst.get('msg')}" if path else str(worst.get("msg")), path or None,
+                    "invalid_value")

@@ -1,0 +1,156 @@
+"""A recording fake of cuda-python's runtime module (`cuda.bindings.runtime`), for tests only.
+
+"Device" memory is host memory, so that bytes written by one fake call can be read by the next. It
+checks what a GPU would punish: every copy stays inside a live allocation, streams are live, nothing
+is freed twice, and `live()` lists what was not freed. Its functions take the same parameters as
+cuda-python's (tests/test_trt_fakes.py compares them with the installed cuda-python).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class cudaError_t(enum.IntEnum):  # noqa: N801 (cuda-python's names)
+    cudaSuccess = 0
+    cudaErrorInvalidValue = 1
+    cudaErrorMemoryAllocation = 2
+    cudaErrorInvalidResourceHandle = 400
+
+
+class cudaMemcpyKind(enum.IntEnum):  # noqa: N801
+    cudaMemcpyHostToHost = 0
+    cudaMemcpyHostToDevice = 1
+    cudaMemcpyDeviceToHost = 2
+    cudaMemcpyDeviceToDevice = 3
+
+
+class cudaStream_t:  # noqa: N801
+    def __init__(self, handle: int):
+        self.handle = handle
+
+    def __int__(self) -> int:
+        return self.handle
+
+
+@dataclass
+class _Props:
+    name: bytes = b"Fake GPU"
+    major: int = 9
+    minor: int = 0
+
+
+class FakeCudaError(AssertionError):
+    """A call a real GPU would fail or corrupt memory with."""
+
+
+@dataclass
+class FakeCudart:
+    total: int = 80 << 30
+    allocations: dict = field(default_factory=dict)  # ptr -> (np.ndarray backing, nbytes, "device"|"host")
+    streams: set = field(default_factory=set)
+    calls: list = field(default_factory=list)
+    errors: list = field(default_factory=list)  # also raised, but finalizers only print what they raise
+    cudaError_t = cudaError_t
+    cudaMemcpyKind = cudaMemcpyKind
+
+    # -- checks -------------------------------------------------------------------------------
+
+    def owner(self, ptr: int, nbytes: int, kind: str = "device") -> int:
+        """The allocation holding [ptr, ptr + nbytes); FakeCudaError if none does."""
+        for base, (_, size, k) in self.allocations.items():
+            if k == kind and base <= ptr and ptr + nbytes <= base + max(size, 1):
+                return base
+        raise FakeCudaError(f"{nbytes} bytes at {ptr:#x} are not inside one live {kind} allocation")
+
+    def _stream(self, stream) -> None:
+        if int(stream) not in self.streams:
+            raise FakeCudaError(f"stream {int(stream)} is not a live stream")
+
+    def live(self) -> list:
+        return [(ptr, size, kind) for ptr, (_, size, kind) in self.allocations.items()] + sorted(self.streams)
+
+    def _copy(self, dst: int, src: int, count: int, kind) -> None:
+        kind = cudaMemcpyKind(kind)
+        if kind in (cudaMemcpyKind.cudaMemcpyHostToDevice, cudaMemcpyKind.cudaMemcpyDeviceToDevice):
+            self.owner(dst, count)
+        if kind in (cudaMemcpyKind.cudaMemcpyDeviceToHost, cudaMemcpyKind.cudaMemcpyDeviceToDevice):
+            self.owner(src, count)
+        ctypes.memmove(dst, src, count)
+
+    # -- cuda-python's functions ------------------------------------------------------------------
+
+    def _alloc(self, size, kind):
+        if not isinstance(size, int) or size < 1:
+            raise FakeCudaError(f"allocation of {size!r} bytes")
+        if kind == "device" and size > self.cudaMemGetInfo()[1]:
+            return cudaError_t.cudaErrorMemoryAllocation, 0
+        backing = np.zeros(size, np.uint8)
+        ptr = backing.ctypes.data
+        self.allocations[ptr] = (backing, size, kind)
+        self.calls.append((f"alloc-{kind}", size))
+        return cudaError_t.cudaSuccess, ptr
+
+    def _release(self, ptr, kind):
+        entry = self.allocations.get(int(ptr))
+        if entry is None or entry[2] != kind:
+            self.errors.append(f"free of {int(ptr):#x}, which is not a live {kind} allocation")
+            raise FakeCudaError(self.errors[-1])
+        del self.allocations[int(ptr)]
+        self.calls.append((f"free-{kind}", entry[1]))
+        return (cudaError_t.cudaSuccess,)
+
+    def cudaMalloc(self, size):  # noqa: N802
+        return self._alloc(size, "device")
+
+    def cudaFree(self, devPtr):  # noqa: N802, N803
+        return self._release(devPtr, "device")
+
+    def cudaMallocHost(self, size):  # noqa: N802
+        return self._alloc(size, "host")
+
+    def cudaFreeHost(self, ptr):  # noqa: N802
+        return self._release(ptr, "host")
+
+    def cudaMemcpyAsync(self, dst, src, count, kind, stream):  # noqa: N802
+        self._stream(stream)
+        self._copy(int(dst), int(src), int(count), kind)
+        return (cudaError_t.cudaSuccess,)
+
+    def cudaMemcpy(self, dst, src, count, kind):  # noqa: N802
+        self._copy(int(dst), int(src), int(count), kind)
+        return (cudaError_t.cudaSuccess,)
+
+    def cudaMemcpy2DAsync(self, dst, dpitch, src, spitch, width, height, kind, stream):  # noqa: N802
+        self._stream(stream)
+        if width > min(dpitch, spitch):
+            raise FakeCudaError(f"2D copy of rows of {width} bytes with pitches {dpitch}/{spitch}")
+        for r in range(height):
+            self._copy(int(dst) + r * dpitch, int(src) + r * spitch, width, kind)
+        return (cudaError_t.cudaSuccess,)
+
+    def cudaStreamCreate(self):  # noqa: N802
+        handle = 0x5000 + len(self.calls)
+        self.streams.add(handle)
+        self.calls.append(("stream", handle))
+        return cudaError_t.cudaSuccess, cudaStream_t(handle)
+
+    def cudaStreamDestroy(self, stream):  # noqa: N802
+        self._stream(stream)
+        self.streams.discard(int(stream))
+        return (cudaError_t.cudaSuccess,)
+
+    def cudaStreamSynchronize(self, stream):  # noqa: N802
+        self._stream(stream)
+        return (cudaError_t.cudaSuccess,)
+
+    def cudaGetDeviceProperties(self, device):  # noqa: N802
+        return cudaError_t.cudaSuccess, _Props()
+
+    def cudaMemGetInfo(self):  # noqa: N802
+        used = sum(size for _, size, kind in self.allocations.values() if kind == "device")
+        return cudaError_t.cudaSuccess, self.total - used, self.total

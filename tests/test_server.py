@@ -1,0 +1,340 @@
+"""`qwen2vl-edge serve` as a real process on 127.0.0.1, driven by the official `openai` client.
+
+One server process serves the whole module (with an API key and small limits, so each limit can be hit);
+its answers are compared with the in-process pipeline on the same tiny artifact.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import re
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+openai = pytest.importorskip("openai", reason="the server tests need the [test] extra (openai client)")
+pytest.importorskip("fastapi", reason="the server tests need the [serve] extra")
+
+from qwen2vl_edge.benchmarks.serve_bench import ServerProcess  # noqa: E402
+
+KEY = "test-key"
+MAX_TOKENS = 16
+PIXEL_LIMIT = 70_000  # images "b" (200x300) and "c" (120x90) pass, "a" (320x240) does not
+
+
+def get(url: str, key: str | None = None) -> tuple[int, dict, str]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, dict(r.headers), r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read().decode()
+
+
+def post(url: str, body: bytes, key: str | None = KEY) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def image_chat(uri: str, text: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
+                                         {"type": "text", "text": text}]}]
+
+
+def as_runtime(messages: list[dict], path: Path | None) -> list[dict]:
+    """The same conversation for pipe.generate, the image as the file it was encoded from."""
+    content = [{"type": "image", "image": str(path)}] if path else []
+    return [{"role": "user", "content": content + [p for p in messages[0]["content"] if p["type"] == "text"]}]
+
+
+def metric(text: str, name: str) -> float:
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    assert found, f"{name} not in /metrics"
+    return float(found.group(1))
+
+
+@pytest.fixture(scope="module")
+def media_dir(images, workdir) -> Path:
+    d = workdir / "served-media"
+    d.mkdir(exist_ok=True)
+    (d / "c.png").write_bytes(images["c"].read_bytes())
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(tiny_artifact, media_dir, workdir):
+    srv = ServerProcess([str(tiny_artifact), "--api-key", KEY, "--max-batch", "8", "--max-body-mb", "1",
+                         "--max-image-pixels", str(PIXEL_LIMIT), "--allowed-media-dir", str(media_dir)],
+                        workdir / "server.log")
+    assert srv.proc.poll() is None, srv.output()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model(client) -> str:
+    return client.models.list().data[0].id
+
+
+def test_image_chat_equals_pipeline(client, model, pipe, images, media_dir):
+    messages = image_chat(data_uri(images["c"]), "Describe this image.")
+    reply = client.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0)
+    expected = pipe.generate(as_runtime(messages, images["c"]), max_new_tokens=MAX_TOKENS)
+    choice = reply.choices[0]
+    assert choice.message.content == expected.text
+    assert choice.finish_reason == expected.finish_reason
+    assert reply.usage.prompt_tokens == expected.usage["prompt_tokens"]
+    assert reply.usage.completion_tokens == len(expected.token_ids) == MAX_TOKENS
+    assert len(set(expected.token_ids)) >= MAX_TOKENS // 2  # varied tokens: not a degenerate reply
+    # the same image as a local file under --allowed-media-dir gives the same reply; another image another
+    local = client.chat.completions.create(model=model, messages=image_chat(str(media_dir / "c.png"),
+                                                                            "Describe this image."),
+                                           max_tokens=MAX_TOKENS, temperature=0)
+    assert local.choices[0].message.content == expected.text
+    other = client.chat.completions.create(model=model, messages=image_chat(data_uri(images["b"]),
+                                                                            "Describe this image."),
+                                           max_tokens=MAX_TOKENS, temperature=0)
+    assert other.choices[0].message.content != expected.text
+
+
+def test_image_by_http_url(client, model, pipe, images, workdir):
+    """An http:// image URL is fetched by the server (here from a file server on 127.0.0.1)."""
+    import functools
+    import http.server
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(images["c"].parent))
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{files.server_address[1]}"
+    (images["c"].parent / "note.txt").write_text("not an image")
+    try:
+        reply = client.chat.completions.create(model=model, max_tokens=MAX_TOKENS, temperature=0,
+                                               messages=image_chat(f"{base}/{images['c'].name}", "Describe."))
+        expected = pipe.generate(as_runtime(image_chat("", "Describe."), images["c"]), max_new_tokens=MAX_TOKENS)
+        assert reply.choices[0].message.content == expected.text
+        for url, word in ((f"{base}/note.txt", "content-type"), (f"{base}/missing.png", "could not fetch")):
+            status, body = _status_of(lambda: client.chat.completions.create(
+                model=model, max_tokens=4, messages=image_chat(url, "x")))
+            assert status == 400 and word in body["message"].lower(), body
+    finally:
+        files.shutdown()
+
+
+def test_stream_joins_to_the_same_text(client, model, server, images):
+    messages = image_chat(data_uri(images["b"]), "What is in it?")
+    whole = client.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0)
+    pieces, usage = [], None
+    for chunk in client.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS,
+                                                temperature=0, stream=True, stream_options={"include_usage": True}):
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+        usage = chunk.usage or usage
+    assert len(pieces) > 1
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert usage.completion_tokens == whole.usage.completion_tokens
+    # on the wire: server-sent events closed by `data: [DONE]`
+    body = json.dumps({"model": model, "messages": messages, "max_tokens": 4, "stream": True}).encode()
+    request = urllib.request.Request(f"{server.url}/v1/chat/completions", body,
+                                     {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(request, timeout=60) as r:
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        events = [line for line in r.read().decode().splitlines() if line]
+    assert all(line.startswith("data: ") for line in events)
+    assert events[-1] == "data: [DONE]"
+
+
+def test_video_frames_extension(client, model, pipe, images):
+    frames = [images["c"]] * 4
+    part = {"type": "video", "video": [data_uri(f) for f in frames]}
+    reply = client.chat.completions.create(model=model, max_tokens=MAX_TOKENS, temperature=0, messages=[
+        {"role": "user", "content": [part, {"type": "text", "text": "What happens?"}]}])
+    expected = pipe.generate([{"role": "user", "content": [{"type": "video", "video": [str(f) for f in frames]},
+                                                           {"type": "text", "text": "What happens?"}]}],
+                             max_new_tokens=MAX_TOKENS)
+    assert reply.choices[0].message.content == expected.text
+    assert reply.usage.prompt_tokens == expected.usage["prompt_tokens"]
+
+
+def test_concurrent_clients_batch_and_equal_serial(client, model, server, pipe, images, workdir):
+    """A long streamed request keeps the worker busy while 8 clients queue; it then disconnects, which stops
+    its generation, and the 8 run as one batch. One of them has an image the model refuses (aspect ratio
+    over 200): it gets its 400 and the 7 others their answers, each equal to pipe.generate run alone."""
+    sources = [None, images["c"], images["b"], None, images["c"], None, images["b"]]
+    texts = ["Hello there.", "Describe.", "What colour dominates?", "Count to five.", "Is it dark?",
+             "Tell me a story about a robot.", "Where is the light?", "Name three shapes."]
+    chats = [image_chat(data_uri(p), t) if p else [{"role": "user", "content": [{"type": "text", "text": t}]}]
+             for p, t in zip(sources, texts)]
+    sliver = workdir / "sliver.png"
+    Image.new("RGB", (300, 1), (200, 30, 30)).save(sliver)
+    chats.append(image_chat(data_uri(sliver), texts[7]))
+    before = get(f"{server.url}/metrics")[2]
+    blocker = client.chat.completions.create(model=model, messages=chats[0], max_tokens=30000, temperature=0,
+                                             stream=True)
+    next(iter(blocker))  # the worker is generating it now
+    answers: dict[int, object] = {}
+
+    def ask(i):
+        try:
+            answers[i] = client.chat.completions.create(model=model, messages=chats[i], max_tokens=MAX_TOKENS,
+                                                        temperature=0)
+        except openai.APIStatusError as e:
+            answers[i] = e
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while metric(get(f"{server.url}/metrics")[2], "qwen2vl_queue_depth") < 8:
+        assert time.monotonic() < deadline, "the 8 requests never queued up"
+        time.sleep(0.05)
+    blocker.close()  # the client goes away
+    for t in threads:
+        t.join(120)
+    assert sorted(answers) == list(range(8))
+    assert isinstance(answers[7], openai.BadRequestError) and "aspect ratio" in answers[7].message, answers[7]
+    for i, chat in enumerate(chats[:7]):
+        expected = pipe.generate(as_runtime(chat, sources[i]), max_new_tokens=MAX_TOKENS)
+        assert answers[i].choices[0].message.content == expected.text, i
+        assert answers[i].usage.prompt_tokens == expected.usage["prompt_tokens"], i
+    after = get(f"{server.url}/metrics")[2]
+    assert metric(after, "qwen2vl_cancelled_batches_total") == metric(before, "qwen2vl_cancelled_batches_total") + 1
+    batches_of_8 = (metric(after, 'qwen2vl_batch_size_bucket{le="8.0"}')
+                    - metric(after, 'qwen2vl_batch_size_bucket{le="4.0"}'))
+    assert batches_of_8 - (metric(before, 'qwen2vl_batch_size_bucket{le="8.0"}')
+                           - metric(before, 'qwen2vl_batch_size_bucket{le="4.0"}')) == 1
+
+
+def _status_of(call) -> tuple[int, dict]:
+    with pytest.raises(openai.APIStatusError) as err:
+        call()
+    return err.value.status_code, err.value.body
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, model, server, images, media_dir,
+                                                                     workdir):
+    ask = lambda **kw: client.chat.completions.create(**{"model": model, "max_tokens": 4, **kw})  # noqa: E731
+    text = [{"role": "user", "content": "hi"}]
+    corrupt = "data:image/png;base64," + base64.b64encode(images["c"].read_bytes()[:200]).decode()
+    outside = workdir / "outside.png"
+    outside.write_bytes(images["c"].read_bytes())
+    cases = {
+        "corrupt image": (lambda: ask(messages=image_chat(corrupt, "x")), 400, "image"),
+        "not base64": (lambda: ask(messages=image_chat("data:image/png;base64,@@@", "x")), 400, "base64"),
+        "not an image": (lambda: ask(messages=image_chat(
+            "data:image/png;base64," + base64.b64encode(b"hello" * 40).decode(), "x")), 400, "decode"),
+        "too many pixels": (lambda: ask(messages=image_chat(data_uri(images["a"]), "x")), 413, "pixels"),
+        "path outside media dir": (lambda: ask(messages=image_chat(str(outside), "x")), 400, "outside"),
+        "temperature": (lambda: ask(messages=text, temperature=5), 422, "temperature"),
+        "top_p": (lambda: ask(messages=text, top_p=0), 422, "top_p"),
+        "n": (lambda: ask(messages=text, n=2), 422, "n"),
+        "max_tokens": (lambda: ask(messages=text, max_tokens=0), 422, "max_tokens"),
+        "over the context": (lambda: ask(messages=text, max_tokens=10**6), 400, "context"),
+        "empty messages": (lambda: ask(messages=[]), 422, "messages"),
+        "unknown part": (lambda: ask(messages=[{"role": "user", "content": [{"type": "input_audio"}]}]), 422,
+                         "input_audio"),
+        "unknown model": (lambda: client.chat.completions.create(model="nope", messages=text), 404, "nope"),
+        "oversized body": (lambda: ask(messages=[{"role": "user", "content": "x" * (1 << 21)}]), 413, "limit"),
+    }
+    for name, (call, status, word) in cases.items():
+        got, body = _status_of(call)
+        assert got == status, (name, body)
+        assert word in body["message"].lower() or word == body.get("param"), (name, body)
+        assert set(body) >= {"message", "type", "param", "code"}, name
+    assert post(f"{server.url}/v1/chat/completions", b"{not json")[0] == 400
+    wrong = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)
+    assert _status_of(lambda: wrong.chat.completions.create(model=model, messages=text))[0] == 401
+    assert post(f"{server.url}/v1/chat/completions", b"{}", key=None)[0] == 401
+    assert get(f"{server.url}/v1/models")[0] == 401
+    # still serving, and the errors were counted
+    assert ask(messages=text).choices[0].message.content
+    status, headers, metrics = get(f"{server.url}/metrics")
+    assert status == 200 and "x-qwen2vl-replica" in {k.lower() for k in headers}
+    assert metric(metrics, 'qwen2vl_requests_total{route="/v1/chat/completions",status="422"}') >= 5
+    assert server.proc.poll() is None
+
+
+def test_clean_shutdown(tiny_artifact, workdir):
+    """SIGTERM with a long generation in flight: the stream ends with a 503 error event and [DONE], the app's
+    shutdown completes, the port is released. uvicorn exits by re-raising the signal it handled."""
+    srv = ServerProcess([str(tiny_artifact)], workdir / "server-shutdown.log")
+    name = get(f"{srv.url}/v1/models")[2]
+    stream = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0).chat.completions.create(
+        model=json.loads(name)["data"][0]["id"], messages=[{"role": "user", "content": "hi"}], max_tokens=30000,
+        stream=True)
+    pieces = iter(stream)
+    next(pieces)
+    assert srv.stop() == -signal.SIGTERM, srv.output()
+    with pytest.raises(openai.APIError, match="shutting down"):
+        list(pieces)
+    assert "Application shutdown complete" in srv.output()
+    assert "Traceback" not in srv.output()
+    with pytest.raises(OSError):
+        get(f"{srv.url}/health")
+
+
+def test_bench_serve_level_measures_what_it_served(server, model):
+    from qwen2vl_edge.benchmarks.serve_bench import run_level
+
+    level = run_level(server.url, model, concurrency=2, requests=3, new_tokens=5, side=48, api_key=KEY)
+    assert (level["requests"], level["concurrency"]) == (3, 2)
+    assert level["generated_tokens_per_s"] == pytest.approx(3 * 5 / level["wall_s"], rel=0.02)
+    assert 0 < level["ttft_p50_s"] <= level["ttft_p95_s"] <= level["wall_s"]
+    assert len(level["replicas"]) == 1 and level["replicas"][0].endswith(f":{server.proc.pid}")
+
+
+def test_bad_artifact_fails_before_serving(workdir):
+    srv = ServerProcess([str(workdir / "no-such-artifact")], workdir / "server-bad.log")
+    assert srv.proc.wait(60) == 2
+    assert srv.output().startswith("error:") and "no-such-artifact" in srv.output(), srv.output()
+
+
+HAS_RAY = importlib.util.find_spec("ray") is not None
+
+
+@pytest.mark.ray
+@pytest.mark.skipif(not HAS_RAY, reason="needs the [ray] extra (ray[serve])")
+def test_ray_replicas_spread_and_equal_the_single_process(tiny_artifact, workdir, client, model, images):
+    """`serve --ray --replicas 2`: a local Ray cluster on 127.0.0.1 serving the same app in two replicas."""
+    from qwen2vl_edge.server.ray_serve import RAY_START_FAILED
+
+    srv = ServerProcess([str(tiny_artifact), "--ray", "--replicas", "2", "--threads", "1", "--api-key", KEY],
+                        workdir / "ray-server.log", ready_timeout=240)
+    try:
+        if srv.proc.poll() == RAY_START_FAILED:
+            lines = [line for line in srv.output().splitlines() if "Ray could not start" in line]
+            pytest.skip(lines[-1] if lines else srv.output()[-500:])
+        assert srv.proc.poll() is None, srv.output()
+        ray_client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+        replicas = set()
+        for i in range(12):
+            messages = image_chat(data_uri(images["c" if i % 2 else "b"]), f"Question {i % 3}?")
+            raw = ray_client.chat.completions.with_raw_response.create(model=model, messages=messages,
+                                                                       max_tokens=8, temperature=0)
+            replicas.add(raw.headers["x-qwen2vl-replica"])
+            single = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
+            assert raw.parse().choices[0].message.content == single.choices[0].message.content, i
+        assert len(replicas) == 2, replicas
+    finally:
+        rc = srv.stop(timeout=120)
+    assert rc == 0, srv.output()[-3000:]

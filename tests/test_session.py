@@ -1,0 +1,178 @@
+"""Chat sessions against transformers: the cache holds the conversation as the template renders it, with
+each reply as the ids it was generated with, and every greedy reply is transformers' reply to exactly those ids."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import random_image, requires_torch
+
+pytestmark = requires_torch
+
+N = 8
+REPLY = "<|quad_start|>"  # a special token that stands for a reply in the reference rendering, then is spliced
+
+
+def _reference_ids(ckpt, messages, replies, generation_prompt):
+    """transformers' processor on the conversation with each reply replaced by its generated ids."""
+    from qwen_vl_utils import process_vision_info
+
+    from reference import hf_processor
+
+    proc = hf_processor(str(ckpt))
+    shown = [m if m["role"] != "assistant" else {"role": "assistant", "content": REPLY} for m in messages]
+    text = proc.apply_chat_template(shown, tokenize=False, add_generation_prompt=generation_prompt)
+    images, videos = process_vision_info(shown)
+    out = proc(text=[text], images=images, videos=videos, return_tensors="pt",
+               videos_kwargs={"do_sample_frames": False, "cap_pixels_per_frame": True})
+    marker = proc.tokenizer.convert_tokens_to_ids(REPLY)
+    ids, k = [], 0
+    for t in out["input_ids"][0].tolist():
+        if t == marker:
+            ids += replies[k]
+            k += 1
+        else:
+            ids.append(t)
+    assert k == len(replies)
+    return ids, out
+
+
+def _with_ids(model, ids, out):
+    import torch
+
+    input_ids = torch.tensor([ids])
+    cfg = model.config
+    types = (input_ids == cfg.image_token_id).long() + 2 * (input_ids == cfg.video_token_id).long()
+    kwargs = {k: out[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+              if k in out}
+    return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), mm_token_type_ids=types, **kwargs)
+
+
+def _reference_reply(ckpt, ids, out):
+    from reference import hf_model
+
+    model = hf_model(str(ckpt))
+    generated = model.generate(**_with_ids(model, ids, out), max_new_tokens=N, min_new_tokens=N, do_sample=False)
+    return generated[0, len(ids):].tolist()
+
+
+@pytest.fixture(scope="module")
+def turns():
+    rng = np.random.default_rng(21)
+    return [
+        ("send", [{"type": "image", "image": random_image(rng, 320, 240)}, {"type": "text", "text": "What is it?"}]),
+        ("send", "Tell me more about the colours."),
+        ("append", [{"type": "video", "video": [random_image(rng, 336, 336) for _ in range(4)]}]),
+        ("append", [{"type": "video", "video": [random_image(rng, 336, 336) for _ in range(2)]}]),  # camera chunks
+        ("send", [{"type": "image", "image": random_image(rng, 200, 300)},
+                  {"type": "text", "text": "Compare the picture with the clip."}]),
+    ]
+
+
+@pytest.mark.parametrize("cache_kind", ["growing", "preallocated"])
+def test_session_turns_match_transformers(tiny_ckpt, pipe, pipe_ort, turns, cache_kind, monkeypatch):
+    from reference import hf_model
+
+    p = pipe if cache_kind == "growing" else pipe_ort
+    fed = []  # position ids of every decoder run, to check M-RoPE over the whole conversation
+    decode = p.backend.decode
+    monkeypatch.setattr(p.backend, "decode", lambda e, m, pos, c: (fed.append(pos), decode(e, m, pos, c))[1])
+    session = p.chat(system="You look at pictures.", max_new_tokens=N, min_new_tokens=N)
+    messages, replies = [{"role": "system", "content": "You look at pictures."}], []
+    for kind, content in turns:
+        messages.append({"role": "user", "content": content})
+        cached = len(session.token_ids)
+        if kind == "append":
+            info = session.append(content)
+            assert info["cached_prompt_tokens"] == cached
+        else:
+            prompt, out = _reference_ids(tiny_ckpt, messages, replies, generation_prompt=True)
+            assert prompt[:cached] == session.token_ids, "the cache must be a prefix of the next prompt"
+            result = session.send(content)
+            ref = _reference_reply(tiny_ckpt, prompt, out)
+            assert len(set(ref)) > N // 2, "reference reply degenerate: parity would prove nothing"
+            assert result.token_ids == ref
+            assert result.usage == {"prompt_tokens": len(prompt), "cached_prompt_tokens": cached,
+                                    "completion_tokens": N}
+            replies.append(result.token_ids)
+            messages.append({"role": "assistant", "content": result.text})
+        expected, out = _reference_ids(tiny_ckpt, messages, replies, generation_prompt=False)
+        assert session.token_ids == expected  # replies as generated, each followed by the template's end of turn
+    assert [m["role"] for m in session.history] == [m["role"] for m in messages]
+
+    model = hf_model(str(tiny_ckpt))
+    ref_pos, _ = model.model.get_rope_index(**{k: v for k, v in _with_ids(model, expected, out).items()
+                                               if k not in ("pixel_values", "pixel_values_videos")})
+    ours = np.concatenate([f[:, 0, :] for f in fed], axis=1)  # [3, every token fed, in order]
+    assert ours.shape[1] == len(expected)  # each id in the cache was fed exactly once
+    np.testing.assert_array_equal(ours, ref_pos.numpy()[:, 0, :])
+
+
+def _small_context(p, tokens):
+    """The same graphs behind a model card that claims a `tokens`-long context."""
+    from dataclasses import replace
+
+    from qwen2vl_edge.runtime import Qwen2VLPipeline
+
+    cfg = p.artifact.config
+    artifact = replace(p.artifact, config=replace(cfg, text=replace(cfg.text, max_position_embeddings=tokens)))
+    return Qwen2VLPipeline(artifact, p.processor, p.backend)
+
+
+@pytest.mark.parametrize("overflow", ["error", "slide"])
+def test_overflow_error_names_the_fix_or_slides_to_the_latest_turns(tiny_ckpt, pipe_ort, turns, overflow):
+    from qwen2vl_edge.runtime import InputError
+
+    small = _small_context(pipe_ort, 180)
+    session = small.chat(overflow=overflow, max_new_tokens=N, min_new_tokens=N)
+    first = session.send(turns[0][1])
+    session.send("Tell me more about the colours.")
+    held = session.token_ids
+    assert len(held) < 180
+    question = "And what about the shapes in it?"
+    if overflow == "error":
+        with pytest.raises(InputError, match=r"holds \d+ of the model's 180-token context .*overflow='slide'"):
+            session.send(question)
+        assert session.token_ids == held  # refused before touching the cache
+        return
+    result = session.send(question)
+    history = session.history
+    assert history[0]["content"] == "Tell me more about the colours."  # the image turn and its reply dropped
+    assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
+    replies = [session._entries[1].reply_ids, result.token_ids]  # the kept replies, as generated
+    assert first.token_ids not in replies
+    expected, out = _reference_ids(tiny_ckpt, history, replies, generation_prompt=False)
+    assert session.token_ids == expected
+    prompt, out = _reference_ids(tiny_ckpt, history[:3], replies[:1], generation_prompt=True)
+    assert result.token_ids == _reference_reply(tiny_ckpt, prompt, out)
+    assert result.usage["cached_prompt_tokens"] == 0  # started over
+
+
+def test_a_stream_stopped_early_leaves_a_usable_session(tiny_ckpt, pipe):
+    session = pipe.chat(max_new_tokens=N, min_new_tokens=N)
+    session.send("Hello!")
+    for _ in session.stream("Count to ten."):
+        break  # the consumer walks away: that turn is forgotten, the cache rebuilt at the next turn
+    result = session.send("Say something else.")
+    messages = session.history
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["Hello!", "Say something else."]
+    replies = [session._entries[1].reply_ids, result.token_ids]
+    expected, _ = _reference_ids(tiny_ckpt, messages, replies, generation_prompt=False)
+    assert session.token_ids == expected
+    prompt, out = _reference_ids(tiny_ckpt, messages[:3], replies[:1], generation_prompt=True)
+    assert result.token_ids == _reference_reply(tiny_ckpt, prompt, out)
+
+
+def test_session_defaults_apply_and_a_stopped_reply_stays_as_generated(pipe):
+    free = pipe.chat(max_new_tokens=12, min_new_tokens=12).send("Hello!")
+    piece = free.text[3:6]
+    assert piece.strip(), "need some generated text to stop on"
+    session = pipe.chat(max_new_tokens=12, min_new_tokens=12, stop=[piece])  # defaults for every turn
+    stopped = session.send("Hello!")
+    assert stopped.finish_reason == "stop" and len(stopped.token_ids) < 12
+    assert free.token_ids[:len(stopped.token_ids)] == stopped.token_ids and piece not in stopped.text
+    cached = session.token_ids
+    at = len(cached) - len(stopped.token_ids) - 2  # the reply, then <|im_end|> and a newline
+    assert cached[at:at + len(stopped.token_ids)] == stopped.token_ids  # every generated id, the stop's too
+    assert session.send("Again?", stop=["\x00never"]).finish_reason == "length"  # the call overrides

@@ -1,0 +1,120 @@
+"""Video files decoded lazily (PyAV): sampling as qwen-vl-utils, only the sampled frames decoded, budget checked
+on the metadata before decoding, http(s) sources, timestamps in the result."""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+from qwen2vl_edge.runtime import InputError, media
+from qwen2vl_edge.runtime.preprocess import process_video_timed, smart_nframes
+from qwen2vl_edge.runtime.video import read_video
+
+av = pytest.importorskip("av")
+
+W, H = 64, 48
+
+
+def write_video(path, n: int, fps: int, gop: int = 12, faststart: bool = False):
+    """Grey frames whose index is written in the picture: left half (i // 16) * 16, right half (i % 16) * 16."""
+    with av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {}) as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        stream.options = {"g": str(gop), "crf": "0"}
+        for i in range(n):
+            arr = np.empty((H, W, 3), np.uint8)
+            arr[:, :W // 2], arr[:, W // 2:] = (i // 16) * 16, (i % 16) * 16
+            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def frame_index(image) -> int:
+    a = np.asarray(image, np.float64)
+    return int(round(a[8:-8, 8:W // 2 - 8].mean() / 16)) * 16 + int(round(a[8:-8, W // 2 + 8:-8].mean() / 16))
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    """20 s at 12 fps, a keyframe every second."""
+    return write_video(tmp_path_factory.mktemp("video") / "clip.mp4", 240, 12)
+
+
+@pytest.mark.parametrize("opts", [dict(nframes=6), dict(fps=0.5), dict(nframes=4, video_start=3.3, video_end=9.0),
+                                  dict(fps=1.0, video_start=12.5)])
+def test_sampled_frames_follow_qwen_vl_utils_and_only_they_are_decoded(clip, opts):
+    torch = pytest.importorskip("torch")
+    from qwen_vl_utils.vision_process import calculate_video_frame_range
+    from qwen_vl_utils.vision_process import smart_nframes as ref_nframes
+
+    start, end, count = calculate_video_frame_range(opts, 240, 12.0)
+    n = ref_nframes(opts, total_frames=count, video_fps=12.0)
+    expected = torch.linspace(start, end, n).round().long().tolist()
+
+    sampled = read_video(clip, lambda total, rate: smart_nframes(total, rate, opts.get("fps"), opts.get("nframes")),
+                         lambda info, n: None, opts.get("video_start"), opts.get("video_end"))
+    assert [frame_index(f) for f in sampled.frames] == expected
+    assert sampled.timestamps == pytest.approx([i / 12 for i in expected])
+    span = expected[-1] - expected[0] + 1
+    if len(expected) * 24 < span:  # sparse: seeks land on the keyframe before each sampled frame
+        assert sampled.decoded <= len(expected) * 12
+    assert sampled.decoded < 240
+
+
+def test_an_over_budget_video_fails_from_its_metadata(tmp_path):
+    """The frames of this file are cut off: only the metadata (written first) can be read, so the budget
+    check must come before any decoding to give its message."""
+    path = write_video(tmp_path / "cut.mp4", 240, 12, faststart=True)
+    data = path.read_bytes()
+    assert data.find(b"moov") < data.find(b"mdat")
+    path.write_bytes(data[:data.find(b"mdat") + 64])
+    with pytest.raises(InputError, match=r"would take \d+ tokens, over the 100 .*fps, nframes.*max_pixels, "
+                                         r"total_pixels"):
+        process_video_timed(str(path), nframes=32, max_tokens=100)
+    with pytest.raises(InputError, match="select no frames"):
+        process_video_timed(str(path), video_start=30.0)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    body = b""
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        self.send_response(200)
+        self.send_header("Content-Type", "video/mp4")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        try:
+            self.wfile.write(self.body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+def test_http_video_urls_with_the_image_urls_limits(clip, monkeypatch):
+    _Handler.body = clip.read_bytes()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/clip.mp4"
+    try:
+        a = process_video_timed(url, nframes=4)
+        b = process_video_timed(str(clip), nframes=4)
+        assert a[1] == b[1] and np.array_equal(a[0], b[0]) and a[2] == b[2]
+        monkeypatch.setattr(media, "URL_MAX_BYTES", 1000)
+        with pytest.raises(InputError, match="over the 1000-byte limit"):
+            process_video_timed(url, nframes=4)
+    finally:
+        httpd.shutdown()
+
+
+def test_timestamps_come_with_the_result(pipe, clip):
+    conv = [{"role": "user", "content": [{"type": "video", "video": str(clip), "nframes": 4},
+                                         {"type": "text", "text": "What happens?"}]}]
+    result = pipe.generate(conv, max_new_tokens=2)
+    assert result.video_timestamps == [pytest.approx([0.0, 80 / 12, 159 / 12, 239 / 12])]  # linspace(0, 239, 4)
