@@ -20,9 +20,13 @@ def _make_tiny(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from qwen2vl_edge.export.onnx_export import export
 
-    export(args.checkpoint, args.out, dtype=args.dtype, opset=args.opset, all_logits=args.all_logits,
-           target=args.target, weights=args.weights, vision_weights=args.vision_weights, block_size=args.block_size,
-           accuracy_level=args.accuracy_level, precision=args.precision, min_tensorrt=args.min_tensorrt)
+    try:
+        export(args.checkpoint, args.out, dtype=args.dtype, opset=args.opset, all_logits=args.all_logits,
+               target=args.target, weights=args.weights, vision_weights=args.vision_weights,
+               block_size=args.block_size, accuracy_level=args.accuracy_level, precision=args.precision,
+               min_tensorrt=args.min_tensorrt)
+    except ValueError as e:  # the export's option checks: bad usage, exit 2
+        raise UsageError(str(e)) from None
     return 0
 
 
