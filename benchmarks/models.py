@@ -33,6 +33,7 @@ VARIANTS = {
     "trt-fp32": {"target": "tensorrt", "precision": "fp32"},  # gpu-check's parity on the tiny model
     "trt-fp16": {"target": "tensorrt", "precision": "fp16"},
     "trt-int4": {"target": "tensorrt", "precision": "fp16", "weights": "int4"},
+    "trt-fp16-10.15": {"target": "tensorrt", "precision": "fp16", "min_tensorrt": "10.15"},
 }
 
 

@@ -20,9 +20,13 @@ def _make_tiny(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from qwen2vl_edge.export.onnx_export import export
 
-    export(args.checkpoint, args.out, dtype=args.dtype, opset=args.opset, all_logits=args.all_logits,
-           target=args.target, weights=args.weights, vision_weights=args.vision_weights, block_size=args.block_size,
-           accuracy_level=args.accuracy_level)
+    try:
+        export(args.checkpoint, args.out, dtype=args.dtype, opset=args.opset, all_logits=args.all_logits,
+               target=args.target, weights=args.weights, vision_weights=args.vision_weights,
+               block_size=args.block_size, accuracy_level=args.accuracy_level, precision=args.precision,
+               min_tensorrt=args.min_tensorrt)
+    except ValueError as e:  # the export's option checks: bad usage, exit 2
+        raise UsageError(str(e)) from None
     return 0
 
 
@@ -326,14 +330,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--all-logits", action="store_true",
                    help="decoder returns logits for every position (default: last position only)")
-    p.add_argument("--target", choices=["portable", "ort-cpu"], default="portable",
-                   help="portable: standard ONNX (TensorRT, any runtime); ort-cpu: ONNX Runtime CPU kernels")
+    p.add_argument("--target", choices=["portable", "ort-cpu", "tensorrt"], default="portable",
+                   help="portable: standard ONNX (any runtime); ort-cpu: ONNX Runtime CPU kernels; tensorrt: "
+                        "strongly typed standard ONNX for TensorRT's parser (--precision, --min-tensorrt)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="tensorrt: type of weights, activations and KV cache (default fp16)")
+    p.add_argument("--min-tensorrt", choices=["10.3", "10.15"], default=None,
+                   help="tensorrt: oldest TensorRT the graphs are written for (default 10.3, JetPack 6; 10.15: fused "
+                        "Attention, KV cache updated in place)")
     p.add_argument("--weights", choices=["fp32", "int8", "int4"], default="fp32",
-                   help="decoder weights (ort-cpu); of a GPTQ/AWQ checkpoint only its float lm_head (its own "
-                        "quantized layers are kept as they are)")
-    p.add_argument("--vision-weights", choices=["fp32", "int8", "int4", "int8-dynamic"], default="fp32",
+                   help="decoder weights (ort-cpu); every linear layer (tensorrt); of a GPTQ/AWQ checkpoint only "
+                        "its float lm_head on ort-cpu (its own quantized layers are kept as they are)")
+    p.add_argument("--vision-weights", choices=["fp32", "int8", "int4", "int8-dynamic"], default=None,
                    help="int8/int4: MatMulNBits blocks; int8-dynamic: per-channel int8 weights with activations "
-                        "quantized per tensor at run time (faster vision, coarser activations)")
+                        "quantized per tensor at run time (faster vision, coarser activations). Default: fp32 "
+                        "(ort-cpu), --weights (tensorrt)")
     p.add_argument("--block-size", type=int, default=32, help="quantization block along the input channels")
     p.add_argument("--accuracy-level", type=int, default=4, help="MatMulNBits accuracy_level (4: int8 activations)")
     p.set_defaults(func=_export)

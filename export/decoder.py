@@ -4,6 +4,10 @@ Inputs: inputs_embeds [B, L, H], attention_mask [B, P+L], position_ids [3, B, L]
 past_key_values.{i}.key/value [B, kv_heads, P, head_dim]. Outputs: logits [B, 1 | L, V] and
 present.{i}.key/value [B, kv_heads, P+L, head_dim]. Grouped-query attention broadcasts the kv
 heads ([B, kv, 1, T, hd] against queries [B, kv, groups, L, hd]) instead of repeating them.
+
+Preallocated caches (ort-cpu, tensorrt from 10.15): past and present are one buffer [B, kv_heads,
+capacity, head_dim] that the runtime binds as both; the graph writes rows P..P+L-1 in place
+(GroupQueryAttention, or TensorScatter followed by ONNX Attention), P = attention_mask.shape[1] - L.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from .checkpoint import Checkpoint
 from .graph import BOOL, FLOAT, INT32, INT64, Graph
 from .prequantized import join_outputs
 from .quantize import matmul_nbits
-from .vision import activation, rotate
+from .vision import activation, attend, rotate
 
 MASK_MIN = float(np.finfo(np.float32).min)  # finite: a fully padded row stays NaN-free
 
@@ -29,10 +33,15 @@ def inv_freq(theta: float, head_dim: int) -> np.ndarray:
 
 
 def _rms_norm(g: Graph, x: str, weight: str, eps: float) -> str:
+    """weight * (x / rms(x)), the statistics in fp32 and the result cast back before the weight, as
+    transformers' Qwen2RMSNorm does; one RMSNormalization where the target has it."""
+    x = g.to_f32(x)
     with g.fp32():
+        if g.target.llm_ops:
+            return g.to_act(g.op("RMSNormalization", x, g.to_f32(weight), axis=-1, epsilon=eps, stash_type=1))
         var = g.reduce_mean(g.op("Mul", x, x), [-1])
         inv = g.op("Reciprocal", g.op("Sqrt", g.op("Add", var, g.const(eps, np.float32))))
-        return g.op("Mul", weight, g.op("Mul", x, inv))
+        return g.op("Mul", weight, g.to_act(g.op("Mul", x, inv)))
 
 
 def _residual_norm(g: Graph, delta: str, residual: str, weight: str, eps: float) -> tuple[str, str]:
@@ -50,8 +59,9 @@ def _split_last(g: Graph, y: str, sizes: list[int]) -> list[str]:
 
 
 def _rotary(g: Graph, position_ids: str, ckpt: Checkpoint, heads_axis: int) -> tuple[str, str]:
-    """cos, sin from M-RoPE positions [3, B, L]: [B, 1, L, head_dim] for heads_axis 1 (q/k as [B, n, L, hd]),
-    [B, L, 1, head_dim] for heads_axis 2 (q/k as [B, L, n, hd])."""
+    """cos, sin from M-RoPE positions [3, B, L] (angles in fp32, then in the compute type as transformers
+    does): [B, 1, L, head_dim] for heads_axis 1 (q/k as [B, n, L, hd]), [B, L, 1, head_dim] for heads_axis 2
+    (q/k as [B, L, n, hd]); [B, L, head_dim/2] for RotaryEmbedding (the two halves are equal)."""
     tc = ckpt.config.text
     rows = mrope_rows(tc.mrope_section)
     if len(rows) != tc.head_dim // 2:
@@ -60,8 +70,10 @@ def _rotary(g: Graph, position_ids: str, ckpt: Checkpoint, heads_axis: int) -> t
     with g.fp32():
         pos = g.op("Cast", g.op("Transpose", pos, perm=[1, 2, 0]), to=FLOAT)  # [B, L, hd/2]
         freqs = g.op("Mul", pos, g.const(inv_freq(tc.rope_theta, tc.head_dim), np.float32))
+        if g.target.llm_ops:
+            return g.to_act(g.op("Cos", freqs)), g.to_act(g.op("Sin", freqs))
         emb = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([heads_axis]))
-        return g.op("Cos", emb), g.op("Sin", emb)
+        return g.to_act(g.op("Cos", emb)), g.to_act(g.op("Sin", emb))
 
 
 def _mask_bias(g: Graph, attention_mask: str, past_len: str, seq_len: str) -> str:
@@ -95,14 +107,49 @@ def _attention(g: Graph, h: str, ckpt: Checkpoint, i: int, cos: str, sin: str, b
     q5 = g.op("Reshape", q, g.const([0, kv, nh // kv, -1, hd]))  # [B, kv, groups, L, hd]
     k5 = g.op("Transpose", g.op("Unsqueeze", present_k, g.const([2])), perm=[0, 1, 2, 4, 3])  # [B, kv, 1, hd, T]
     v5 = g.op("Unsqueeze", present_v, g.const([2]))  # [B, kv, 1, T, hd]
-    with g.fp32():
-        scores = g.op("Add", g.op("Mul", g.op("MatMul", q5, k5), g.const(hd ** -0.5, np.float32)), bias)
-        probs = g.op("Softmax", scores, axis=-1)
-    out = g.op("MatMul", probs, v5)  # [B, kv, groups, L, hd]
+    out = attend(g, q5, k5, v5, hd ** -0.5, bias)  # [B, kv, groups, L, hd]
     out = g.op("Reshape", out, g.const([0, nh, -1, hd]))
     out = g.op("Reshape", g.op("Transpose", out, perm=[0, 2, 1, 3]), g.const([0, 0, nh * hd]))
     out = g.linear(out, ckpt.linear(f"{p}.o_proj"), None, f"{p}.o_proj")
     return out, present_k, present_v
+
+
+def _cache_mask(g: Graph, attention_mask: str, seq_len: str, capacity: str) -> str:
+    """ONNX Attention's boolean mask [B, 1, L, capacity] over a preallocated cache: key j is visible to query i
+    when j <= P + i and j is not padding (rows past P + L are never visible). A query always sees itself, so
+    no row is fully masked: a left-padded row's pad queries stay finite in fp16 (their outputs go unused)."""
+    total = g.shape_dim(attention_mask, 1)
+    scalar = lambda t: g.op("Squeeze", t, g.const([0]))  # noqa: E731
+    past = g.op("Sub", total, seq_len)
+    k_pos = g.op("Range", g.const(0), scalar(capacity), g.const(1))  # [capacity]
+    q_pos = g.op("Unsqueeze", g.op("Range", scalar(past), scalar(total), g.const(1)), g.const([1]))  # [L, 1]
+    row = g.op("Unsqueeze", k_pos, g.const([0]))  # [1, capacity]
+    keep = g.op("Gather", g.op("Cast", attention_mask, to=BOOL),  # [B, capacity]; rows >= P + L read the last
+                g.op("Min", k_pos, g.op("Sub", total, g.const([1]))), axis=1)
+    visible = g.op("And", g.op("LessOrEqual", row, q_pos), g.op("Unsqueeze", keep, g.const([1, 2])))
+    return g.op("Or", visible, g.op("Equal", row, q_pos))  # [B, 1, L, capacity]
+
+
+def _attention_scatter(g: Graph, h: str, ckpt: Checkpoint, i: int, cos: str, sin: str, mask: str, write_at: str,
+                       past_k: str, past_v: str) -> tuple[str, str, str]:
+    """TensorRT >= 10.15's fused ops: RotaryEmbedding on q/k, TensorScatter writes the L new rows into the
+    preallocated cache at P (in place when past and present share a buffer), then one ONNX Attention over
+    the whole buffer with a boolean mask (its parser takes no past/present inputs of Attention itself)."""
+    tc = ckpt.config.text
+    nh, kv, hd = tc.num_attention_heads, tc.num_key_value_heads, tc.head_dim
+    p = f"model.layers.{i}.self_attn"
+
+    def heads(y: str, n: int) -> str:  # [B, L, n*hd] -> [B, n, L, hd]
+        return g.op("Transpose", g.op("Reshape", y, g.const([0, 0, n, hd])), perm=[0, 2, 1, 3])
+
+    q, k, v = (g.linear(h, ckpt.get(f"{p}.{n}.weight"), ckpt.get(f"{p}.{n}.bias"), f"{p}.{n}")
+               for n in ("q_proj", "k_proj", "v_proj"))
+    q, k = (g.op("RotaryEmbedding", heads(t, n), cos, sin) for t, n in ((q, nh), (k, kv)))
+    present_k = g.op("TensorScatter", past_k, k, write_at, axis=-2)  # [B, kv, capacity, hd]
+    present_v = g.op("TensorScatter", past_v, heads(v, kv), write_at, axis=-2)
+    out = g.op("Attention", q, present_k, present_v, mask, scale=float(hd ** -0.5), softmax_precision=FLOAT)
+    out = g.op("Reshape", g.op("Transpose", out, perm=[0, 2, 1, 3]), g.const([0, 0, nh * hd]))  # [B, L, nh*hd]
+    return g.linear(out, ckpt.get(f"{p}.o_proj.weight"), None, f"{p}.o_proj"), present_k, present_v
 
 
 def _padding_bias(g: Graph, attention_mask: str, seq_len: str) -> str:
@@ -158,29 +205,61 @@ def cache_names(num_layers: int) -> list[tuple[str, str, str, str]]:
             for i in range(num_layers)]
 
 
+def preallocated(g: Graph) -> bool:
+    """Whether the graph keeps its KV cache in preallocated buffers written in place (see the module doc)."""
+    return g.fused or g.target.llm_ops
+
+
+def _attention_for(g: Graph, ckpt: Checkpoint, x: str, attention_mask: str, position_ids: str, pasts: list):
+    """The per-layer attention the target allows, as attention(h, i) -> (out, present_k, present_v)."""
+    if g.fused:
+        cos, sin = _rotary(g, position_ids, ckpt, heads_axis=2)
+        total = g.op("Cast", g.op("Squeeze", g.shape_dim(attention_mask, 1), g.const([0])), to=INT32)  # T, scalar
+        seqlens_k = g.op("Expand", g.op("Sub", total, g.const(1, np.int32)),
+                         g.shape_dim(attention_mask, 0))  # [B] int32: every row holds T positions
+        bias = _padding_bias(g, attention_mask, g.shape_dim(x, 1))
+        return lambda h, i: _attention_gqa(g, h, ckpt, i, cos, sin, bias, seqlens_k, total, *pasts[i])
+    cos, sin = _rotary(g, position_ids, ckpt, heads_axis=1)
+    if g.target.llm_ops:
+        seq_len = g.shape_dim(x, 1)
+        mask = _cache_mask(g, attention_mask, seq_len, g.shape_dim(pasts[0][0], 2))
+        past_len = g.op("Sub", g.shape_dim(attention_mask, 1), seq_len)
+        write_at = g.op("Expand", past_len, g.shape_dim(attention_mask, 0))  # [B]: every row writes at P
+        return lambda h, i: _attention_scatter(g, h, ckpt, i, cos, sin, mask, write_at, *pasts[i])
+    bias = _mask_bias(g, attention_mask, g.shape_dim(pasts[0][0], 2), g.shape_dim(x, 1))
+    return lambda h, i: _attention(g, h, ckpt, i, cos, sin, bias, *pasts[i])
+
+
+def _lm_head(g: Graph, ckpt: Checkpoint, x: str) -> str:
+    """Logits [B, L, V] in fp32 from the final hidden states [B, L, H]."""
+    tc = ckpt.config.text
+    name = ckpt.lm_head_name()
+    if g.quant is not None and not g.target.typed:  # MatMulNBits reads the [V, H] table quantized; when tied,
+        return matmul_nbits(g, x, lambda: ckpt.get(name), "lm_head", g.quant, key=name)  # the merger's bytes
+    # [V, H], shared with the merger when tied; kept in the precision on the tensorrt target (as TensorRT's
+    # Model Optimizer leaves the lm_head unquantized), so the tied table is stored once
+    table = g.weight(name, lambda: ckpt.get(name))
+    flat = g.op("Reshape", x, g.const([-1, tc.hidden_size]))
+    logits = g.op("Gemm", flat, table, transB=1)  # x @ table.T without a transposed copy
+    out_shape = g.op("Concat", g.shape_dim(x, 0), g.const([-1, tc.vocab_size]), axis=0)
+    return g.to_f32(g.op("Reshape", logits, out_shape))
+
+
 def build_decoder(g: Graph, ckpt: Checkpoint, all_logits: bool = False, progress=None) -> None:
-    """Fused graphs (g.fused) keep the cache in preallocated buffers: past/present are [B, kv, capacity, hd]
-    and the runtime binds both to one buffer; otherwise past [B, kv, P, hd] -> present [B, kv, P+L, hd]."""
+    """Preallocated caches (ort-cpu; tensorrt from 10.15): past/present are [B, kv, capacity, hd] and the runtime
+    binds both to one buffer; otherwise past [B, kv, P, hd] -> present [B, kv, P+L, hd]. The cache is in the
+    graph's compute type (fp16/bf16 on a typed target), every other input and output in fp32 / int64."""
     tc = ckpt.config.text
     H, kv, hd = tc.hidden_size, tc.num_key_value_heads, tc.head_dim
     x = g.input("inputs_embeds", FLOAT, ["batch", "seq", H])
     attention_mask = g.input("attention_mask", INT64, ["batch", "total_seq"])
     position_ids = g.input("position_ids", INT64, [3, "batch", "seq"])
     names = cache_names(tc.num_hidden_layers)
-    past_dim, present_dim = ("capacity", "capacity") if g.fused else ("past_seq", "total_seq")
-    pasts = [(g.input(pk, FLOAT, ["batch", kv, past_dim, hd]), g.input(pv, FLOAT, ["batch", kv, past_dim, hd]))
+    past_dim, present_dim = ("capacity", "capacity") if preallocated(g) else ("past_seq", "total_seq")
+    pasts = [(g.input(pk, g.act, ["batch", kv, past_dim, hd]), g.input(pv, g.act, ["batch", kv, past_dim, hd]))
              for pk, pv, _, _ in names]
-    cos, sin = _rotary(g, position_ids, ckpt, heads_axis=2 if g.fused else 1)
-    if g.fused:
-        total = g.op("Cast", g.op("Squeeze", g.shape_dim(attention_mask, 1), g.const([0])), to=INT32)  # T, scalar
-        seqlens_k = g.op("Expand", g.op("Sub", total, g.const(1, np.int32)),
-                         g.shape_dim(attention_mask, 0))  # [B] int32: every row holds T positions
-        bias = _padding_bias(g, attention_mask, g.shape_dim(x, 1))
-        attention = lambda h, i: _attention_gqa(g, h, ckpt, i, cos, sin, bias, seqlens_k, total,  # noqa: E731
-                                                *pasts[i])
-    else:
-        bias = _mask_bias(g, attention_mask, g.shape_dim(pasts[0][0], 2), g.shape_dim(x, 1))
-        attention = lambda h, i: _attention(g, h, ckpt, i, cos, sin, bias, *pasts[i])  # noqa: E731
+    attention = _attention_for(g, ckpt, x, attention_mask, position_ids, pasts)
+    x = g.to_act(x)
     norm = lambda name: g.weight(name, ckpt.get(name))  # noqa: E731
     eps, last = tc.rms_norm_eps, tc.num_hidden_layers - 1
     # x is the residual stream; each block's output joins it in the next norm (fused there on ort-cpu)
@@ -191,20 +270,11 @@ def build_decoder(g: Graph, ckpt: Checkpoint, all_logits: bool = False, progress
         mlp = _mlp(g, h, ckpt, i)
         if i < last:
             h, x = _residual_norm(g, mlp, x, norm(f"model.layers.{i + 1}.input_layernorm.weight"), eps)
-        g.output(present_k, names[i][2], FLOAT, ["batch", kv, present_dim, hd])
-        g.output(present_v, names[i][3], FLOAT, ["batch", kv, present_dim, hd])
+        g.output(present_k, names[i][2], g.act, ["batch", kv, present_dim, hd])
+        g.output(present_v, names[i][3], g.act, ["batch", kv, present_dim, hd])
         if progress:
             progress.update(1)
     if not all_logits:  # prefill over a long prompt would otherwise allocate [B, L, vocab]
         mlp, x = (g.slice(t, -1, np.iinfo(np.int64).max, 1) for t in (mlp, x))
     x, _ = _residual_norm(g, mlp, x, norm("model.norm.weight"), eps)
-    name = ckpt.lm_head_name()
-    if g.quant is not None:  # MatMulNBits reads the [V, H] table quantized; when tied, the merger's bytes
-        logits = matmul_nbits(g, x, lambda: ckpt.get(name), "lm_head", g.quant, key=name)
-    else:
-        table = g.weight(name, lambda: ckpt.get(name))  # [V, H], shared with the merger when tied
-        flat = g.op("Reshape", x, g.const([-1, H]))
-        logits = g.op("Gemm", flat, table, transB=1)  # x @ table.T without a transposed copy
-        out_shape = g.op("Concat", g.shape_dim(x, 0), g.const([-1, tc.vocab_size]), axis=0)
-        logits = g.op("Reshape", logits, out_shape)
-    g.output(logits, "logits", FLOAT, ["batch", "seq" if all_logits else 1, tc.vocab_size])
+    g.output(_lm_head(g, ckpt, x), "logits", FLOAT, ["batch", "seq" if all_logits else 1, tc.vocab_size])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +19,47 @@ from onnx import TensorProto, helper, numpy_helper
 from .prequantized import QuantizedWeight, dequantized
 
 FLOAT, INT64, INT32, BOOL = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32, TensorProto.BOOL
-STORAGE = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
+FLOAT16, BFLOAT16 = TensorProto.FLOAT16, TensorProto.BFLOAT16
+# bf16 has no NumPy dtype: stored as the upper 16 bits of the fp32 value, rounded to nearest even
+STORAGE = {"fp32": (np.float32, FLOAT), "fp16": (np.float16, FLOAT16), "bf16": (np.uint16, BFLOAT16)}
 ALIGN, PAGE_ALIGN = 64, 4096
 # Node-name prefix of the math that must stay fp32 in reduced-precision engines (norms, softmax,
 # rotary): fp16 overflow there is the known failure of Qwen-VL TensorRT builds. trt_build reads it.
 FP32_PREFIX = "fp32/"
+
+
+def to_bf16_bits(array: np.ndarray) -> np.ndarray:
+    """fp32 -> bf16 as uint16 bits, round to nearest even (what torch's .to(torch.bfloat16) does)."""
+    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the graphs may use. portable: standard ONNX computed in fp32; ort-cpu: ONNX Runtime's contrib ops;
+    tensorrt: standard ONNX, strongly typed in `precision`, for the TensorRT parser from `min_tensorrt` on."""
+
+    name: str = "portable"
+    precision: str = "fp32"  # the type of weights, activations and the KV cache (tensorrt)
+    min_tensorrt: str | None = None  # "10.3" | "10.15"
+
+    @property
+    def contrib(self) -> bool:
+        return self.name == "ort-cpu"
+
+    @property
+    def typed(self) -> bool:
+        """Every tensor's type is fixed by the graph (TensorRT strongly typed networks)."""
+        return self.name == "tensorrt"
+
+    @property
+    def llm_ops(self) -> bool:
+        """ONNX Attention, TensorScatter, RMSNormalization, RotaryEmbedding: TensorRT's parser from 10.15."""
+        return self.typed and self.min_tensorrt == "10.15"
+
+    @property
+    def dtype(self) -> int:
+        return STORAGE[self.precision][1] if self.typed else FLOAT
 
 
 class WeightStore:
@@ -40,17 +77,32 @@ class WeightStore:
         in the store's dtype unless `exact` (then the array's own dtype: packed quantized weights, scales)."""
         if name not in self._refs:
             array = array() if callable(array) else array
-            np_dtype = array.dtype if exact else self.np_dtype
-            onnx_dtype = helper.np_dtype_to_tensor_dtype(np.dtype(np_dtype))
-            data = np.ascontiguousarray(array, dtype=np_dtype).tobytes()
-            align = PAGE_ALIGN if len(data) >= 1 << 20 else ALIGN  # page-aligned big tensors can be mmapped
-            offset = self._file.seek(0, 2)
-            if offset % align:
-                self._file.write(b"\0" * (align - offset % align))
-                offset = self._file.tell()
-            self._file.write(data)
-            self._refs[name] = (offset, len(data), tuple(array.shape), onnx_dtype)
-            self.written += len(data)
+            if exact:
+                data, onnx_dtype = array, helper.np_dtype_to_tensor_dtype(array.dtype)
+            elif self.onnx_dtype == BFLOAT16:
+                data, onnx_dtype = to_bf16_bits(array), BFLOAT16
+            else:
+                data, onnx_dtype = np.asarray(array, dtype=self.np_dtype), self.onnx_dtype
+            self._write(name, np.ascontiguousarray(data).tobytes(), tuple(array.shape), onnx_dtype)
+        return self._ref(name)
+
+    def add_packed(self, name: str, data: np.ndarray, shape: tuple[int, ...], onnx_dtype: int) -> TensorProto:
+        """Bytes already in ONNX's layout for `onnx_dtype` (int4: two values a byte, the first in the low nibble)."""
+        if name not in self._refs:
+            self._write(name, np.ascontiguousarray(data).tobytes(), tuple(shape), onnx_dtype)
+        return self._ref(name)
+
+    def _write(self, name: str, data: bytes, shape: tuple[int, ...], onnx_dtype: int) -> None:
+        align = PAGE_ALIGN if len(data) >= 1 << 20 else ALIGN  # page-aligned big tensors can be mmapped
+        offset = self._file.seek(0, 2)
+        if offset % align:
+            self._file.write(b"\0" * (align - offset % align))
+            offset = self._file.tell()
+        self._file.write(data)
+        self._refs[name] = (offset, len(data), shape, onnx_dtype)
+        self.written += len(data)
+
+    def _ref(self, name: str) -> TensorProto:
         offset, length, shape, onnx_dtype = self._refs[name]
         tensor = TensorProto(name=name, data_type=onnx_dtype, dims=shape)
         tensor.data_location = TensorProto.EXTERNAL
@@ -77,13 +129,16 @@ class WeightStore:
 
 
 class Graph:
-    """Builds one ONNX graph. `op()` returns output names; weights are cast to fp32 inside the graph."""
+    """Builds one ONNX graph. `op()` returns output names; weights are cast to the compute type inside the graph
+    (fp32, or the target's precision when it is typed). The builders ask `target` which ops they may use."""
 
-    def __init__(self, name: str, store: WeightStore, opset: int, quant=None, fused: bool = False,
+    def __init__(self, name: str, store: WeightStore, opset: int, quant=None, target: Target = Target(),
                  accuracy_level: int = 4):
         self.name, self.store, self.opset = name, store, opset
-        self.quant = quant  # export.quantize.QuantSpec: linears become com.microsoft MatMulNBits
-        self.fused = fused  # ONNX Runtime's fused contrib ops allowed (the ort-cpu target)
+        self.quant = quant  # export.quantize.QuantSpec: linears become MatMulNBits, or DequantizeLinear + MatMul
+        self.target = target
+        self.fused = target.contrib  # ONNX Runtime's fused contrib ops allowed (the ort-cpu target)
+        self.act = target.dtype  # type of weights and activations between the fp32 islands
         self.accuracy_level = accuracy_level  # MatMulNBits of weights the checkpoint stores quantized
         self.nodes: list[onnx.NodeProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
@@ -127,16 +182,33 @@ class Graph:
         self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
         return name
 
+    def act_const(self, value) -> str:
+        """A float constant in the compute type (activation math outside the fp32 islands)."""
+        if self.act == FLOAT:
+            return self.const(value, np.float32)
+        name = f"const_{next(self._ids)}"
+        array = np.asarray(value, dtype=np.float32)
+        self.initializers.append(helper.make_tensor(name, self.act, array.shape, array.reshape(-1).tolist()))
+        return name
+
+    def to_f32(self, x: str) -> str:
+        """x (compute type) as fp32: entering an fp32 island of a typed graph; nothing otherwise."""
+        return x if self.act == FLOAT else self.op("Cast", x, to=FLOAT)
+
+    def to_act(self, x: str) -> str:
+        """x (fp32) back in the compute type."""
+        return x if self.act == FLOAT else self.op("Cast", x, to=self.act)
+
     def weight(self, name: str, array, *, raw: bool = False, exact: bool = False) -> str:
-        """A model weight in external data; returned as fp32 unless `raw` (then in storage dtype)."""
+        """A model weight in external data; returned in the compute type unless `raw` (then in storage dtype)."""
         key = (name, raw)
         if key not in self._weights:
             tensor = self.store.add(name, array, exact=exact)
             if name not in {t.name for t in self.initializers}:
                 self.initializers.append(tensor)
             value = name
-            if not raw and not exact and tensor.data_type != FLOAT:
-                value = self.op("Cast", name, to=FLOAT)
+            if not raw and not exact and tensor.data_type != self.act:
+                value = self.op("Cast", name, to=self.act)
             self._weights[key] = value
         return self._weights[key]
 
@@ -165,10 +237,13 @@ class Graph:
         elif isinstance(weight, (list, QuantizedWeight)):
             return self.linear(x, dequantized(weight), bias, name, quantize)
         elif self.quant is not None and quantize:
-            from .quantize import dynamic_quant_matmul, matmul_nbits
+            from .quantize import dequantize_matmul, dynamic_quant_matmul, matmul_nbits
 
-            y = (dynamic_quant_matmul(self, x, weight, name) if self.quant.dynamic
-                 else matmul_nbits(self, x, weight, name, self.quant))
+            if self.target.typed:
+                y = dequantize_matmul(self, x, weight, name, self.quant)
+            else:
+                y = (dynamic_quant_matmul(self, x, weight, name) if self.quant.dynamic
+                     else matmul_nbits(self, x, weight, name, self.quant))
         else:
             y = self.op("MatMul", x, self.weight(f"{name}.weight.T", np.ascontiguousarray(weight.T)))
         return self.op("Add", y, self.weight(f"{name}.bias", bias)) if bias is not None else y
@@ -191,7 +266,8 @@ class Graph:
         if any(n.domain == "com.microsoft" for n in self.nodes):
             opsets.append(helper.make_opsetid("com.microsoft", 1))
         model = helper.make_model(graph, opset_imports=opsets, producer_name="qwen2vl-edge")
-        model.ir_version = min(model.ir_version, 10)  # readable by older onnxruntime/TensorRT parsers
+        if self.opset <= 22:  # opset 23+ (Attention, TensorScatter...) needs IR 11
+            model.ir_version = min(model.ir_version, 10)  # readable by older onnxruntime/TensorRT parsers
         return model
 
 

@@ -16,15 +16,19 @@ from qwen2vl_edge.runtime.chat import find_template
 
 from .checkpoint import Checkpoint
 from .decoder import build_decoder
-from .graph import Graph, WeightStore, value_info
+from .decoder import preallocated
+from .graph import Graph, Target, WeightStore, value_info
 from .merger import build_embedding_merger
 from .quantize import QuantSpec
+from .trt_check import load_rules
 from .vision import build_vision_encoder
 
 WEIGHTS_FILE = "weights.data"
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "generation_config.json")
 MIN_OPSET = 17
-TARGETS = ("portable", "ort-cpu")
+TARGETS = ("portable", "ort-cpu", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "bf16")
+TENSORRT_VERSIONS = ("10.3", "10.15")
 WEIGHTS = ("fp32", "int8", "int4")
 VISION_WEIGHTS = WEIGHTS + ("int8-dynamic",)  # the decoder's table is shared block-quantized with its lm_head
 # onnxruntime each contrib op (op, weight bits) needs on CPU, as tried: SkipSimplifiedLayerNormalization
@@ -59,12 +63,41 @@ def _quant_specs(target: str, weights: str, vision_weights: str, block_size: int
     if target == "portable" and (weights, vision_weights) != ("fp32", "fp32"):
         raise ValueError("quantized weights use ONNX Runtime contrib ops: add --target ort-cpu "
                          "(portable graphs stay standard ONNX for TensorRT and other runtimes)")
+    if target == "tensorrt" and vision_weights == "int8-dynamic":
+        raise ValueError("--vision-weights int8-dynamic is an ONNX Runtime contrib op: use int8 or int4 with "
+                         "--target tensorrt")
     specs = {"vision_encoder": None, "embedding_merger": None, "decoder": None}
     for graph, value in (("decoder", weights), ("vision_encoder", vision_weights)):
         if value != "fp32":
             specs[graph] = QuantSpec.of(value, block_size, accuracy_level)
             specs[graph].validate()
     return specs
+
+
+def _target(target: str, precision: str | None, min_tensorrt: str | None, weights: str, opset: int,
+            dtype: str) -> tuple[Target, int]:
+    """The graph target and the opset it is written at. tensorrt: at least the opset its ops need (24 for
+    TensorScatter from 10.15, 21 for int4 DequantizeLinear blocks, 19 for fp16/bf16 scales), never above what
+    that parser takes."""
+    if target != "tensorrt":
+        if precision not in (None, "fp32") or min_tensorrt is not None:
+            raise ValueError("--precision and --min-tensorrt choose the strongly typed graphs of --target tensorrt; "
+                             f"--target {target} computes in fp32 (--dtype fp16 halves its stored weights)")
+        return Target(target), opset
+    precision = precision or "fp16"
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    min_tensorrt = min_tensorrt or TENSORRT_VERSIONS[0]
+    if min_tensorrt not in TENSORRT_VERSIONS:
+        raise ValueError(f"--min-tensorrt must be one of {', '.join(TENSORRT_VERSIONS)}, got {min_tensorrt!r}")
+    if dtype != "fp32":
+        raise ValueError("--target tensorrt stores its weights in --precision (fp16 or bf16): drop --dtype")
+    needed = {"int4": 21, "int8": 19}.get(weights, MIN_OPSET) if min_tensorrt == "10.3" else 24
+    opset = max(opset, needed)
+    top = load_rules(min_tensorrt)["opset_max"]
+    if opset > top:
+        raise ValueError(f"--opset {opset} is above what TensorRT {min_tensorrt}'s parser takes ({top})")
+    return Target("tensorrt", precision, min_tensorrt), opset
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -119,16 +152,23 @@ def _tokenizer_pad_id(ckpt_dir: Path) -> int | None:
 
 
 def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32", opset: int = MIN_OPSET,
-           all_logits: bool = False, target: str = "portable", weights: str = "fp32", vision_weights: str = "fp32",
-           block_size: int = 32, accuracy_level: int = 4, check: bool = True, verbose: bool = True) -> Path:
+           all_logits: bool = False, target: str = "portable", weights: str = "fp32", vision_weights: str | None = None,
+           block_size: int = 32, accuracy_level: int = 4, precision: str | None = None, min_tensorrt: str | None = None,
+           check: bool = True, verbose: bool = True) -> Path:
     """Export `checkpoint` to the artifact directory `out`; returns `out`.
 
     target 'portable': standard ONNX ops only (TensorRT, any runtime). target 'ort-cpu': the linears
     of the decoder / vision encoder may be int8/int4 MatMulNBits for ONNX Runtime's CPU kernels.
+    target 'tensorrt': standard ONNX, strongly typed in `precision`, for TensorRT >= `min_tensorrt`
+    (10.3: explicit attention, KV cache by Concat; 10.15: ONNX Attention, TensorScatter into a
+    preallocated cache, RMSNormalization, RotaryEmbedding); int8/int4 weights as DequantizeLinear + MatMul.
     """
+    vision_weights = vision_weights or (weights if target == "tensorrt" else "fp32")  # tensorrt: every linear
     quant = _quant_specs(target, weights, vision_weights, block_size, accuracy_level)
     quantized = [q for q in quant.values() if q is not None]
     contrib = _contrib_ops(target, quant)
+    tgt, opset = _target(target, precision, min_tensorrt, "int4" if "int4" in (weights, vision_weights) else weights,
+                         opset, dtype)  # int4 anywhere: blocked DequantizeLinear (opset 21)
     if opset < MIN_OPSET:
         raise ValueError(f"--opset must be >= {MIN_OPSET} (LayerNormalization), got {opset}")
     if dtype not in ("fp32", "fp16"):
@@ -144,20 +184,24 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32", opse
     out.mkdir(parents=True, exist_ok=True)
     say = print if verbose else (lambda *a, **k: None)
     say(f"exporting {ckpt.dir} ({len(ckpt.shards)} shard(s), {dtype}) -> {out}")
-    store = WeightStore(out / WEIGHTS_FILE, dtype)
+    store_dtype = tgt.precision if tgt.typed else dtype
+    store = WeightStore(out / WEIGHTS_FILE, store_dtype)
     graphs = {}
     builders = {
         "vision_encoder": (lambda g, p: build_vision_encoder(g, ckpt, p), cfg.vision.depth),
-        "embedding_merger": (lambda g, p: build_embedding_merger(g, ckpt, quant=quant["decoder"]), 0),
+        # the tensorrt target gathers from the float table its lm_head reads
+        "embedding_merger": (lambda g, p: build_embedding_merger(g, ckpt, None if tgt.typed else quant["decoder"]), 0),
         "decoder": (lambda g, p: build_decoder(g, ckpt, all_logits=all_logits, progress=p), cfg.text.num_hidden_layers),
     }
     try:
         for name in GRAPHS:
             build, steps = builders[name]
-            g = Graph(name, store, opset, quant=quant[name], fused=target == "ort-cpu", accuracy_level=accuracy_level)
+            g = Graph(name, store, opset, quant=quant[name], target=tgt, accuracy_level=accuracy_level)
             with _progress(steps, f"{name}: weights", verbose) as bar:
                 build(g, bar)
             model = g.model()
+            if name == "decoder":
+                kv_cache = "preallocated" if preallocated(g) else "concat"
             onnx.save_model(model, out / f"{name}.onnx")
             graphs[name] = {"file": f"{name}.onnx", "inputs": [value_info(v) for v in model.graph.input],
                             "outputs": [value_info(v) for v in model.graph.output]}
@@ -182,17 +226,19 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32", opse
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "config": cfg.to_dict(),
-        "export": {"dtype": dtype, "compute_dtype": "fp32", "opset": opset, "logits": "all" if all_logits else "last",
-                   "target": target, "weights": weights, "vision_weights": vision_weights,
+        "export": {"dtype": store_dtype, "compute_dtype": tgt.precision, "opset": opset,
+                   "logits": "all" if all_logits else "last",
+                   "target": target, "precision": tgt.precision, "min_tensorrt": tgt.min_tensorrt,
+                   "weights": weights, "vision_weights": vision_weights,
                    "block_size": block_size if quantized else None,
-                   "accuracy_level": accuracy_level if quantized or prequantized else None,
+                   "accuracy_level": accuracy_level if (quantized or prequantized) and not tgt.typed else None,
                    # GPTQ/AWQ checkpoints: method, format, bits, group_size of the decoder linears' own weights
                    "source_quantization": ckpt.quant.to_manifest() if ckpt.quant else None,
                    "contrib_ops": list(dict.fromkeys(op for op, _ in contrib)),
                    "requires_onnxruntime": (">=" + ".".join(map(str, max(CONTRIB_MIN_ONNXRUNTIME[c] for c in contrib)))
                                             if contrib else None),
                    # preallocated: past and present are one buffer [B, kv, capacity, hd] updated in place
-                   "kv_cache": "preallocated" if target == "ort-cpu" else "concat",
+                   "kv_cache": kv_cache,
                    "weights_file": WEIGHTS_FILE, "source": str(ckpt.dir.resolve()),
                    "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                    "versions": _versions()},

@@ -1,6 +1,7 @@
-"""Weight-only block quantization for ONNX Runtime's CPU kernels (com.microsoft MatMulNBits).
+"""Weight-only quantization: ONNX Runtime's CPU kernels (com.microsoft MatMulNBits) or standard ONNX
+DequantizeLinear + MatMul (the tensorrt target).
 
-Symmetric, per block of `block_size` input channels, one fp32 scale per block; no zero-point
+MatMulNBits: symmetric, per block of `block_size` input channels, one fp32 scale per block; no zero-point
 tensor, so the kernel uses its default (2^(bits-1)). With accuracy_level 4 the kernel quantizes
 activations to int8 on the fly and runs int8 dot products (VNNI) instead of dequantizing to fp32.
 Weights a checkpoint stores quantized (GPTQ, AWQ) keep their own integers, scales and zero points
@@ -12,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from onnx import TensorProto
 
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits accuracy_level: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8
 # weight format -> (bits, dynamic). "int8-dynamic": DynamicQuantizeMatMul, see dynamic_quant_matmul
@@ -101,6 +103,32 @@ def _stored(g, key: str, weight, spec: QuantSpec) -> tuple[str, str, int, int]:
         g.store.add(scales_name, scales.reshape(-1), exact=True)
     n, blocks, blob = g.store.shape(packed_name)
     return packed_name, scales_name, n, blocks * blob * 8 // spec.bits
+
+
+def dequantize_matmul(g, x: str, weight: np.ndarray, name: str, spec: QuantSpec) -> str:
+    """x [..., K] @ weight[N, K].T as DequantizeLinear + MatMul on a constant weight stored [K, N], scales in
+    the graph's precision, no zero point (symmetric): the weight-only pattern TensorRT runs as one GEMM.
+    int4: blocks of `block_size` input channels (scales [K/block, N]); int8: one scale per output channel
+    (scales [N]), the form TensorRT's 10.x matrices document for int8 weights (see tensorrt_onnx_ops*.json)."""
+    n, k = weight.shape
+    if spec.bits == 4:
+        if k % spec.block_size:
+            raise ValueError(f"--block-size {spec.block_size} does not divide the input dimension {k} of {name}: "
+                             "choose a block size that divides it (e.g. 32 or 16)")
+        q, scales = symmetric(weight.astype(np.float32).reshape(n, k // spec.block_size, spec.block_size), 4)
+        q = q.reshape(n, k).T.reshape(-1).astype(np.uint8) & 0x0F  # [K, N] row-major, two's complement nibbles
+        packed = q[0::2] | (q[1::2] << 4)
+        g.store.add_packed(f"{name}.weight.int4", packed, (k, n), TensorProto.INT4)
+        dq = dict(axis=0, block_size=spec.block_size)
+        data, scales = f"{name}.weight.int4", scales.T  # [K/block, N]
+    else:
+        q, scales = symmetric(weight.astype(np.float32), 8)  # one scale per output channel
+        g.store.add(f"{name}.weight.int8", np.ascontiguousarray(q.T.astype(np.int8)), exact=True)
+        dq = dict(axis=1)
+        data = f"{name}.weight.int8"
+    w = g.op("DequantizeLinear", g.weight(data, None, exact=True),
+             g.weight(f"{name}.weight.scales{spec.bits}", np.ascontiguousarray(scales), raw=True), **dq)
+    return g.op("MatMul", x, w)
 
 
 def dynamic_quant_matmul(g, x: str, weight: np.ndarray, name: str) -> str:

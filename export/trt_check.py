@@ -1,8 +1,10 @@
 """`qwen2vl-edge check-trt`: will TensorRT's ONNX parser take these graphs? Runs on the CPU, no TensorRT.
 
-Rules come from data/tensorrt_onnx_ops.json (TensorRT's own operator support matrix, version and
-source recorded in the file): every op supported, its data type accepted, the opset in range,
-constant-only inputs constant, no data-dependent output shapes, no custom-domain ops.
+Rules come from data/tensorrt_<version>_onnx_ops.json (TensorRT's own operator support matrix for 10.3 and
+10.15, version and source recorded in each file): every op supported, its data type accepted, the opset in
+range, constant-only inputs constant, no data-dependent output shapes, no custom-domain ops, the restrictions
+of the fused LLM ops (Attention, TensorScatter...), and weight-only DequantizeLinear in a form TensorRT takes.
+An artifact is checked against the matrix of its manifest's `min_tensorrt` (10.15 when it names none).
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from onnx import TensorProto
 
 TRT_TYPES = {TensorProto.FLOAT: "FP32", TensorProto.FLOAT16: "FP16", TensorProto.BFLOAT16: "BF16",
              TensorProto.INT32: "INT32", TensorProto.INT64: "INT64", TensorProto.BOOL: "BOOL",
-             TensorProto.INT8: "INT8", TensorProto.UINT8: "UINT8", TensorProto.DOUBLE: "DOUBLE"}
+             TensorProto.INT8: "INT8", TensorProto.UINT8: "UINT8", TensorProto.DOUBLE: "DOUBLE",
+             TensorProto.INT4: "INT4"}
+VERSIONS = ("10.3", "10.15")
+DEFAULT_VERSION = "10.15"
 
 
 @dataclass(frozen=True)
@@ -32,16 +37,51 @@ class Problem:
         return f"{self.graph}: node {self.node!r} ({self.op}): {self.message}"
 
 
-def load_rules() -> dict:
-    return json.loads(resources.files(__package__).joinpath("data/tensorrt_onnx_ops.json").read_text())
+def load_rules(version: str = DEFAULT_VERSION) -> dict:
+    if version not in VERSIONS:
+        raise ValueError(f"no operator matrix for TensorRT {version}: have {', '.join(VERSIONS)}")
+    return json.loads(resources.files(__package__).joinpath(f"data/tensorrt_{version}_onnx_ops.json").read_text())
 
 
-def _types(model: onnx.ModelProto) -> dict[str, int]:
+def _types(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int]]:
+    """(elem type, rank) of every value shape inference can tell."""
     inferred = onnx.shape_inference.infer_shapes(model)
     g = inferred.graph
-    types = {v.name: v.type.tensor_type.elem_type for v in list(g.input) + list(g.output) + list(g.value_info)}
+    values = list(g.input) + list(g.output) + list(g.value_info)
+    types = {v.name: v.type.tensor_type.elem_type for v in values}
     types.update({t.name: t.data_type for t in g.initializer})
-    return types
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in values if v.type.tensor_type.HasField("shape")}
+    ranks.update({t.name: len(t.dims) for t in g.initializer})
+    return types, ranks
+
+
+def _node_rules(node: onnx.NodeProto, rule: dict, ranks: dict[str, int], types: dict[str, int]) -> list[str]:
+    """Breaches of one op's restrictions (node_rules in the matrix)."""
+    given = lambda seq, i: i < len(seq) and seq[i]  # noqa: E731
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    bad = [f"input {i} must be 4D, is {ranks[node.input[i]]}D" for i in rule.get("rank4_inputs", [])
+           if given(node.input, i) and ranks.get(node.input[i], 4) != 4]
+    bad += [f"input {i} ({node.input[i]!r}) is unsupported" for i in rule.get("absent_inputs", [])
+            if given(node.input, i)]
+    bad += [f"output {i} is unsupported" for i in rule.get("absent_outputs", []) if given(node.output, i)]
+    bad += [f"attribute {a} is unsupported" for a in rule.get("absent_attributes", []) if a in attrs]
+    bad += [f"attribute {a} must be {v}" for a, v in rule.get("attribute_values", {}).items() if attrs.get(a, v) != v]
+    bad += [f"input {i} must be INT64" for i in rule.get("int64_inputs", [])
+            if given(node.input, i) and types.get(node.input[i], TensorProto.INT64) != TensorProto.INT64]
+    return [f"{b} ({rule['why']})" for b in bad]
+
+
+def _dequantize_rules(node: onnx.NodeProto, rule: dict, constants: set[str], types: dict[str, int],
+                      ranks: dict[str, int]) -> list[str]:
+    """Weight-only DequantizeLinear: constant data and scales, no zero point, blocks only where TensorRT has them."""
+    dtype = TRT_TYPES.get(types.get(node.input[0], 0))
+    bad = [f"input {name!r} must be a constant" for name in node.input[:2] if name not in constants]
+    if len(node.input) > 2 and node.input[2]:
+        bad.append("a zero point is given")
+    blocked = ranks.get(node.input[1], 0) > 1
+    if dtype is not None and dtype not in rule["blocked" if blocked else "per_channel"]:
+        bad.append(f"{'blocked' if blocked else 'per-channel'} {dtype} weights")
+    return [f"{b}: {rule['why']}" for b in bad]
 
 
 def check_model(model: onnx.ModelProto, name: str, rules: dict) -> list[Problem]:
@@ -51,7 +91,7 @@ def check_model(model: onnx.ModelProto, name: str, rules: dict) -> list[Problem]
         if imp.domain in ("", "ai.onnx") and not lo <= imp.version <= hi:
             problems.append(Problem(name, "<model>", "opset", f"opset {imp.version} outside TensorRT "
                                     f"{rules['tensorrt_version']}'s parser range {lo}..{hi}"))
-    types = _types(model)
+    types, ranks = _types(model)
     constants = {t.name for t in model.graph.initializer}
     constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
     for node in model.graph.node:
@@ -76,14 +116,26 @@ def check_model(model: onnx.ModelProto, name: str, rules: dict) -> list[Problem]
                 problems.append(Problem(*where, why))
         if node.op_type == "LayerNormalization" and len([o for o in node.output if o]) > 1:
             problems.append(Problem(*where, rules["attribute_rules"]["LayerNormalization"]))
+        if node.op_type in rules["node_rules"]:
+            problems += [Problem(*where, m) for m in _node_rules(node, rules["node_rules"][node.op_type], ranks, types)]
+        if node.op_type in rules["quantized_weights"]:
+            rule = rules["quantized_weights"][node.op_type]
+            problems += [Problem(*where, m) for m in _dequantize_rules(node, rule, constants, types, ranks)]
     return problems
 
 
-def check_artifact(artifact: str | Path) -> list[Problem]:
+def artifact_version(artifact: str | Path) -> str:
+    """The TensorRT version whose matrix applies: the manifest's min_tensorrt, else 10.15."""
+    from qwen2vl_edge.runtime.artifact import load_artifact
+
+    return load_artifact(artifact, verify=False).export.get("min_tensorrt") or DEFAULT_VERSION
+
+
+def check_artifact(artifact: str | Path, version: str | None = None) -> list[Problem]:
     from qwen2vl_edge.runtime.artifact import load_artifact
 
     art = load_artifact(artifact, verify=False)
-    rules = load_rules()
+    rules = load_rules(version or artifact_version(artifact))
     problems = []
     for name in art.manifest["graphs"]:
         model = onnx.load(str(art.graph_path(name)), load_external_data=False)
@@ -92,11 +144,12 @@ def check_artifact(artifact: str | Path) -> list[Problem]:
 
 
 def main(artifact: str | Path, trt_version: str | None = None) -> int:
-    rules = load_rules()
-    if trt_version and trt_version != rules["tensorrt_version"]:
-        print(f"note: rules are for TensorRT {rules['tensorrt_version']} ({rules['source']}); "
-              f"you asked about {trt_version}", file=sys.stderr)
-    problems = check_artifact(artifact)
+    """`trt_version`: check against that version's matrix instead of the artifact's own (10.3 or 10.15)."""
+    if trt_version is not None and trt_version not in VERSIONS:
+        print(f"check-trt: no operator matrix for TensorRT {trt_version}; have {', '.join(VERSIONS)}", file=sys.stderr)
+        return 2
+    rules = load_rules(trt_version or artifact_version(artifact))
+    problems = check_artifact(artifact, rules["tensorrt_version"])
     for p in problems:
         print(p)
     if problems:

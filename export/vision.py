@@ -2,7 +2,8 @@
 
 Attention runs within a frame (Qwen2-VL's cu_seqlens has one segment per temporal slice), so frames
 are a batch dimension: no N x N mask across images or frames ever exists. The rotary table of the
-patch grid is data-dependent and comes from the runtime (runtime/rope.py: vision_rotary).
+patch grid is data-dependent and comes from the runtime (runtime/rope.py: vision_rotary). With the
+fused ops (tensorrt from 10.15) attention is one ONNX Attention per frame: no [F, heads, S, S] tensor.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ LN_EPS = 1e-6
 
 def activation(g: Graph, x: str, kind: str) -> str:
     if kind == "quick_gelu":  # x * sigmoid(1.702 x)
-        return g.op("Mul", x, g.op("Sigmoid", g.op("Mul", x, g.const(1.702, np.float32))))
+        return g.op("Mul", x, g.op("Sigmoid", g.op("Mul", x, g.act_const(1.702))))
     if kind == "gelu":  # exact (erf) GELU, valid at every opset and in TensorRT
-        inner = g.op("Erf", g.op("Div", x, g.const(np.sqrt(2.0), np.float32)))
-        return g.op("Mul", g.op("Mul", x, g.const(0.5, np.float32)), g.op("Add", inner, g.const(1.0, np.float32)))
+        inner = g.op("Erf", g.op("Div", x, g.act_const(np.sqrt(2.0))))
+        return g.op("Mul", g.op("Mul", x, g.act_const(0.5)), g.op("Add", inner, g.act_const(1.0)))
     if kind == "silu":
         return g.op("Mul", x, g.op("Sigmoid", x))
     raise ValueError(f"unsupported activation {kind!r}")
@@ -34,11 +35,38 @@ def rotate(g: Graph, x: str, cos: str, sin: str, half: int) -> str:
         return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
 
 
+def attend(g: Graph, q: str, k_t: str, v: str, scale: float, bias: str | None = None) -> str:
+    """softmax(q @ k_t * scale + bias) @ v with the softmax (and bias) in fp32. Typed graphs scale q before the
+    first matmul, as TensorRT's attention fusion asks, and cast around the fp32 softmax."""
+    if g.target.typed:
+        scores = g.to_f32(g.op("MatMul", g.op("Mul", q, g.act_const(scale)), k_t))
+        with g.fp32():
+            probs = g.op("Softmax", g.op("Add", scores, bias) if bias else scores, axis=-1)
+        return g.op("MatMul", g.to_act(probs), v)
+    with g.fp32():
+        scores = g.op("Mul", g.op("MatMul", q, k_t), g.const(scale, np.float32))
+        probs = g.op("Softmax", g.op("Add", scores, bias) if bias else scores, axis=-1)
+    return g.op("MatMul", probs, v)
+
+
 def layer_norm(g: Graph, x: str, ckpt: Checkpoint, name: str) -> str:
     w = g.weight(f"{name}.weight", lambda: ckpt.get(f"{name}.weight"))
     b = g.weight(f"{name}.bias", lambda: ckpt.get(f"{name}.bias"))
+    x, w, b = g.to_f32(x), g.to_f32(w), g.to_f32(b)  # statistics in fp32
     with g.fp32():
-        return g.op("LayerNormalization", x, w, b, axis=-1, epsilon=LN_EPS)
+        y = g.op("LayerNormalization", x, w, b, axis=-1, epsilon=LN_EPS)
+    return g.to_act(y)
+
+
+def _rotate_vision(g: Graph, x: str, cos: str, sin: str, hd: int) -> str:
+    """Rotary on [F, S, nh, hd] (cos/sin [S, 1, hd]) -> [F, nh, S, hd]; in fp32 like transformers' vision rotary.
+    With the fused ops: one RotaryEmbedding on [F, nh, S, hd] (cos/sin [F, S, hd/2])."""
+    x = g.to_f32(x)
+    if g.target.llm_ops:
+        x = g.op("RotaryEmbedding", g.op("Transpose", x, perm=[0, 2, 1, 3]), cos, sin)
+    else:
+        x = g.op("Transpose", rotate(g, x, cos, sin, hd // 2), perm=[0, 2, 1, 3])
+    return g.to_act(x)
 
 
 def _block(g: Graph, x: str, ckpt: Checkpoint, i: int, cos: str, sin: str) -> str:
@@ -50,13 +78,19 @@ def _block(g: Graph, x: str, ckpt: Checkpoint, i: int, cos: str, sin: str) -> st
     qkv = g.op("Reshape", qkv, g.const([0, 0, 3, nh, hd]))  # [F, S, 3, nh, hd]
     q, k, v = (g.op("Squeeze", t, g.const([2]))
                for t in g.op("Split", qkv, g.const([1, 1, 1]), axis=2, n_out=3))  # [F, S, nh, hd]
-    q, k = rotate(g, q, cos, sin, hd // 2), rotate(g, k, cos, sin, hd // 2)
-    q = g.op("Transpose", q, perm=[0, 2, 1, 3])  # [F, nh, S, hd]
-    k = g.op("Transpose", k, perm=[0, 2, 3, 1])  # [F, nh, hd, S]
-    v = g.op("Transpose", v, perm=[0, 2, 1, 3])
-    with g.fp32():
-        probs = g.op("Softmax", g.op("Mul", g.op("MatMul", q, k), g.const(hd ** -0.5, np.float32)), axis=-1)
-    attn = g.op("MatMul", probs, v)  # [F, nh, S, hd]
+    if g.target.typed:
+        q, k = _rotate_vision(g, q, cos, sin, hd), _rotate_vision(g, k, cos, sin, hd)  # [F, nh, S, hd]
+        v = g.op("Transpose", v, perm=[0, 2, 1, 3])
+        if g.target.llm_ops:  # fused per frame: no [F, nh, S, S] tensor in the graph
+            attn = g.op("Attention", q, k, v, scale=float(hd ** -0.5), softmax_precision=FLOAT)
+        else:
+            attn = attend(g, q, g.op("Transpose", k, perm=[0, 1, 3, 2]), v, hd ** -0.5)
+    else:
+        q, k = rotate(g, q, cos, sin, hd // 2), rotate(g, k, cos, sin, hd // 2)
+        q = g.op("Transpose", q, perm=[0, 2, 1, 3])  # [F, nh, S, hd]
+        k = g.op("Transpose", k, perm=[0, 2, 3, 1])  # [F, nh, hd, S]
+        v = g.op("Transpose", v, perm=[0, 2, 1, 3])
+        attn = attend(g, q, k, v, hd ** -0.5)  # [F, nh, S, hd]
     attn = g.op("Reshape", g.op("Transpose", attn, perm=[0, 2, 1, 3]), g.const([0, 0, E]))
     x = g.op("Add", x, g.linear(attn, ckpt.get(f"{p}.attn.proj.weight"), ckpt.get(f"{p}.attn.proj.bias"),
                                  f"{p}.attn.proj"))
@@ -73,11 +107,16 @@ def build_vision_encoder(g: Graph, ckpt: Checkpoint, progress=None) -> None:
     pixels = g.input("pixel_values", FLOAT, ["frames", "patches", vc.patch_dim])
     cos = g.input("rotary_cos", FLOAT, ["patches", vc.head_dim])
     sin = g.input("rotary_sin", FLOAT, ["patches", vc.head_dim])
-    cos, sin = (g.op("Unsqueeze", t, g.const([1])) for t in (cos, sin))  # [S, 1, hd] against [F, S, nh, hd]
+    if g.target.llm_ops:  # RotaryEmbedding takes cos/sin [F, S, hd/2] (the table's halves are equal)
+        frames = g.op("Concat", g.shape_dim(pixels, 0), g.const([1, 1]), axis=0)  # [F, 1, 1]: broadcast to F
+        cos, sin = (g.op("Expand", g.op("Unsqueeze", g.slice(t, 0, vc.head_dim // 2, 1), g.const([0])), frames)
+                    for t in (cos, sin))
+    else:
+        cos, sin = (g.op("Unsqueeze", t, g.const([1])) for t in (cos, sin))  # [S, 1, hd] against [F, S, nh, hd]
     # Conv3d with kernel == stride over a flattened patch is a matmul with the flattened kernel.
     w = ckpt.get("visual.patch_embed.proj.weight").reshape(vc.embed_dim, -1)
     # kept in float: 1176 input channels rarely divide a quantization block, and the layer is small
-    x = g.linear(pixels, w, None, "visual.patch_embed.proj", quantize=False)  # [F, S, E]
+    x = g.linear(g.to_act(pixels), w, None, "visual.patch_embed.proj", quantize=False)  # [F, S, E]
     for i in range(vc.depth):
         x = _block(g, x, ckpt, i, cos, sin)
         if progress:
@@ -88,4 +127,4 @@ def build_vision_encoder(g: Graph, ckpt: Checkpoint, progress=None) -> None:
                  "visual.merger.mlp.0")
     h = g.linear(activation(g, h, "gelu"), ckpt.get("visual.merger.mlp.2.weight"),
                  ckpt.get("visual.merger.mlp.2.bias"), "visual.merger.mlp.2")
-    g.output(h, "image_embeds", FLOAT, ["frames", "merged_patches", vc.hidden_size])
+    g.output(g.to_f32(h), "image_embeds", FLOAT, ["frames", "merged_patches", vc.hidden_size])

@@ -36,8 +36,13 @@ FUSED = 0  # no S x S tensor (ONNX Runtime's CPU GroupQueryAttention; flash-styl
 ATTENTION = {  # target -> graph -> how its attention holds the scores (export/vision.py, export/decoder.py)
     "portable": {"vision": SOFTMAX, "decoder": MASKED_SOFTMAX},
     "ort-cpu": {"vision": SOFTMAX, "decoder": FUSED},
+    # run by ONNX Runtime: 10.3's explicit attention as portable's; 10.15's ONNX Attention still allocates every
+    # head's scores inside ONNX Runtime's CPU kernel (2B-shape vision, 9,216 patches, fp16: 7.6 GB above the
+    # weights, 1.4 fp32 score tensors; benchmarks/vision_memory.py, README)
+    "tensorrt": {"vision": SOFTMAX, "decoder": MASKED_SOFTMAX},
 }
-KV_CACHE = {"portable": CONCAT, "ort-cpu": PREALLOCATED}  # target -> how its decoder keeps the cache
+# target -> how its decoder keeps the cache (tensorrt: concat for 10.3, the default; preallocated from 10.15)
+KV_CACHE = {"portable": CONCAT, "ort-cpu": PREALLOCATED, "tensorrt": CONCAT}
 # fp32 activations alive besides attention, in units of one [tokens, width] row set: the residual stream,
 # the norm output, q/k/v and their rotations; the MLP's hidden width counted separately (fc1 / gate, up,
 # the activation's intermediates).

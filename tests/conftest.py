@@ -115,3 +115,36 @@ def pipe_ort(tiny_artifact_ort):
     from qwen2vl_edge.runtime import Qwen2VLPipeline
 
     return Qwen2VLPipeline.load(tiny_artifact_ort)
+
+
+@pytest.fixture(scope="session")
+def trt_export(tiny_ckpt, tiny_ckpt_v5, workdir):
+    """export --target tensorrt of a tiny checkpoint, made once per option set: trt_export(min_tensorrt=...,
+    precision=..., weights=..., ckpt='original' | 'v5')."""
+    made = {}
+
+    def make(min_tensorrt="10.15", precision="fp32", weights="fp32", ckpt="original") -> Path:
+        key = (min_tensorrt, precision, weights, ckpt)
+        if key not in made:
+            source = tiny_ckpt if ckpt == "original" else tiny_ckpt_v5
+            made[key] = export_artifact(source, workdir / f"art-trt-{'-'.join(key)}", target="tensorrt",
+                                        min_tensorrt=min_tensorrt, precision=precision, weights=weights)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def trt_pipe(trt_export):
+    """The ONNX Runtime pipeline of a tensorrt export, loaded once per option set."""
+    from qwen2vl_edge.runtime import Qwen2VLPipeline
+
+    loaded = {}
+
+    def load(**options):
+        key = tuple(sorted(options.items()))
+        if key not in loaded:
+            loaded[key] = Qwen2VLPipeline.load(trt_export(**options))
+        return loaded[key]
+
+    return load

@@ -107,30 +107,50 @@ def test_logits_prefill_and_decode_steps_match(tiny_ckpt, pipe, convs):
     assert max(diffs) <= 1e-4
 
 
-def _reference_generate(ckpt, conversations, n):
+_REFERENCE: dict = {}
+
+
+def _reference_generate(ckpt, conversations, n, key=None):
+    """transformers' greedy tokens; `key` (the case's name) keeps them for the other targets' runs."""
     from reference import hf_model, ref_inputs
 
+    if key is not None and (str(ckpt), key, n) in _REFERENCE:
+        return _REFERENCE[str(ckpt), key, n]
     inputs = ref_inputs(ckpt, conversations)
     out = hf_model(str(ckpt)).generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-    return [row[inputs["input_ids"].shape[1]:].tolist() for row in out]
+    tokens = [row[inputs["input_ids"].shape[1]:].tolist() for row in out]
+    if key is not None:
+        _REFERENCE[str(ckpt), key, n] = tokens
+    return tokens
 
 
 N_NEW = 32
+# the graphs under test: portable, and the tensorrt target's fp32 graphs for each TensorRT floor, run by
+# ONNX Runtime (the very files TensorRT would be given)
+TARGETS = ["portable", "tensorrt-10.3", "tensorrt-10.15"]
 
 
+@pytest.fixture
+def target_pipe(pipe, trt_pipe):
+    """The pipeline of the tiny original checkpoint as a target of TARGETS exports it."""
+    return lambda target: pipe if target == "portable" else trt_pipe(min_tensorrt=target.split("-")[1])
+
+
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("name", ["text", "one-image", "three-images", "video", "image-video"])
-def test_greedy_generation_token_identical(tiny_ckpt, pipe, convs, name):
-    ours = pipe.generate(convs[name], max_new_tokens=N_NEW, min_new_tokens=N_NEW)
-    ref = _reference_generate(tiny_ckpt, [convs[name]], N_NEW)[0]
+def test_greedy_generation_token_identical(tiny_ckpt, target_pipe, convs, name, target):
+    ours = target_pipe(target).generate(convs[name], max_new_tokens=N_NEW, min_new_tokens=N_NEW)
+    ref = _reference_generate(tiny_ckpt, [convs[name]], N_NEW, key=name)[0]
     assert_varied(ref)
     assert ours.token_ids == ref
     assert ours.finish_reason == "length" and ours.usage["completion_tokens"] == N_NEW
 
 
-def test_batch_with_left_padding_token_identical(tiny_ckpt, pipe, convs):
+@pytest.mark.parametrize("target", TARGETS)
+def test_batch_with_left_padding_token_identical(tiny_ckpt, target_pipe, convs, target):
     batch = [convs["text"], convs["three-images"], convs["image-video"]]
-    ours = pipe.generate(batch, max_new_tokens=N_NEW, min_new_tokens=N_NEW)
-    ref = _reference_generate(tiny_ckpt, batch, N_NEW)
+    ours = target_pipe(target).generate(batch, max_new_tokens=N_NEW, min_new_tokens=N_NEW)
+    ref = _reference_generate(tiny_ckpt, batch, N_NEW, key="batch")
     for row in ref:
         assert_varied(row)
     assert [r.token_ids for r in ours] == ref
@@ -145,12 +165,14 @@ def test_output_follows_the_image(pipe, convs):
     assert a != b
 
 
-def test_untied_v5_layout_and_other_mrope_section(tiny_ckpt_v5, pipe_v5, convs):
-    assert not pipe_v5.artifact.config.tie_word_embeddings
-    assert pipe_v5.artifact.config.text.mrope_section == (4, 2, 2)
+@pytest.mark.parametrize("target", TARGETS)
+def test_untied_v5_layout_and_other_mrope_section(tiny_ckpt_v5, pipe_v5, trt_pipe, convs, target):
+    ours_pipe = pipe_v5 if target == "portable" else trt_pipe(min_tensorrt=target.split("-")[1], ckpt="v5")
+    assert not ours_pipe.artifact.config.tie_word_embeddings
+    assert ours_pipe.artifact.config.text.mrope_section == (4, 2, 2)
     for name in ("one-image", "image-video"):
-        ours = pipe_v5.generate(convs[name], max_new_tokens=N_NEW, min_new_tokens=N_NEW)
-        ref = _reference_generate(tiny_ckpt_v5, [convs[name]], N_NEW)[0]
+        ours = ours_pipe.generate(convs[name], max_new_tokens=N_NEW, min_new_tokens=N_NEW)
+        ref = _reference_generate(tiny_ckpt_v5, [convs[name]], N_NEW, key=name)[0]
         assert_varied(ref)
         assert ours.token_ids == ref
 

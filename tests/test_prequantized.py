@@ -39,10 +39,10 @@ def _run_linear(tmp_path, weight, x: np.ndarray) -> tuple[np.ndarray, list[str]]
     """One Graph.linear on the ort-cpu target (accuracy level 1: fp32 math), run by ONNX Runtime."""
     import onnxruntime as ort
 
-    from qwen2vl_edge.export.graph import FLOAT, Graph, WeightStore
+    from qwen2vl_edge.export.graph import FLOAT, Graph, Target, WeightStore
 
     store = WeightStore(tmp_path / "w.data")
-    g = Graph("g", store, 17, fused=True, accuracy_level=1)
+    g = Graph("g", store, 17, target=Target("ort-cpu"), accuracy_level=1)
     g.output(g.linear(g.input("x", FLOAT, list(x.shape)), weight, None, "lin"), "y", FLOAT, [x.shape[0], "n"])
     store.close()
     onnx.save_model(g.model(), tmp_path / "m.onnx")

@@ -235,15 +235,14 @@ sys.path.insert(0, str(Path(__file__).parent))  # the fakes and the stand-in liv
 
 
 @pytest.fixture(scope="module")
-def trt_standins(tiny_artifact, tiny_artifact_ort, workdir) -> dict[str, Path]:
-    """SWITCH these to the `--target tensorrt` export when it lands (see trt_standin.py)."""
-    from trt_standin import tensorrt_standin
-
-    root = workdir / "trt-standins"
+def trt_standins(trt_export, workdir) -> dict[str, Path]:
+    """The tiny checkpoint's `--target tensorrt --precision fp32` exports, one per KV layout (10.3: concat,
+    10.15: preallocated), copied: the builds write engines into them."""
+    root = workdir / "trt-exports"
     if root.exists():
         shutil.rmtree(root)
-    return {"concat": tensorrt_standin(tiny_artifact, root / "concat", "concat"),
-            "preallocated": tensorrt_standin(tiny_artifact_ort, root / "preallocated", "preallocated")}
+    return {kind: Path(shutil.copytree(trt_export(min_tensorrt=version), root / kind))
+            for kind, version in (("concat", "10.3"), ("preallocated", "10.15"))}
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
-"""Contract-shaped stand-ins for `--target tensorrt` artifacts, until that export exists (tests and the GPU
-plumbing check share this ONE function)."""
+"""Contract-shaped stand-ins for `--target tensorrt` artifacts, made from another target's export: the GPU
+plumbing check uses it for artifacts that are not `--target tensorrt` (the tests use the real export)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,7 @@ def tensorrt_standin(src: Path, out: Path, kv_cache: str | None = None) -> Path:
     """A tiny fp32-compute export with its manifest relabeled as `--target tensorrt --precision fp32`.
     concat: portable graphs (past [B, kv, P, hd] -> present [B, kv, P+L, hd], as 10.3 graphs are);
     preallocated: ort-cpu `--weights fp32` graphs (one buffer [B, kv, capacity, hd] written in place, as
-    10.15 graphs are). `kv_cache` None: the one `src` has.
-    SWITCH: when the `--target tensorrt` export lands, export the tiny checkpoint with target="tensorrt",
-    precision="fp32", min_tensorrt="10.3" / "10.15" instead of relabeling."""
+    10.15 graphs are). `kv_cache` None: the one `src` has."""
     shutil.copytree(src, out)
     manifest = json.loads((out / "manifest.json").read_text())
     kv_cache = kv_cache or manifest["export"].get("kv_cache", "concat")

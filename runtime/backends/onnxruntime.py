@@ -2,8 +2,9 @@
 
 The KV cache lives in OrtValues bound with I/O binding, never copied into NumPy between steps.
 Portable graphs: each step's present tensors become the next step's past (and stay on the GPU with
-a GPU provider). ort-cpu graphs: one preallocated buffer per layer is bound as both past and present,
-and GroupQueryAttention writes the new positions into it in place.
+a GPU provider). Preallocated caches (ort-cpu; tensorrt from 10.15): one buffer per layer is bound as both
+past and present, and GroupQueryAttention / TensorScatter write the new positions into it in place. The
+cache is in the dtype the manifest records for it (float16 on a tensorrt fp16 export).
 
 Session cache (CPU, opt-in): ONNX Runtime spends most of its start-up optimizing the graphs and
 re-packing the weights for this CPU's kernels. With `session_cache=DIR` the first start saves the
@@ -102,8 +103,12 @@ class OrtBackend:
         self.device = "cuda" if names[0] in GPU_PROVIDERS else "cpu"
         self.preallocated = artifact.export.get("kv_cache") == "preallocated"
         if self.preallocated and self.device != "cpu":
-            raise ConfigError(f"{artifact.dir} is an ort-cpu export (its KV cache lives in host buffers): run it with "
-                             "the CPU provider, or export --target portable for CUDA / TensorRT")
+            raise ConfigError(f"{artifact.dir} keeps its KV cache in preallocated buffers that this backend holds in "
+                              "host memory: run it with the CPU provider, or export --target portable for CUDA")
+        if artifact.export.get("precision") == "bf16" and self.device == "cpu":
+            raise ArtifactError(f"{artifact.dir} is a bf16 tensorrt export: ONNX Runtime's CPU kernels have no bf16 "
+                                "MatMul, Add or Softmax, so it cannot run here. Build it with TensorRT "
+                                "(`qwen2vl-edge build-trt`), or export --precision fp16 / fp32 to run it on the CPU")
         if session_cache is not None and self.device != "cpu":
             raise ConfigError("session_cache holds weights packed for this CPU: use it with the CPU provider only")
 
@@ -141,6 +146,8 @@ class OrtBackend:
         self.max_positions = cfg.max_position_embeddings
         dec = self.sessions["decoder"]
         self.past_names = [i.name for i in dec.get_inputs() if i.name.startswith("past_key_values.")]
+        dtypes = {v["name"]: v["dtype"] for v in artifact.graph("decoder")["inputs"]}
+        self.kv_dtype = np.dtype(dtypes[self.past_names[0]])  # [B, kv, P | capacity, hd] in the graph's precision
         self.output_names = [o.name for o in dec.get_outputs()]
         self.present_for = {p: p.replace("past_key_values.", "present.") for p in self.past_names}
         self.past_for = {present: past for past, present in self.present_for.items()}
@@ -194,9 +201,9 @@ class OrtBackend:
 
     def new_cache(self, batch: int, reserve: int = 0) -> OrtCache:
         if self.preallocated:  # buffers are made at the first decode
-            return OrtCache({}, 0, reserve, {name: np.zeros((batch, *self._kv(0)), np.float32)
+            return OrtCache({}, 0, reserve, {name: np.zeros((batch, *self._kv(0)), self.kv_dtype)
                                              for name in self.past_names})
-        empty = self._ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, *self._kv(0)), np.float32), self.device)
+        empty = self._ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, *self._kv(0)), self.kv_dtype), self.device)
         return OrtCache({name: empty for name in self.past_names}, 0)
 
     def _kv(self, positions: int) -> tuple[int, int, int]:
@@ -218,7 +225,7 @@ class OrtBackend:
         capacity = capacity or max(total, cache.reserve, 2 * cache.capacity)
         buffers = {}
         for name, old in cache.buffers.items():
-            buffers[name] = np.zeros((old.shape[0], *self._kv(capacity)), np.float32)
+            buffers[name] = np.zeros((old.shape[0], *self._kv(capacity)), self.kv_dtype)
             buffers[name][:, :, :cache.length] = old[:, :, :cache.length]
         values = {name: self._ort.OrtValue.ortvalue_from_numpy(buf) for name, buf in buffers.items()}
         return OrtCache(values, cache.length, cache.reserve, buffers)
