@@ -266,8 +266,9 @@ class Graph:
         if any(n.domain == "com.microsoft" for n in self.nodes):
             opsets.append(helper.make_opsetid("com.microsoft", 1))
         model = helper.make_model(graph, opset_imports=opsets, producer_name="qwen2vl-edge")
-        if self.opset <= 22:  # opset 23+ (Attention, TensorScatter...) needs IR 11
-            model.ir_version = min(model.ir_version, 10)  # readable by older onnxruntime/TensorRT parsers
+        # The oldest IR version that holds these opsets (10 at least, as before): onnx writes its newest
+        # by default, which older parsers refuse (onnxruntime 1.30 reads IR <= 13; onnx 1.23 writes 14).
+        model.ir_version = max(10, helper.find_min_ir_version_for(opsets, ignore_unknown=True))
         return model
 
 

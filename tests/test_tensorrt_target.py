@@ -161,6 +161,18 @@ def test_graphs_are_strongly_typed_in_the_precision(trt_export, version):
     assert cache_ops == ({"TensorScatter", "Shape"} if version == "10.15" else {"Concat", "Shape"})  # Shape: capacity
 
 
+@pytest.mark.parametrize("version", ["10.3", "10.15"])
+def test_graphs_carry_the_oldest_ir_version_their_opset_allows(trt_export, tiny_artifact, version):
+    """onnx writes its newest IR version by default (14 with onnx 1.23), which onnxruntime 1.30 refuses ("max
+    supported IR version: 13", seen on the GPU machine's onnxruntime) and older TensorRT parsers may too."""
+    art = trt_export(min_tensorrt=version, precision="fp16")
+    for directory in (art, tiny_artifact):
+        for name in ("vision_encoder", "embedding_merger", "decoder"):
+            model = onnx.load(str(directory / f"{name}.onnx"), load_external_data=False)
+            opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+            assert model.ir_version == (12 if opset >= 24 else 10), (directory.name, name, opset)
+
+
 def test_bf16_export_is_for_tensorrt_only(trt_export):
     art = trt_export(precision="bf16")
     model = onnx.load(str(art / "decoder.onnx"), load_external_data=False)
