@@ -38,9 +38,20 @@ def start(settings: ServerSettings, replicas: int, host: str, port: int, address
     from ray import serve
 
     if not ray.is_initialized():
-        ray.init(address=address or "local", include_dashboard=False)
+        init_ray(address)
     serve.start(http_options={"host": host, "port": port})
     serve.run(deployment(settings, replicas, cpus_per_replica), name="qwen2vl-edge", route_prefix="/")
+
+
+def init_ray(address: str | None) -> None:
+    """Join the cluster at `address`, or start a local one on the loopback interface: a one-machine
+    cluster needs no other, and its GCS, raylet and workers then listen on nothing but 127.0.0.1."""
+    import ray
+
+    if address:
+        ray.init(address=address, include_dashboard=False)
+    else:
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
 
 
 def stop() -> None:
@@ -56,13 +67,11 @@ RAY_START_FAILED = 3  # exit status of `serve --ray` when Ray itself cannot star
 
 def run_forever(settings: ServerSettings, replicas: int, host: str, port: int, address: str | None,
                 cpus_per_replica: float) -> None:
-    import ray
-
     from qwen2vl_edge.runtime.artifact import load_artifact
 
     load_artifact(settings.artifact, verify=False)  # a wrong path fails here, not inside every replica
     try:
-        ray.init(address=address or "local", include_dashboard=False)
+        init_ray(address)
     except Exception as e:  # Ray's own start-up (raylet, GCS, ports): reported as such, with its message
         print(f"error: Ray could not start: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         raise SystemExit(RAY_START_FAILED) from None
