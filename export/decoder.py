@@ -88,20 +88,26 @@ def _mask_bias(g: Graph, attention_mask: str, past_len: str, seq_len: str) -> st
     return g.op("Where", allowed, g.const(0.0, np.float32), g.const(MASK_MIN, np.float32))
 
 
+def _qkv_heads(g: Graph, h: str, ckpt: Checkpoint, i: int) -> tuple[str, str, str]:
+    """q [B, heads, L, hd], k and v [B, kv_heads, L, hd]: the three projections of layer i, split into heads."""
+    tc = ckpt.config.text
+    p = f"model.layers.{i}.self_attn"
+
+    def heads(y: str, n: int) -> str:  # [B, L, n*hd] -> [B, n, L, hd]
+        return g.op("Transpose", g.op("Reshape", y, g.const([0, 0, n, tc.head_dim])), perm=[0, 2, 1, 3])
+
+    return tuple(heads(g.linear(h, ckpt.linear(f"{p}.{n}"), ckpt.get(f"{p}.{n}.bias"), f"{p}.{n}"), count)
+                 for n, count in (("q_proj", tc.num_attention_heads), ("k_proj", tc.num_key_value_heads),
+                                  ("v_proj", tc.num_key_value_heads)))
+
+
 def _attention(g: Graph, h: str, ckpt: Checkpoint, i: int, cos: str, sin: str, bias: str,
                past_k: str, past_v: str) -> tuple[str, str, str]:
     tc = ckpt.config.text
     nh, kv, hd = tc.num_attention_heads, tc.num_key_value_heads, tc.head_dim
     p = f"model.layers.{i}.self_attn"
-
-    def heads(y: str, n: int) -> str:  # [B, L, n*hd] -> [B, n, L, hd]
-        return g.op("Transpose", g.op("Reshape", y, g.const([0, 0, n, hd])), perm=[0, 2, 1, 3])
-
-    q, k, v = (g.linear(h, ckpt.linear(f"{p}.{n}"), ckpt.get(f"{p}.{n}.bias"), f"{p}.{n}")
-               for n in ("q_proj", "k_proj", "v_proj"))
-    q = rotate(g, heads(q, nh), cos, sin, hd // 2)
-    k = rotate(g, heads(k, kv), cos, sin, hd // 2)
-    v = heads(v, kv)
+    q, k, v = _qkv_heads(g, h, ckpt, i)
+    q, k = rotate(g, q, cos, sin, hd // 2), rotate(g, k, cos, sin, hd // 2)
     present_k = g.op("Concat", past_k, k, axis=2)  # [B, kv, T, hd]
     present_v = g.op("Concat", past_v, v, axis=2)
     q5 = g.op("Reshape", q, g.const([0, kv, nh // kv, -1, hd]))  # [B, kv, groups, L, hd]
@@ -136,20 +142,15 @@ def _attention_scatter(g: Graph, h: str, ckpt: Checkpoint, i: int, cos: str, sin
     preallocated cache at P (in place when past and present share a buffer), then one ONNX Attention over
     the whole buffer with a boolean mask (its parser takes no past/present inputs of Attention itself)."""
     tc = ckpt.config.text
-    nh, kv, hd = tc.num_attention_heads, tc.num_key_value_heads, tc.head_dim
+    nh, hd = tc.num_attention_heads, tc.head_dim
     p = f"model.layers.{i}.self_attn"
-
-    def heads(y: str, n: int) -> str:  # [B, L, n*hd] -> [B, n, L, hd]
-        return g.op("Transpose", g.op("Reshape", y, g.const([0, 0, n, hd])), perm=[0, 2, 1, 3])
-
-    q, k, v = (g.linear(h, ckpt.get(f"{p}.{n}.weight"), ckpt.get(f"{p}.{n}.bias"), f"{p}.{n}")
-               for n in ("q_proj", "k_proj", "v_proj"))
-    q, k = (g.op("RotaryEmbedding", heads(t, n), cos, sin) for t, n in ((q, nh), (k, kv)))
+    q, k, v = _qkv_heads(g, h, ckpt, i)
+    q, k = (g.op("RotaryEmbedding", t, cos, sin) for t in (q, k))
     present_k = g.op("TensorScatter", past_k, k, write_at, axis=-2)  # [B, kv, capacity, hd]
-    present_v = g.op("TensorScatter", past_v, heads(v, kv), write_at, axis=-2)
+    present_v = g.op("TensorScatter", past_v, v, write_at, axis=-2)
     out = g.op("Attention", q, present_k, present_v, mask, scale=float(hd ** -0.5), softmax_precision=FLOAT)
     out = g.op("Reshape", g.op("Transpose", out, perm=[0, 2, 1, 3]), g.const([0, 0, nh * hd]))  # [B, L, nh*hd]
-    return g.linear(out, ckpt.get(f"{p}.o_proj.weight"), None, f"{p}.o_proj"), present_k, present_v
+    return g.linear(out, ckpt.linear(f"{p}.o_proj"), None, f"{p}.o_proj"), present_k, present_v
 
 
 def _padding_bias(g: Graph, attention_mask: str, seq_len: str) -> str:

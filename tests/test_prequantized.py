@@ -237,3 +237,20 @@ def test_default_accuracy_level_int8_activations_against_portable(ckpt, convs, w
         top1 = _teacher_forced(fast, ref, conv)
         print(f"{ckpt.variant.name} accuracy level 4, {name}: teacher-forced top-1 {top1:.0%}")
         assert top1 >= 0.8
+
+
+@requires_torch
+@pytest.mark.parametrize("ckpt", CHECKPOINTS[:1], indirect=True, ids=lambda v: v.name)
+@pytest.mark.parametrize("version", ["10.3", "10.15"])
+def test_tensorrt_fp32_export_of_a_gptq_checkpoint_gives_the_portable_exports_tokens(ckpt, convs, workdir, version):
+    """The tensorrt target takes a quantized checkpoint's weights dequantized, through the same linear-layer
+    reader as the other targets (both attention forms)."""
+    from qwen2vl_edge.runtime import Qwen2VLPipeline
+
+    art = export_artifact(ckpt.quant, workdir / f"art-{ckpt.variant.name}-trt-{version}", target="tensorrt",
+                          precision="fp32", min_tensorrt=version)
+    trt, portable = Qwen2VLPipeline.load(art), Qwen2VLPipeline.load(ckpt.portable)
+    conv = convs["image"]
+    ref = portable.generate(conv, max_new_tokens=N_ORT, min_new_tokens=N_ORT).token_ids
+    assert len(set(ref)) > N_ORT // 2, "reference output degenerate: parity would prove nothing"
+    assert trt.generate(conv, max_new_tokens=N_ORT, min_new_tokens=N_ORT).token_ids == ref
