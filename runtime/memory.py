@@ -32,10 +32,10 @@ GB = 1e9
 # bias is counted apart). Each kind is rounded up.
 SOFTMAX = 2  # scores and probabilities
 MASKED_SOFTMAX = 3  # scores, masked scores and probabilities
-FUSED = 0  # no S x S tensor (ONNX Runtime's CPU GroupQueryAttention; flash-style fused attention)
+FUSED = 0  # no S x S tensor (ONNX Runtime's CPU GroupQueryAttention, MultiHeadAttention's flash attention)
 ATTENTION = {  # target -> graph -> how its attention holds the scores (export/vision.py, export/decoder.py)
     "portable": {"vision": SOFTMAX, "decoder": MASKED_SOFTMAX},
-    "ort-cpu": {"vision": SOFTMAX, "decoder": FUSED},
+    "ort-cpu": {"vision": FUSED, "decoder": FUSED},
     # run by ONNX Runtime: 10.3's explicit attention as portable's; 10.15's ONNX Attention still allocates every
     # head's scores inside ONNX Runtime's CPU kernel (2B-shape vision, 9,216 patches, fp16: 7.6 GB above the
     # weights, 1.4 fp32 score tensors; benchmarks/vision_memory.py, README)
