@@ -45,8 +45,10 @@ ATTENTION = {  # target -> graph -> how its attention holds the scores (export/v
 KV_CACHE = {"portable": CONCAT, "ort-cpu": PREALLOCATED, "tensorrt": CONCAT}
 # fp32 activations alive besides attention, in units of one [tokens, width] row set: the residual stream,
 # the norm output, q/k/v and their rotations; the MLP's hidden width counted separately (fc1 / gate, up,
-# the activation's intermediates).
-VISION_WIDTHS, VISION_MLP_WIDTHS = 6, 3
+# the activation's intermediates). The vision encoder's, once its attention holds no scores (ort-cpu), were
+# measured: 26-30 widths of embed_dim a patch at Qwen2-VL-2B's (4 MLP widths of 4), with ONNX Runtime's arena
+# (2026-11-26, onnxruntime 1.32; benchmarks/vision_memory.py, memory_estimate.py, README); 11 + 6 x 4 = 35.
+VISION_WIDTHS, VISION_MLP_WIDTHS = 11, 6
 DECODER_WIDTHS, DECODER_MLP_WIDTHS = 6, 4
 
 

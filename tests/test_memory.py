@@ -59,13 +59,14 @@ def test_a_phone_photo_at_the_default_max_pixels_is_refused_with_a_max_pixels_th
 
 def test_fused_vision_attention_makes_a_phone_photo_linear(only_the_limit):
     """Portable holds [heads, S, S] fp32 scores (why ONNX Runtime asked for 30 GB and more); ort-cpu's
-    MultiHeadAttention holds none, so the photo at the default max_pixels fits where portable cannot."""
+    MultiHeadAttention holds none, so the photo at the default max_pixels fits where portable cannot (its
+    linear activations still take about 11 GB: 61,000 patches of 1280-wide rows)."""
     inputs = _image_inputs(4000, 3000)
     portable, fused = (estimate(CFG_2B, e, RequestShape.of(inputs, 128)) for e in (PORTABLE, ORT_CPU))
-    assert portable.stages["vision"] > 400 * GB and fused.stages["vision"] < 8 * GB
-    with pytest.raises(InputError, match=r"in the vision stage.*--target ort-cpu \(needs about \d\.\d GB\)"):
-        check(CFG_2B, PORTABLE, inputs, 128, 8 * GB)
-    assert check(CFG_2B, ORT_CPU, inputs, 128, 8 * GB).peak <= 8 * GB
+    assert portable.stages["vision"] > 400 * GB and fused.stages["vision"] < 16 * GB
+    with pytest.raises(InputError, match=r"in the vision stage.*--target ort-cpu \(needs about 1\d\.\d GB\)"):
+        check(CFG_2B, PORTABLE, inputs, 128, 16 * GB)
+    assert check(CFG_2B, ORT_CPU, inputs, 128, 16 * GB).peak <= 16 * GB
 
 
 def test_a_prompt_at_the_context_limit_names_the_target_that_fits(only_the_limit):
