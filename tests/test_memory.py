@@ -50,7 +50,8 @@ def test_a_phone_photo_at_the_default_max_pixels_is_refused_with_a_max_pixels_th
     est = estimate(CFG_2B, export, RequestShape.of(inputs, 128))
     assert est.stage == "vision"
     limit = limit_gb * GB
-    with pytest.raises(InputError, match=rf"vision.*more than the {limit_gb}\.0 GB available \(memory_limit\).*max_pixels=") as e:
+    refused = rf"vision.*more than the {limit_gb}\.0 GB available \(memory_limit\).*max_pixels="
+    with pytest.raises(InputError, match=refused) as e:
         check(CFG_2B, export, inputs, 128, limit)
     suggested = _fits(str(e.value), "max_pixels")
     assert check(CFG_2B, export, _image_inputs(4000, 3000, suggested), 128, limit).peak <= limit
