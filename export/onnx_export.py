@@ -35,7 +35,10 @@ VISION_WEIGHTS = WEIGHTS + ("int8-dynamic",)  # the decoder's table is shared bl
 # and 4-bit MatMulNBits run on 1.20; 1.20 and 1.21 refuse 8-bit MatMulNBits ("Only 4b quantization is
 # supported"), 1.22 runs it; GatherBlockQuantized on packed uint8 takes `bits` from 1.23 (1.22:
 # "Unrecognized attribute: bits"); GroupQueryAttention with attention_bias (our left padding) from 1.22.
+# MultiHeadAttention (the vision encoder) takes its CPU flash-attention path (onnxruntime PR 20805, 1.19) on
+# 1.20: peak memory linear in the patches there as on 1.32 (README).
 CONTRIB_MIN_ONNXRUNTIME = {("SkipSimplifiedLayerNormalization", 0): (1, 20), ("GroupQueryAttention", 0): (1, 22),
+                           ("MultiHeadAttention", 0): (1, 20),
                            ("DynamicQuantizeMatMul", 0): (1, 20),
                            ("MatMulNBits", 4): (1, 20),
                            ("MatMulNBits", 8): (1, 22), ("GatherBlockQuantized", 4): (1, 23),
@@ -46,7 +49,7 @@ def _contrib_ops(target: str, quant: dict) -> list[tuple[str, int]]:
     """(op, bits) of every contrib op the graphs use; the merger gathers from the decoder's quantized table."""
     if target != "ort-cpu":
         return []
-    ops = [("SkipSimplifiedLayerNormalization", 0), ("GroupQueryAttention", 0)]
+    ops = [("SkipSimplifiedLayerNormalization", 0), ("GroupQueryAttention", 0), ("MultiHeadAttention", 0)]
     ops += [(q.op, 0 if q.dynamic else q.bits) for q in quant.values() if q]
     if quant["decoder"] is not None:
         ops.append(("GatherBlockQuantized", quant["decoder"].bits))

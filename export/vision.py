@@ -3,7 +3,8 @@
 Attention runs within a frame (Qwen2-VL's cu_seqlens has one segment per temporal slice), so frames
 are a batch dimension: no N x N mask across images or frames ever exists. The rotary table of the
 patch grid is data-dependent and comes from the runtime (runtime/rope.py: vision_rotary). With the
-fused ops (tensorrt from 10.15) attention is one ONNX Attention per frame: no [F, heads, S, S] tensor.
+fused ops attention is one op per frame, no [F, heads, S, S] tensor: ONNX Attention (tensorrt from 10.15),
+ONNX Runtime's MultiHeadAttention (ort-cpu).
 """
 
 from __future__ import annotations
@@ -69,6 +70,14 @@ def _rotate_vision(g: Graph, x: str, cos: str, sin: str, hd: int) -> str:
     return g.to_act(x)
 
 
+def _multi_head_attention(g: Graph, q: str, k: str, v: str, nh: int, hd: int) -> str:
+    """ONNX Runtime's MultiHeadAttention on q, k, v [F, S, nh, hd] -> [F, S, E]. Without mask, bias, past or
+    present its fp32 CPU kernel runs flash attention (MlasFlashAttention, tiles sized to the L2 cache): memory
+    linear in the patches."""
+    q, k, v = (g.op("Reshape", t, g.const([0, 0, nh * hd])) for t in (q, k, v))  # [F, S, E]: frames are the batch
+    return g.op("MultiHeadAttention", q, k, v, domain="com.microsoft", num_heads=nh, scale=float(hd ** -0.5))
+
+
 def _block(g: Graph, x: str, ckpt: Checkpoint, i: int, cos: str, sin: str) -> str:
     vc = ckpt.config.vision
     p = f"visual.blocks.{i}"
@@ -85,13 +94,17 @@ def _block(g: Graph, x: str, ckpt: Checkpoint, i: int, cos: str, sin: str) -> st
             attn = g.op("Attention", q, k, v, scale=float(hd ** -0.5), softmax_precision=FLOAT)
         else:
             attn = attend(g, q, g.op("Transpose", k, perm=[0, 1, 3, 2]), v, hd ** -0.5)
+    elif g.target.contrib:  # fused per frame (frames are the batch): no [F, nh, S, S] tensor
+        attn = _multi_head_attention(g, rotate(g, q, cos, sin, hd // 2), rotate(g, k, cos, sin, hd // 2), v,
+                                     nh, hd)  # [F, S, E]
     else:
         q, k = rotate(g, q, cos, sin, hd // 2), rotate(g, k, cos, sin, hd // 2)
         q = g.op("Transpose", q, perm=[0, 2, 1, 3])  # [F, nh, S, hd]
         k = g.op("Transpose", k, perm=[0, 2, 3, 1])  # [F, nh, hd, S]
         v = g.op("Transpose", v, perm=[0, 2, 1, 3])
         attn = attend(g, q, k, v, hd ** -0.5)  # [F, nh, S, hd]
-    attn = g.op("Reshape", g.op("Transpose", attn, perm=[0, 2, 1, 3]), g.const([0, 0, E]))
+    if not g.target.contrib:
+        attn = g.op("Reshape", g.op("Transpose", attn, perm=[0, 2, 1, 3]), g.const([0, 0, E]))  # [F, S, E]
     x = g.op("Add", x, g.linear(attn, ckpt.get(f"{p}.attn.proj.weight"), ckpt.get(f"{p}.attn.proj.bias"),
                                  f"{p}.attn.proj"))
     h = layer_norm(g, x, ckpt, f"{p}.norm2")

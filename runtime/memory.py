@@ -32,10 +32,10 @@ GB = 1e9
 # bias is counted apart). Each kind is rounded up.
 SOFTMAX = 2  # scores and probabilities
 MASKED_SOFTMAX = 3  # scores, masked scores and probabilities
-FUSED = 0  # no S x S tensor (ONNX Runtime's CPU GroupQueryAttention; flash-style fused attention)
+FUSED = 0  # no S x S tensor (ONNX Runtime's CPU GroupQueryAttention, MultiHeadAttention's flash attention)
 ATTENTION = {  # target -> graph -> how its attention holds the scores (export/vision.py, export/decoder.py)
     "portable": {"vision": SOFTMAX, "decoder": MASKED_SOFTMAX},
-    "ort-cpu": {"vision": SOFTMAX, "decoder": FUSED},
+    "ort-cpu": {"vision": FUSED, "decoder": FUSED},
     # run by ONNX Runtime: 10.3's explicit attention as portable's; 10.15's ONNX Attention still allocates every
     # head's scores inside ONNX Runtime's CPU kernel (2B-shape vision, 9,216 patches, fp16: 7.6 GB above the
     # weights, 1.4 fp32 score tensors; benchmarks/vision_memory.py, README)
@@ -45,8 +45,10 @@ ATTENTION = {  # target -> graph -> how its attention holds the scores (export/v
 KV_CACHE = {"portable": CONCAT, "ort-cpu": PREALLOCATED, "tensorrt": CONCAT}
 # fp32 activations alive besides attention, in units of one [tokens, width] row set: the residual stream,
 # the norm output, q/k/v and their rotations; the MLP's hidden width counted separately (fc1 / gate, up,
-# the activation's intermediates).
-VISION_WIDTHS, VISION_MLP_WIDTHS = 6, 3
+# the activation's intermediates). The vision encoder's, once its attention holds no scores (ort-cpu), were
+# measured: 26-30 widths of embed_dim a patch at Qwen2-VL-2B's (4 MLP widths of 4), with ONNX Runtime's arena
+# (2026-11-26, onnxruntime 1.32; benchmarks/vision_memory.py, memory_estimate.py, README); 11 + 6 x 4 = 35.
+VISION_WIDTHS, VISION_MLP_WIDTHS = 11, 6
 DECODER_WIDTHS, DECODER_MLP_WIDTHS = 6, 4
 
 

@@ -268,7 +268,7 @@ def test_missing_contrib_kernel_names_the_onnxruntime_needed(quantized, tmp_path
     onnx.save(model, str(bad / "decoder.onnx"))
     manifest = json.loads((bad / "manifest.json").read_text())
     assert manifest["export"]["contrib_ops"] == ["SkipSimplifiedLayerNormalization", "GroupQueryAttention",
-                                                 "MatMulNBits", "GatherBlockQuantized"]
+                                                 "MultiHeadAttention", "MatMulNBits", "GatherBlockQuantized"]
     assert manifest["export"]["requires_onnxruntime"] == ">=1.23"  # GatherBlockQuantized with `bits`
     with pytest.raises(ArtifactError, match=r"needs onnxruntime>=1\.23 .*re-export with --weights fp32"):
         Qwen2VLPipeline.load(bad, verify=False)
