@@ -40,3 +40,10 @@ def held_back(text: str, stops: tuple[str, ...]) -> int:
     yet, since the next tokens may complete the stop string (which the final text cuts)."""
     return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
                default=0)
+
+
+def safe_piece(text: str, stops: tuple[str, ...], emitted: int) -> str:
+    """What a stream may show of a reply's complete `text` beyond the `emitted` characters already shown: all
+    but an end that may still become a stop string (the final text, cut at the stop, comes with the result)."""
+    safe = len(text) - held_back(text, stops)
+    return text[emitted:safe] if safe > emitted else ""

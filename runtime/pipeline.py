@@ -14,7 +14,7 @@ import numpy as np
 from . import checks, memory
 from .artifact import Artifact, load_artifact
 from .backends import BACKENDS, create_backend
-from .detokenize import held_back
+from .detokenize import safe_piece
 from .errors import ConfigError, InputError
 from .generation import GenerationOptions, StepTimes, checkpoint_sampling, run, sampling_options, stop_strings
 from .grounding import Box, parse_boxes
@@ -262,10 +262,10 @@ class Qwen2VLPipeline:
             text = state.texts[0].text  # complete characters only
             if state.finished[0]:  # the final text (cut at the stop string) comes with the result
                 continue
-            safe = len(text) - held_back(text, opts.stop)
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
+            piece = safe_piece(text, opts.stop, emitted)
+            if piece:
+                yield piece
+                emitted += len(piece)
 
     def steps(self, conversations, opts: GenerationOptions):
         """generate() one token at a time, for a caller that streams or cancels a whole batch (the server):

@@ -18,6 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from qwen2vl_edge.runtime.detokenize import safe_piece
 from qwen2vl_edge.runtime.errors import InputError
 from qwen2vl_edge.runtime.generation import GenerationOptions
 
@@ -48,16 +49,6 @@ class Job:
 
     def post(self, kind: str, value: Any) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
-
-
-def new_text(decoded: str, stop: tuple[str, ...], emitted: str) -> str:
-    """The part of a row's decoded text not sent yet: cut at the first stop string, and held back while it
-    ends in an incomplete UTF-8 character (as Qwen2VLPipeline.stream does)."""
-    cuts = [decoded.index(s) for s in stop if s in decoded]
-    text = decoded[:min(cuts)] if cuts else decoded
-    if text.endswith("\ufffd") or len(text) <= len(emitted):
-        return ""
-    return text[len(emitted):]
 
 
 class Batcher:
@@ -137,7 +128,6 @@ class Batcher:
 
     def _generate(self, batch: list[Job]) -> None:
         steps = self.pipe.steps([j.conversation for j in batch], batch[0].options)
-        decode = self.pipe.processor.decode
         while True:
             try:
                 state = next(steps)
@@ -150,18 +140,20 @@ class Batcher:
                 for job in batch:
                     job.post("error", SHUTTING_DOWN)  # unread by a client that has gone
                 return
-            for job, ids in zip(batch, state.generated):
-                self._deliver(job, decode(ids))
+            for job, text, finished in zip(batch, state.texts, state.finished):
+                # the loop's incremental text (complete characters only); a finished row's final text,
+                # cut at its stop string, comes with the result
+                self._deliver(job, "" if finished else text.text)
         for job, result in zip(batch, results):
             if result.text.startswith(job.emitted) and len(result.text) > len(job.emitted):
-                job.post("delta", result.text[len(job.emitted):])  # a trailing incomplete character, as decoded
+                job.post("delta", result.text[len(job.emitted):])  # held-back text, an incomplete last character
             job.post("done", result)
 
-    def _deliver(self, job: Job, decoded: str) -> None:
+    def _deliver(self, job: Job, text: str) -> None:
         if not job.started:
             job.started = True
             self.metrics.ttft.observe(time.perf_counter() - job.enqueued)
-        piece = new_text(decoded, job.options.stop, job.emitted)
+        piece = safe_piece(text, job.options.stop, len(job.emitted))
         if piece and not job.cancelled.is_set():
             job.emitted += piece
             job.post("delta", piece)
