@@ -16,6 +16,7 @@ from PIL import Image, UnidentifiedImageError
 
 from qwen2vl_edge.runtime.errors import InputError
 from qwen2vl_edge.runtime.media import fetch_url, to_rgb
+from qwen2vl_edge.runtime.media import local_path as url_path
 
 from .errors import APIError, bad_request, too_large
 from .settings import Limits
@@ -38,7 +39,7 @@ def local_path(url: str, allowed_dir: Path | None, param: str) -> Path:
     if allowed_dir is None:
         raise bad_request("local file paths are not accepted by this server (start it with --allowed-media-dir); "
                           "send the image as a data URI or an http(s) URL", param)
-    path = Path(url[len("file://"):] if url.startswith("file://") else url).resolve()
+    path = url_path(url).resolve()  # the runtime's reading of file:// URLs (escapes, localhost)
     root = Path(allowed_dir).resolve()
     if not path.is_relative_to(root):
         raise bad_request(f"{url} is outside the allowed media folder {root}", param)

@@ -30,15 +30,11 @@ def deployment(settings: ServerSettings, replicas: int, cpus_per_replica: float)
     return Replica.bind(settings)
 
 
-def start(settings: ServerSettings, replicas: int, host: str, port: int, address: str | None = None,
-          cpus_per_replica: float = 1.0) -> None:
-    """Start Ray (a local cluster, or join `address`), then Serve's HTTP proxy on host:port with the replicas;
+def start(settings: ServerSettings, replicas: int, host: str, port: int, cpus_per_replica: float = 1.0) -> None:
+    """Serve's HTTP proxy on host:port with the replicas, on the Ray that `init_ray` started or joined;
     returns once every replica is ready."""
-    import ray
     from ray import serve
 
-    if not ray.is_initialized():
-        init_ray(address)
     serve.start(http_options={"host": host, "port": port})
     serve.run(deployment(settings, replicas, cpus_per_replica), name="qwen2vl-edge", route_prefix="/")
 
@@ -69,13 +65,13 @@ def run_forever(settings: ServerSettings, replicas: int, host: str, port: int, a
                 cpus_per_replica: float) -> None:
     from qwen2vl_edge.runtime.artifact import load_artifact
 
-    load_artifact(settings.artifact, verify=False)  # a wrong path fails here, not inside every replica
+    load_artifact(settings.artifact, verify=False, backend=settings.backend)  # fails here, not in every replica
     try:
         init_ray(address)
     except Exception as e:  # Ray's own start-up (raylet, GCS, ports): reported as such, with its message
         print(f"error: Ray could not start: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         raise SystemExit(RAY_START_FAILED) from None
-    start(settings, replicas, host, port, address, cpus_per_replica)
+    start(settings, replicas, host, port, cpus_per_replica)
     # after ray.init, which installs handlers of its own: SIGTERM and Ctrl-C stop Serve and Ray
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.default_int_handler)
