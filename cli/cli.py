@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from qwen2vl_edge.runtime.backends.trt_profiles import MIN_TENSORRT, PRECISIONS
+
 
 def _make_tiny(args: argparse.Namespace) -> int:
     from qwen2vl_edge.export.tiny import make_tiny
@@ -333,9 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", choices=["portable", "ort-cpu", "tensorrt"], default="portable",
                    help="portable: standard ONNX (any runtime); ort-cpu: ONNX Runtime CPU kernels; tensorrt: "
                         "strongly typed standard ONNX for TensorRT's parser (--precision, --min-tensorrt)")
-    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="tensorrt: type of weights, activations and KV cache (default fp16)")
-    p.add_argument("--min-tensorrt", choices=["10.3", "10.15"], default=None,
+    p.add_argument("--min-tensorrt", choices=MIN_TENSORRT, default=None,
                    help="tensorrt: oldest TensorRT the graphs are written for (default 10.3, JetPack 6; 10.15: fused "
                         "Attention, KV cache updated in place)")
     p.add_argument("--weights", choices=["fp32", "int8", "int4"], default="fp32",

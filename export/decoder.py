@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from qwen2vl_edge.runtime.backends.trt_profiles import kv_names
+
 from .checkpoint import Checkpoint
 from .graph import BOOL, FLOAT, INT32, INT64, Graph
 from .prequantized import join_outputs
@@ -200,10 +202,10 @@ def _mlp(g: Graph, h: str, ckpt: Checkpoint, i: int) -> str:
     return g.linear(g.op("Mul", act, up), ckpt.linear(f"{p}.down_proj"), None, f"{p}.down_proj")
 
 
-def cache_names(num_layers: int) -> list[tuple[str, str, str, str]]:
-    """(past key, past value, present key, present value) names per layer."""
-    return [(f"past_key_values.{i}.key", f"past_key_values.{i}.value", f"present.{i}.key", f"present.{i}.value")
-            for i in range(num_layers)]
+def cache_names(cfg) -> list[tuple[str, str, str, str]]:
+    """(past key, past value, present key, present value) names per layer: the names the runtime binds."""
+    pairs = kv_names(cfg)  # (past, present) of each layer's key, then its value
+    return [(k[0], v[0], k[1], v[1]) for k, v in zip(pairs[0::2], pairs[1::2])]
 
 
 def preallocated(g: Graph) -> bool:
@@ -255,7 +257,7 @@ def build_decoder(g: Graph, ckpt: Checkpoint, all_logits: bool = False, progress
     x = g.input("inputs_embeds", FLOAT, ["batch", "seq", H])
     attention_mask = g.input("attention_mask", INT64, ["batch", "total_seq"])
     position_ids = g.input("position_ids", INT64, [3, "batch", "seq"])
-    names = cache_names(tc.num_hidden_layers)
+    names = cache_names(ckpt.config)
     past_dim, present_dim = ("capacity", "capacity") if preallocated(g) else ("past_seq", "total_seq")
     pasts = [(g.input(pk, g.act, ["batch", kv, past_dim, hd]), g.input(pv, g.act, ["batch", kv, past_dim, hd]))
              for pk, pv, _, _ in names]

@@ -11,7 +11,8 @@ from pathlib import Path
 import onnx
 
 import qwen2vl_edge
-from qwen2vl_edge.runtime.artifact import FORMAT, FORMAT_VERSION, GRAPHS, MANIFEST, sha256_file
+from qwen2vl_edge.runtime.artifact import FORMAT, FORMAT_VERSION, GRAPHS, MANIFEST, PROCESSOR_FILES, sha256_file
+from qwen2vl_edge.runtime.backends.trt_profiles import MIN_TENSORRT, PRECISIONS
 from qwen2vl_edge.runtime.chat import find_template
 
 from .checkpoint import Checkpoint
@@ -24,11 +25,8 @@ from .trt_check import load_rules
 from .vision import build_vision_encoder
 
 WEIGHTS_FILE = "weights.data"
-PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "generation_config.json")
 MIN_OPSET = 17
 TARGETS = ("portable", "ort-cpu", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "bf16")
-TENSORRT_VERSIONS = ("10.3", "10.15")
 WEIGHTS = ("fp32", "int8", "int4")
 VISION_WEIGHTS = WEIGHTS + ("int8-dynamic",)  # the decoder's table is shared block-quantized with its lm_head
 # onnxruntime each contrib op (op, weight bits) needs on CPU, as tried: SkipSimplifiedLayerNormalization
@@ -90,9 +88,9 @@ def _target(target: str, precision: str | None, min_tensorrt: str | None, weight
     precision = precision or "fp16"
     if precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    min_tensorrt = min_tensorrt or TENSORRT_VERSIONS[0]
-    if min_tensorrt not in TENSORRT_VERSIONS:
-        raise ValueError(f"--min-tensorrt must be one of {', '.join(TENSORRT_VERSIONS)}, got {min_tensorrt!r}")
+    min_tensorrt = min_tensorrt or MIN_TENSORRT[0]
+    if min_tensorrt not in MIN_TENSORRT:
+        raise ValueError(f"--min-tensorrt must be one of {', '.join(MIN_TENSORRT)}, got {min_tensorrt!r}")
     if dtype != "fp32":
         raise ValueError("--target tensorrt stores its weights in --precision (fp16 or bf16): drop --dtype")
     needed = {"int4": 21, "int8": 19}.get(weights, MIN_OPSET) if min_tensorrt == "10.3" else 24

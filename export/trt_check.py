@@ -18,11 +18,12 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto
 
+from qwen2vl_edge.runtime.backends.trt_profiles import MIN_TENSORRT  # the versions with a matrix here
+
 TRT_TYPES = {TensorProto.FLOAT: "FP32", TensorProto.FLOAT16: "FP16", TensorProto.BFLOAT16: "BF16",
              TensorProto.INT32: "INT32", TensorProto.INT64: "INT64", TensorProto.BOOL: "BOOL",
              TensorProto.INT8: "INT8", TensorProto.UINT8: "UINT8", TensorProto.DOUBLE: "DOUBLE",
              TensorProto.INT4: "INT4"}
-VERSIONS = ("10.3", "10.15")
 DEFAULT_VERSION = "10.15"
 
 
@@ -38,8 +39,8 @@ class Problem:
 
 
 def load_rules(version: str = DEFAULT_VERSION) -> dict:
-    if version not in VERSIONS:
-        raise ValueError(f"no operator matrix for TensorRT {version}: have {', '.join(VERSIONS)}")
+    if version not in MIN_TENSORRT:
+        raise ValueError(f"no operator matrix for TensorRT {version}: have {', '.join(MIN_TENSORRT)}")
     return json.loads(resources.files(__package__).joinpath(f"data/tensorrt_{version}_onnx_ops.json").read_text())
 
 
@@ -145,8 +146,8 @@ def check_artifact(artifact: str | Path, version: str | None = None) -> list[Pro
 
 def main(artifact: str | Path, trt_version: str | None = None) -> int:
     """`trt_version`: check against that version's matrix instead of the artifact's own (10.3 or 10.15)."""
-    if trt_version is not None and trt_version not in VERSIONS:
-        print(f"check-trt: no operator matrix for TensorRT {trt_version}; have {', '.join(VERSIONS)}", file=sys.stderr)
+    if trt_version is not None and trt_version not in MIN_TENSORRT:
+        print(f"check-trt: no operator matrix for TensorRT {trt_version}; have {', '.join(MIN_TENSORRT)}", file=sys.stderr)
         return 2
     rules = load_rules(trt_version or artifact_version(artifact))
     problems = check_artifact(artifact, rules["tensorrt_version"])

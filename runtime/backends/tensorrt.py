@@ -121,6 +121,7 @@ class TrtBackend:
         except ImportError:
             raise ArtifactError("backend='tensorrt' needs TensorRT: pip install 'qwen2vl-edge[trt]'") from None
         self._trt, self.cfg = trt, artifact.config
+        self.kv_pairs = kv_names(self.cfg)  # (past input, present output) per layer and kind, bound every step
         self.hidden_size = self.cfg.text.hidden_size
         self.graph_seconds = None  # execute_async_v3 returns before the GPU is done
         self.kv_cache = artifact.export.get("kv_cache", CONCAT)
@@ -256,7 +257,7 @@ class TrtBackend:
         sets = 2 if self.kv_cache == CONCAT else 1
         per_tensor = kv_cache_bytes(self.cfg, batch, capacity, self.kv_dtype, self.kv_cache) // (
             sets * 2 * self.cfg.text.num_hidden_layers)
-        kv = KvBuffers([{past: DeviceBuffer.alloc(per_tensor, past) for past, _ in kv_names(self.cfg)}
+        kv = KvBuffers([{past: DeviceBuffer.alloc(per_tensor, past) for past, _ in self.kv_pairs}
                         for _ in range(sets)], capacity)
         self._caches.add(kv)
         return kv
@@ -303,7 +304,7 @@ class TrtBackend:
         past_set = cache.kv.sets[cache.current]
         present_set = past_set if self.kv_cache == PREALLOCATED else cache.kv.sets[1 - cache.current]
         past_len = cache.capacity if self.kv_cache == PREALLOCATED else P
-        for past, present in kv_names(self.cfg):
+        for past, present in self.kv_pairs:
             shapes[past] = (B, t.num_key_value_heads, past_len, t.head_dim)
             addresses[past], addresses[present] = past_set[past].ptr, present_set[past].ptr
         self._run(DECODER_CONTEXTS[decoder_profile(P, L)], shapes, addresses,
