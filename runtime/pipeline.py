@@ -193,8 +193,8 @@ class Qwen2VLPipeline:
         for state in run(self.backend, embeds, inputs, opts, self.eos_ids, self.pad_id,
                          self.decoder(skip_special_tokens), steps):
             yield state
-        mask = inputs["attention_mask"]
-        return [self._result(ids, reason, opts, self._timings(timings, steps, started), meta[b],
+        mask, final = inputs["attention_mask"], self._timings(timings, steps, started)  # one set for the batch
+        return [self._result(ids, reason, opts, dict(final), meta[b],
                              {"prompt_tokens": int(mask[b].sum())}, skip_special_tokens)
                 for b, (ids, reason) in enumerate(zip(state.generated, state.reasons))]
 

@@ -42,7 +42,7 @@ def repetition_penalty(row: np.ndarray, seen: np.ndarray, penalty: float) -> np.
     if penalty == 1.0:
         return row
     row = row.copy()
-    ids = np.unique(seen)
+    ids = seen  # a repeated id is written twice with the same value: no sort of the history per token
     scores = row[ids]
     row[ids] = np.where(scores < 0, scores * penalty, scores / penalty)
     return row
