@@ -86,6 +86,12 @@ def dequantize_blocks(packed: np.ndarray, scales: np.ndarray, bits: int) -> np.n
     return values.reshape(values.shape[0], -1)
 
 
+def _check_block(k: int, block_size: int, name: str) -> None:
+    if k % block_size:
+        raise ValueError(f"--block-size {block_size} does not divide the input dimension {k} of {name}: "
+                         "choose a block size that divides it (e.g. 32 or 16)")
+
+
 def _stored(g, key: str, weight, spec: QuantSpec) -> tuple[str, str, int, int]:
     """Quantize `weight` [N, K] (array or loader) into the store once under `key` -> names, N, K.
 
@@ -94,10 +100,7 @@ def _stored(g, key: str, weight, spec: QuantSpec) -> tuple[str, str, int, int]:
     packed_name, scales_name = f"{key}.q{spec.bits}", f"{key}.scales{spec.bits}"
     if packed_name not in g.store:
         w = weight() if callable(weight) else weight
-        k = w.shape[1]
-        if k % spec.block_size:
-            raise ValueError(f"--block-size {spec.block_size} does not divide the input dimension {k} of {key}: "
-                             "choose a block size that divides it (e.g. 32 or 16)")
+        _check_block(w.shape[1], spec.block_size, key)
         packed, scales = quantize_blocks(w, spec.bits, spec.block_size)
         g.store.add(packed_name, packed, exact=True)
         g.store.add(scales_name, scales.reshape(-1), exact=True)
@@ -112,12 +115,10 @@ def dequantize_matmul(g, x: str, weight: np.ndarray, name: str, spec: QuantSpec)
     (scales [N]), the form TensorRT's 10.x matrices document for int8 weights (see tensorrt_onnx_ops*.json)."""
     n, k = weight.shape
     if spec.bits == 4:
-        if k % spec.block_size:
-            raise ValueError(f"--block-size {spec.block_size} does not divide the input dimension {k} of {name}: "
-                             "choose a block size that divides it (e.g. 32 or 16)")
+        _check_block(k, spec.block_size, name)
         q, scales = symmetric(weight.astype(np.float32).reshape(n, k // spec.block_size, spec.block_size), 4)
-        q = q.reshape(n, k).T.reshape(-1).astype(np.uint8) & 0x0F  # [K, N] row-major, two's complement nibbles
-        packed = q[0::2] | (q[1::2] << 4)
+        nibbles = q.reshape(n, k).T.reshape(-1).astype(np.uint8) & 0x0F  # [K, N] row-major, two's complement
+        packed = pack_values(nibbles, 4)
         g.store.add_packed(f"{name}.weight.int4", packed, (k, n), TensorProto.INT4)
         dq = dict(axis=0, block_size=spec.block_size)
         data, scales = f"{name}.weight.int4", scales.T  # [K/block, N]
