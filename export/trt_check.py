@@ -125,18 +125,15 @@ def check_model(model: onnx.ModelProto, name: str, rules: dict) -> list[Problem]
     return problems
 
 
-def artifact_version(artifact: str | Path) -> str:
-    """The TensorRT version whose matrix applies: the manifest's min_tensorrt, else 10.15."""
-    from qwen2vl_edge.runtime.artifact import load_artifact
-
-    return load_artifact(artifact, verify=False).export.get("min_tensorrt") or DEFAULT_VERSION
-
-
-def check_artifact(artifact: str | Path, version: str | None = None) -> list[Problem]:
+def _artifact_and_rules(artifact: str | Path, version: str | None):
+    """The artifact and the matrix that applies: `version`'s, else its manifest's min_tensorrt, else 10.15."""
     from qwen2vl_edge.runtime.artifact import load_artifact
 
     art = load_artifact(artifact, verify=False)
-    rules = load_rules(version or artifact_version(artifact))
+    return art, load_rules(version or art.export.get("min_tensorrt") or DEFAULT_VERSION)
+
+
+def _problems(art, rules: dict) -> list[Problem]:
     problems = []
     for name in art.manifest["graphs"]:
         model = onnx.load(str(art.graph_path(name)), load_external_data=False)
@@ -144,13 +141,17 @@ def check_artifact(artifact: str | Path, version: str | None = None) -> list[Pro
     return problems
 
 
+def check_artifact(artifact: str | Path, version: str | None = None) -> list[Problem]:
+    return _problems(*_artifact_and_rules(artifact, version))
+
+
 def main(artifact: str | Path, trt_version: str | None = None) -> int:
     """`trt_version`: check against that version's matrix instead of the artifact's own (10.3 or 10.15)."""
     if trt_version is not None and trt_version not in MIN_TENSORRT:
         print(f"check-trt: no operator matrix for TensorRT {trt_version}; have {', '.join(MIN_TENSORRT)}", file=sys.stderr)
         return 2
-    rules = load_rules(trt_version or artifact_version(artifact))
-    problems = check_artifact(artifact, rules["tensorrt_version"])
+    art, rules = _artifact_and_rules(artifact, trt_version)
+    problems = _problems(art, rules)
     for p in problems:
         print(p)
     if problems:
