@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from . import chat
+from . import chat, memory
 from .errors import InputError
 from .generation import GenerationOptions, StepTimes, prefill, run
 from .pipeline import GenerationResult, _drain, _generation_kwargs
@@ -72,6 +72,7 @@ class ChatSession:
     """`pipe.chat(system=None, overflow="error", add_vision_id=False, **generation_defaults)`.
 
     send(content, **gen) -> GenerationResult; stream(content, **gen) -> text pieces (then `last_result`);
+    steps(content, opts) -> the turn token by token (the server);
     append(content) -> dict: prefill only (images, camera frames); reset(); history; token_ids.
     `content` is what a user message holds: a string or a list of content items.
     """
@@ -168,17 +169,15 @@ class ChatSession:
         return inputs
 
     def _checked_inputs(self, turn: _Turn, max_new_tokens: int) -> dict:
-        """The turn's arrays, refused before any graph runs when the backend was not built for them."""
+        """The turn's arrays, refused before any graph runs when the backend was not built for them, or (ONNX
+        Runtime on the CPU) when the turn would not fit in memory, as pipe.generate refuses a request."""
         inputs = self._inputs(turn)
-        self.pipe.backend.check_request(inputs, max_new_tokens)
+        pipe = self.pipe
+        pipe.backend.check_request(inputs, max_new_tokens)
+        if memory.host_backend(pipe.backend):  # the cache holds the earlier turns too
+            memory.check(pipe.artifact.config, pipe.artifact.export, inputs, max_new_tokens + len(self._ids),
+                         pipe.memory_limit)
         return inputs
-
-    def _embed(self, inputs: dict) -> tuple[Any, dict]:
-        t0 = time.perf_counter()
-        feats = self.pipe.vision_features(inputs)
-        t1 = time.perf_counter()
-        embeds = self.pipe.backend.merge(inputs["input_ids"], feats)
-        return embeds, {"vision": t1 - t0, "merge": time.perf_counter() - t1}
 
     def _commit(self, ids: list[int], cache: Any, rope_delta: int, image_sizes: list) -> None:
         """The cache now holds `ids` more; the next position follows from the last rope delta."""
@@ -196,7 +195,7 @@ class ChatSession:
         """Prefill `turn` with nothing generated -> timings."""
         inputs = self._checked_inputs(turn, 0)
         self.cache = self._reserve(len(self._ids) + len(turn.ids))
-        embeds, timings = self._embed(inputs)
+        embeds, timings = self.pipe.embed(inputs)
         steps = StepTimes()
         _, state = prefill(self.pipe.backend, embeds, inputs, steps, 0, self.cache, np.asarray(self._ids))
         self._commit(turn.ids, state.cache, int(inputs["rope_deltas"][0, 0]), turn.image_sizes)
@@ -304,6 +303,13 @@ class ChatSession:
         opts, skip = self._options(max_new_tokens, gen)
         yield from self.pipe.stream_steps(self._reply_steps(content, opts, skip), opts)
 
+    def steps(self, content: Any, opts: GenerationOptions, skip_special_tokens: bool = True):
+        """send() one token at a time, with options already made (the server's): yields the DecodeState after
+        each chosen token (one row) and returns [GenerationResult]. Closing the generator early forgets the
+        turn; the cache is rebuilt at the next one."""
+        opts.validate()
+        return self._reply_steps(content, opts, skip_special_tokens)
+
     def _options(self, max_new_tokens: int | None, gen: dict) -> tuple[GenerationOptions, bool]:
         """The call's options over the session's (given to pipe.chat), over the checkpoint's."""
         skip = gen.pop("skip_special_tokens", self.skip_special_tokens)
@@ -322,7 +328,7 @@ class ChatSession:
         state, done = None, False
         try:
             self.cache = self._reserve(cached + len(turn.ids) + opts.max_new_tokens + end_of_turn_room)
-            embeds, timings = self._embed(inputs)
+            embeds, timings = self.pipe.embed(inputs)
             steps = StepTimes()
             for state in run(self.pipe.backend, embeds, inputs, opts, self.pipe.eos_ids, self.pipe.pad_id,
                              self.pipe.decoder(skip_special_tokens), steps, self.cache, np.asarray(self._ids)):
