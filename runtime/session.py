@@ -118,28 +118,31 @@ class ChatSession:
     def _render(self, messages: list[dict], generation_prompt: bool) -> str:
         return self.pipe.processor.prompt(messages, self.add_vision_id, generation_prompt) if messages else ""
 
-    def _delta(self, history: list[dict], message: dict, generation_prompt: bool) -> str:
-        """The text `message` adds after `history` (in the cache, but for a lone system message: it goes in with
-        the first user message)."""
+    def _delta(self, history: list[dict], message: dict, generation_prompt: bool) -> tuple[str, str]:
+        """-> (the text `message` adds after `history` (in the cache, but for a lone system message: it goes in
+        with the first user message), the whole conversation rendered through it)."""
         fed = history if any(m["role"] != "system" for m in history) else []
         before, after = self._render(fed, False), self._render(history + [message], generation_prompt)
         if not after.startswith(before):
             raise InputError("this chat template does not render a conversation as the start of its continuation, "
                              "so a session cannot reuse its cache: use pipe.generate() with the whole conversation")
-        return after[len(before):]
+        return after[len(before):], after
 
-    def _end_of_turn(self, history: list[dict]) -> list[int]:
-        """The ids the template puts after a reply to `history` (Qwen2-VL: <|im_end|> and a newline)."""
+    def _end_of_turn(self, history: list[dict], prompt: str | None = None) -> list[int]:
+        """The ids the template puts after a reply to `history` (Qwen2-VL: <|im_end|> and a newline).
+        `prompt`: `history` rendered with its generation prompt, when the caller has it already."""
         rendered = self._render(history + [{"role": "assistant", "content": SENTINEL}], False)
         at = rendered.find(SENTINEL)
-        if at < 0 or rendered[:at] != self._render(history, True):
+        if at < 0 or rendered[:at] != (self._render(history, True) if prompt is None else prompt):
             raise InputError("this chat template does not render a reply right after its generation prompt, so a "
                              "session cannot reuse its cache: use pipe.generate() with the whole conversation")
         return self.pipe.processor.tokenizer.encode(rendered[at + len(SENTINEL):]).ids
 
     def _user_segment(self, history: list[dict], message: dict, generation_prompt: bool, room: int) -> dict:
-        text = self._delta(history, message, generation_prompt)
-        return self.pipe.processor.segment(text, chat.vision_items([message]), max_tokens=room)
+        """Processor.segment's dict for what `message` adds, plus "rendered": the conversation through it."""
+        text, rendered = self._delta(history, message, generation_prompt)
+        return {**self.pipe.processor.segment(text, chat.vision_items([message]), max_tokens=room),
+                "rendered": rendered}
 
     def _reply_ids(self, generated: list[int], reason: str) -> list[int]:
         """The reply as it stays in the cache: the generated ids, less the eos that ended it (the template's
@@ -335,7 +338,7 @@ class ChatSession:
                 yield state
             generated, reason = state.generated[0], state.reasons[0]
             history = self.history + [message]
-            reply, end_of_turn = self._reply_ids(generated, reason), self._end_of_turn(history)
+            reply, end_of_turn = self._reply_ids(generated, reason), self._end_of_turn(history, seg["rendered"])
             # the cache holds the turn and all generated tokens but the last; the rest of the reply and the end
             # of turn go in now, so that the next turn prefills only itself
             self._commit(turn.ids + generated[:-1], state.cache, int(state.rope_deltas[0, 0]), turn.image_sizes)
