@@ -44,7 +44,7 @@ class Job:
     enqueued: float = field(default_factory=time.perf_counter)
     stream: bool = True  # text pieces are posted as they come; otherwise only the result
     prefix_key: str | None = None  # conversation_key of the messages before the last user message
-    starts: bool = False  # a new session can run it (sessions.can_start)
+    starts: bool = False  # a new session can run it (sessions.job_keys)
     emitted: str = ""  # text already sent as pieces
     started: bool = False  # first token seen
 
@@ -156,7 +156,7 @@ class Batcher:
             cached = len(kept.session.token_ids)
             results = self._generate([job], kept.session.steps(job.conversation[-1]["content"], job.options))
         except InputError:
-            results = self._generate([job], self.pipe.steps([job.conversation], job.options))
+            self._generate([job], self.pipe.steps([job.conversation], job.options))
             return
         if results is not None:  # the turn is complete: the cache holds the conversation and the reply
             self._keep(kept, job.conversation, results[0], cached)
