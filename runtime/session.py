@@ -20,7 +20,6 @@ from . import chat, memory
 from .errors import InputError
 from .generation import GenerationOptions, StepTimes, prefill, run
 from .pipeline import GenerationResult, _drain, _generation_kwargs
-from .rope import grid_iterators, segment_positions
 
 if TYPE_CHECKING:
     from .pipeline import Qwen2VLPipeline
@@ -154,20 +153,13 @@ class ChatSession:
     # -- the cache ----------------------------------------------------------------------------
 
     def _inputs(self, turn: _Turn) -> dict:
-        """The arrays one prefill of `turn` needs: positions continue from the cache."""
+        """The arrays one prefill of `turn` needs: the processor's for one row, its positions continuing from
+        the cache (M-RoPE positions shift as a whole) and its mask covering the cache too."""
         L, P = len(turn.ids), len(self._ids)
-        input_ids = np.asarray([turn.ids], np.int64)  # [1, L]
-        inputs = {"input_ids": input_ids, "attention_mask": np.ones((1, P + L), np.int64)}
-        for kind, pixels_key, grid_key in (("image", "pixel_values", "image_grid_thw"),
-                                           ("video", "pixel_values_videos", "video_grid_thw")):
-            if turn.pixels[kind]:
-                inputs[pixels_key] = np.concatenate(turn.pixels[kind])
-                inputs[grid_key] = np.asarray(turn.grids[kind], np.int64)
-        positions = segment_positions(input_ids[0], grid_iterators(inputs.get("image_grid_thw"),
-                                                                   inputs.get("video_grid_thw")),
-                                      self.pipe.artifact.config, start=self._next_position)  # [3, L]
-        inputs["position_ids"] = positions[:, None, :]  # [3, 1, L]
-        next_position = int(positions.max()) + 1 if L else self._next_position
+        inputs = self.pipe.processor.arrays([turn.ids], [{"pixels": turn.pixels, "grids": turn.grids}])
+        inputs["attention_mask"] = np.ones((1, P + L), np.int64)
+        inputs["position_ids"] = inputs["position_ids"] + self._next_position  # [3, 1, L]
+        next_position = int(inputs["position_ids"].max()) + 1 if L else self._next_position
         inputs["rope_deltas"] = np.asarray([[next_position - (P + L)]], np.int64)  # decode steps continue here
         return inputs
 
