@@ -4,8 +4,9 @@ Each turn renders the whole conversation with the chat template and prefills onl
 hold: the new user message (its images / videos through the vision encoder) and the generation prompt.
 A reply stays in the cache as the ids it was generated with (a decoded reply does not always re-tokenise to
 the same ids), and the template's end of turn is fed right after it, so that the next turn starts at once.
-M-RoPE positions continue from the cache's next position. The session talks to the backend only through
-the Backend interface (new_cache, reserve, decode), so every cache kind serves it.
+M-RoPE positions continue from the cache's next position. The session reaches the backend only through the
+generation loop's steps and the Backend interface (the cache made and grown by prefill), so every cache
+kind serves it.
 """
 
 from __future__ import annotations
@@ -181,15 +182,9 @@ class ChatSession:
         self._next_position = len(self._ids) + rope_delta
         self._image_sizes += image_sizes
 
-    def _reserve(self, positions: int) -> Any:
-        """The session's cache with room for `positions` in all (made at the first turn)."""
-        backend = self.pipe.backend
-        return backend.new_cache(1, positions) if self.cache is None else backend.reserve(self.cache, positions)
-
     def _feed(self, turn: _Turn) -> dict:
         """Prefill `turn` with nothing generated -> timings."""
         inputs = self._checked_inputs(turn, 0)
-        self.cache = self._reserve(len(self._ids) + len(turn.ids))
         embeds, timings = self.pipe.embed(inputs)
         steps = StepTimes()
         _, state = prefill(self.pipe.backend, embeds, inputs, steps, 0, self.cache, np.asarray(self._ids))
@@ -322,11 +317,12 @@ class ChatSession:
         preprocess = time.perf_counter() - started
         state, done = None, False
         try:
-            self.cache = self._reserve(cached + len(turn.ids) + opts.max_new_tokens + end_of_turn_room)
             embeds, timings = self.pipe.embed(inputs)
             steps = StepTimes()
+            # prefill makes the cache at the first turn, else reserves room in it; the end of turn goes in after
             for state in run(self.pipe.backend, embeds, inputs, opts, self.pipe.eos_ids, self.pipe.pad_id,
-                             self.pipe.decoder(skip_special_tokens), steps, self.cache, np.asarray(self._ids)):
+                             self.pipe.decoder(skip_special_tokens), steps, self.cache, np.asarray(self._ids),
+                             room=end_of_turn_room):
                 yield state
             generated, reason = state.generated[0], state.reasons[0]
             history = self.history + [message]
