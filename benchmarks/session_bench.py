@@ -5,12 +5,17 @@
 Turn 1: a 448x448 image and a question. Turn 2: a text follow-up about it. Compared with `generate()` on
 the whole conversation (what a follow-up cost before sessions: image re-encoded, whole prompt re-run).
 Medians over `--repeats` fresh sessions, after one warm-up; greedy, 16 new tokens per reply.
+What running turn 1 in a session costs over generate(): the end of turn fed after the reply
+(`first_end_of_turn`), and, with the [serve] extra, the server's check before it keeps the session
+(`server_keep_check`: the conversation re-rendered and re-tokenised, the new images preprocessed again).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import time
 import platform
 import statistics
 import sys
@@ -32,12 +37,23 @@ def _image(side: int = 448) -> Image.Image:
 def one_round(pipe, image, new_tokens: int) -> dict:
     session = pipe.chat(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     first = session.send([{"type": "image", "image": image}, *QUESTION])
+    keep_check = _keep_check(pipe, session) if importlib.util.find_spec("fastapi") else None
     follow = session.send(FOLLOW_UP)
     whole = pipe.generate(session.history[:-1], new_tokens, min_new_tokens=new_tokens)
     return {"first_ttft": first.timings["time_to_first_token"], "follow_up_ttft": follow.timings["time_to_first_token"],
             "rerun_ttft": whole.timings["time_to_first_token"], "first_prompt_tokens": first.usage["prompt_tokens"],
             "follow_up_new_tokens": follow.usage["prompt_tokens"] - follow.usage["cached_prompt_tokens"],
-            "follow_up_cached_tokens": follow.usage["cached_prompt_tokens"]}
+            "follow_up_cached_tokens": follow.usage["cached_prompt_tokens"],
+            "first_end_of_turn": first.timings["end_of_turn"],
+            **({"server_keep_check": keep_check} if keep_check is not None else {})}
+
+
+def _keep_check(pipe, session) -> float:
+    from qwen2vl_edge.server.sessions import encodes_as
+
+    t0 = time.perf_counter()
+    encodes_as(pipe, [], session.history, session.token_ids)
+    return time.perf_counter() - t0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -179,11 +179,16 @@ class Qwen2VLPipeline:
         self.backend.check_request(inputs, opts.max_new_tokens)
         if memory.host_backend(self.backend):  # refuse what would not fit before any graph allocates
             memory.check(self.artifact.config, self.artifact.export, inputs, opts.max_new_tokens, self.memory_limit)
+        embeds, timings = self.embed(inputs)
+        return inputs, meta, embeds, {"preprocess": t1 - t0, **timings}
+
+    def embed(self, inputs: dict) -> tuple[Any, dict[str, float]]:
+        """The prompt's embeddings: vision features merged at their placeholders -> (embeds, timings)."""
+        t0 = time.perf_counter()
         feats = self.vision_features(inputs)
-        t2 = time.perf_counter()
+        t1 = time.perf_counter()
         embeds = self.backend.merge(inputs["input_ids"], feats)
-        t3 = time.perf_counter()
-        return inputs, meta, embeds, {"preprocess": t1 - t0, "vision": t2 - t1, "merge": t3 - t2}
+        return embeds, {"vision": t1 - t0, "merge": time.perf_counter() - t1}
 
     def _steps(self, conversations, opts: GenerationOptions, add_vision_id: bool = False,
                skip_special_tokens: bool = True):

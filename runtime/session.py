@@ -4,8 +4,9 @@ Each turn renders the whole conversation with the chat template and prefills onl
 hold: the new user message (its images / videos through the vision encoder) and the generation prompt.
 A reply stays in the cache as the ids it was generated with (a decoded reply does not always re-tokenise to
 the same ids), and the template's end of turn is fed right after it, so that the next turn starts at once.
-M-RoPE positions continue from the cache's next position. The session talks to the backend only through
-the Backend interface (new_cache, reserve, decode), so every cache kind serves it.
+M-RoPE positions continue from the cache's next position. The session reaches the backend only through the
+generation loop's steps and the Backend interface (the cache made and grown by prefill), so every cache
+kind serves it.
 """
 
 from __future__ import annotations
@@ -16,11 +17,10 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from . import chat
+from . import chat, memory
 from .errors import InputError
 from .generation import GenerationOptions, StepTimes, prefill, run
 from .pipeline import GenerationResult, _drain, _generation_kwargs
-from .rope import grid_iterators, segment_positions
 
 if TYPE_CHECKING:
     from .pipeline import Qwen2VLPipeline
@@ -72,6 +72,7 @@ class ChatSession:
     """`pipe.chat(system=None, overflow="error", add_vision_id=False, **generation_defaults)`.
 
     send(content, **gen) -> GenerationResult; stream(content, **gen) -> text pieces (then `last_result`);
+    steps(content, opts) -> the turn token by token (the server);
     append(content) -> dict: prefill only (images, camera frames); reset(); history; token_ids.
     `content` is what a user message holds: a string or a list of content items.
     """
@@ -117,28 +118,31 @@ class ChatSession:
     def _render(self, messages: list[dict], generation_prompt: bool) -> str:
         return self.pipe.processor.prompt(messages, self.add_vision_id, generation_prompt) if messages else ""
 
-    def _delta(self, history: list[dict], message: dict, generation_prompt: bool) -> str:
-        """The text `message` adds after `history` (in the cache, but for a lone system message: it goes in with
-        the first user message)."""
+    def _delta(self, history: list[dict], message: dict, generation_prompt: bool) -> tuple[str, str]:
+        """-> (the text `message` adds after `history` (in the cache, but for a lone system message: it goes in
+        with the first user message), the whole conversation rendered through it)."""
         fed = history if any(m["role"] != "system" for m in history) else []
         before, after = self._render(fed, False), self._render(history + [message], generation_prompt)
         if not after.startswith(before):
             raise InputError("this chat template does not render a conversation as the start of its continuation, "
                              "so a session cannot reuse its cache: use pipe.generate() with the whole conversation")
-        return after[len(before):]
+        return after[len(before):], after
 
-    def _end_of_turn(self, history: list[dict]) -> list[int]:
-        """The ids the template puts after a reply to `history` (Qwen2-VL: <|im_end|> and a newline)."""
+    def _end_of_turn(self, history: list[dict], prompt: str | None = None) -> list[int]:
+        """The ids the template puts after a reply to `history` (Qwen2-VL: <|im_end|> and a newline).
+        `prompt`: `history` rendered with its generation prompt, when the caller has it already."""
         rendered = self._render(history + [{"role": "assistant", "content": SENTINEL}], False)
         at = rendered.find(SENTINEL)
-        if at < 0 or rendered[:at] != self._render(history, True):
+        if at < 0 or rendered[:at] != (self._render(history, True) if prompt is None else prompt):
             raise InputError("this chat template does not render a reply right after its generation prompt, so a "
                              "session cannot reuse its cache: use pipe.generate() with the whole conversation")
         return self.pipe.processor.tokenizer.encode(rendered[at + len(SENTINEL):]).ids
 
     def _user_segment(self, history: list[dict], message: dict, generation_prompt: bool, room: int) -> dict:
-        text = self._delta(history, message, generation_prompt)
-        return self.pipe.processor.segment(text, chat.vision_items([message]), max_tokens=room)
+        """Processor.segment's dict for what `message` adds, plus "rendered": the conversation through it."""
+        text, rendered = self._delta(history, message, generation_prompt)
+        return {**self.pipe.processor.segment(text, chat.vision_items([message]), max_tokens=room),
+                "rendered": rendered}
 
     def _reply_ids(self, generated: list[int], reason: str) -> list[int]:
         """The reply as it stays in the cache: the generated ids, less the eos that ended it (the template's
@@ -150,35 +154,26 @@ class ChatSession:
     # -- the cache ----------------------------------------------------------------------------
 
     def _inputs(self, turn: _Turn) -> dict:
-        """The arrays one prefill of `turn` needs: positions continue from the cache."""
+        """The arrays one prefill of `turn` needs: the processor's for one row, its positions continuing from
+        the cache (M-RoPE positions shift as a whole) and its mask covering the cache too."""
         L, P = len(turn.ids), len(self._ids)
-        input_ids = np.asarray([turn.ids], np.int64)  # [1, L]
-        inputs = {"input_ids": input_ids, "attention_mask": np.ones((1, P + L), np.int64)}
-        for kind, pixels_key, grid_key in (("image", "pixel_values", "image_grid_thw"),
-                                           ("video", "pixel_values_videos", "video_grid_thw")):
-            if turn.pixels[kind]:
-                inputs[pixels_key] = np.concatenate(turn.pixels[kind])
-                inputs[grid_key] = np.asarray(turn.grids[kind], np.int64)
-        positions = segment_positions(input_ids[0], grid_iterators(inputs.get("image_grid_thw"),
-                                                                   inputs.get("video_grid_thw")),
-                                      self.pipe.artifact.config, start=self._next_position)  # [3, L]
-        inputs["position_ids"] = positions[:, None, :]  # [3, 1, L]
-        next_position = int(positions.max()) + 1 if L else self._next_position
+        inputs = self.pipe.processor.arrays([turn.ids], [{"pixels": turn.pixels, "grids": turn.grids}])
+        inputs["attention_mask"] = np.ones((1, P + L), np.int64)
+        inputs["position_ids"] = inputs["position_ids"] + self._next_position  # [3, 1, L]
+        next_position = int(inputs["position_ids"].max()) + 1 if L else self._next_position
         inputs["rope_deltas"] = np.asarray([[next_position - (P + L)]], np.int64)  # decode steps continue here
         return inputs
 
     def _checked_inputs(self, turn: _Turn, max_new_tokens: int) -> dict:
-        """The turn's arrays, refused before any graph runs when the backend was not built for them."""
+        """The turn's arrays, refused before any graph runs when the backend was not built for them, or (ONNX
+        Runtime on the CPU) when the turn would not fit in memory, as pipe.generate refuses a request."""
         inputs = self._inputs(turn)
-        self.pipe.backend.check_request(inputs, max_new_tokens)
+        pipe = self.pipe
+        pipe.backend.check_request(inputs, max_new_tokens)
+        if memory.host_backend(pipe.backend):  # the cache holds the earlier turns too
+            memory.check(pipe.artifact.config, pipe.artifact.export, inputs, max_new_tokens + len(self._ids),
+                         pipe.memory_limit)
         return inputs
-
-    def _embed(self, inputs: dict) -> tuple[Any, dict]:
-        t0 = time.perf_counter()
-        feats = self.pipe.vision_features(inputs)
-        t1 = time.perf_counter()
-        embeds = self.pipe.backend.merge(inputs["input_ids"], feats)
-        return embeds, {"vision": t1 - t0, "merge": time.perf_counter() - t1}
 
     def _commit(self, ids: list[int], cache: Any, rope_delta: int, image_sizes: list) -> None:
         """The cache now holds `ids` more; the next position follows from the last rope delta."""
@@ -187,16 +182,10 @@ class ChatSession:
         self._next_position = len(self._ids) + rope_delta
         self._image_sizes += image_sizes
 
-    def _reserve(self, positions: int) -> Any:
-        """The session's cache with room for `positions` in all (made at the first turn)."""
-        backend = self.pipe.backend
-        return backend.new_cache(1, positions) if self.cache is None else backend.reserve(self.cache, positions)
-
     def _feed(self, turn: _Turn) -> dict:
         """Prefill `turn` with nothing generated -> timings."""
         inputs = self._checked_inputs(turn, 0)
-        self.cache = self._reserve(len(self._ids) + len(turn.ids))
-        embeds, timings = self._embed(inputs)
+        embeds, timings = self.pipe.embed(inputs)
         steps = StepTimes()
         _, state = prefill(self.pipe.backend, embeds, inputs, steps, 0, self.cache, np.asarray(self._ids))
         self._commit(turn.ids, state.cache, int(inputs["rope_deltas"][0, 0]), turn.image_sizes)
@@ -304,6 +293,13 @@ class ChatSession:
         opts, skip = self._options(max_new_tokens, gen)
         yield from self.pipe.stream_steps(self._reply_steps(content, opts, skip), opts)
 
+    def steps(self, content: Any, opts: GenerationOptions, skip_special_tokens: bool = True):
+        """send() one token at a time, with options already made (the server's): yields the DecodeState after
+        each chosen token (one row) and returns [GenerationResult]. Closing the generator early forgets the
+        turn; the cache is rebuilt at the next one."""
+        opts.validate()
+        return self._reply_steps(content, opts, skip_special_tokens)
+
     def _options(self, max_new_tokens: int | None, gen: dict) -> tuple[GenerationOptions, bool]:
         """The call's options over the session's (given to pipe.chat), over the checkpoint's."""
         skip = gen.pop("skip_special_tokens", self.skip_special_tokens)
@@ -321,15 +317,16 @@ class ChatSession:
         preprocess = time.perf_counter() - started
         state, done = None, False
         try:
-            self.cache = self._reserve(cached + len(turn.ids) + opts.max_new_tokens + end_of_turn_room)
-            embeds, timings = self._embed(inputs)
+            embeds, timings = self.pipe.embed(inputs)
             steps = StepTimes()
+            # prefill makes the cache at the first turn, else reserves room in it; the end of turn goes in after
             for state in run(self.pipe.backend, embeds, inputs, opts, self.pipe.eos_ids, self.pipe.pad_id,
-                             self.pipe.decoder(skip_special_tokens), steps, self.cache, np.asarray(self._ids)):
+                             self.pipe.decoder(skip_special_tokens), steps, self.cache, np.asarray(self._ids),
+                             room=end_of_turn_room):
                 yield state
             generated, reason = state.generated[0], state.reasons[0]
             history = self.history + [message]
-            reply, end_of_turn = self._reply_ids(generated, reason), self._end_of_turn(history)
+            reply, end_of_turn = self._reply_ids(generated, reason), self._end_of_turn(history, seg["rendered"])
             # the cache holds the turn and all generated tokens but the last; the rest of the reply and the end
             # of turn go in now, so that the next turn prefills only itself
             self._commit(turn.ids + generated[:-1], state.cache, int(state.rope_deltas[0, 0]), turn.image_sizes)

@@ -28,6 +28,7 @@ from . import protocol
 from .batcher import Batcher, Job
 from .errors import APIError, bad_request, too_large
 from .metrics import Metrics
+from .sessions import job_keys
 from .settings import ServerSettings
 
 REPLICA_HEADER = "x-qwen2vl-replica"
@@ -161,7 +162,7 @@ def create_app(settings: ServerSettings, pipe: Qwen2VLPipeline | None = None) ->
         loaded = pipe or await run_in_threadpool(load_pipeline, settings)
         app.state.pipe = loaded
         app.state.batcher = Batcher(loaded, settings.max_batch, settings.limits.max_queue, settings.batch_wait_s,
-                                    metrics)
+                                    metrics, settings.max_sessions)
         app.state.replica = f"{socket.gethostname()}:{os.getpid()}"
         yield
         await run_in_threadpool(app.state.batcher.close)
@@ -194,19 +195,25 @@ def create_app(settings: ServerSettings, pipe: Qwen2VLPipeline | None = None) ->
         return {"object": "list", "data": [{"id": settings.served_name, "object": "model", "created": 0,
                                             "owned_by": "qwen2vl-edge"}]}
 
+    def _conversation(req: protocol.ChatRequest) -> tuple[list, tuple[str | None, bool]]:
+        """The runtime's conversation (images fetched and decoded) and its session keys (images hashed)."""
+        conversation = protocol.conversation(req, settings.limits, settings.allowed_media_dir)
+        return conversation, (job_keys(conversation) if settings.max_sessions else (None, False))
+
     async def new_job(req: protocol.ChatRequest) -> Job:
         """Checks that need no model run, images fetched and decoded (in a thread), then the job is queued."""
         if req.model != settings.served_name:
             raise APIError(404, f"model {req.model!r} is not served here; this server serves "
                                 f"{settings.served_name!r} (GET /v1/models)", "model", "model_not_found")
-        context = app.state.pipe.artifact.config.text.max_position_embeddings
-        opts = protocol.generation_options(req, settings.limits, context)
+        pipe = app.state.pipe
+        opts = protocol.generation_options(req, settings.limits, pipe.artifact.config.text.max_position_embeddings,
+                                           pipe.sampling_defaults)
         try:
-            conversation = await run_in_threadpool(protocol.conversation, req, settings.limits,
-                                                   settings.allowed_media_dir)
+            conversation, (prefix_key, starts) = await run_in_threadpool(_conversation, req)
         except InputError as e:
             raise bad_request(str(e)) from None
-        job = Job(conversation, opts, asyncio.get_running_loop())
+        job = Job(conversation, opts, asyncio.get_running_loop(), stream=req.stream, prefix_key=prefix_key,
+                  starts=starts)
         app.state.batcher.submit(job)
         return job
 

@@ -2,10 +2,14 @@
 
 The event loop submits `Job`s; the worker takes the oldest job plus up to `max_batch - 1` queued jobs with
 the same generation options (the runtime runs one set of options per batch), runs them with
-`pipeline.steps`, and posts each row's text pieces and result back to the job's event loop. A batch runs
-until its last row is done (static batching). A job whose client has gone is dropped from the queue, or
-stops being served; when every row of a running batch is gone, its generation stops at the next token.
-On shutdown, queued and running jobs are answered 503 at the next token.
+`pipeline.steps`, and posts each row's text pieces (streamed jobs only) and result back to the job's event
+loop. A batch runs until its last row is done (static batching). A job whose client has gone is dropped from
+the queue, or stops being served; when every row of a running batch is gone, its generation stops at the
+next token. On shutdown, queued and running jobs are answered 503 at the next token.
+
+A job that continues a kept session's conversation (sessions.py) runs alone, as that session's next turn:
+a batch would have to prefill the whole conversation again, which is what the session saves. A job that
+runs alone anyway and could start a conversation runs in a new session, which is then kept.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from qwen2vl_edge.runtime.generation import GenerationOptions
 
 from .errors import APIError
 from .metrics import Metrics
+from .sessions import Kept, SessionStore, conversation_key, encodes_as
 
 log = logging.getLogger("qwen2vl_edge.server")
 SHUTTING_DOWN = APIError(503, "the server is shutting down: retry on another replica", code="shutting_down")
@@ -37,6 +42,9 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)  # ("delta", str) | ("done", result) | ("error", e)
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.perf_counter)
+    stream: bool = True  # text pieces are posted as they come; otherwise only the result
+    prefix_key: str | None = None  # conversation_key of the messages before the last user message
+    starts: bool = False  # a new session can run it (sessions.job_keys)
     emitted: str = ""  # text already sent as pieces
     started: bool = False  # first token seen
 
@@ -52,9 +60,11 @@ class Job:
 
 
 class Batcher:
-    def __init__(self, pipe, max_batch: int, max_queue: int, batch_wait_s: float, metrics: Metrics):
+    def __init__(self, pipe, max_batch: int, max_queue: int, batch_wait_s: float, metrics: Metrics,
+                 max_sessions: int = 0):
         self.pipe, self.max_batch, self.max_queue, self.batch_wait_s = pipe, max_batch, max_queue, batch_wait_s
         self.metrics = metrics
+        self.sessions = SessionStore(max_sessions)
         self._queue: deque[Job] = deque()
         self._ready = threading.Condition()
         self._closing = False
@@ -90,7 +100,8 @@ class Batcher:
 
     # -- worker side --------------------------------------------------------------------------
 
-    def _take(self) -> list[Job] | None:
+    def _take(self) -> tuple[list[Job], Kept | None] | None:
+        """-> the next batch, and the kept session its one job continues (then the job runs alone)."""
         with self._ready:
             while not self._closing and not self._queue:
                 self._ready.wait()
@@ -100,21 +111,29 @@ class Batcher:
             if self._closing:
                 return None
             first = self._queue.popleft()
-            batch = [first] + [j for j in self._queue if j.batch_key == first.batch_key][:self.max_batch - 1]
+            kept = None if first.cancelled.is_set() else self.sessions.take(first.prefix_key)
+            batch = [first] + ([] if kept else [  # a job with a kept session waits for its own turn
+                j for j in self._queue if j.batch_key == first.batch_key and not self.sessions.holds(j.prefix_key)
+            ][:self.max_batch - 1])
             for job in batch[1:]:
                 self._queue.remove(job)
             self.metrics.queue_depth.set(len(self._queue))
-            return [j for j in batch if not j.cancelled.is_set()]
+            return [j for j in batch if not j.cancelled.is_set()], kept
 
     def _work(self) -> None:
-        while (batch := self._take()) is not None:
+        while (taken := self._take()) is not None:
+            batch, kept = taken
             if batch:
                 self.metrics.batch_size.observe(len(batch))
-                self._run(batch)
+                self._run(batch, kept)
+            self.metrics.kept_sessions.set(len(self.sessions))
 
-    def _run(self, batch: list[Job]) -> None:
+    def _run(self, batch: list[Job], kept: Kept | None = None) -> None:
         try:
-            self._generate(batch)
+            if kept is not None or (len(batch) == 1 and batch[0].starts and self.sessions.capacity > 0):
+                self._turn(batch[0], kept)
+            else:
+                self._generate(batch, self.pipe.steps([j.conversation for j in batch], batch[0].options))
         except (InputError, APIError) as e:
             if len(batch) > 1:  # find the row at fault: the others still get their answers
                 for job in batch:
@@ -126,8 +145,33 @@ class Batcher:
             for job in batch:
                 job.post("error", APIError(500, f"generation failed: {type(e).__name__}: {e}", code="internal"))
 
-    def _generate(self, batch: list[Job]) -> None:
-        steps = self.pipe.steps([j.conversation for j in batch], batch[0].options)
+    def _turn(self, job: Job, kept: Kept | None) -> None:
+        """The job as a session's turn: the kept session it continues, or a new one. A session that refuses the
+        turn before generating (its context, memory) is dropped and the job runs afresh, as it would without
+        sessions (the whole conversation: the runtime's own answer or error)."""
+        try:
+            if kept is None:
+                system = job.conversation[0]["content"] if job.conversation[0]["role"] == "system" else None
+                kept = Kept(self.pipe.chat(system=system), [])
+            cached = len(kept.session.token_ids)
+            results = self._generate([job], kept.session.steps(job.conversation[-1]["content"], job.options))
+        except InputError:
+            self._generate([job], self.pipe.steps([job.conversation], job.options))
+            return
+        if results is not None:  # the turn is complete: the cache holds the conversation and the reply
+            self._keep(kept, job.conversation, results[0], cached)
+
+    def _keep(self, kept: Kept, conversation: list, result, cached: int) -> None:
+        """Keep the session under the conversation the client will send back, when its cache holds exactly
+        what a fresh run of that conversation would (sessions.py)."""
+        after = conversation + [{"role": "assistant", "content": result.text}]
+        key = conversation_key(after)
+        if key is not None and encodes_as(self.pipe, kept.messages, after, kept.session.token_ids[cached:]):
+            self.sessions.keep(key, Kept(kept.session, after))
+
+    def _generate(self, batch: list[Job], steps) -> list | None:
+        """Run `steps` (a batch's, or a session turn's), posting to each row's job -> the results, or None
+        when the generation was stopped (shutdown, every client gone)."""
         while True:
             try:
                 state = next(steps)
@@ -139,20 +183,23 @@ class Batcher:
                 self.metrics.cancelled_batches.inc()
                 for job in batch:
                     job.post("error", SHUTTING_DOWN)  # unread by a client that has gone
-                return
+                return None
             for job, text, finished in zip(batch, state.texts, state.finished):
                 # the loop's incremental text (complete characters only); a finished row's final text,
                 # cut at its stop string, comes with the result
                 self._deliver(job, "" if finished else text.text)
         for job, result in zip(batch, results):
-            if result.text.startswith(job.emitted) and len(result.text) > len(job.emitted):
+            if job.stream and result.text.startswith(job.emitted) and len(result.text) > len(job.emitted):
                 job.post("delta", result.text[len(job.emitted):])  # held-back text, an incomplete last character
             job.post("done", result)
+        return results
 
     def _deliver(self, job: Job, text: str) -> None:
         if not job.started:
             job.started = True
             self.metrics.ttft.observe(time.perf_counter() - job.enqueued)
+        if not job.stream:  # its client waits for the whole reply: nothing to post per token
+            return
         piece = safe_piece(text, job.options.stop, len(job.emitted))
         if piece and not job.cancelled.is_set():
             job.emitted += piece

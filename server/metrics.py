@@ -22,12 +22,18 @@ class Metrics:
         self.queue_depth = Gauge("qwen2vl_queue_depth", "requests waiting for a batch", registry=r)
         self.cancelled_batches = Counter("qwen2vl_cancelled_batches",
                                          "batches stopped early because every client had disconnected", registry=r)
+        self.cached_prompt_tokens = Counter("qwen2vl_cached_prompt_tokens",
+                                            "prompt tokens of finished completions read from a kept session's "
+                                            "KV cache instead of being prefilled", registry=r)
+        self.kept_sessions = Gauge("qwen2vl_kept_sessions", "chat sessions kept for a follow-up request",
+                                   registry=r)
         self.batch_size = Histogram("qwen2vl_batch_size", "requests per batch run",
                                     buckets=(1, 2, 4, 8, 16, 32), registry=r)
 
     def count_tokens(self, usage: dict) -> None:
         self.prompt_tokens.inc(usage["prompt_tokens"])
         self.completion_tokens.inc(usage["completion_tokens"])
+        self.cached_prompt_tokens.inc(usage.get("cached_prompt_tokens", 0))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

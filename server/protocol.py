@@ -13,8 +13,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from qwen2vl_edge.runtime.generation import GenerationOptions
-from qwen2vl_edge.runtime.sampling import SamplingOptions
+from qwen2vl_edge.runtime.errors import InputError
+from qwen2vl_edge.runtime.generation import GenerationOptions, sampling_options, stop_strings
 
 from . import media
 from .errors import APIError, bad_request
@@ -85,16 +85,24 @@ def max_new_tokens(req: ChatRequest, limits: Limits, context: int) -> int:
     return n
 
 
-def generation_options(req: ChatRequest, limits: Limits, context: int) -> GenerationOptions:
-    """temperature 0 or absent (and top_p absent) -> greedy, as `qwen2vl-edge run`; otherwise sampling."""
-    sample = bool(req.temperature) or (req.temperature is None and req.top_p is not None)
-    sampling = SamplingOptions(do_sample=sample, temperature=req.temperature or 1.0,
-                               top_p=req.top_p or 1.0) if sample else SamplingOptions()
-    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-    if any(not s for s in stop):
-        raise bad_request("stop strings must not be empty", "stop")
-    return GenerationOptions(max_new_tokens=max_new_tokens(req, limits, context), sampling=sampling,
-                             seed=req.seed if sample else None, stop=stop)
+def generation_options(req: ChatRequest, limits: Limits, context: int,
+                       checkpoint: dict | None = None) -> GenerationOptions:
+    """As pipe.generate reads its arguments: temperature 0 -> greedy; temperature > 0 or top_p -> sampling;
+    neither -> the checkpoint's generation_config.json decides (`checkpoint`: pipe.sampling_defaults), and so
+    does every sampling field the request leaves out, then transformers' defaults. A seed applies when
+    sampling."""
+    greedy = req.temperature == 0
+    sample = not greedy and (req.temperature is not None or req.top_p is not None)
+    requested = {"do_sample": False if greedy else (True if sample else None),
+                 "temperature": None if greedy else req.temperature, "top_p": None if greedy else req.top_p}
+    sampling = sampling_options(requested, checkpoint or {})
+    opts = GenerationOptions(max_new_tokens=max_new_tokens(req, limits, context), sampling=sampling,
+                             seed=req.seed if sampling.do_sample else None, stop=stop_strings(req.stop))
+    try:
+        opts.validate()  # the runtime's checks (stop strings; the ranges pydantic already checked)
+    except InputError as e:
+        raise bad_request(str(e)) from None
+    return opts
 
 
 def _content(message: Message, index: int, limits: Limits, allowed_dir: Path | None) -> str | list[dict]:

@@ -365,3 +365,123 @@ def test_ray_replicas_spread_and_equal_the_single_process(tiny_artifact, workdir
     finally:
         rc = srv.stop(timeout=120)
     assert rc == 0, srv.output()[-3000:]
+
+
+def test_the_batcher_posts_pieces_to_streamed_jobs_only(pipe):
+    """A non-streamed job's client waits for the whole reply: the worker posts it the result alone."""
+    import asyncio
+
+    from qwen2vl_edge.runtime.generation import GenerationOptions
+    from qwen2vl_edge.server.batcher import Batcher, Job
+    from qwen2vl_edge.server.metrics import Metrics
+
+    async def events(stream: bool) -> list[tuple]:
+        job = Job([{"role": "user", "content": "Count to ten."}], GenerationOptions(max_new_tokens=MAX_TOKENS),
+                  asyncio.get_running_loop(), stream=stream)
+        batcher.submit(job)
+        got = [await job.events.get()]
+        while got[-1][0] == "delta":
+            got.append(await job.events.get())
+        return got
+
+    batcher = Batcher(pipe, 8, 8, 0.0, Metrics())
+    try:
+        streamed, whole = asyncio.run(events(True)), asyncio.run(events(False))
+    finally:
+        batcher.close()
+    assert [kind for kind, _ in whole] == ["done"]
+    assert len(streamed) > 2 and [kind for kind, _ in streamed[:-1]] == ["delta"] * (len(streamed) - 1)
+    assert "".join(piece for _, piece in streamed[:-1]) == streamed[-1][1].text == whole[0][1].text
+
+
+# -- kept sessions: a request that continues a conversation reuses its KV cache ------------------------------
+
+
+# Replies of the tiny random model are random tokens, which often do not re-tokenise to themselves; a
+# session is kept only when they do (see server/sessions.py). These conversations' replies do.
+SYSTEM = {"role": "system", "content": "You look at pictures."}
+
+
+def _turn(client, model, messages, **options):
+    options = {"max_tokens": MAX_TOKENS, "temperature": 0, **options}
+    reply = client.chat.completions.create(model=model, messages=messages, **options)
+    details = reply.usage.prompt_tokens_details
+    return reply, (details.cached_tokens or 0) if details else 0
+
+
+def _runtime_chat(messages: list[dict], path: Path) -> list[dict]:
+    """The conversation for pipe.generate: image parts as the file they were encoded from."""
+    def part(p):
+        return {"type": "image", "image": str(path)} if p["type"] == "image_url" else p
+    return [{**m, "content": m["content"] if isinstance(m["content"], str) else [part(p) for p in m["content"]]}
+            for m in messages]
+
+
+def test_a_continued_conversation_reuses_the_cache_and_equals_a_fresh_run(client, model, server, pipe, images):
+    """Three turns through the server: each follow-up reports the previous turns as cached prompt tokens and
+    gets the reply pipe.generate gives for the whole conversation (greedy, then sampled with a seed)."""
+    before = metric(get(f"{server.url}/metrics")[2], "qwen2vl_cached_prompt_tokens_total")
+    messages = [SYSTEM] + image_chat(data_uri(images["c"]), "Describe it.")
+    held, cached_sum = 0, 0
+    for i, (question, options) in enumerate([(None, {}), ("Tell me more.", {}),
+                                             ("And the colours?", {"temperature": 0.8, "seed": 5})]):
+        if question:
+            messages.append({"role": "user", "content": question})
+        reply, cached = _turn(client, model, messages, **options)
+        sampling = {"do_sample": True, "temperature": 0.8, "seed": 5} if options else {}
+        expected = pipe.generate(_runtime_chat(messages, images["c"]), max_new_tokens=MAX_TOKENS, **sampling)
+        text = reply.choices[0].message.content
+        assert text == expected.text, i
+        assert reply.usage.prompt_tokens == expected.usage["prompt_tokens"], i
+        assert len(set(expected.token_ids)) >= MAX_TOKENS // 2, i  # varied: the comparison means something
+        if i:  # the previous prompt, its reply and the template's end of turn came from the cache
+            assert held < cached < reply.usage.prompt_tokens, (i, held, cached)
+        else:
+            assert cached == 0
+        held, cached_sum = reply.usage.prompt_tokens + reply.usage.completion_tokens, cached_sum + cached
+        messages.append({"role": "assistant", "content": text})
+    after = metric(get(f"{server.url}/metrics")[2], "qwen2vl_cached_prompt_tokens_total")
+    assert after - before == cached_sum
+
+
+def test_an_edited_or_doubly_continued_conversation_runs_afresh(client, model, pipe, images):
+    """A conversation whose earlier message changed reuses nothing; two clients continuing the same history
+    at once: one takes the kept session, the other runs afresh, and both get the fresh run's reply."""
+    start = [SYSTEM] + image_chat(data_uri(images["b"]), "Look.")
+    first, _ = _turn(client, model, start)
+    history = start + [{"role": "assistant", "content": first.choices[0].message.content}]
+    edited = [SYSTEM, {"role": "user", "content": [start[1]["content"][0], {"type": "text", "text": "Look!"}]},
+              history[2], {"role": "user", "content": "Why?"}]
+    reply, cached = _turn(client, model, edited)
+    assert cached == 0
+    assert reply.choices[0].message.content == pipe.generate(_runtime_chat(edited, images["b"]),
+                                                             max_new_tokens=MAX_TOKENS).text
+    follow_ups = [history + [{"role": "user", "content": q}] for q in ("Why?", "Where?")]
+    answers: dict[int, tuple] = {}
+    threads = [threading.Thread(target=lambda i: answers.__setitem__(i, _turn(client, model, follow_ups[i])),
+                                args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(cached > 0 for _, cached in answers.values()) == [False, True]
+    for i, (reply, _) in answers.items():
+        expected = pipe.generate(_runtime_chat(follow_ups[i], images["b"]), max_new_tokens=MAX_TOKENS)
+        assert reply.choices[0].message.content == expected.text, i
+
+
+def test_a_continuation_over_the_context_gets_the_runtime_error_and_the_server_goes_on(client, model, pipe,
+                                                                                       images):
+    """The kept session refuses a turn that would overflow the context: the request runs afresh and gets the
+    runtime's context error, as without sessions; the conversation then continues."""
+    start = [SYSTEM] + image_chat(data_uri(images["c"]), "Tell me.")
+    first, _ = _turn(client, model, start)
+    history = start + [{"role": "assistant", "content": first.choices[0].message.content}]
+    follow_up = history + [{"role": "user", "content": "More."}]
+    context = pipe.artifact.config.text.max_position_embeddings
+    status, body = _status_of(lambda: _turn(client, model, follow_up, max_tokens=context - 20))
+    assert status == 400 and "exceeds the model's context" in body["message"], body
+    reply, cached = _turn(client, model, follow_up)
+    assert cached == 0  # the refused turn dropped the session
+    assert reply.choices[0].message.content == pipe.generate(_runtime_chat(follow_up, images["c"]),
+                                                             max_new_tokens=MAX_TOKENS).text

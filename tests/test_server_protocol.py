@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("fastapi", reason="the server needs the [serve] extra")
 
 from qwen2vl_edge.runtime import GenerationResult  # noqa: E402
+from qwen2vl_edge.runtime.sampling import SamplingOptions  # noqa: E402
 from qwen2vl_edge.server import Limits  # noqa: E402
 from qwen2vl_edge.server import protocol  # noqa: E402
 from qwen2vl_edge.server.errors import APIError  # noqa: E402
@@ -33,12 +34,28 @@ def test_sampling_follows_openai_fields(fields, sample, temperature, top_p):
     assert opts.seed == (fields.get("seed") if sample else None)  # a seed only matters when sampling
 
 
+def test_unset_fields_follow_the_checkpoint_as_pipe_generate_does():
+    """generation_config.json's values for what a request leaves unset (Qwen2-VL-Instruct's own sample with
+    a repetition penalty, which applies to greedy decoding too); temperature 0 is greedy all the same."""
+    checkpoint = {"do_sample": True, "temperature": 0.01, "top_k": 1, "top_p": 0.001, "repetition_penalty": 1.05}
+    unset = protocol.generation_options(request(seed=4), Limits(), 1000, checkpoint)
+    assert unset.sampling == SamplingOptions(True, 0.01, 1, 0.001, 1.05) and unset.seed == 4
+    warmer = protocol.generation_options(request(temperature=0.7), Limits(), 1000, checkpoint).sampling
+    assert (warmer.do_sample, warmer.temperature, warmer.top_p, warmer.top_k) == (True, 0.7, 0.001, 1)
+    greedy = protocol.generation_options(request(temperature=0, seed=4), Limits(), 1000, checkpoint)
+    assert (greedy.sampling.do_sample, greedy.sampling.repetition_penalty, greedy.seed) == (False, 1.05, None)
+
+
 def test_max_tokens_stop_and_context():
     limits = Limits(default_max_tokens=77)
     assert protocol.generation_options(request(), limits, 1000).max_new_tokens == 77
     assert protocol.generation_options(request(max_tokens=5), limits, 1000).max_new_tokens == 5
     assert protocol.generation_options(request(max_tokens=5, max_completion_tokens=9), limits, 1000).max_new_tokens == 9
     assert protocol.generation_options(request(stop="END"), limits, 1000).stop == ("END",)
+    assert protocol.generation_options(request(stop=["a", "b"]), limits, 1000).stop == ("a", "b")
+    with pytest.raises(APIError) as err:
+        protocol.generation_options(request(stop=["END", ""]), limits, 1000)
+    assert err.value.status == 400 and "stop" in err.value.message
     with pytest.raises(APIError) as err:
         protocol.generation_options(request(max_tokens=1000), limits, 1000)
     assert (err.value.status, err.value.code) == (400, "context_length_exceeded")
@@ -74,3 +91,38 @@ def test_validation_error_names_the_deepest_field():
             {"role": "user", "content": [{"type": "image_url", "image_url": {"uri": "x"}}]}]})
     e = protocol.validation_error(err.value.errors())
     assert (e.status, e.param) == (422, "messages[0].content[0].image_url.image_url.url")
+
+
+def test_conversation_keys_compare_images_by_pixels():
+    from PIL import Image
+
+    from qwen2vl_edge.server.sessions import conversation_key, job_keys
+
+    def chat(color, text="What is it?"):
+        return [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (28, 28), color)},
+                                             {"type": "text", "text": text}]},
+                {"role": "assistant", "content": "A square."}]
+
+    assert conversation_key(chat("red")) == conversation_key(chat("red"))  # another object, the same pixels
+    assert conversation_key(chat("red")) != conversation_key(chat("blue"))
+    assert conversation_key(chat("red")) != conversation_key(chat("red", "What is this?"))
+    assert conversation_key([{"role": "user", "content": "hi"}]) != conversation_key(
+        [{"role": "user", "content": [{"type": "text", "text": "hi"}]}])  # rendered alike, kept apart all the same
+    assert conversation_key([{"role": "user", "content": [{"type": "video", "video": "clip.mp4"}]}]) is None
+    follow_up = chat("red") + [{"role": "user", "content": "And?"}]
+    assert job_keys(follow_up) == (conversation_key(chat("red")), False)
+    assert job_keys(chat("red")[:1]) == (None, True)
+    assert job_keys([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]) == (None, True)
+
+
+def test_session_store_evicts_the_least_recently_kept():
+    from qwen2vl_edge.server.sessions import Kept, SessionStore
+
+    store = SessionStore(2)
+    for key in "abc":
+        store.keep(key, Kept(key, []))
+    assert len(store) == 2 and not store.holds("a") and store.holds("b")
+    assert store.take("b").session == "b" and store.take("b") is None  # taken out: one job at a time
+    none = SessionStore(0)
+    none.keep("a", Kept("a", []))
+    assert len(none) == 0

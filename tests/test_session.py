@@ -176,3 +176,29 @@ def test_session_defaults_apply_and_a_stopped_reply_stays_as_generated(pipe):
     at = len(cached) - len(stopped.token_ids) - 2  # the reply, then <|im_end|> and a newline
     assert cached[at:at + len(stopped.token_ids)] == stopped.token_ids  # every generated id, the stop's too
     assert session.send("Again?", stop=["\x00never"]).finish_reason == "length"  # the call overrides
+
+
+def test_a_turn_over_the_memory_limit_is_refused_before_it_runs(pipe):
+    """As pipe.generate refuses a request estimated over memory_limit, a session refuses such a turn, with
+    its cache counted, before any graph runs."""
+    from qwen2vl_edge.runtime import InputError, Qwen2VLPipeline
+
+    limited = Qwen2VLPipeline(pipe.artifact, pipe.processor, pipe.backend)
+    limited.memory_limit = 1
+    session = limited.chat(max_new_tokens=4)
+    with pytest.raises(InputError, match="GB of memory at its peak"):
+        session.send("Hello!")
+    assert session.token_ids == []
+
+
+def test_a_turn_reserves_its_cache_once_with_room_for_the_end_of_turn(pipe_ort, monkeypatch):
+    """A preallocated cache: the turn's prefill makes it with room for the reply and the end of turn, so the
+    end of turn fed after the reply fits without a copy; nothing reserves twice."""
+    backend, calls = pipe_ort.backend, []
+    new_cache, reserve = backend.new_cache, backend.reserve
+    monkeypatch.setattr(backend, "new_cache", lambda *a, **k: (calls.append("new_cache"), new_cache(*a, **k))[1])
+    monkeypatch.setattr(backend, "reserve", lambda c, n: (calls.append("reserve"), reserve(c, n))[1])
+    session = pipe_ort.chat(max_new_tokens=N, min_new_tokens=N)
+    result = session.send("Hello!")
+    assert calls == ["new_cache", "reserve"]  # the turn's prefill, then the end of turn's
+    assert len(session.token_ids) <= session.cache.capacity < 2 * (result.usage["prompt_tokens"] + N)  # no doubling
