@@ -200,7 +200,9 @@ def _bench(args: argparse.Namespace) -> int:
     from qwen2vl_edge.benchmarks.bench import DEFAULT_SYSTEMS
 
     run_bench(args.model, args.systems or DEFAULT_SYSTEMS, args.layers, args.threads, args.new_tokens, args.repeats, Path(args.out),
-              quick=args.quick, resolutions=ints(args.resolutions), contexts=ints(args.contexts))
+              quick=args.quick, resolutions=ints(args.resolutions), contexts=ints(args.contexts),
+              decode_processes=0 if args.quick and args.decode_processes is None else
+              (5 if args.decode_processes is None else args.decode_processes))
     return 0
 
 
@@ -408,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contexts", help="comma list of prompt lengths for the decode sweep")
     p.add_argument("--out", default="bench-out")
     p.add_argument("--quick", action="store_true", help="tiny model, one repeat: a smoke run (CI)")
+    p.add_argument("--decode-processes", type=int, default=None,
+                   help="also measure decode tok/s in N fresh processes per system and report their spread "
+                        "(default 5; 0 with --quick)")
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("check-trt", help="check that an artifact's graphs fit TensorRT's ONNX parser (CPU only)")

@@ -1,0 +1,56 @@
+"""ONNX Runtime session settings (issue 13): the backend's defaults and `session_config` reach every session,
+bad values are a ConfigError; the benchmark's spread and profile summaries are plain arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+
+from qwen2vl_edge.benchmarks.decode_spread import spread
+from qwen2vl_edge.benchmarks.prefill_profile import summarize
+from qwen2vl_edge.runtime import Qwen2VLPipeline
+from qwen2vl_edge.runtime.errors import ConfigError
+
+
+def _entry(session, key: str) -> str:
+    return session.get_session_options().get_session_config_entry(key)
+
+
+def test_session_config_reaches_every_graph_over_the_defaults(tiny_artifact_ort):
+    pipe = Qwen2VLPipeline.load(tiny_artifact_ort, num_threads=1,
+                                session_config={"session.intra_op.allow_spinning": "0"})
+    for session in pipe.backend.sessions.values():
+        assert _entry(session, "session.intra_op.allow_spinning") == "0"
+        assert _entry(session, "session.use_env_allocators") == "1"  # the shared arena stays
+
+
+@pytest.mark.parametrize("bad", [{"session.intra_op.allow_spinning": 0}, ["a"], {1: "1"}])
+def test_bad_session_config_is_a_config_error(tiny_artifact_ort, bad):
+    with pytest.raises(ConfigError, match="session_config must be a dict"):
+        Qwen2VLPipeline.load(tiny_artifact_ort, session_config=bad)
+
+
+def test_tensorrt_takes_no_session_config(tiny_artifact_ort):
+    with pytest.raises(ConfigError, match="ONNX Runtime options"):
+        Qwen2VLPipeline.load(tiny_artifact_ort, backend="tensorrt", session_config={"a": "b"})
+
+
+def test_spread_is_the_half_range_over_the_median():
+    s = spread([40.0, 42.0, 44.0, 38.0, 42.0])
+    assert (s["median"], s["min"], s["max"]) == (42.0, 38.0, 44.0)
+    assert s["half_range"] == pytest.approx(3.0 / 42.0)
+
+
+def test_profile_summary_groups_kernels_by_op_and_shape_and_skips_the_warm_up():
+    def node(name, op, ts, dur):
+        return {"cat": "Node", "name": f"{name}_kernel_time", "ts": ts, "dur": dur, "args": {"op_name": op}}
+
+    events = [{"name": "model_run", "ts": 0, "dur": 100}, node("mm_0", "MatMulNBits", 10, 80),  # warm-up: left out
+              {"name": "model_run", "ts": 1000, "dur": 100}, node("mm_0", "MatMulNBits", 1010, 50),
+              node("mm_1", "MatMulNBits", 1060, 20), node("gqa", "GroupQueryAttention", 1080, 10),
+              {"name": "model_run", "ts": 2000, "dur": 200}, node("mm_0", "MatMulNBits", 2010, 70),
+              node("mm_1", "MatMulNBits", 2080, 40), node("gqa", "GroupQueryAttention", 2120, 30)]
+    ops = summarize(events, {"mm_0": "MatMulNBits 64x128", "mm_1": "MatMulNBits 128x64"})
+    assert ops["(whole run)"]["ms"] == 0.15 and ops["MatMulNBits 64x128"]["ms"] == 0.06  # medians of two runs
+    assert ops["MatMulNBits 128x64"]["ms"] == 0.03 and ops["GroupQueryAttention"]["ms"] == 0.02
+    assert list(ops)[:2] == ["(whole run)", "MatMulNBits 64x128"]  # largest first
+    assert ops["MatMulNBits 64x128"]["share"] == pytest.approx(0.4)
