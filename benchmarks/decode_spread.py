@@ -6,7 +6,8 @@
 
 Each process loads the pipeline (a `--setting` adds ONNX Runtime session config entries over the backend's
 defaults; a `--variant` is another artifact) and runs one benchmark scenario (`--repeats` times after a
-warm-up): its time to first token and decode tok/s (the median step). Variants run in turns, one process
+warm-up): its time to first token, decode tok/s (the median step) and the peak RSS of the scenario's runs
+(weights included). Variants run in turns, one process
 each per round, so that a machine whose load changes slows them alike. `default` (ARTIFACT as the backend
 loads it) is always measured.
 """
@@ -25,7 +26,7 @@ from qwen2vl_edge.export.vocab import cache_dir
 from . import scenarios
 from .bench import _run_worker
 
-MEASURES = ("ttft", "decode_tok_s")
+MEASURES = ("ttft", "decode_tok_s", "peak_rss_bytes")
 
 
 def spread(values: list[float]) -> dict:
@@ -47,9 +48,10 @@ def run(variants: dict[str, tuple[Path, dict]], scenario: str, processes: int, t
                     "scenarios": {scenario: conv}, "session_config": config or None, "session_cache": session_cache}
             got = _run_worker(spec, threads)["scenario"]
             for m in MEASURES:
-                per[name][m].append(got[m]["median"])
+                per[name][m].append(got[m] if m == "peak_rss_bytes" else got[m]["median"])
             print(f"round {round_ + 1}: {name}: TTFT {got['ttft']['median']:.3f} s, decode "
-                  f"{got['decode_tok_s']['median']:.1f} tok/s (load {os.getloadavg()[0]:.1f})", flush=True)
+                  f"{got['decode_tok_s']['median']:.1f} tok/s, peak RSS {got['peak_rss_bytes'] / 1e9:.2f} GB "
+                  f"(load {os.getloadavg()[0]:.1f})", flush=True)
     return {"scenario": scenario, "threads": threads, "processes": processes, "repeats": repeats,
             "date": time.strftime("%Y-%m-%d %H:%M"), "load_average_1min_end": os.getloadavg()[0],
             "variants": {n: {"artifact": str(a), "session_config": c} for n, (a, c) in variants.items()},
@@ -81,11 +83,13 @@ def main() -> None:
     result = run(variants, args.scenario, args.processes, args.threads, args.repeats,
                  session_cache=args.session_cache)
     print(f"{args.scenario}, {args.processes} fresh processes each:\n"
-          "| variant | TTFT median (min-max) | decode tok/s median (min-max) | decode ± |\n|---|---|---|---|")
+          "| variant | TTFT median (min-max) | decode tok/s median (min-max) | decode ± | peak RSS (max) |\n"
+          "|---|---|---|---|---|")
     for name, r in result["results"].items():
         t, d = r["ttft"], r["decode_tok_s"]
         print(f"| {name} | {t['median']:.3f} s ({t['min']:.3f}-{t['max']:.3f}) | {d['median']:.1f} "
-              f"({d['min']:.1f}-{d['max']:.1f}) | {100 * d['half_range']:.1f} % |")
+              f"({d['min']:.1f}-{d['max']:.1f}) | {100 * d['half_range']:.1f} % | "
+              f"{r['peak_rss_bytes']['max'] / 1e9:.2f} GB |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))

@@ -5,7 +5,8 @@
 One prompt of `--tokens` positions through the decoder alone (random embeddings at the checkpoint's
 scale, an empty preallocated cache bound as past and present, as the backend binds it), in a session with
 the backend's own options plus `enable_profiling`. The first run warms up and is left out; per op type
-(MatMulNBits also per K x N) the median over the other runs of the summed kernel time, and its share.
+(MatMulNBits also per K x N) the median over the other runs of the summed kernel time, and its share; the
+run's wall and process CPU time (with one thread, CPU time is the work even on a busy machine).
 """
 
 from __future__ import annotations
@@ -92,14 +93,16 @@ def profile(artifact: Path, tokens: int, threads: int, runs: int, config: dict |
         opts.profile_file_prefix = str(Path(tmp) / "prefill")
         session = ort.InferenceSession(str(decoder), opts, providers=["CPUExecutionProvider"])
         binding, _ = _feeds(session, manifest, tokens, ort)
-        wall = []
+        wall, cpu = [], []
         for _ in range(runs + 1):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             session.run_with_iobinding(binding)
             wall.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
         events = json.loads(Path(session.end_profiling()).read_text())
     return {"artifact": str(artifact), "tokens": tokens, "threads": threads, "runs": runs, "config": config or {},
             "wall_s": {"median": statistics.median(wall[1:]), "min": min(wall[1:]), "max": max(wall[1:])},
+            "cpu_s": statistics.median(cpu[1:]),  # with --threads 1 the work itself, whatever else runs
             "date": time.strftime("%Y-%m-%d %H:%M"), "load_average_1min": os.getloadavg()[0],
             "onnxruntime": ort.__version__, "ops": summarize(events, _shapes(decoder))}
 
@@ -116,7 +119,8 @@ def main() -> None:
     args = parser.parse_args()
     config = dict(c.split("=", 1) for c in args.config)
     result = profile(args.artifact, args.tokens, args.threads, args.runs, config)
-    print(f"prefill of {args.tokens} tokens: {result['wall_s']['median']:.3f} s (median of {args.runs})")
+    print(f"prefill of {args.tokens} tokens: {result['wall_s']['median']:.3f} s wall, {result['cpu_s']:.3f} s CPU "
+          f"(medians of {args.runs})")
     print("| op | ms per run | share |\n|---|---|---|")
     for name, v in result["ops"].items():
         print(f"| {name} | {v['ms']:.1f} | {100 * v['share']:.1f} % |")

@@ -349,7 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8/int4: MatMulNBits blocks; int8-dynamic: per-channel int8 weights with activations "
                         "quantized per tensor at run time (faster vision, coarser activations). Default: fp32 "
                         "(ort-cpu), --weights (tensorrt)")
-    p.add_argument("--block-size", type=int, default=32, help="quantization block along the input channels")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="quantization block along the input channels (default: int4 on ort-cpu 128, or the "
+                        "largest power of two that divides a linear's input size; otherwise 32)")
     p.add_argument("--accuracy-level", type=int, default=4, help="MatMulNBits accuracy_level (4: int8 activations)")
     p.set_defaults(func=_export)
 

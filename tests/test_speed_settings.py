@@ -15,11 +15,18 @@ def _entry(session, key: str) -> str:
     return session.get_session_options().get_session_config_entry(key)
 
 
+def test_idle_threads_sleep_by_default(pipe_ort):
+    for session in pipe_ort.backend.sessions.values():
+        assert _entry(session, "session.intra_op.allow_spinning") == "0"
+
+
 def test_session_config_reaches_every_graph_over_the_defaults(tiny_artifact_ort):
     pipe = Qwen2VLPipeline.load(tiny_artifact_ort, num_threads=1,
-                                session_config={"session.intra_op.allow_spinning": "0"})
+                                session_config={"session.intra_op.allow_spinning": "1",
+                                                "session.dynamic_block_base": "4"})
     for session in pipe.backend.sessions.values():
-        assert _entry(session, "session.intra_op.allow_spinning") == "0"
+        assert _entry(session, "session.intra_op.allow_spinning") == "1"
+        assert _entry(session, "session.dynamic_block_base") == "4"
         assert _entry(session, "session.use_env_allocators") == "1"  # the shared arena stays
 
 
