@@ -23,7 +23,7 @@ FORMATS = {"int8": (8, False), "int4": (4, False), "int8-dynamic": (8, True)}
 def default_block(target: str, weight_format: str) -> tuple[int, bool]:
     """(block size, fit) when --block-size is not given. int4 on ort-cpu: blocks of 128 (benchmarks/kernel_bench.py,
     prefill_profile.py: the 2B shape's 274-token prefill costs 1.39x less CPU time than with blocks of 32, and
-    the weights 12 % fewer bytes; OpenVINO's int4 default group is 128 too), fitted: a linear whose input size
+    its artifact 8 % fewer bytes; OpenVINO's int4 default group is 128 too), fitted: a linear whose input size
     128 does not divide takes the largest power of two that does. Otherwise 32: int8 blocks and the tensorrt
     target were not measured at other sizes."""
     return (128, True) if (target, weight_format) == ("ort-cpu", "int4") else (32, False)

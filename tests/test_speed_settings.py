@@ -61,3 +61,28 @@ def test_profile_summary_groups_kernels_by_op_and_shape_and_skips_the_warm_up():
     assert ops["MatMulNBits 128x64"]["ms"] == 0.03 and ops["GroupQueryAttention"]["ms"] == 0.02
     assert list(ops)[:2] == ["(whole run)", "MatMulNBits 64x128"]  # largest first
     assert ops["MatMulNBits 64x128"]["share"] == pytest.approx(0.4)
+
+
+def test_int4_on_ort_cpu_defaults_to_blocks_of_128_fitted_to_each_linear():
+    from qwen2vl_edge.export.quantize import QuantSpec, default_block
+
+    assert default_block("ort-cpu", "int4") == (128, True)
+    assert default_block("ort-cpu", "int8") == default_block("tensorrt", "int4") == (32, False)
+    fitted = QuantSpec(4, 128, fit=True)
+    assert [fitted.block(k, "w") for k in (1536, 8960, 64, 32, 48)] == [128, 128, 64, 32, 16]
+    with pytest.raises(ValueError, match="does not divide the input dimension 40 of w"):
+        fitted.block(40, "w")
+    with pytest.raises(ValueError, match="--block-size 128 does not divide the input dimension 64"):
+        QuantSpec(4, 128).block(64, "w")  # a block size asked for is never changed
+
+
+def test_decode_spread_runs_each_variant_in_its_own_processes(tiny_artifact_ort):
+    from qwen2vl_edge.benchmarks.decode_spread import run
+
+    result = run({"default": (tiny_artifact_ort, {}), "spin": (tiny_artifact_ort,
+                                                               {"session.intra_op.allow_spinning": "1"})},
+                 "text_only", processes=1, threads=1, repeats=1, new_tokens=4)
+    assert set(result["results"]) == {"default", "spin"}
+    for r in result["results"].values():
+        assert len(r["decode_tok_s"]["values"]) == 1 and r["decode_tok_s"]["min"] > 0
+        assert r["ttft"]["min"] > 0 and r["peak_rss_bytes"]["min"] > 0
