@@ -86,3 +86,10 @@ def test_decode_spread_runs_each_variant_in_its_own_processes(tiny_artifact_ort)
     for r in result["results"].values():
         assert len(r["decode_tok_s"]["values"]) == 1 and r["decode_tok_s"]["min"] > 0
         assert r["ttft"]["min"] > 0 and r["peak_rss_bytes"]["min"] > 0
+
+
+def test_int4_roofline_counts_the_artifacts_blocks():
+    from qwen2vl_edge.benchmarks import roofline
+
+    assert roofline.bytes_per_weight("int4") == 0.625 and roofline.bytes_per_weight("int4", 128) == 0.53125
+    assert roofline.bytes_per_weight("int8", 128) == 1.03125 and roofline.bytes_per_weight("fp16", 128) == 2
