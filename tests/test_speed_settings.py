@@ -93,3 +93,19 @@ def test_int4_roofline_counts_the_artifacts_blocks():
 
     assert roofline.bytes_per_weight("int4") == 0.625 and roofline.bytes_per_weight("int4", 128) == 0.53125
     assert roofline.bytes_per_weight("int8", 128) == 1.03125 and roofline.bytes_per_weight("fp16", 128) == 2
+
+
+def test_bench_re_exports_a_cached_artifact_with_old_block_sizes(tmp_path):
+    import json
+
+    from qwen2vl_edge.benchmarks.models import VARIANTS, _current
+
+    def cached(block_size):
+        (tmp_path / "manifest.json").write_text(json.dumps({"export": {"block_size": block_size}}))
+        return tmp_path
+
+    assert not _current(cached(32), VARIANTS["int4"])  # written when int4 blocks were 32
+    assert _current(cached({"decoder": 128, "vision_encoder": 32}), VARIANTS["int4"])
+    assert not _current(cached(32), VARIANTS["int4-vdq"]) and _current(cached({"decoder": 128}), VARIANTS["int4-vdq"])
+    assert _current(cached(32), VARIANTS["int8"]) and _current(cached(32), VARIANTS["trt-int4"])
+    assert _current(cached(None), VARIANTS["fp32"])
