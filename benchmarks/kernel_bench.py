@@ -32,6 +32,7 @@ MS = (1, 16, 64, 274, 512, 1024, 2048)
 # kernel -> (weight format, block size, accuracy level); None: fp32 MatMul
 KERNELS = {
     **{f"int4-b{b}-acc{a}": ("int4", b, a) for b in (32, 64, 128) for a in (4, 1)},
+    "int4-b256-acc4": ("int4", 256, 4),
     "int8-b32-acc4": ("int8", 32, 4),
     "dqmm-u8s8": ("int8-dynamic", 32, 4),
     "fp32": None,
