@@ -44,6 +44,23 @@ def bench_limits():
     return Limits(max_image_tokens=2304, max_prompt=3072, max_context=3200)
 
 
+def _current(art: Path, options: dict) -> bool:
+    """Whether a cached artifact has the block sizes an export with `options` writes now (int4 on ort-cpu went
+    from blocks of 32 to 128): a stale one would be measured silently in place of what export gives."""
+    import json
+
+    from qwen2vl_edge.export.quantize import default_block
+
+    target, weights = options.get("target", "portable"), options.get("weights", "fp32")
+    formats = {"decoder": weights, "vision_encoder": options.get("vision_weights") or (
+        weights if target == "tensorrt" else "fp32")}
+    want = {g: default_block(target, f)[0] for g, f in formats.items() if f not in ("fp32", "int8-dynamic")}
+    have = json.loads((art / "manifest.json").read_text())["export"].get("block_size")
+    if not isinstance(have, dict):  # written before block sizes were recorded per graph: one for all
+        have = {g: have for g in want}
+    return have == want
+
+
 def model_dirs(model: str, layers: int | None, cache: Path, variants=("fp32",)) -> tuple[Path, dict[str, Path]]:
     """(checkpoint dir, {artifact variant: dir}) for a model spec, building what is missing.
 
@@ -71,7 +88,7 @@ def model_dirs(model: str, layers: int | None, cache: Path, variants=("fp32",)) 
     artifacts = {}
     for variant in sorted(variants):
         art = root / f"artifact-{variant}"
-        if not (art / "manifest.json").is_file():
+        if not (art / "manifest.json").is_file() or not _current(art, VARIANTS[variant]):
             export(ckpt, art, verbose=True, **VARIANTS[variant])
         if variant.startswith("trt-") and not (art / "engines").is_dir():
             from qwen2vl_edge.export.trt_build import build_trt

@@ -45,12 +45,12 @@ def _session(layout: str, k: int, n: int, threads: int, tmp: Path):
     import onnx
     import onnxruntime as ort
 
-    from qwen2vl_edge.export.graph import FLOAT, Graph, WeightStore
+    from qwen2vl_edge.export.graph import FLOAT, Graph, Target, WeightStore
     from qwen2vl_edge.export.quantize import QuantSpec
 
     store = WeightStore(tmp / f"{layout}-{k}-{n}.data")
     quant = QuantSpec(4, int(layout.rpartition("-b")[2]), 4) if layout.startswith("ours") else None
-    g = Graph("g", store, 17, quant=quant, fused=True, accuracy_level=4)
+    g = Graph("g", store, 17, quant=quant, target=Target("ort-cpu"), accuracy_level=4)
     y = g.linear(g.input("x", FLOAT, ["m", k]), _weight(layout, k, n, np.random.default_rng(0)), None, "lin")
     g.output(y, "y", FLOAT, ["m", n])
     store.close()

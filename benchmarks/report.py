@@ -21,6 +21,7 @@ def summary_rows(result: dict) -> list[dict]:
             "s1_ttft": sc["image_448"]["ttft"]["median"],
             "vision": sc["image_448"]["vision"]["median"],
             "decode": sc["text_only"]["decode_tok_s"]["median"],
+            "decode_processes": r.get("decode_tok_s_processes"),
             "roofline_pct": 100 * r["decode_roofline_fraction"],
             "s2_ttft": sc["text_274"]["ttft"]["median"],
             "s1_rss_gb": (sc["image_448"].get("peak_rss_bytes") or r["peak_rss_bytes"]) / 1e9,
@@ -66,6 +67,14 @@ def markdown(result: dict) -> str:
                      f"{_fmt(r['s2_ttft'], ' s', 3)} | {_fmt(r['s1_rss_gb'], ' GB')} | "
                      f"{_fmt(r['rss_gb'], ' GB')} | {_fmt(r['cold_ready'], ' s')} | "
                      f"{_fmt(r['cold_first'], ' s')} |")
+    spreads = [r for r in rows if r["decode_processes"]]
+    if spreads:
+        lines += ["", "Decode tok/s in fresh processes (text-only prompt; each process's median step):", "",
+                  "| system | processes | median | min | max | ± half-range |", "|---|---|---|---|---|---|"]
+        for r in spreads:
+            d = r["decode_processes"]
+            lines.append(f"| {r['system']} | {len(d['values'])} | {d['median']:.1f} | {d['min']:.1f} | "
+                         f"{d['max']:.1f} | {100 * d['half_range']:.1f} % |")
     first = {n: r["first_start_ready_s"] for n, r in result["systems"].items() if r.get("first_start_ready_s")}
     if first:
         lines += ["", "Started from ONNX Runtime's session cache (graphs optimized, weights packed for this CPU): "

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from qwen2vl_edge.runtime.config import ModelConfig
 
-# bytes per weight as read by the kernels; int8/int4 blocks of 32 carry one fp32 scale each
-BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1 + 4 / 32, "int4": 0.5 + 4 / 32}
+
+def bytes_per_weight(weight_dtype: str, block_size: int = 32) -> float:
+    """Bytes per weight as the kernels read them: int8/int4 blocks carry one fp32 scale each."""
+    base = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int4": 0.5}[weight_dtype]
+    return base + 4 / block_size if weight_dtype in ("int8", "int4") else base
 
 
 def decoder_weight_params(cfg: ModelConfig) -> int:
@@ -18,9 +21,9 @@ def decoder_weight_params(cfg: ModelConfig) -> int:
     return t.num_hidden_layers * (attn + mlp + norms) + t.hidden_size + t.vocab_size * t.hidden_size
 
 
-def decode_roofline_tok_s(cfg: ModelConfig, weight_dtype: str, bandwidth_bytes_s: float) -> float:
+def decode_roofline_tok_s(cfg: ModelConfig, weight_dtype: str, bandwidth_bytes_s: float, block_size: int = 32) -> float:
     """Best possible decode tokens/s: every weight is read once per token at the measured bandwidth."""
-    return bandwidth_bytes_s / (decoder_weight_params(cfg) * BYTES[weight_dtype])
+    return bandwidth_bytes_s / (decoder_weight_params(cfg) * bytes_per_weight(weight_dtype, block_size))
 
 
 def vision_flops(cfg: ModelConfig, patches_per_frame: int, frames: int = 1) -> float:

@@ -54,10 +54,12 @@ def _device_free() -> int:
 class Ours:
     """qwen2vl-edge on ONNX Runtime (CPU): the pipeline's own timings."""
 
-    def __init__(self, artifact: str, threads: int, backend: str = "onnxruntime", session_cache: str | None = None):
+    def __init__(self, artifact: str, threads: int, backend: str = "onnxruntime", session_cache: str | None = None,
+                 session_config: dict | None = None):
         from qwen2vl_edge.runtime import Qwen2VLPipeline
 
-        options = {"num_threads": threads, "session_cache": session_cache} if backend == "onnxruntime" else {}
+        options = ({"num_threads": threads, "session_cache": session_cache, "session_config": session_config}
+                   if backend == "onnxruntime" else {})
         free = _device_free() if backend == "tensorrt" else None
         self.pipe = Qwen2VLPipeline.load(artifact, backend=backend, verify=False, **options)
         self.device_memory_bytes = free - _device_free() if free is not None else None  # engines, pool, buffers
@@ -131,7 +133,7 @@ def make_system(spec: dict):
     name = spec["system"]
     if name.startswith("ours"):
         return Ours(spec["artifact"], spec["threads"], backend=spec.get("backend", "onnxruntime"),
-                    session_cache=spec.get("session_cache"))
+                    session_cache=spec.get("session_cache"), session_config=spec.get("session_config"))
     return Transformers(spec["checkpoint"], spec["threads"], "bf16" if name.endswith("bf16") else "fp32")
 
 
@@ -155,6 +157,11 @@ def main(spec_path: str, out_path: str) -> None:
     if spec.get("prepare"):  # only start (writing the session cache), measure nothing else
         with open(out_path, "w") as f:
             json.dump({"system": spec["system"], "cold_start_ready_s": ready}, f)
+        return
+    if spec.get("only"):  # one of several fresh processes measuring one scenario alone
+        m = measure(system, spec["scenarios"][spec["only"]], spec["new_tokens"], spec["repeats"])
+        with open(out_path, "w") as f:
+            json.dump({"system": spec["system"], "cold_start_ready_s": ready, "scenario": m}, f)
         return
     names = list(spec["scenarios"])
     first = system.run(spec["scenarios"][names[0]], spec["new_tokens"])  # cold: first request of the process

@@ -200,7 +200,9 @@ def _bench(args: argparse.Namespace) -> int:
     from qwen2vl_edge.benchmarks.bench import DEFAULT_SYSTEMS
 
     run_bench(args.model, args.systems or DEFAULT_SYSTEMS, args.layers, args.threads, args.new_tokens, args.repeats, Path(args.out),
-              quick=args.quick, resolutions=ints(args.resolutions), contexts=ints(args.contexts))
+              quick=args.quick, resolutions=ints(args.resolutions), contexts=ints(args.contexts),
+              decode_processes=0 if args.quick and args.decode_processes is None else
+              (5 if args.decode_processes is None else args.decode_processes))
     return 0
 
 
@@ -352,7 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8/int4: MatMulNBits blocks; int8-dynamic: per-channel int8 weights with activations "
                         "quantized per tensor at run time (faster vision, coarser activations). Default: fp32 "
                         "(ort-cpu), --weights (tensorrt)")
-    p.add_argument("--block-size", type=int, default=32, help="quantization block along the input channels")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="quantization block along the input channels (default: int4 on ort-cpu 128, or the "
+                        "largest power of two that divides a linear's input size; otherwise 32)")
     p.add_argument("--accuracy-level", type=int, default=4, help="MatMulNBits accuracy_level (4: int8 activations)")
     p.set_defaults(func=_export)
 
@@ -413,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contexts", help="comma list of prompt lengths for the decode sweep")
     p.add_argument("--out", default="bench-out")
     p.add_argument("--quick", action="store_true", help="tiny model, one repeat: a smoke run (CI)")
+    p.add_argument("--decode-processes", type=int, default=None,
+                   help="also measure decode tok/s in N fresh processes per system and report their spread "
+                        "(default 5; 0 with --quick)")
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("check-trt", help="check that an artifact's graphs fit TensorRT's ONNX parser (CPU only)")

@@ -20,7 +20,7 @@ from .decoder import build_decoder
 from .decoder import preallocated
 from .graph import Graph, Target, WeightStore, value_info
 from .merger import build_embedding_merger
-from .quantize import QuantSpec
+from .quantize import QuantSpec, default_block
 from .trt_check import load_rules
 from .vision import build_vision_encoder
 
@@ -54,7 +54,7 @@ def _contrib_ops(target: str, quant: dict) -> list[tuple[str, int]]:
     return ops
 
 
-def _quant_specs(target: str, weights: str, vision_weights: str, block_size: int, accuracy_level: int) -> dict:
+def _quant_specs(target: str, weights: str, vision_weights: str, block_size: int | None, accuracy_level: int) -> dict:
     """Per graph, the QuantSpec its linears use (None: float)."""
     if target not in TARGETS:
         raise ValueError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
@@ -70,7 +70,8 @@ def _quant_specs(target: str, weights: str, vision_weights: str, block_size: int
     specs = {"vision_encoder": None, "embedding_merger": None, "decoder": None}
     for graph, value in (("decoder", weights), ("vision_encoder", vision_weights)):
         if value != "fp32":
-            specs[graph] = QuantSpec.of(value, block_size, accuracy_level)
+            block, fit = default_block(target, value) if block_size is None else (block_size, False)
+            specs[graph] = QuantSpec.of(value, block, accuracy_level, fit)
             specs[graph].validate()
     return specs
 
@@ -154,8 +155,8 @@ def _tokenizer_pad_id(ckpt_dir: Path) -> int | None:
 
 def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32", opset: int = MIN_OPSET,
            all_logits: bool = False, target: str = "portable", weights: str = "fp32", vision_weights: str | None = None,
-           block_size: int = 32, accuracy_level: int = 4, precision: str | None = None, min_tensorrt: str | None = None,
-           check: bool = True, verbose: bool = True) -> Path:
+           block_size: int | None = None, accuracy_level: int = 4, precision: str | None = None,
+           min_tensorrt: str | None = None, check: bool = True, verbose: bool = True) -> Path:
     """Export `checkpoint` to the artifact directory `out`; returns `out`.
 
     target 'portable': standard ONNX ops only (TensorRT, any runtime). target 'ort-cpu': the linears
@@ -231,7 +232,8 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32", opse
                    "logits": "all" if all_logits else "last",
                    "target": target, "precision": tgt.precision, "min_tensorrt": tgt.min_tensorrt,
                    "weights": weights, "vision_weights": vision_weights,
-                   "block_size": block_size if quantized else None,
+                   # per quantized graph; the largest where a linear's input size asks for a smaller one
+                   "block_size": {n: q.block_size for n, q in quant.items() if q and not q.dynamic} or None,
                    "accuracy_level": accuracy_level if (quantized or prequantized) and not tgt.typed else None,
                    # GPTQ/AWQ checkpoints: method, format, bits, group_size of the decoder linears' own weights
                    "source_quantization": ckpt.quant.to_manifest() if ckpt.quant else None,

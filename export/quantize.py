@@ -20,17 +20,37 @@ ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits accuracy_level: 0 unset, 1 fp32
 FORMATS = {"int8": (8, False), "int4": (4, False), "int8-dynamic": (8, True)}
 
 
+def default_block(target: str, weight_format: str) -> tuple[int, bool]:
+    """(block size, fit) when --block-size is not given. int4 on ort-cpu: blocks of 128 (benchmarks/kernel_bench.py,
+    prefill_profile.py: the 2B shape's 274-token prefill costs 1.39x less CPU time than with blocks of 32, and
+    its artifact 8 % fewer bytes; OpenVINO's int4 default group is 128 too), fitted: a linear whose input size
+    128 does not divide takes the largest power of two that does. Otherwise 32: int8 blocks and the tensorrt
+    target were not measured at other sizes."""
+    return (128, True) if (target, weight_format) == ("ort-cpu", "int4") else (32, False)
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     bits: int
     block_size: int = 32
     accuracy_level: int = 4
     dynamic: bool = False  # per-channel int8 weights, activations quantized per tensor at run time
+    fit: bool = False  # block_size is the largest block: smaller (a power of two >= 16) where it does not divide K
 
     @classmethod
-    def of(cls, weight_format: str, block_size: int, accuracy_level: int) -> "QuantSpec":
+    def of(cls, weight_format: str, block_size: int, accuracy_level: int, fit: bool = False) -> "QuantSpec":
         bits, dynamic = FORMATS[weight_format]
-        return cls(bits, block_size, accuracy_level, dynamic)
+        return cls(bits, block_size, accuracy_level, dynamic, fit)
+
+    def block(self, k: int, name: str) -> int:
+        """The block along the input channels of a linear with `k` of them."""
+        block = self.block_size
+        while self.fit and k % block and block > 16:
+            block //= 2
+        if k % block:
+            raise ValueError(f"--block-size {self.block_size} does not divide the input dimension {k} of {name}: "
+                             "choose a block size that divides it (e.g. 32 or 16)")
+        return block
 
     @property
     def op(self) -> str:
@@ -86,26 +106,19 @@ def dequantize_blocks(packed: np.ndarray, scales: np.ndarray, bits: int) -> np.n
     return values.reshape(values.shape[0], -1)
 
 
-def _check_block(k: int, block_size: int, name: str) -> None:
-    if k % block_size:
-        raise ValueError(f"--block-size {block_size} does not divide the input dimension {k} of {name}: "
-                         "choose a block size that divides it (e.g. 32 or 16)")
-
-
-def _stored(g, key: str, weight, spec: QuantSpec) -> tuple[str, str, int, int]:
-    """Quantize `weight` [N, K] (array or loader) into the store once under `key` -> names, N, K.
+def _stored(g, key: str, weight, spec: QuantSpec) -> tuple[str, str, int, int, int]:
+    """Quantize `weight` [N, K] (array or loader) into the store once under `key` -> names, N, K, block.
 
     Stored as MatMulNBits reads it: packed [N, K/block, block*bits/8], scales flat [N*K/block].
     """
     packed_name, scales_name = f"{key}.q{spec.bits}", f"{key}.scales{spec.bits}"
     if packed_name not in g.store:
         w = weight() if callable(weight) else weight
-        _check_block(w.shape[1], spec.block_size, key)
-        packed, scales = quantize_blocks(w, spec.bits, spec.block_size)
+        packed, scales = quantize_blocks(w, spec.bits, spec.block(w.shape[1], key))
         g.store.add(packed_name, packed, exact=True)
         g.store.add(scales_name, scales.reshape(-1), exact=True)
     n, blocks, blob = g.store.shape(packed_name)
-    return packed_name, scales_name, n, blocks * blob * 8 // spec.bits
+    return packed_name, scales_name, n, blocks * blob * 8 // spec.bits, blob * 8 // spec.bits
 
 
 def dequantize_matmul(g, x: str, weight: np.ndarray, name: str, spec: QuantSpec) -> str:
@@ -115,12 +128,12 @@ def dequantize_matmul(g, x: str, weight: np.ndarray, name: str, spec: QuantSpec)
     (scales [N]), the form TensorRT's 10.x matrices document for int8 weights (see tensorrt_onnx_ops*.json)."""
     n, k = weight.shape
     if spec.bits == 4:
-        _check_block(k, spec.block_size, name)
-        q, scales = symmetric(weight.astype(np.float32).reshape(n, k // spec.block_size, spec.block_size), 4)
+        block = spec.block(k, name)
+        q, scales = symmetric(weight.astype(np.float32).reshape(n, k // block, block), 4)
         nibbles = q.reshape(n, k).T.reshape(-1).astype(np.uint8) & 0x0F  # [K, N] row-major, two's complement
         packed = pack_values(nibbles, 4)
         g.store.add_packed(f"{name}.weight.int4", packed, (k, n), TensorProto.INT4)
-        dq = dict(axis=0, block_size=spec.block_size)
+        dq = dict(axis=0, block_size=block)
         data, scales = f"{name}.weight.int4", scales.T  # [K/block, N]
     else:
         q, scales = symmetric(weight.astype(np.float32), 8)  # one scale per output channel
@@ -146,9 +159,9 @@ def dynamic_quant_matmul(g, x: str, weight: np.ndarray, name: str) -> str:
 def matmul_nbits(g, x: str, weight, name: str, spec: QuantSpec, key: str | None = None) -> str:
     """x [..., K] @ weight[N, K].T as one MatMulNBits node (weight stored quantized, never transposed).
     `key` names the stored tensor when another graph shares it (the tied embedding)."""
-    packed, scales, n, k = _stored(g, key or f"{name}.weight", weight, spec)
+    packed, scales, n, k, block = _stored(g, key or f"{name}.weight", weight, spec)
     return g.op("MatMulNBits", x, g.weight(packed, None, exact=True), g.weight(scales, None, exact=True),
-                domain="com.microsoft", K=k, N=n, bits=spec.bits, block_size=spec.block_size,
+                domain="com.microsoft", K=k, N=n, bits=spec.bits, block_size=block,
                 accuracy_level=spec.accuracy_level)
 
 
@@ -175,9 +188,9 @@ def matmul_nbits_prequantized(g, x: str, weight, name: str, accuracy_level: int)
 def gather_block_quantized(g, ids: str, table, key: str, spec: QuantSpec) -> str:
     """Rows of the block-quantized table [N, K] -> fp32 [..., K]; the same stored bytes as a MatMulNBits
     of that table (the tied lm_head), seen as [N, K*bits/8] packed along K with [N, K/block] scales."""
-    packed, scales, n, k = _stored(g, key, table, spec)
+    packed, scales, n, k, block = _stored(g, key, table, spec)
     g.store.view(f"{packed}.rows", packed, (n, k * spec.bits // 8))
-    g.store.view(f"{scales}.rows", scales, (n, k // spec.block_size))
+    g.store.view(f"{scales}.rows", scales, (n, k // block))
     return g.op("GatherBlockQuantized", g.weight(f"{packed}.rows", None, exact=True),
                 ids, g.weight(f"{scales}.rows", None, exact=True), domain="com.microsoft",
-                bits=spec.bits, block_size=spec.block_size, gather_axis=0, quantize_axis=1)
+                bits=spec.bits, block_size=block, gather_axis=0, quantize_axis=1)

@@ -65,7 +65,7 @@ def _cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
     return text[:min(cuts)] if cuts else text
 
 
-def _check_load_options(backend, providers, num_threads, verify, session_cache) -> None:
+def _check_load_options(backend, providers, num_threads, verify, session_cache, session_config=None) -> None:
     """Load settings, checked before the artifact is read (its verification hashes gigabytes)."""
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
@@ -82,8 +82,12 @@ def _check_load_options(backend, providers, num_threads, verify, session_cache) 
         raise ConfigError(f"session_cache must be a directory path, got {type(session_cache).__name__}")
     if session_cache is not None and backend != "onnxruntime":
         raise ConfigError("session_cache is an ONNX Runtime (CPU) option; TensorRT engines are built ahead")
-    if backend != "onnxruntime" and (providers is not None or num_threads is not None):
-        raise ConfigError("providers and num_threads are ONNX Runtime options; TensorRT takes neither")
+    if session_config is not None and not (isinstance(session_config, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in session_config.items())):
+        raise ConfigError(f"session_config must be a dict of ONNX Runtime session config entries, str to str "
+                          f"(e.g. {{'session.intra_op.allow_spinning': '0'}}), got {session_config!r}")
+    if backend != "onnxruntime" and (providers is not None or num_threads is not None or session_config is not None):
+        raise ConfigError("providers, num_threads and session_config are ONNX Runtime options; TensorRT takes none")
 
 
 class Qwen2VLPipeline:
@@ -99,15 +103,17 @@ class Qwen2VLPipeline:
     @classmethod
     def load(cls, artifact_dir: str | Path, backend: str = "onnxruntime", providers: list | None = None,
              num_threads: int | None = None, verify: bool = True,
-             session_cache: str | Path | None = None, memory_limit: int | None = None) -> "Qwen2VLPipeline":
+             session_cache: str | Path | None = None, memory_limit: int | None = None,
+             session_config: dict | None = None) -> "Qwen2VLPipeline":
         """`session_cache`: a directory where ONNX Runtime keeps the graphs optimized and their weights
         packed for this CPU, so that later starts skip that work (see backends/onnxruntime.py).
         `memory_limit`: bytes one request may use; a request estimated above it (or above what the system
-        has) fails with InputError before any graph runs (runtime/memory.py)."""
-        _check_load_options(backend, providers, num_threads, verify, session_cache)
+        has) fails with InputError before any graph runs (runtime/memory.py).
+        `session_config`: ONNX Runtime session config entries for every graph, over the backend's defaults."""
+        _check_load_options(backend, providers, num_threads, verify, session_cache, session_config)
         artifact = load_artifact(artifact_dir, verify=verify, backend=backend)
-        options = ({"providers": providers, "num_threads": num_threads, "session_cache": session_cache}
-                   if backend == "onnxruntime" else {})
+        options = ({"providers": providers, "num_threads": num_threads, "session_cache": session_cache,
+                    "session_config": session_config} if backend == "onnxruntime" else {})
         with ThreadPoolExecutor(1) as pool:  # the tokenizer parses while the graphs load
             processor = pool.submit(Processor.from_pretrained, artifact.dir)
             graphs = create_backend(artifact, backend, **options)

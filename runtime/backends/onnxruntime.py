@@ -86,11 +86,34 @@ def _check_graphs_are_the_manifests(artifact: Artifact, sessions: dict) -> None:
                                 f"(inputs {got[:4]}, expected {want[:4]}): restore it or re-export")
 
 
+# Session config entries every session gets unless the caller's `session_config` says otherwise.
+# allow_spinning 0: idle intra-op threads sleep instead of spinning. With the threads on every core and other
+# work on the machine, a spinning thread takes the core its own session's other thread needs: 2B shape int4,
+# 2 threads, on the 2-core build machine under a load of 8-12, decode ran 12.7 tok/s (median of 5 fresh
+# processes) against 5.9 with spinning, faster in every one of 5 interleaved rounds
+# (benchmarks/decode_spread.py; README, "Prefill and decode speed"). Not measured on an idle machine.
+DEFAULT_SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
+
+
+def session_options(ort, num_threads: int | None, shared_arena: bool, config: dict | None = None):
+    """The options every session of the backend gets (the benchmarks' profiler takes them too); `config`:
+    further ONNX Runtime session config entries, over ours (DEFAULT_SESSION_CONFIG)."""
+    opts = ort.SessionOptions()
+    if num_threads:
+        opts.intra_op_num_threads = int(num_threads)
+    if shared_arena:
+        opts.add_session_config_entry("session.use_env_allocators", "1")
+    for key, value in {**DEFAULT_SESSION_CONFIG, **(config or {})}.items():
+        opts.add_session_config_entry(key, value)
+    return opts
+
+
 class OrtBackend:
     name = "onnxruntime"
 
     def __init__(self, artifact: Artifact, providers: list | None = None, num_threads: int | None = None,
-                 shared_arena: bool = True, session_cache: str | Path | None = None):
+                 shared_arena: bool = True, session_cache: str | Path | None = None,
+                 session_config: dict | None = None):
         import onnxruntime as ort
 
         available = ort.get_available_providers()
@@ -116,14 +139,7 @@ class OrtBackend:
         if shared_arena:
             _register_shared_cpu_arena(ort)
 
-        def options():
-            opts = ort.SessionOptions()
-            if num_threads:
-                opts.intra_op_num_threads = int(num_threads)
-            if shared_arena:
-                opts.add_session_config_entry("session.use_env_allocators", "1")
-            return opts
-
+        options = lambda: session_options(ort, num_threads, shared_arena, session_config)  # noqa: E731
         self._ort = ort
         self.graph_seconds = 0.0  # inside session runs; the loop reports the rest as per-step overhead
         try:
