@@ -108,7 +108,7 @@ def run_bench(model: str = "tiny", systems: str = DEFAULT_SYSTEMS, layers: int |
     inputs_dir = cache_dir() / "bench" / "inputs"
     convs = scenarios.scenarios(inputs_dir, quick=quick)
     sweep_res = scenarios.resolution_sweep(inputs_dir, resolutions or ([224, 448] if quick else
-                                                                      [224, 448, 672, 896, 1344]))
+                                                                      scenarios.SWEEP_SIDES))
     sweep_ctx = scenarios.context_sweep(contexts or ([64, 256] if quick else [128, 512, 1024, 2048]))
     result = {"model": model, "layers": layers, "threads": threads, "new_tokens": new_tokens, "repeats": repeats,
               "machine": desc, "systems": {}, "host_loop": _host_loop(ckpt)}

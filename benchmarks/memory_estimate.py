@@ -37,7 +37,8 @@ CHILD = textwrap.dedent("""
         content.insert(0, {"type": "image", "image": Image.fromarray(pixels)})
     conv = [{"role": "user", "content": content}]
     inputs = pipe.processor(conv)
-    est = estimate(pipe.artifact.config, pipe.artifact.export, RequestShape.of(inputs, new))
+    est = estimate(pipe.artifact.config, pipe.artifact.export, RequestShape.of(inputs, new),
+                   pipe.backend.prefill_chunk(len(inputs["input_ids"])))
     prompt = int(inputs["input_ids"].shape[1])
     del inputs
     Path("/proc/self/clear_refs").write_text("5")

@@ -89,6 +89,7 @@ def markdown(result: dict) -> str:
             if r["system"] != REFERENCE:
                 lines.append(f"| {r['system']} | {ref['s1_ttft'] / r['s1_ttft']:.2f}x | {r['decode'] / ref['decode']:.2f}x | "
                              f"{ref['s2_ttft'] / r['s2_ttft']:.2f}x | {r['s1_rss_gb'] / ref['s1_rss_gb']:.2f} |")
+    lines += _sweep_table(result)
     lines += ["", "All scenarios (median s; decode tok/s; peak RSS of the scenario's runs):", "",
               "| system | scenario | prompt tokens | preprocess | vision | TTFT | decode tok/s | end to end | peak RSS |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -106,6 +107,21 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _sweep_table(result: dict) -> list[str]:
+    """Time to first token per square image side and system; a size a system cannot run shows why."""
+    sides = sorted({int(k) for r in result["systems"].values() for k in r.get("ttft_vs_resolution", {})})
+    if not sides:
+        return []
+    lines = ["", "Time to first token vs image side (one square image, s):", "",
+             "| system | " + " | ".join(f"{s} px" for s in sides) + " |", "|---|" + "---|" * len(sides)]
+    for name, r in result["systems"].items():
+        cells = {int(k): v for k, v in r.get("ttft_vs_resolution", {}).items()}
+        lines.append(f"| {name} | " + " | ".join(
+            "—" if s not in cells else cells[s] if isinstance(cells[s], str) else f"{cells[s]:.2f}" for s in sides)
+            + " |")
+    return lines
+
+
 def plots(result: dict, out: Path) -> list[Path]:
     import matplotlib
 
@@ -114,7 +130,8 @@ def plots(result: dict, out: Path) -> list[Path]:
 
     systems = result["systems"]
     lines = {  # file -> (points of one system, x label, y label, title)
-        "ttft_vs_resolution.png": (lambda r: [(int(k), v) for k, v in r["ttft_vs_resolution"].items()],
+        "ttft_vs_resolution.png": (lambda r: [(int(k), v) for k, v in r["ttft_vs_resolution"].items()
+                                              if not isinstance(v, str)],  # a reason: no point
                                    "image side (px, square)", "time to first token (s)", "TTFT vs image resolution"),
         "decode_vs_context.png": (lambda r: [(v["prompt_tokens"], v["decode_tok_s"])
                                              for v in r["decode_vs_context"].values()],

@@ -62,6 +62,11 @@ def scenarios(directory: Path, quick: bool = False) -> dict[str, list]:
     }
 
 
+# the TTFT-vs-resolution sweep's square image sides, up to 1792 px (4,096 merged tokens); a system that cannot
+# run a size gets a cell saying why (worker.sweep_point)
+SWEEP_SIDES = [224, 448, 672, 896, 1344, 1792]
+
+
 def resolution_sweep(directory: Path, sizes: list[int]) -> dict[int, list]:
     return {s: [{"role": "user", "content": [{"type": "image", "image": _image(directory / f"r{s}.png", 7, (s, s))},
                                              {"type": "text", "text": SHORT}]}] for s in sizes}

@@ -150,6 +150,19 @@ def measure(system, conversation, new_tokens: int, repeats: int) -> dict:
     return out
 
 
+def sweep_point(system, conversation) -> float | str:
+    """One size of the resolution sweep: its time to first token, or why this system cannot run it (our memory
+    check's refusal, an allocation that failed), so the sweep goes on to the other sizes and systems."""
+    try:
+        return measure(system, conversation, 2, 1)["ttft"]["median"]
+    except MemoryError:
+        return "out of memory"
+    except Exception as e:  # noqa: BLE001 (our InputError, ONNX Runtime's or torch's allocation errors)
+        if type(e).__name__ == "InputError" or "memory" in str(e).lower() or "alloc" in str(e).lower():
+            return f"cannot run: {str(e).splitlines()[0][:300]}"
+        raise
+
+
 def main(spec_path: str, out_path: str) -> None:
     spec = json.loads(open(spec_path).read())
     system = make_system(spec)
@@ -173,7 +186,7 @@ def main(spec_path: str, out_path: str) -> None:
         print(f"  {spec['system']} {name}: ttft {result['scenarios'][name]['ttft']['median']:.3f} s, "
               f"decode {result['scenarios'][name]['decode_tok_s']['median']:.1f} tok/s", flush=True)
     for size, conv in spec.get("resolutions", {}).items():
-        result["ttft_vs_resolution"][size] = measure(system, conv, 2, 1)["ttft"]["median"]
+        result["ttft_vs_resolution"][size] = sweep_point(system, conv)
     for length, conv in spec.get("contexts", {}).items():
         m = measure(system, conv, spec["new_tokens"], 1)
         result["decode_vs_context"][length] = {"prompt_tokens": m["prompt_tokens"],

@@ -180,6 +180,11 @@ class Artifact:
     def graph(self, name: str) -> dict[str, Any]:
         return self.manifest["graphs"][name]
 
+    def weight_bytes(self) -> int:
+        """Bytes of the ONNX files ONNX Runtime loads: the three graphs and their shared weights file."""
+        files = {self.graph_path(name) for name in GRAPHS} | {_confined(self.dir, self.export["weights_file"])}
+        return sum(f.stat().st_size for f in files)
+
     @property
     def generation(self) -> dict[str, Any]:
         return self.manifest["generation"]

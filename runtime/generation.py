@@ -118,7 +118,7 @@ def prefill(backend: Backend, inputs_embeds, inputs: dict, step_times: StepTimes
         cache = backend.new_cache(mask.shape[0], reserve=mask.shape[1] + max_new_tokens)
     else:
         cache = backend.reserve(cache, mask.shape[1] + max_new_tokens)
-    logits, cache = backend.decode(inputs_embeds, mask, inputs["position_ids"], cache)
+    logits, cache = prefill_chunks(backend, inputs_embeds, mask, inputs["position_ids"], cache)
     step_times.prefill = time.perf_counter() - t0
     B, L = inputs["input_ids"].shape
     history = np.zeros(0, np.int64) if cached_ids is None else np.asarray(cached_ids, np.int64)
@@ -127,6 +127,24 @@ def prefill(backend: Backend, inputs_embeds, inputs: dict, step_times: StepTimes
                                            for b in range(B)],
                         generated=[[] for _ in range(B)], finished=np.zeros(B, bool), reasons=[None] * B)
     return logits, state
+
+
+def prefill_chunks(backend: Backend, inputs_embeds, mask: np.ndarray, position_ids: np.ndarray,
+                   cache: Any) -> tuple[np.ndarray, Any]:
+    """The prompt's L positions through the decoder in chunks of the backend's `prefill_chunk` (None: at once),
+    each chunk a run over the positions the cache holds so far: the activations, the mask bias and the attention
+    buffers then scale with the chunk instead of L, the cache still takes all L. `mask` [B, P + L] covers the
+    cache's P positions too; positions [3, B, L] are per token, so a chunk slices them. -> the last position's
+    logits [B, V] (those of the last chunk) and the cache grown by L."""
+    L = position_ids.shape[-1]
+    chunk = backend.prefill_chunk(mask.shape[0]) or L
+    past = mask.shape[1] - L
+    for start in range(0, L, chunk):
+        end = min(start + chunk, L)
+        whole = start == 0 and end == L  # one run: the backend's own embeds, not a slice of them
+        logits, cache = backend.decode(inputs_embeds if whole else inputs_embeds[:, start:end],
+                                       mask[:, :past + end], position_ids[:, :, start:end], cache)
+    return logits, cache
 
 
 def suppress(logits: np.ndarray, token_ids: list[int]) -> np.ndarray:

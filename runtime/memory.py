@@ -45,10 +45,11 @@ ATTENTION = {  # target -> graph -> how its attention holds the scores (export/v
 KV_CACHE = {"portable": CONCAT, "ort-cpu": PREALLOCATED, "tensorrt": CONCAT}
 # fp32 activations alive besides attention, in units of one [tokens, width] row set: the residual stream,
 # the norm output, q/k/v and their rotations; the MLP's hidden width counted separately (fc1 / gate, up,
-# the activation's intermediates). The vision encoder's, once its attention holds no scores (ort-cpu), were
-# measured: 26-30 widths of embed_dim a patch at Qwen2-VL-2B's (4 MLP widths of 4), with ONNX Runtime's arena
-# (2026-11-26, onnxruntime 1.32; benchmarks/vision_memory.py, memory_estimate.py, README); 11 + 6 x 4 = 35.
-VISION_WIDTHS, VISION_MLP_WIDTHS = 11, 6
+# the activation's intermediates). The vision encoder's session has no arena and no buffer reuse
+# (backends/onnxruntime.py): measured 10.7-11.3 widths of embed_dim a patch at Qwen2-VL-2B's (MLP 4 widths
+# of it), 2 and 4 blocks, 16,384 patches (26-30 with the arena and reuse; 2026-11-26, onnxruntime 1.32,
+# benchmarks/results/vision-memory-photo.json); 5 + 2 x 4 = 13.
+VISION_WIDTHS, VISION_MLP_WIDTHS = 5, 2
 DECODER_WIDTHS, DECODER_MLP_WIDTHS = 6, 4
 
 
@@ -93,18 +94,26 @@ def vision_bytes(cfg: ModelConfig, target: str, grid: tuple[int, int, int]) -> i
     return F32 * (scores + frames * patches * widths)
 
 
-def prefill_bytes(cfg: ModelConfig, export: dict, req: RequestShape) -> int:
-    """The decoder's run over the prompt, besides the cache: scores, mask bias, activations, logits."""
-    t, B, L = cfg.text, req.batch, req.prompt_len
-    scores = _attention(export.get("target", "portable"), "decoder") * B * t.num_attention_heads * L * L
-    mask = B * L * L * 1.25 + L * L / 4  # fp32 bias [B, (1,) 1, L, T] and its bool masks
+def prefill_bytes(cfg: ModelConfig, export: dict, req: RequestShape, chunk: int | None = None) -> int:
+    """The decoder's run over the prompt, besides the cache: scores, mask bias, activations, logits. The prompt
+    runs `chunk` positions at a time (generation.prefill_chunks; None: all at once): what a run holds scales
+    with its C positions against the T it attends to."""
+    t, B, T = cfg.text, req.batch, req.prompt_len
+    C = min(T, chunk or T)
+    kind = _attention(export.get("target", "portable"), "decoder")
+    scores = kind * B * t.num_attention_heads * C * T
+    mask = B * C * T * 1.25 + C * T / 4  # fp32 bias [B, (1,) 1, C, T] and its bool masks
+    if kind == FUSED:  # GroupQueryAttention's probabilities, [C, T] at a time (tiny ort-cpu, 4,359 tokens in
+        mask += B * C * T  # chunks of 2,048: 70 MB measured, 65 estimated without them)
+    if C < T:  # the arena keeps the previous chunk's [C, T'] buffers, too small for the next chunk's T
+        scores, mask = 2 * scores, 2 * mask
     widths = DECODER_WIDTHS * t.hidden_size + DECODER_MLP_WIDTHS * t.intermediate_size
-    logits = B * (L if export.get("logits") == "all" else 1) * t.vocab_size
-    return int(F32 * (scores + mask + B * L * widths + logits))
+    logits = B * (C if export.get("logits") == "all" else 1) * t.vocab_size
+    return int(F32 * (scores + mask + B * C * widths + logits))
 
 
-def estimate(cfg: ModelConfig, export: dict, req: RequestShape) -> Estimate:
-    """Peak bytes of each stage of one request on ONNX Runtime (CPU)."""
+def estimate(cfg: ModelConfig, export: dict, req: RequestShape, chunk: int | None = None) -> Estimate:
+    """Peak bytes of each stage of one request on ONNX Runtime (CPU); `chunk`: the backend's prefill_chunk."""
     t, B, L = cfg.text, req.batch, req.prompt_len
     m2 = cfg.vision.spatial_merge_size ** 2
     patches = sum(g[0] * g[1] * g[2] for g in req.grids)
@@ -118,7 +127,7 @@ def estimate(cfg: ModelConfig, export: dict, req: RequestShape) -> Estimate:
     # concat: past and present both alive in a step; preallocated: one buffer of L + max_new_tokens from the start
     cache_decode = kv_cache_bytes(cfg, B, total, dtype, kind)
     cache_prefill = cache_decode if kind == PREALLOCATED else kv_cache_bytes(cfg, B, L, dtype, PREALLOCATED)
-    stages["prefill"] = inputs + features + embeds + cache_prefill + prefill_bytes(cfg, export, req)
+    stages["prefill"] = inputs + features + embeds + cache_prefill + prefill_bytes(cfg, export, req, chunk)
     stages["decode"] = inputs + cache_decode + F32 * B * t.vocab_size * 2
     return Estimate({k: int(v) for k, v in stages.items()}, largest)
 
@@ -211,8 +220,9 @@ def _with_grid(req: RequestShape, old, new, merge2: int) -> RequestShape:
     return RequestShape(req.batch, req.prompt_len - tokens(old) + tokens(new), req.max_new_tokens, tuple(grids))
 
 
-def _fixes(cfg: ModelConfig, export: dict, req: RequestShape, est: Estimate, budget: int) -> list[str]:
-    fits = lambda r, e=export: estimate(cfg, e, r).peak <= budget  # noqa: E731
+def _fixes(cfg: ModelConfig, export: dict, req: RequestShape, est: Estimate, budget: int,
+           chunk: int | None) -> list[str]:
+    fits = lambda r, e=export: estimate(cfg, e, r, chunk).peak <= budget  # noqa: E731
     fixes = []
     if est.stage in ("vision", "prefill") and est.largest_grid:  # smaller images: fewer patches and tokens
         t, h, w = est.largest_grid
@@ -232,7 +242,7 @@ def _fixes(cfg: ModelConfig, export: dict, req: RequestShape, est: Estimate, bud
     for target in ATTENTION:
         if target != export.get("target") and fits(req, _export_for(export, target)):
             fixes.append(f"an export with --target {target} (needs about "
-                         f"{estimate(cfg, _export_for(export, target), req).peak / GB:.1f} GB)")
+                         f"{estimate(cfg, _export_for(export, target), req, chunk).peak / GB:.1f} GB)")
     return fixes
 
 
@@ -240,15 +250,16 @@ def _export_for(export: dict, target: str) -> dict:
     return {**export, "target": target, "kv_cache": KV_CACHE[target]}
 
 
-def check(cfg: ModelConfig, export: dict, inputs: dict, max_new_tokens: int, limit: int | None = None) -> Estimate:
-    """Raise InputError when the request's estimated peak exceeds the memory available to it."""
-    if limit is not None:
-        checks.integer("memory_limit", limit, minimum=1, error=ConfigError, hint=" (bytes; None: what the system has)")
+def check(cfg: ModelConfig, export: dict, inputs: dict, max_new_tokens: int, limit: int | None = None,
+          chunk: int | None = None) -> Estimate:
+    """Raise InputError when the request's estimated peak exceeds the memory available to it; `chunk`: the
+    backend's prefill_chunk."""
+    check_limit(limit)
     req = RequestShape.of(inputs, max_new_tokens)
-    est = estimate(cfg, export, req)
+    est = estimate(cfg, export, req, chunk)
     budget, source = available(limit)
     if budget is not None and est.peak > budget:
-        fixes = _fixes(cfg, export, req, est, budget)
+        fixes = _fixes(cfg, export, req, est, budget, chunk)
         raise InputError(
             f"this request needs about {est.peak / GB:.1f} GB of memory at its peak, in the {est.stage} stage ("
             + ", ".join(f"{k} {v / GB:.1f} GB" for k, v in est.stages.items())
@@ -256,6 +267,22 @@ def check(cfg: ModelConfig, export: dict, inputs: dict, max_new_tokens: int, lim
             + (" or ".join(fixes) if fixes else "nothing smaller that this model allows: run it on a larger machine")
         )
     return est
+
+
+def check_limit(limit: int | None) -> None:
+    if limit is not None:
+        checks.integer("memory_limit", limit, minimum=1, error=ConfigError, hint=" (bytes; None: what the system has)")
+
+
+def check_weights(weight_bytes: int, limit: int | None, what: str) -> None:
+    """At load, before ONNX Runtime maps anything: weights alone above `memory_limit` (or above what the system
+    has) could never serve a request; say so instead of failing every call, or the kernel's OOM killer."""
+    check_limit(limit)
+    budget, source = available(limit)
+    if budget is not None and weight_bytes > budget:
+        raise ConfigError(f"the weights of {what} take {weight_bytes / GB:.1f} GB, more than the "
+                          f"{max(budget, 0) / GB:.1f} GB available ({source}): raise memory_limit, free memory, or "
+                          "export smaller weights (--weights int4 --vision-weights int8)")
 
 
 def host_backend(backend) -> bool:

@@ -90,6 +90,11 @@ def _check_load_options(backend, providers, num_threads, verify, session_cache, 
         raise ConfigError("providers, num_threads and session_config are ONNX Runtime options; TensorRT takes none")
 
 
+def _on_cpu(providers) -> bool:
+    first = (providers or ["CPUExecutionProvider"])[0]
+    return (first[0] if isinstance(first, tuple) else first) == "CPUExecutionProvider"
+
+
 class Qwen2VLPipeline:
     def __init__(self, artifact: Artifact, processor: Processor, backend):
         self.artifact, self.processor, self.backend = artifact, processor, backend
@@ -98,7 +103,8 @@ class Qwen2VLPipeline:
         self.pad_id = int(gen["pad_token_id"])
         self.sampling_defaults = checkpoint_sampling(artifact.dir)  # generation_config.json, as transformers reads it
         self.last_result: GenerationResult | None = None  # of the last finished stream()
-        self.memory_limit: int | None = None  # bytes a request may use; None: what the system has (memory.py)
+        self.memory_limit: int | None = None  # bytes the pipeline may use, weights included; None: what the system
+        #                                        has (memory.py)
 
     @classmethod
     def load(cls, artifact_dir: str | Path, backend: str = "onnxruntime", providers: list | None = None,
@@ -107,11 +113,14 @@ class Qwen2VLPipeline:
              session_config: dict | None = None) -> "Qwen2VLPipeline":
         """`session_cache`: a directory where ONNX Runtime keeps the graphs optimized and their weights
         packed for this CPU, so that later starts skip that work (see backends/onnxruntime.py).
-        `memory_limit`: bytes one request may use; a request estimated above it (or above what the system
-        has) fails with InputError before any graph runs (runtime/memory.py).
+        `memory_limit`: bytes the pipeline may use: weights above it (or above what the system has) fail here
+        with ConfigError; a request estimated above what the weights leave fails with InputError before any
+        graph runs (runtime/memory.py).
         `session_config`: ONNX Runtime session config entries for every graph, over the backend's defaults."""
         _check_load_options(backend, providers, num_threads, verify, session_cache, session_config)
         artifact = load_artifact(artifact_dir, verify=verify, backend=backend)
+        if backend == "onnxruntime" and _on_cpu(providers):  # the weights go to host memory
+            memory.check_weights(artifact.weight_bytes(), memory_limit, artifact.dir)
         options = ({"providers": providers, "num_threads": num_threads, "session_cache": session_cache,
                     "session_config": session_config} if backend == "onnxruntime" else {})
         with ThreadPoolExecutor(1) as pool:  # the tokenizer parses while the graphs load
@@ -184,7 +193,9 @@ class Qwen2VLPipeline:
                              "(max_pixels) or lower max_new_tokens")
         self.backend.check_request(inputs, opts.max_new_tokens)
         if memory.host_backend(self.backend):  # refuse what would not fit before any graph allocates
-            memory.check(self.artifact.config, self.artifact.export, inputs, opts.max_new_tokens, self.memory_limit)
+            share = self.memory_limit and max(self.memory_limit - self.artifact.weight_bytes(), 1)  # the request's
+            memory.check(self.artifact.config, self.artifact.export, inputs, opts.max_new_tokens, share,
+                         self.backend.prefill_chunk(len(inputs["input_ids"])))
         embeds, timings = self.embed(inputs)
         return inputs, meta, embeds, {"preprocess": t1 - t0, **timings}
 

@@ -60,3 +60,20 @@ def test_quick_bench_report_is_complete(tmp_path):
     assert "| transformers |" in md and "decode speed-up" in md and "session cache" in md
     for png in ("ttft_vs_resolution.png", "decode_vs_context.png", "peak_rss.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@requires_torch
+def test_resolution_sweep_reaches_1792_and_a_size_a_system_cannot_run_says_why(tiny_artifact, tmp_path):
+    """The sweep's last size is 1792 px; our memory check refusing it (a limit the weights leave ~1 GB under)
+    gives a cell with the reason, and the smaller size still its time."""
+    from qwen2vl_edge.benchmarks import report, scenarios, worker
+
+    assert scenarios.SWEEP_SIDES[-1] == 1792
+    sweep = scenarios.resolution_sweep(tmp_path, [224, 1792])
+    ours = worker.Ours(str(tiny_artifact), 1)
+    ours.pipe.memory_limit = ours.pipe.artifact.weight_bytes() + 10**9
+    cells = {side: worker.sweep_point(ours, conv) for side, conv in sweep.items()}
+    assert isinstance(cells[224], float) and cells[224] > 0
+    assert cells[1792].startswith("cannot run: this request needs about") and "max_pixels=" in cells[1792]
+    table = "\n".join(report._sweep_table({"systems": {"ours": {"ttft_vs_resolution": cells}}}))
+    assert "| 224 px | 1792 px |" in table and f"| ours | {cells[224]:.2f} | cannot run: " in table

@@ -13,6 +13,7 @@ from conftest import requires_torch
 from qwen2vl_edge.runtime import ConfigError, InputError
 from qwen2vl_edge.runtime.memory import ATTENTION, KV_CACHE, RequestShape, available, check, estimate
 from qwen2vl_edge.runtime.preprocess import PreprocessorConfig, smart_resize
+from qwen2vl_edge.runtime.backends.onnxruntime import PREFILL_CHUNK as CHUNK
 from test_tensorrt import CFG_2B
 
 GB = 10 ** 9
@@ -45,29 +46,42 @@ def _fits(message: str, name: str) -> int:
 @pytest.mark.parametrize("export,limit_gb", [(PORTABLE, 8), (ORT_CPU, 3)], ids=["portable", "ort-cpu"])
 def test_a_phone_photo_at_the_default_max_pixels_is_refused_with_a_max_pixels_that_fits(export, limit_gb,
                                                                                         only_the_limit):
-    """4000x3000 at the 2B checkpoint's default max_pixels: ~61,000 patches, 16 vision heads."""
+    """4000x3000 at the 2B checkpoint's default max_pixels: ~61,000 patches, 16 vision heads; the prompt
+    prefilled in chunks as the CPU backend runs it."""
     inputs = _image_inputs(4000, 3000)
-    est = estimate(CFG_2B, export, RequestShape.of(inputs, 128))
+    est = estimate(CFG_2B, export, RequestShape.of(inputs, 128), CHUNK)
     assert est.stage == "vision"
     limit = limit_gb * GB
     refused = rf"vision.*more than the {limit_gb}\.0 GB available \(memory_limit\).*max_pixels="
     with pytest.raises(InputError, match=refused) as e:
-        check(CFG_2B, export, inputs, 128, limit)
+        check(CFG_2B, export, inputs, 128, limit, CHUNK)
     suggested = _fits(str(e.value), "max_pixels")
-    assert check(CFG_2B, export, _image_inputs(4000, 3000, suggested), 128, limit).peak <= limit
-    assert estimate(CFG_2B, export, RequestShape.of(_image_inputs(4000, 3000, suggested * 2), 128)).peak > limit
+    assert check(CFG_2B, export, _image_inputs(4000, 3000, suggested), 128, limit, CHUNK).peak <= limit
+    assert estimate(CFG_2B, export, RequestShape.of(_image_inputs(4000, 3000, suggested * 2), 128),
+                    CHUNK).peak > limit
 
 
 def test_fused_vision_attention_makes_a_phone_photo_linear(only_the_limit):
     """Portable holds [heads, S, S] fp32 scores (why ONNX Runtime asked for 30 GB and more); ort-cpu's
     MultiHeadAttention holds none, so the photo at the default max_pixels fits where portable cannot (its
-    linear activations still take about 11 GB: 61,000 patches of 1280-wide rows)."""
+    linear activations take about 4 GB: 61,000 patches of 13 1280-wide rows, the vision session having no
+    arena and no buffer reuse)."""
     inputs = _image_inputs(4000, 3000)
-    portable, fused = (estimate(CFG_2B, e, RequestShape.of(inputs, 128)) for e in (PORTABLE, ORT_CPU))
-    assert portable.stages["vision"] > 400 * GB and fused.stages["vision"] < 16 * GB
-    with pytest.raises(InputError, match=r"in the vision stage.*--target ort-cpu \(needs about 1\d\.\d GB\)"):
-        check(CFG_2B, PORTABLE, inputs, 128, 16 * GB)
-    assert check(CFG_2B, ORT_CPU, inputs, 128, 16 * GB).peak <= 16 * GB
+    portable, fused = (estimate(CFG_2B, e, RequestShape.of(inputs, 128), CHUNK) for e in (PORTABLE, ORT_CPU))
+    assert portable.stages["vision"] > 400 * GB and fused.stages["vision"] < 5 * GB
+    with pytest.raises(InputError, match=r"in the vision stage.*--target ort-cpu \(needs about 4\.\d GB\)"):
+        check(CFG_2B, PORTABLE, inputs, 128, 16 * GB, CHUNK)
+    assert check(CFG_2B, ORT_CPU, inputs, 128, 16 * GB, CHUNK).peak <= 16 * GB
+
+
+def test_chunked_prefill_bounds_a_photos_prompt(only_the_limit):
+    """The photo's 15,321-token prompt: in one run the decoder holds its MLP rows and [L, T] mask bias (more than
+    the vision encoder); in chunks of the CPU backend's size a chunk's, below the vision stage."""
+    inputs = _image_inputs(4000, 3000)
+    whole, chunked = (estimate(CFG_2B, ORT_CPU, RequestShape.of(inputs, 128), c) for c in (None, CHUNK))
+    assert whole.stage == "prefill" and whole.stages["prefill"] > 5 * GB
+    assert chunked.stage == "vision" and chunked.stages["prefill"] < 2.5 * GB
+    assert chunked.stages["vision"] == whole.stages["vision"]
 
 
 def test_a_prompt_at_the_context_limit_names_the_target_that_fits(only_the_limit):
@@ -168,7 +182,8 @@ def test_pipeline_refuses_a_prompt_at_the_context_limit(pipe, only_the_limit):
     text = " hello" * (context - 8 - overhead)
     length = tokens(context - 8 - overhead)
     assert length == context - 8
-    graph_seconds, pipe.memory_limit = pipe.backend.graph_seconds, 4 * GB
+    # 2 GB: prefilled in chunks, the prompt's scores take about 3.7 GB (58 GB in one run)
+    graph_seconds, pipe.memory_limit = pipe.backend.graph_seconds, 2 * GB
     try:
         with pytest.raises(InputError, match=r"in the prefill stage.*shorter prompt"):
             pipe.generate([{"role": "user", "content": text}], max_new_tokens=context - length)
@@ -185,7 +200,7 @@ FACTOR = 2.5
 
 @requires_torch
 @pytest.mark.parametrize("target,request_kwargs", [("portable", dict(width=1200, height=900)),
-                                                   ("portable", dict(words=1500)), ("ort-cpu", dict(words=1500))],
+                                                   ("portable", dict(words=1500)), ("ort-cpu", dict(words=3000))],
                          ids=["image-vision", "long-prompt-portable", "long-prompt-ort-cpu"])
 def test_estimate_bounds_the_measured_peak(request, target, request_kwargs):
     from qwen2vl_edge.benchmarks.memory_estimate import measure
@@ -196,3 +211,14 @@ def test_estimate_bounds_the_measured_peak(request, target, request_kwargs):
           f"measured {r['measured'] / 1e6:.0f} MB")
     assert r["measured"] > 100e6, "too small a request to measure the estimate by"
     assert r["measured"] <= r["estimate"] <= FACTOR * r["measured"]
+
+
+def test_weights_above_the_memory_limit_fail_at_load(tiny_artifact):
+    from qwen2vl_edge.runtime import Qwen2VLPipeline
+    from qwen2vl_edge.runtime.artifact import load_artifact
+
+    weights = load_artifact(tiny_artifact, verify=False).weight_bytes()
+    assert weights > 10**6
+    with pytest.raises(ConfigError, match=r"the weights of .* take 0\.\d GB, more than the 0\.0 GB available "
+                                          r"\(memory_limit\).*--weights int4"):
+        Qwen2VLPipeline.load(tiny_artifact, memory_limit=weights // 2)

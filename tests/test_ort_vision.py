@@ -39,3 +39,27 @@ def test_ort_cpu_vision_features_match_portable(pipe, pipe_ort, case):
     rel = np.abs(ours - ref).max() / np.abs(ref).max()
     print(f"ort-cpu vision {case}: max relative error vs portable {rel:.2e}")
     assert rel <= 1e-4
+
+
+def test_large_images_run_in_the_bounded_session_with_the_same_features(pipe_ort, monkeypatch):
+    """From BOUNDED_FROM patches the encoder's session is swapped for one without arena or buffer reuse (its
+    activations bounded), and back below it; the features do not change."""
+    from qwen2vl_edge.runtime.backends import onnxruntime as ort_backend
+
+    rng = np.random.default_rng(3)
+    image = {"type": "image", "image": random_image(rng, 333, 250)}
+    inputs = pipe_ort.processor([{"role": "user", "content": [image, {"type": "text", "text": "?"}]}])
+    patches = int(np.prod(inputs["image_grid_thw"][0]))
+    backend = pipe_ort.backend
+    default = backend.sessions["vision_encoder"]
+    small = pipe_ort.vision_features(inputs)
+    assert backend.sessions["vision_encoder"] is default and default.get_session_options().enable_mem_reuse
+    monkeypatch.setattr(ort_backend, "BOUNDED_FROM", patches)
+    large = pipe_ort.vision_features(inputs)
+    opts = backend.sessions["vision_encoder"].get_session_options()
+    assert backend.sessions["vision_encoder"] is not default
+    assert not opts.enable_cpu_mem_arena and not opts.enable_mem_reuse
+    np.testing.assert_array_equal(large, small)
+    monkeypatch.setattr(ort_backend, "BOUNDED_FROM", patches + 1)
+    np.testing.assert_array_equal(pipe_ort.vision_features(inputs), small)
+    assert backend.sessions["vision_encoder"].get_session_options().enable_mem_reuse

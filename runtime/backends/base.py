@@ -14,6 +14,10 @@ class Backend(Protocol):
     hidden_size: int
     graph_seconds: float | None  # cumulative time inside graph runs; None where execution is asynchronous
 
+    def prefill_chunk(self, batch: int) -> int | None:
+        """Prompt positions per decoder run at prefill for `batch` rows (bounds what a run holds in host
+        memory); None: the whole prompt in one run."""
+
     def check_request(self, inputs: dict, max_new_tokens: int) -> None:
         """Raise InputError before running when the request exceeds what this backend was built for."""
 

@@ -29,6 +29,11 @@ from ..artifact import GRAPHS, Artifact
 from ..errors import ArtifactError, ConfigError
 
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+# prompt positions per decoder run at prefill on the CPU (generation.prefill_chunks): prompts up to this long
+# run at once as before; a 16k-token one (a 12 MP photo) holds a chunk's activations, mask bias and attention
+# buffers [B, heads, chunk, T] instead of the whole prompt's
+PREFILL_CHUNK = 2048
+BOUNDED_FROM = 8192  # patches of one vision run from which its session bounds its activations (_vision_for)
 
 
 @dataclass
@@ -76,6 +81,16 @@ def _register_shared_cpu_arena(ort) -> None:
     ort.create_and_register_allocator(info, ort.OrtArenaCfg({"arena_extend_strategy": 1}))  # kSameAsRequested
 
 
+def _bounded_activations(opts) -> None:
+    """The vision encoder's session for large images: its tensors straight from malloc (no arena; above 32 MB
+    glibc maps each one and unmaps it when freed) and no buffer handed on to a later tensor of the same size
+    (the planner's memory reuse keeps freed buffers alive across blocks). Its live activations then stay
+    about 11 widths of embed_dim a patch instead of 23-30 (2B shape, 16,384 patches, onnxruntime 1.32;
+    benchmarks/results/vision-memory-photo.json), so a 12 MP photo at the checkpoint's max_pixels fits."""
+    opts.enable_cpu_mem_arena = False
+    opts.enable_mem_reuse = False
+
+
 def _check_graphs_are_the_manifests(artifact: Artifact, sessions: dict) -> None:
     """A graph file swapped for another (verify=False lets that through) is refused before it runs."""
     for name, session in sessions.items():
@@ -95,13 +110,17 @@ def _check_graphs_are_the_manifests(artifact: Artifact, sessions: dict) -> None:
 DEFAULT_SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
 
 
-def session_options(ort, num_threads: int | None, shared_arena: bool, config: dict | None = None):
+def session_options(ort, num_threads: int | None, shared_arena: bool, config: dict | None = None,
+                    bounded: bool = False):
     """The options every session of the backend gets (the benchmarks' profiler takes them too); `config`:
-    further ONNX Runtime session config entries, over ours (DEFAULT_SESSION_CONFIG)."""
+    further ONNX Runtime session config entries, over ours (DEFAULT_SESSION_CONFIG); `bounded`: a large
+    image's vision session (_bounded_activations), outside the shared arena."""
     opts = ort.SessionOptions()
     if num_threads:
         opts.intra_op_num_threads = int(num_threads)
-    if shared_arena:
+    if bounded:
+        _bounded_activations(opts)
+    elif shared_arena:
         opts.add_session_config_entry("session.use_env_allocators", "1")
     for key, value in {**DEFAULT_SESSION_CONFIG, **(config or {})}.items():
         opts.add_session_config_entry(key, value)
@@ -139,13 +158,14 @@ class OrtBackend:
         if shared_arena:
             _register_shared_cpu_arena(ort)
 
-        options = lambda: session_options(ort, num_threads, shared_arena, session_config)  # noqa: E731
+        options = lambda graph, bounded=False: session_options(  # noqa: E731
+            ort, num_threads, shared_arena, session_config, bounded)
         self._ort = ort
         self.graph_seconds = 0.0  # inside session runs; the loop reports the rest as per-step overhead
         try:
             if session_cache is None:
                 self.sessions = _each_graph(lambda name: ort.InferenceSession(str(artifact.graph_path(name)),
-                                                                              options(), providers=providers))
+                                                                              options(name), providers=providers))
             else:
                 self.sessions = self._cached_sessions(artifact, options, session_cache_dir(session_cache, artifact,
                                                                                           ort.__version__))
@@ -156,6 +176,12 @@ class OrtBackend:
                     f"onnxruntime {ort.__version__}), or re-export with --weights fp32." if contrib else "")
             raise ArtifactError(f"onnxruntime could not load the graphs of {artifact.dir}: {e}.{hint}") from None
         _check_graphs_are_the_manifests(artifact, self.sessions)
+        # the vision encoder's session as made for large images (see vision()): from the same file as the first
+        graph_file = (artifact.graph_path("vision_encoder") if session_cache is None else
+                      session_cache_dir(session_cache, artifact, ort.__version__) / "vision_encoder.onnx")
+        self._vision_session = lambda bounded: self._session(graph_file, options("vision_encoder", bounded),
+                                                             optimized=session_cache is not None)
+        self._vision_bounded = False
         cfg = artifact.config.text
         self.hidden_size = cfg.hidden_size
         self.kv_shape = (cfg.num_key_value_heads, cfg.head_dim)
@@ -173,7 +199,7 @@ class OrtBackend:
         providers = ["CPUExecutionProvider"]
         if all((cache / f"{name}.onnx").is_file() for name in GRAPHS):
             def mapped(name):
-                opts = options()
+                opts = options(name)
                 opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # optimized already
                 return ort.InferenceSession(str(cache / f"{name}.onnx"), opts, providers=providers)
 
@@ -183,7 +209,7 @@ class OrtBackend:
         tmp.mkdir(parents=True, exist_ok=True)
 
         def build(name):
-            opts = options()
+            opts = options(name)
             opts.optimized_model_filepath = str(tmp / f"{name}.onnx")
             opts.log_severity_level = 3  # its warning says the file is for this machine only: the key says so too
             for key, value in (("session.optimized_model_external_initializers_file_name", f"{name}.data"),
@@ -199,6 +225,12 @@ class OrtBackend:
             shutil.rmtree(tmp, ignore_errors=True)
         return sessions
 
+    def prefill_chunk(self, batch: int) -> int | None:
+        """Prompt positions per decoder run at prefill: PREFILL_CHUNK on the CPU, except for a batch on
+        GroupQueryAttention (the preallocated cache), whose CPU kernel takes several new positions after
+        past ones for one row only; None: the whole prompt in one run."""
+        return PREFILL_CHUNK if self.device == "cpu" and (batch == 1 or not self.preallocated) else None
+
     def check_request(self, inputs: dict, max_new_tokens: int) -> None:
         """Graphs have dynamic shapes: only the model's context limits a request (checked by the pipeline)."""
 
@@ -208,7 +240,24 @@ class OrtBackend:
         self.graph_seconds += time.perf_counter() - t0
         return out
 
+    def _session(self, path: Path, opts, optimized: bool):
+        if optimized:  # a session cache's graph: optimized already
+            opts.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        return self._ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    def _vision_for(self, patches: int) -> None:
+        """Large images (BOUNDED_FROM patches or more) run in a session with bounded activations, the others in
+        the shared arena (measured at 448 px: 0.08-0.13 MB a patch there against 0.3-0.4 MB from malloc, whose
+        heap keeps what small tensors freed). The session is swapped, not doubled: its weights once; the swap
+        costs a session start (seconds) next to minutes of encoder at those sizes."""
+        bounded = self.device == "cpu" and patches >= BOUNDED_FROM
+        if bounded != self._vision_bounded:
+            del self.sessions["vision_encoder"]  # its packed weights go before the other's are made
+            self.sessions["vision_encoder"] = self._vision_session(bounded)
+            self._vision_bounded = bounded
+
     def vision(self, pixel_values, rotary_cos, rotary_sin):
+        self._vision_for(int(np.prod(pixel_values.shape[:2])))  # [F, S, D]
         return self._run("vision_encoder", {"pixel_values": pixel_values, "rotary_cos": rotary_cos,
                                             "rotary_sin": rotary_sin})
 
