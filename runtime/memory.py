@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .backends.onnxruntime import BOUNDED_FROM
 from .backends.trt_memory import kv_cache_bytes
 from .backends.trt_profiles import CONCAT, PREALLOCATED
 from . import checks
@@ -45,11 +46,11 @@ ATTENTION = {  # target -> graph -> how its attention holds the scores (export/v
 KV_CACHE = {"portable": CONCAT, "ort-cpu": PREALLOCATED, "tensorrt": CONCAT}
 # fp32 activations alive besides attention, in units of one [tokens, width] row set: the residual stream,
 # the norm output, q/k/v and their rotations; the MLP's hidden width counted separately (fc1 / gate, up,
-# the activation's intermediates). The vision encoder's session has no arena and no buffer reuse
-# (backends/onnxruntime.py): measured 10.7-11.3 widths of embed_dim a patch at Qwen2-VL-2B's (MLP 4 widths
-# of it), 2 and 4 blocks, 16,384 patches (26-30 with the arena and reuse; 2026-11-26, onnxruntime 1.32,
-# benchmarks/results/vision-memory-photo.json); 5 + 2 x 4 = 13.
-VISION_WIDTHS, VISION_MLP_WIDTHS = 5, 2
+# the activation's intermediates). The vision encoder's, measured at Qwen2-VL-2B's widths (MLP 4 widths of
+# embed_dim; 2026-11-26, onnxruntime 1.32; README, benchmarks/results/vision-memory-photo.json): 26-30 a patch
+# in the shared arena with buffer reuse (images under BOUNDED_FROM patches), 11 + 6 x 4 = 35; 8.9-11.3 in the
+# session large images get, without either (backends/onnxruntime.py), 4 + 2 x 4 = 12.
+VISION_WIDTHS = {False: (11, 6), True: (4, 2)}  # bounded session? -> (widths, MLP widths)
 DECODER_WIDTHS, DECODER_MLP_WIDTHS = 6, 4
 
 
@@ -90,7 +91,8 @@ def vision_bytes(cfg: ModelConfig, target: str, grid: tuple[int, int, int]) -> i
     v = cfg.vision
     frames, patches = grid[0], grid[1] * grid[2]  # F temporal slices of S patches
     scores = _attention(target, "vision") * frames * v.num_heads * patches * patches
-    widths = VISION_WIDTHS * v.embed_dim + VISION_MLP_WIDTHS * int(v.embed_dim * v.mlp_ratio)
+    rows, mlp_rows = VISION_WIDTHS[frames * patches >= BOUNDED_FROM]
+    widths = rows * v.embed_dim + mlp_rows * int(v.embed_dim * v.mlp_ratio)
     return F32 * (scores + frames * patches * widths)
 
 
