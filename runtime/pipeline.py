@@ -192,12 +192,17 @@ class Qwen2VLPipeline:
                              f"model's context of {limit} tokens: shorten the prompt, use smaller images "
                              "(max_pixels) or lower max_new_tokens")
         self.backend.check_request(inputs, opts.max_new_tokens)
-        if memory.host_backend(self.backend):  # refuse what would not fit before any graph allocates
-            share = self.memory_limit and max(self.memory_limit - self.artifact.weight_bytes(), 1)  # the request's
-            memory.check(self.artifact.config, self.artifact.export, inputs, opts.max_new_tokens, share,
-                         self.backend.prefill_chunk(len(inputs["input_ids"])))
+        self.check_memory(inputs, opts.max_new_tokens)
         embeds, timings = self.embed(inputs)
         return inputs, meta, embeds, {"preprocess": t1 - t0, **timings}
+
+    def check_memory(self, inputs: dict, max_new_tokens: int) -> None:
+        """ONNX Runtime on the CPU: refuse a request that would not fit before any graph allocates. It may use
+        what the weights leave of memory_limit; the prompt is estimated in the backend's prefill chunks."""
+        if memory.host_backend(self.backend):
+            share = self.memory_limit and max(self.memory_limit - self.artifact.weight_bytes(), 1)
+            memory.check(self.artifact.config, self.artifact.export, inputs, max_new_tokens, share,
+                         self.backend.prefill_chunk(len(inputs["input_ids"])))
 
     def embed(self, inputs: dict) -> tuple[Any, dict[str, float]]:
         """The prompt's embeddings: vision features merged at their placeholders -> (embeds, timings)."""

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from . import chat, memory
+from . import chat
 from .errors import InputError
 from .generation import GenerationOptions, StepTimes, prefill, run
 from .pipeline import GenerationResult, _drain, _generation_kwargs
@@ -170,9 +170,7 @@ class ChatSession:
         inputs = self._inputs(turn)
         pipe = self.pipe
         pipe.backend.check_request(inputs, max_new_tokens)
-        if memory.host_backend(pipe.backend):  # the cache holds the earlier turns too
-            memory.check(pipe.artifact.config, pipe.artifact.export, inputs, max_new_tokens + len(self._ids),
-                         pipe.memory_limit)
+        pipe.check_memory(inputs, max_new_tokens + len(self._ids))  # the cache holds the earlier turns too
         return inputs
 
     def _commit(self, ids: list[int], cache: Any, rope_delta: int, image_sizes: list) -> None:
