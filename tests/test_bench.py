@@ -77,3 +77,15 @@ def test_resolution_sweep_reaches_1792_and_a_size_a_system_cannot_run_says_why(t
     assert cells[1792].startswith("cannot run: this request needs about") and "max_pixels=" in cells[1792]
     table = "\n".join(report._sweep_table({"systems": {"ours": {"ttft_vs_resolution": cells}}}))
     assert "| 224 px | 1792 px |" in table and f"| ours | {cells[224]:.2f} | cannot run: " in table
+
+
+def test_first_token_of_one_image_reports_time_and_peak(tiny_artifact, tmp_path):
+    """benchmarks/first_token.py (the 12 MP photo goal's measurement) on the tiny model and a small image."""
+    from qwen2vl_edge.benchmarks import first_token
+
+    out = tmp_path / "r.json"
+    assert first_token.main([str(tiny_artifact), "--size", "280x210", "--threads", "1", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["image"] == [280, 210] and r["prompt_tokens"] > 75  # 10 x 7 merged tokens + the template
+    assert 0 < r["rss_after_load_bytes"] < r["peak_rss_bytes"]
+    assert 0 < r["timings"]["vision"] < r["timings"]["time_to_first_token"]
