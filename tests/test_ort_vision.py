@@ -63,3 +63,17 @@ def test_large_images_run_in_the_bounded_session_with_the_same_features(pipe_ort
     monkeypatch.setattr(ort_backend, "BOUNDED_FROM", patches + 1)
     np.testing.assert_array_equal(pipe_ort.vision_features(inputs), small)
     assert backend.sessions["vision_encoder"].get_session_options().enable_mem_reuse
+
+
+def test_bounded_session_from_a_session_cache(tiny_artifact_ort, pipe_ort, tmp_path, monkeypatch):
+    """With session_cache the bounded session maps the cache's optimized graph: same features."""
+    from qwen2vl_edge.runtime import Qwen2VLPipeline
+    from qwen2vl_edge.runtime.backends import onnxruntime as ort_backend
+
+    image = {"type": "image", "image": random_image(np.random.default_rng(4), 200, 150)}
+    inputs = pipe_ort.processor([{"role": "user", "content": [image, {"type": "text", "text": "?"}]}])
+    want = pipe_ort.vision_features(inputs)
+    cached = Qwen2VLPipeline.load(tiny_artifact_ort, session_cache=tmp_path)
+    monkeypatch.setattr(ort_backend, "BOUNDED_FROM", 1)
+    np.testing.assert_allclose(cached.vision_features(inputs), want, rtol=1e-5, atol=1e-6)
+    assert cached.backend._vision_bounded
