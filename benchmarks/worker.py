@@ -14,13 +14,17 @@ import sys
 import time
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident set (VmHWM). Not getrusage: ru_maxrss survives exec, so a worker
-    would inherit its parent's peak."""
-    for line in open("/proc/self/status"):
+def peak_rss_bytes(pid: int | str = "self") -> int:
+    """A process's peak resident set (VmHWM), this one's by default. Not getrusage: ru_maxrss survives exec,
+    so a worker would inherit its parent's peak."""
+    for line in open(f"/proc/{pid}/status"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
+
+
+class CannotRun(Exception):
+    """A system that cannot run a scenario (a peer without video input, say): its cell says why."""
 
 
 _earlier_peaks: list[int] = []  # VmHWM before each reset, so the whole run's peak is not lost
@@ -136,21 +140,31 @@ def make_system(spec: dict):
 
 
 def measure(system, conversation, new_tokens: int, repeats: int) -> dict:
-    """Warm-up excluded; peak RSS of this scenario alone (weights and what earlier scenarios left included)."""
+    """Warm-up excluded; peak RSS of this scenario alone (weights and what earlier scenarios left included).
+
+    A system whose runs happen in child processes reports each run's peak itself (`peak_rss_bytes` in the
+    run's dict); one that cannot run the scenario gets {"cannot_run": why}."""
     own_peak = reset_peak_rss()
-    system.run(conversation, new_tokens)
+    try:
+        system.run(conversation, new_tokens)
+    except CannotRun as e:
+        return {"cannot_run": str(e)}
     runs = [system.run(conversation, new_tokens) for _ in range(repeats)]
     keys = ("preprocess", "vision", "ttft", "decode_tok_s", "e2e") + (("outside_graphs_ms",)
                                                                       if "outside_graphs_ms" in runs[0] else ())
-    out = {k: _stats([r[k] for r in runs]) for k in keys}
+    out = {k: _stats([r[k] for r in runs if r[k] is not None]) if runs[0][k] is not None else None for k in keys}
     out["prompt_tokens"] = runs[0]["prompt_tokens"]
-    out["peak_rss_bytes"] = peak_rss_bytes() if own_peak else None
+    if "peak_rss_bytes" in runs[0]:
+        out["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in runs)
+    else:
+        out["peak_rss_bytes"] = peak_rss_bytes() if own_peak else None
     return out
 
 
-def main(spec_path: str, out_path: str) -> None:
+def main(spec_path: str, out_path: str, make=make_system) -> None:
+    """`make(spec)` builds the system: ours and transformers here, a peer's in its own worker."""
     spec = json.loads(open(spec_path).read())
-    system = make_system(spec)
+    system = make(spec)
     ready = time.time() - spec["spawned_at"]
     if spec.get("prepare"):  # only start (writing the session cache), measure nothing else
         with open(out_path, "w") as f:
@@ -162,16 +176,19 @@ def main(spec_path: str, out_path: str) -> None:
               "cold_start_first_token_s": first["first_token_at"] - spec["spawned_at"], "scenarios": {},
               "ttft_vs_resolution": {}, "decode_vs_context": {}}
     for name in names:
-        result["scenarios"][name] = measure(system, spec["scenarios"][name], spec["new_tokens"], spec["repeats"])
-        print(f"  {spec['system']} {name}: ttft {result['scenarios'][name]['ttft']['median']:.3f} s, "
-              f"decode {result['scenarios'][name]['decode_tok_s']['median']:.1f} tok/s", flush=True)
+        m = result["scenarios"][name] = measure(system, spec["scenarios"][name], spec["new_tokens"], spec["repeats"])
+        print(f"  {spec['system']} {name}: " + (f"cannot run: {m['cannot_run']}" if "cannot_run" in m else
+                                                f"ttft {m['ttft']['median']:.3f} s, "
+                                                f"decode {m['decode_tok_s']['median']:.1f} tok/s"), flush=True)
     for size, conv in spec.get("resolutions", {}).items():
-        result["ttft_vs_resolution"][size] = measure(system, conv, 2, 1)["ttft"]["median"]
+        m = measure(system, conv, 2, 1)
+        result["ttft_vs_resolution"][size] = m["ttft"]["median"] if "ttft" in m else None
     for length, conv in spec.get("contexts", {}).items():
         m = measure(system, conv, spec["new_tokens"], 1)
-        result["decode_vs_context"][length] = {"prompt_tokens": m["prompt_tokens"],
-                                               "decode_tok_s": m["decode_tok_s"]["median"]}
-    result["peak_rss_bytes"] = whole_run_peak_rss_bytes()
+        if "decode_tok_s" in m:
+            result["decode_vs_context"][length] = {"prompt_tokens": m["prompt_tokens"],
+                                                   "decode_tok_s": m["decode_tok_s"]["median"]}
+    result["peak_rss_bytes"] = getattr(system, "whole_run_peak_rss_bytes", whole_run_peak_rss_bytes)()
     if getattr(system, "device_memory_bytes", None) is not None:
         result["device_memory_at_load_bytes"] = system.device_memory_bytes
     with open(out_path, "w") as f:

@@ -200,7 +200,8 @@ def _bench(args: argparse.Namespace) -> int:
     from qwen2vl_edge.benchmarks.bench import DEFAULT_SYSTEMS
 
     run_bench(args.model, args.systems or DEFAULT_SYSTEMS, args.layers, args.threads, args.new_tokens, args.repeats, Path(args.out),
-              quick=args.quick, resolutions=ints(args.resolutions), contexts=ints(args.contexts))
+              quick=args.quick, resolutions=ints(args.resolutions), contexts=ints(args.contexts),
+              peers_dir=args.peers_dir)
     return 0
 
 
@@ -399,8 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny", help="tiny | 2b-shape | 7b-shape | CHECKPOINT_DIR")
     p.add_argument("--layers", type=int, help="text decoder depth for quicker runs (shapes only)")
     p.add_argument("--systems", default=None,
-                   help="comma list (default: all but ours-ort-int4-vdq and the TensorRT ones, ours-trt-fp16 and "
-                        "ours-trt-int4; see SYSTEMS in benchmarks/bench.py)")
+                   help="comma list (default: all but ours-ort-int4-vdq, the TensorRT ones, ours-trt-fp16 and "
+                        "ours-trt-int4, and the peers, openvino-int4 and llamacpp-q4km; see SYSTEMS in "
+                        "benchmarks/bench.py)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
@@ -408,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contexts", help="comma list of prompt lengths for the decode sweep")
     p.add_argument("--out", default="bench-out")
     p.add_argument("--quick", action="store_true", help="tiny model, one repeat: a smoke run (CI)")
+    p.add_argument("--peers-dir", help="where benchmarks/peers/setup_*.sh installed the peers (openvino-int4, "
+                   "llamacpp-q4km); default $QWEN2VL_EDGE_PEERS or ~/.cache/qwen2vl-edge/peers")
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("check-trt", help="check that an artifact's graphs fit TensorRT's ONNX parser (CPU only)")
