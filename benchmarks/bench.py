@@ -136,13 +136,15 @@ def finish(result: dict, cfg, out: Path) -> dict:
         weight_dtype = SYSTEMS[name][2]
         best = roofline.decode_roofline_tok_s(cfg, weight_dtype, bandwidth)
         r["decode_roofline_tok_s"] = best
-        r["decode_roofline_fraction"] = r["scenarios"]["text_only"]["decode_tok_s"]["median"] / best
+        decode = report.median(r["scenarios"]["text_only"], "decode_tok_s")
+        r["decode_roofline_fraction"] = decode and decode / best
         r["weight_bytes_per_token"] = roofline.decoder_weight_params(cfg) * roofline.BYTES[weight_dtype]
     s1_patches = 448 // cfg.vision.patch_size
     flops = roofline.vision_flops(cfg, s1_patches * s1_patches)
     best_s = flops / (result["machine"]["matmul_gflop_s"] * 1e9)
-    result["vision_roofline"] = {"gflop": flops / 1e9, "best_s": best_s, "fraction": {
-        n: best_s / r["scenarios"]["image_448"]["vision"]["median"] for n, r in result["systems"].items()}}
+    vision = {n: report.median(r["scenarios"]["image_448"], "vision") for n, r in result["systems"].items()}
+    result["vision_roofline"] = {"gflop": flops / 1e9, "best_s": best_s,
+                                 "fraction": {n: best_s / v for n, v in vision.items() if v}}
     (out / "result.json").write_text(json.dumps(result, indent=2))
     (out / "report.md").write_text(report.markdown(result))
     report.plots(result, out)

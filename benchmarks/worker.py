@@ -14,13 +14,22 @@ import sys
 import time
 
 
+def _status_bytes(key: str, pid: int | str) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {key} in /proc/{pid}/status")
+
+
 def peak_rss_bytes(pid: int | str = "self") -> int:
     """A process's peak resident set (VmHWM), this one's by default. Not getrusage: ru_maxrss survives exec,
     so a worker would inherit its parent's peak."""
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
+    return _status_bytes("VmHWM", pid)
+
+
+def rss_bytes(pid: int | str = "self") -> int:
+    """A process's resident set now (VmRSS)."""
+    return _status_bytes("VmRSS", pid)
 
 
 class CannotRun(Exception):
@@ -172,6 +181,8 @@ def main(spec_path: str, out_path: str, make=make_system) -> None:
         return
     names = list(spec["scenarios"])
     first = system.run(spec["scenarios"][names[0]], spec["new_tokens"])  # cold: first request of the process
+    if "ready_at" in first:  # a system whose model loads in each run's own process (llama.cpp's CLI)
+        ready = first["ready_at"] - spec["spawned_at"]
     result = {"system": spec["system"], "cold_start_ready_s": ready,
               "cold_start_first_token_s": first["first_token_at"] - spec["spawned_at"], "scenarios": {},
               "ttft_vs_resolution": {}, "decode_vs_context": {}}
