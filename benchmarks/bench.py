@@ -126,6 +126,7 @@ def _run_peer(name: str, spec: dict, ckpt: Path, root: Path, threads: int) -> di
     r = _run_worker(dict(spec, model_dir=str(model)), threads, peers.worker_command(name, root))
     r["first_start_ready_s"] = None  # no cache written: every start is a first start
     r["weights_on_disk_bytes"] = peers.weights_on_disk_bytes(model)
+    r["conversion"] = peers.CONVERSION[name]
     return r
 
 

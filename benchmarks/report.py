@@ -81,6 +81,10 @@ def markdown(result: dict) -> str:
         lines += ["", "Started from ONNX Runtime's session cache (graphs optimized, weights packed for this CPU): "
                   + ", ".join(first) + "; their cold start above is a restart. The first start, which wrote the "
                   "cache, took " + ", ".join(f"{v:.1f} s ({n})" for n, v in first.items()) + " to ready."]
+    for name, r in result["systems"].items():
+        if r.get("conversion"):
+            settings = ", ".join(f"{k} {v}" for k, v in r.get("settings", {}).items())
+            lines += ["", f"{name}: the same checkpoint through {r['conversion']}; ran with {settings}."]
     ref = next((r for r in rows if r["system"] == REFERENCE), None)
     if ref:
         lines += ["", f"Ratios against {REFERENCE} (speed: higher is better for us; memory: lower is better):", "",

@@ -200,6 +200,8 @@ def main(spec_path: str, out_path: str, make=make_system) -> None:
             result["decode_vs_context"][length] = {"prompt_tokens": m["prompt_tokens"],
                                                    "decode_tok_s": m["decode_tok_s"]["median"]}
     result["peak_rss_bytes"] = getattr(system, "whole_run_peak_rss_bytes", whole_run_peak_rss_bytes)()
+    if getattr(system, "settings", None):  # a peer's versions and the defaults it ran with
+        result["settings"] = system.settings
     if getattr(system, "device_memory_bytes", None) is not None:
         result["device_memory_at_load_bytes"] = system.device_memory_bytes
     with open(out_path, "w") as f:

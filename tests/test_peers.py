@@ -159,3 +159,4 @@ def test_peer_runs_the_tiny_checkpoint(name, tmp_path):
     s1 = out["scenarios"]["image_448"]
     assert s1["prompt_tokens"] > 256 and s1["vision"]["median"] > 0 and s1["decode_tok_s"]["median"] > 0
     assert 0 < out["cold_start_ready_s"] <= out["cold_start_first_token_s"] and out["peak_rss_bytes"] > 0
+    assert out["settings"]["threads"] == 1  # the bench's thread count reached the peer

@@ -100,6 +100,10 @@ def _convert_llamacpp(root: Path, ckpt: Path, out: Path) -> None:
 
 
 CONVERT = {"openvino-int4": _convert_openvino, "llamacpp-q4km": _convert_llamacpp}
+CONVERSION = {  # for the report
+    "openvino-int4": "optimum-cli export openvino " + " ".join(OPENVINO_INT4),
+    "llamacpp-q4km": "convert_hf_to_gguf.py --outtype f16, then llama-quantize Q4_K_M; vision: --mmproj f16",
+}
 
 
 def model_dir(name: str, ckpt: Path, root: Path) -> Path:

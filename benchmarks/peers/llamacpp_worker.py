@@ -68,6 +68,7 @@ class LlamaCpp:
         self.args = ["-m", root / "text-q4_k_m.gguf", "--mmproj", root / "mmproj-f16.gguf", "-t", threads,
                      "-tb", threads, "-c", CONTEXT, "--temp", 0, "--ignore-eos", "--jinja"]
         self.peak = 0
+        self.settings = {"threads": threads, "context": CONTEXT, "text": "Q4_K_M", "mmproj": "f16"}
 
     def run(self, conversation, new_tokens: int) -> dict:
         script = chat_script(conversation)
@@ -85,6 +86,7 @@ class LlamaCpp:
         if proc.returncode != 0:
             raise RuntimeError(f"llama-mtmd-cli failed (exit {proc.returncode}):\n{text[-3000:]}")
         t = parse_log(text)
+        self.settings.update(re.search(r"build: (?P<build>\d+) \((?P<commit>\w+)\)", text).groupdict())
         peak = usage.ru_maxrss * 1024
         self.peak = max(self.peak, peak)
         ttft = (t["encode_ms"] + t["prompt_ms"]) / 1e3

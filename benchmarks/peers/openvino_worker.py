@@ -50,6 +50,11 @@ class OpenVINO:
                                                INFERENCE_NUM_THREADS=threads)
         self.config = openvino_genai.GenerationConfig()
         self.config.do_sample = False
+        core = ov.Core()
+        self.settings = {"openvino": ov.__version__, "openvino_genai": openvino_genai.__version__,
+                         "prefix_caching": False, "threads": threads,
+                         **{k.lower(): str(core.get_property("CPU", k))
+                            for k in ("INFERENCE_PRECISION_HINT", "KV_CACHE_PRECISION")}}
 
     def _tensor(self, paths: list[str]):
         frames = [self.np.asarray(self.Image.open(p).convert("RGB")) for p in paths]  # [H, W, 3] uint8 each
