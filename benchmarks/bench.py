@@ -87,10 +87,11 @@ def run_bench(model: str = "tiny", systems: str = DEFAULT_SYSTEMS, layers: int |
     peers.check_installed([n for n in names if n in peers.PEERS], peers_root)  # before any measurement
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    print("measuring the machine ...", flush=True)
-    desc = machine.describe(threads)
     ckpt, artifacts = model_dirs(model, layers, cache_dir() / "bench", {SYSTEMS[n][1] for n in names} - {None})
     cfg = load_config(ckpt)
+    peers.check_checkpoint([n for n in names if n in peers.PEERS], ckpt)
+    print("measuring the machine ...", flush=True)
+    desc = machine.describe(threads)
     inputs_dir = cache_dir() / "bench" / "inputs"
     convs = scenarios.scenarios(inputs_dir, quick=quick)
     sweep_res = scenarios.resolution_sweep(inputs_dir, resolutions or ([224, 448] if quick else

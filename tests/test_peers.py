@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import requires_torch
 
 from qwen2vl_edge.benchmarks import bench, peers, report, roofline, scenarios, worker
 from qwen2vl_edge.benchmarks.peers.llamacpp_worker import chat_script, parse_log
 from qwen2vl_edge.benchmarks.peers.openvino_worker import split_conversation
-from qwen2vl_edge.benchmarks.models import model_dirs
 from qwen2vl_edge.cli import main
 from qwen2vl_edge.export.vocab import cache_dir
 from qwen2vl_edge.runtime.errors import ConfigError
@@ -97,6 +97,13 @@ def test_bench_without_the_peer_says_which_script_to_run(tmp_path, capsys):
     assert not (tmp_path / "out").exists()  # refused before measuring anything
 
 
+def test_llamacpp_refuses_a_vision_tower_its_converter_cannot_name(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"vision_config": {"depth": 2}}))
+    peers.check_checkpoint(["openvino-int4"], tmp_path)
+    with pytest.raises(ConfigError, match="llamacpp-q4km cannot convert.*depth of at least 3.*has 2"):
+        peers.check_checkpoint(["openvino-int4", "llamacpp-q4km"], tmp_path)
+
+
 def test_checkpoint_key_changes_with_the_weights(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "model.safetensors").write_bytes(b"1")
@@ -138,15 +145,27 @@ def _installed(name: str) -> bool:
         return False
 
 
+@pytest.fixture(scope="module")
+def peer_ckpt() -> Path:
+    """The tiny checkpoint with 3 vision blocks (llama.cpp's converter needs 3), kept with the peers'
+    conversions of it so that they are made once."""
+    ckpt = cache_dir() / "peers-test" / "tiny-vision3"
+    if not (ckpt / "config.json").is_file():
+        from qwen2vl_edge.export.tiny import make_tiny
+
+        make_tiny(ckpt, overrides=["vision.depth=3"])
+    return ckpt
+
+
+@requires_torch
 @pytest.mark.parametrize("name", list(peers.PEERS))
-def test_peer_runs_the_tiny_checkpoint(name, tmp_path):
-    """The peer's conversion of the bench's tiny checkpoint counts the same 274-token S2 prompt as we do (one
-    tokenizer, one chat template). Converts once into the peers folder (a minute), as the bench does."""
+def test_peer_runs_the_tiny_checkpoint(name, peer_ckpt, tmp_path):
+    """The peer's conversion counts the same 274-token S2 prompt as we do (one tokenizer, one chat template),
+    and gets the bench's thread count. Converts once into the peers folder (a minute), as the bench does."""
     if not _installed(name):
         pytest.skip(f"{name} not installed: run benchmarks/peers/{peers.PEERS[name].setup}")
     root = peers.peers_dir()
-    ckpt, _ = model_dirs("tiny", None, cache_dir() / "bench", ())
-    model = peers.model_dir(name, ckpt, root)
+    model = peers.model_dir(name, peer_ckpt, root)
     convs = scenarios.scenarios(tmp_path / "inputs", quick=True)
     spec = {"system": name, "model_dir": str(model), "threads": 1, "new_tokens": 4, "repeats": 1,
             "scenarios": {k: convs[k] for k in ("image_448", "text_274")}, "spawned_at": time.time()}

@@ -8,6 +8,7 @@ use with the peer's own tools. The workers import nothing of ours but benchmarks
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -30,6 +31,9 @@ class Peer:
     setup: str  # set-up script in this folder
     worker: str  # run by the peer's python
     needs: tuple[str, ...]  # files the set-up leaves, relative to the peer's folder
+    # llama.cpp's converter names the vision merger's MLP layers (mlp.0, mlp.2) through the vision block
+    # table, so a vision tower of fewer than 3 blocks (the tiny checkpoint's 2) has no name for mlp.2
+    min_vision_depth: int = 0
 
     def root(self, peers_dir: Path) -> Path:
         return peers_dir / self.folder
@@ -42,7 +46,8 @@ PEERS = {
     "openvino-int4": Peer("openvino", "setup_openvino.sh", "openvino_worker.py",
                           ("venv/bin/python", "venv/bin/optimum-cli")),
     "llamacpp-q4km": Peer("llamacpp", "setup_llamacpp.sh", "llamacpp_worker.py",
-                          ("venv/bin/python", "build/bin/llama-mtmd-cli", "build/bin/llama-quantize")),
+                          ("venv/bin/python", "build/bin/llama-mtmd-cli", "build/bin/llama-quantize"),
+                          min_vision_depth=3),
 }
 
 
@@ -64,6 +69,17 @@ def check_installed(names: list[str], root: Path) -> None:
     if missing:
         raise ConfigError("; ".join(missing) + (f" (with QWEN2VL_EDGE_PEERS={root})"
                                                 if root != peers_dir() else ""))
+
+
+def check_checkpoint(names: list[str], ckpt: Path) -> None:
+    """ConfigError for a peer in `names` whose converter cannot take `ckpt`, before anything is measured."""
+    depth = json.loads((ckpt / "config.json").read_text())["vision_config"]["depth"]
+    for name in names:
+        if depth < PEERS[name].min_vision_depth:
+            raise ConfigError(f"{name} cannot convert {ckpt}: llama.cpp's convert_hf_to_gguf needs a vision "
+                              f"depth of at least {PEERS[name].min_vision_depth} (it names the merger's mlp.2 "
+                              f"through the vision blocks), this checkpoint has {depth}; use --model 2b-shape, "
+                              f"or a checkpoint with a deeper vision tower")
 
 
 def checkpoint_key(ckpt: Path) -> str:
