@@ -20,32 +20,37 @@ from qwen2vl_edge.cli import main
 from qwen2vl_edge.export.vocab import cache_dir
 from qwen2vl_edge.runtime.errors import ConfigError
 
-# Timing lines of one llama-mtmd-cli 0.3.36 run (tiny checkpoint, one 448x448 image, 8 new tokens), as printed.
+# The end of one llama-mtmd-cli run's log (llama-cpp-python 0.3.36's llama.cpp, the tiny checkpoint, one
+# 448x448 image, 8 new tokens, -lv 4 --perf), as printed.
 MTMD_LOG = """\
-encoding image slice...
-image slice encoded in 37 ms
-decoding image batch 1/1, n_tokens_batch = 256
-image decoded (batch 1/1) in 9 ms
+> Describe this image.
+/tmp/t13smoke/inputs/s448.png image loaded
 
- robot crossed warehouse
+> I encoding mtmd batch, n_chunks = 1 (done = 1, total = 3)
+I mtmd batch encoding done in 29 ms
+I decoding image batch 1/1, n_tokens_batch = 256
+I image decoded (batch 1/1) in 3 ms
 
-llama_perf_context_print:        load time =      41.06 ms
-llama_perf_context_print: prompt eval time =      30.31 ms /   281 tokens (    0.11 ms per token,  9270.86 tokens per second)
-llama_perf_context_print:        eval time =       7.93 ms /     7 runs   (    1.13 ms per token,   882.71 tokens per second)
-llama_perf_context_print:       total time =      89.47 ms /   288 tokens
-llama_perf_context_print:    graphs reused =          6
+威尼斯人(format捉首届日本人实在太 notch<Scalars
+> ///quit
+
+I llama_perf_context_print:        load time =     681.46 ms
+I llama_perf_context_print: prompt eval time =      37.58 ms /   281 tokens (    0.13 ms per token,  7477.98 tokens per second)
+I llama_perf_context_print:        eval time =       5.80 ms /     7 runs   (    0.83 ms per token,  1205.86 tokens per second)
+I llama_perf_context_print:       total time =      87.63 ms /   288 tokens
+I llama_perf_context_print:    graphs reused =          7
 """
 
 
 def test_llamacpp_log_timings():
     t = parse_log(MTMD_LOG)
-    assert t == {"encode_ms": 37.0, "prompt_ms": 30.31, "prompt_tokens": 281.0, "eval_ms": 7.93, "eval_runs": 7.0}
+    assert t == {"encode_ms": 29.0, "prompt_ms": 37.58, "prompt_tokens": 281.0, "eval_ms": 5.80, "eval_runs": 7.0}
 
 
 def test_llamacpp_log_sums_image_slices_and_text_only_has_none():
-    three = MTMD_LOG.replace("image slice encoded in 37 ms", "image slice encoded in 37 ms\nimage slice encoded in 5 ms")
-    assert parse_log(three)["encode_ms"] == 42.0
-    text_only = "\n".join(line for line in MTMD_LOG.splitlines() if "image" not in line)
+    two = MTMD_LOG.replace("done in 29 ms", "done in 29 ms\nI mtmd batch encoding done in 5 ms")
+    assert parse_log(two)["encode_ms"] == 34.0
+    text_only = "\n".join(line for line in MTMD_LOG.splitlines() if "image" not in line and "mtmd" not in line)
     assert parse_log(text_only)["encode_ms"] == 0.0
 
 

@@ -6,7 +6,7 @@ Every run is one llama-mtmd-cli process in chat mode (images as `/image` lines, 
 `--ignore-eos` and `-n` = the new tokens, `-t`/`-tb` = the bench's threads. Its timings are llama.cpp's own,
 parsed from its log: vision = the image slices' encode time; time to first token = encode + prompt eval
 (image decoding and resizing, and the process start and model load, are outside them: llama.cpp times
-neither); decode = the eval runs. Peak RSS is each process's own (wait4's ru_maxrss). The process start and
+neither; the timing lines are printed at log verbosity 4 with --perf); decode = the eval runs. Peak RSS is each process's own (wait4's ru_maxrss). The process start and
 model load of the first run give the cold start. Imports nothing of qwen2vl-edge but benchmarks/worker.py.
 """
 
@@ -31,7 +31,7 @@ else:  # run by the peer's python, where qwen2vl-edge is not installed
 
 CONTEXT = 8192  # KV cache for the longest scenario: a 1,792 px image (4,096 tokens) or a 2,048-token prompt
 _PATTERNS = {  # key -> (regex, how matches combine); times in ms
-    "encode_ms": (r"slice encoded in (\d+) ms", sum),
+    "encode_ms": (r"(?:batch encoding done|slice encoded) in (\d+) ms", sum),  # per image (batch)
     "prompt_ms": (r"prompt eval time =\s*([\d.]+) ms", sum),
     "prompt_tokens": (r"prompt eval time =\s*[\d.]+ ms /\s*(\d+) tokens", sum),
     "eval_ms": (r"eval time =\s*([\d.]+) ms /\s*\d+ runs", sum),  # "runs": not the prompt eval line
@@ -66,9 +66,12 @@ class LlamaCpp:
         root = Path(model_dir)
         self.cli = root.parents[2] / "build" / "bin" / "llama-mtmd-cli"  # PEERS/llamacpp/models/NAME/KEY
         self.args = ["-m", root / "text-q4_k_m.gguf", "--mmproj", root / "mmproj-f16.gguf", "-t", threads,
-                     "-tb", threads, "-c", CONTEXT, "--temp", 0, "--ignore-eos", "--jinja"]
+                     "-tb", threads, "-c", CONTEXT, "--temp", 0, "--ignore-eos", "--jinja",
+                     "--perf", "-lv", 4, "--no-log-timestamps", "--log-colors", "off"]  # perf lines are level 4
         self.peak = 0
-        self.settings = {"threads": threads, "context": CONTEXT, "text": "Q4_K_M", "mmproj": "f16"}
+        source = next(root.parents[2].glob("src/llama_cpp_python-*/vendor/llama.cpp"))
+        self.settings = {"llama.cpp": f"{source.parents[1].name}'s vendor/llama.cpp", "threads": threads,
+                         "context": CONTEXT, "text": "Q4_K_M", "mmproj": "f16"}
 
     def run(self, conversation, new_tokens: int) -> dict:
         script = chat_script(conversation)
@@ -86,7 +89,6 @@ class LlamaCpp:
         if proc.returncode != 0:
             raise RuntimeError(f"llama-mtmd-cli failed (exit {proc.returncode}):\n{text[-3000:]}")
         t = parse_log(text)
-        self.settings.update(re.search(r"build: (?P<build>\d+) \((?P<commit>\w+)\)", text).groupdict())
         peak = usage.ru_maxrss * 1024
         self.peak = max(self.peak, peak)
         ttft = (t["encode_ms"] + t["prompt_ms"]) / 1e3
