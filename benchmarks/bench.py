@@ -111,7 +111,9 @@ def run_bench(model: str = "tiny", systems: str = DEFAULT_SYSTEMS, layers: int |
             continue
         first_start = None
         if cached:
-            spec["session_cache"] = str(cache_dir() / "bench" / "session-cache" / name)
+            # rewritten each run; QWEN2VL_EDGE_SESSION_CACHE keeps concurrent benches' caches apart
+            root = os.environ.get("QWEN2VL_EDGE_SESSION_CACHE", cache_dir() / "bench" / "session-cache")
+            spec["session_cache"] = str(Path(root) / name)
             shutil.rmtree(spec["session_cache"], ignore_errors=True)
             first_start = _run_worker(dict(spec, prepare=True), threads)["cold_start_ready_s"]
         r = _run_worker(spec, threads)
