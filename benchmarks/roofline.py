@@ -6,9 +6,9 @@ from qwen2vl_edge.runtime.config import ModelConfig
 
 # bytes per weight as read by the kernels; int8/int4 blocks of 32 carry one fp32 scale each
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1 + 4 / 32, "int4": 0.5 + 4 / 32,
-         # llama.cpp's Q4_K_M: Q4_K (4.5 bits a weight) with attn_v, ffn_down and the output in part in Q6_K
-         # (6.56 bits); llama-quantize reports its mean in bits per weight
-         "q4_k_m": 4.85 / 8}
+         # llama.cpp's Q4_K_M: Q4_K (4.5 bits a weight) with attn_v, ffn_down and the tied embedding / lm_head
+         # in part in Q6_K (6.56 bits); 5.08 bits a weight on the 2B shape, as llama-quantize reported it
+         "q4_k_m": 5.08 / 8}
 
 
 def decoder_weight_params(cfg: ModelConfig) -> int:
