@@ -161,7 +161,8 @@ def measure(system, conversation, new_tokens: int, repeats: int) -> dict:
     runs = [system.run(conversation, new_tokens) for _ in range(repeats)]
     keys = ("preprocess", "vision", "ttft", "decode_tok_s", "e2e") + (("outside_graphs_ms",)
                                                                       if "outside_graphs_ms" in runs[0] else ())
-    out = {k: _stats([r[k] for r in runs if r[k] is not None]) if runs[0][k] is not None else None for k in keys}
+    # None: a stage this system does not time (llama.cpp's preprocessing)
+    out = {k: None if runs[0][k] is None else _stats([r[k] for r in runs]) for k in keys}
     out["prompt_tokens"] = runs[0]["prompt_tokens"]
     if "peak_rss_bytes" in runs[0]:
         out["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in runs)
