@@ -17,7 +17,6 @@ from pathlib import Path
 
 from qwen2vl_edge.export.vocab import cache_dir
 from qwen2vl_edge.runtime.config import load_config
-from qwen2vl_edge.runtime.errors import ConfigError
 
 from . import host_loop, machine, peers, report, roofline, scenarios
 from .models import model_dirs
@@ -82,7 +81,7 @@ def run_bench(model: str = "tiny", systems: str = DEFAULT_SYSTEMS, layers: int |
     names = [s.strip() for s in systems.split(",") if s.strip()]
     unknown = [s for s in names if s not in SYSTEMS]
     if unknown:
-        raise ConfigError(f"unknown system(s) {', '.join(unknown)}; known: {', '.join(SYSTEMS)}")
+        raise ValueError(f"unknown system(s) {', '.join(unknown)}; known: {', '.join(SYSTEMS)}")
     peers_root = peers.peers_dir(peers_dir)
     peers.check_installed([n for n in names if n in peers.PEERS], peers_root)  # before any measurement
     out = Path(out)
