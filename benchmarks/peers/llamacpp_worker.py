@@ -75,7 +75,7 @@ class LlamaCpp:
 
     def run(self, conversation, new_tokens: int) -> dict:
         script = chat_script(conversation)
-        with tempfile.TemporaryFile("w+") as log:
+        with tempfile.TemporaryFile("w+", errors="replace") as log:  # replies may end mid-character
             t0 = time.time()
             proc = subprocess.Popen([str(a) for a in (self.cli, *self.args, "-n", new_tokens)], text=True,
                                     stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT)
