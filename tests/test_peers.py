@@ -14,7 +14,7 @@ import pytest
 from conftest import requires_torch
 
 from qwen2vl_edge.benchmarks import bench, peers, report, roofline, scenarios, worker
-from qwen2vl_edge.benchmarks.peers.llamacpp_worker import chat_script, parse_log
+from qwen2vl_edge.benchmarks.peers.llamacpp_worker import LlamaCpp, chat_script, parse_log
 from qwen2vl_edge.benchmarks.peers.openvino_worker import split_conversation
 from qwen2vl_edge.cli import main
 from qwen2vl_edge.export.vocab import cache_dir
@@ -57,6 +57,23 @@ def test_llamacpp_log_sums_image_slices_and_text_only_has_none():
 def test_llamacpp_log_without_timings_is_an_error_not_zero():
     with pytest.raises(RuntimeError, match="eval time"):
         parse_log(MTMD_LOG.replace("eval time", "evaluation"))
+
+
+def test_llamacpp_run_reads_a_log_whose_reply_ends_mid_character(tmp_path):
+    """One run through a stand-in llama-mtmd-cli that prints a real run's log, its reply cut inside a UTF-8
+    character as random weights do: the timings come through, the bytes do not stop the run."""
+    model = tmp_path / "llamacpp" / "models" / "llamacpp-q4km" / "key"
+    model.mkdir(parents=True)
+    (tmp_path / "llamacpp" / "src" / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp").mkdir(parents=True)
+    cli = tmp_path / "llamacpp" / "build" / "bin" / "llama-mtmd-cli"
+    cli.parent.mkdir(parents=True)
+    (tmp_path / "log").write_bytes(MTMD_LOG.encode().replace(b"notch", b"notch\xe5\x8f"))
+    cli.write_text(f"#!/bin/sh\ncat > /dev/null\ncat {tmp_path / 'log'}\n")
+    cli.chmod(0o755)
+    r = LlamaCpp(str(model), threads=2).run(_conv({"type": "image", "image": "/a.png"},
+                                                  {"type": "text", "text": "Describe this image."}), 8)
+    assert r["vision"] == 0.029 and r["ttft"] == pytest.approx(0.029 + 0.03758) and r["prompt_tokens"] == 281
+    assert r["decode_tok_s"] == pytest.approx(7 / 0.0058) and r["peak_rss_bytes"] > 0
 
 
 def _conv(*content):
