@@ -4,10 +4,11 @@
 
 Every run is one llama-mtmd-cli process in chat mode (images as `/image` lines, then the text), greedy, with
 `--ignore-eos` and `-n` = the new tokens, `-t`/`-tb` = the bench's threads. Its timings are llama.cpp's own,
-parsed from its log: vision = the image slices' encode time; time to first token = encode + prompt eval
-(image decoding and resizing, and the process start and model load, are outside them: llama.cpp times
-neither; the timing lines are printed at log verbosity 4 with --perf); decode = the eval runs. Peak RSS is each process's own (wait4's ru_maxrss). The process start and
-model load of the first run give the cold start. Imports nothing of qwen2vl-edge but benchmarks/worker.py.
+parsed from its log: vision = the images' encode time; time to first token = its prompt-eval timer, which
+spans the image encode (see run); image decoding and resizing, and the process start and model load, are
+outside them: llama.cpp times neither; decode = the eval runs. The timing lines are printed at log verbosity
+4 with --perf. Peak RSS is each process's own (wait4's ru_maxrss). The process start and model load of the
+first run give the cold start. Imports nothing of qwen2vl-edge but benchmarks/worker.py.
 """
 
 from __future__ import annotations
@@ -91,7 +92,10 @@ class LlamaCpp:
         t = parse_log(text)
         peak = usage.ru_maxrss * 1024
         self.peak = max(self.peak, peak)
-        ttft = (t["encode_ms"] + t["prompt_ms"]) / 1e3
+        # llama.cpp's prompt-eval timer runs from the first queued prompt batch to the next synchronisation:
+        # the text before an image is queued, the image encoded and decoded, then synchronised, so the
+        # timer spans the image encode too
+        ttft = t["prompt_ms"] / 1e3
         decode_s = t["eval_ms"] / 1e3
         return {"preprocess": None, "vision": t["encode_ms"] / 1e3, "ttft": ttft,
                 "decode_tok_s": t["eval_runs"] / decode_s if decode_s else 0.0, "e2e": ttft + decode_s,
