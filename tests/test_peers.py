@@ -181,13 +181,13 @@ def peer_ckpt() -> Path:
 
 @requires_torch
 @pytest.mark.parametrize("name", list(peers.PEERS))
-def test_peer_runs_the_tiny_checkpoint(name, peer_ckpt, tmp_path):
+def test_peer_runs_the_tiny_checkpoint(name, request, tmp_path):
     """The peer's conversion counts the same 274-token S2 prompt as we do (one tokenizer, one chat template),
     and gets the bench's thread count. Converts once into the peers folder (a minute), as the bench does."""
     if not _installed(name):
         pytest.skip(f"{name} not installed: run benchmarks/peers/{peers.PEERS[name].setup}")
     root = peers.peers_dir()
-    model = peers.model_dir(name, peer_ckpt, root)
+    model = peers.model_dir(name, request.getfixturevalue("peer_ckpt"), root)  # built only where it runs
     convs = scenarios.scenarios(tmp_path / "inputs", quick=True)
     spec = {"system": name, "model_dir": str(model), "threads": 1, "new_tokens": 4, "repeats": 1,
             "scenarios": {k: convs[k] for k in ("image_448", "text_274")}, "spawned_at": time.time()}
