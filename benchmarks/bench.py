@@ -18,7 +18,7 @@ from pathlib import Path
 from qwen2vl_edge.export.vocab import cache_dir
 from qwen2vl_edge.runtime.config import load_config
 
-from . import host_loop, machine, report, roofline, scenarios
+from . import host_loop, machine, peers, report, roofline, scenarios
 from .models import model_dirs
 
 SYSTEMS = {  # name -> (kind, artifact variant, weight format read per decode token, ORT session cache)
@@ -34,8 +34,11 @@ SYSTEMS = {  # name -> (kind, artifact variant, weight format read per decode to
     "ours-trt-int4": ("ours", "trt-int4", "int4", False),
     "transformers": ("transformers", None, "fp32", False),
     "transformers-bf16": ("transformers", None, "bf16", False),
+    # peers, each in its own environment (benchmarks/peers/setup_*.sh) from its conversion of the checkpoint
+    "openvino-int4": ("peer", None, "int4", False),
+    "llamacpp-q4km": ("peer", None, "q4_k_m", False),
 }
-ON_REQUEST = ("ours-ort-int4-vdq", "ours-trt-fp16", "ours-trt-int4")
+ON_REQUEST = ("ours-ort-int4-vdq", "ours-trt-fp16", "ours-trt-int4", *peers.PEERS)
 DEFAULT_SYSTEMS = ",".join(n for n in SYSTEMS if n not in ON_REQUEST)
 
 
@@ -47,15 +50,15 @@ def _dir_bytes(path: Path, pattern: str) -> int:
     return sum(p.stat().st_size for p in path.glob(pattern) if p.is_file())
 
 
-def _run_worker(spec: dict, threads: int) -> dict:
+def _run_worker(spec: dict, threads: int, command: list[str] | None = None) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
                MKL_NUM_THREADS=str(threads))
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec["spawned_at"] = time.time()
         spec_path.write_text(json.dumps(spec))
-        proc = subprocess.run([sys.executable, "-m", "qwen2vl_edge.benchmarks.worker", str(spec_path), str(out_path)],
-                              env=env)
+        command = command or [sys.executable, "-m", "qwen2vl_edge.benchmarks.worker"]
+        proc = subprocess.run([*command, str(spec_path), str(out_path)], env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"benchmark worker for {spec['system']} failed (exit {proc.returncode})")
         return json.loads(out_path.read_text())
@@ -94,17 +97,20 @@ def _decode_spread(spec: dict, threads: int, processes: int) -> dict | None:
 def run_bench(model: str = "tiny", systems: str = DEFAULT_SYSTEMS, layers: int | None = None, threads: int = 2,
               new_tokens: int = 32, repeats: int = 3, out: Path = Path("bench-out"), quick: bool = False,
               resolutions: list[int] | None = None, contexts: list[int] | None = None,
-              decode_processes: int = 5) -> dict:
+              decode_processes: int = 5, peers_dir: Path | None = None) -> dict:
     names = [s.strip() for s in systems.split(",") if s.strip()]
     unknown = [s for s in names if s not in SYSTEMS]
     if unknown:
         raise ValueError(f"unknown system(s) {', '.join(unknown)}; known: {', '.join(SYSTEMS)}")
+    peers_root = peers.peers_dir(peers_dir)
+    peers.check_installed([n for n in names if n in peers.PEERS], peers_root)  # before any measurement
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    print("measuring the machine ...", flush=True)
-    desc = machine.describe(threads)
     ckpt, artifacts = model_dirs(model, layers, cache_dir() / "bench", {SYSTEMS[n][1] for n in names} - {None})
     cfg = load_config(ckpt)
+    peers.check_checkpoint([n for n in names if n in peers.PEERS], ckpt)
+    print("measuring the machine ...", flush=True)
+    desc = machine.describe(threads)
     inputs_dir = cache_dir() / "bench" / "inputs"
     convs = scenarios.scenarios(inputs_dir, quick=quick)
     sweep_res = scenarios.resolution_sweep(inputs_dir, resolutions or ([224, 448] if quick else
@@ -119,9 +125,14 @@ def run_bench(model: str = "tiny", systems: str = DEFAULT_SYSTEMS, layers: int |
                 "backend": backend_of(name) if kind == "ours" else None,
                 "threads": threads, "new_tokens": new_tokens, "repeats": repeats, "scenarios": convs,
                 "resolutions": sweep_res, "contexts": sweep_ctx}
+        if kind == "peer":
+            result["systems"][name] = _run_peer(name, spec, ckpt, peers_root, threads)
+            continue
         first_start = None
         if cached:
-            spec["session_cache"] = str(cache_dir() / "bench" / "session-cache" / name)
+            # rewritten each run; QWEN2VL_EDGE_SESSION_CACHE keeps concurrent benches' caches apart
+            root = os.environ.get("QWEN2VL_EDGE_SESSION_CACHE", cache_dir() / "bench" / "session-cache")
+            spec["session_cache"] = str(Path(root) / name)
             shutil.rmtree(spec["session_cache"], ignore_errors=True)
             first_start = _run_worker(dict(spec, prepare=True), threads)["cold_start_ready_s"]
         r = _run_worker(spec, threads)
@@ -134,6 +145,15 @@ def run_bench(model: str = "tiny", systems: str = DEFAULT_SYSTEMS, layers: int |
     return finish(result, cfg, out)
 
 
+def _run_peer(name: str, spec: dict, ckpt: Path, root: Path, threads: int) -> dict:
+    model = peers.model_dir(name, ckpt, root)
+    r = _run_worker(dict(spec, model_dir=str(model)), threads, peers.worker_command(name, root))
+    r["first_start_ready_s"] = None  # no cache written: every start is a first start
+    r["weights_on_disk_bytes"] = peers.weights_on_disk_bytes(model)
+    r["conversion"] = peers.CONVERSION[name]
+    return r
+
+
 def finish(result: dict, cfg, out: Path) -> dict:
     """Rooflines from the measurements and the machine, then result.json, report.md and the plots."""
     bandwidth = result["machine"]["copy_bandwidth_gb_s"] * 1e9
@@ -141,14 +161,16 @@ def finish(result: dict, cfg, out: Path) -> dict:
         weight_dtype, block = SYSTEMS[name][2], r.get("decoder_block_size") or 32
         best = roofline.decode_roofline_tok_s(cfg, weight_dtype, bandwidth, block)
         r["decode_roofline_tok_s"] = best
-        r["decode_roofline_fraction"] = r["scenarios"]["text_only"]["decode_tok_s"]["median"] / best
+        decode = report.median(r["scenarios"]["text_only"], "decode_tok_s")
+        r["decode_roofline_fraction"] = decode and decode / best
         r["weight_bytes_per_token"] = (roofline.decoder_weight_params(cfg)
                                        * roofline.bytes_per_weight(weight_dtype, block))
     s1_patches = 448 // cfg.vision.patch_size
     flops = roofline.vision_flops(cfg, s1_patches * s1_patches)
     best_s = flops / (result["machine"]["matmul_gflop_s"] * 1e9)
-    result["vision_roofline"] = {"gflop": flops / 1e9, "best_s": best_s, "fraction": {
-        n: best_s / r["scenarios"]["image_448"]["vision"]["median"] for n, r in result["systems"].items()}}
+    vision = {n: report.median(r["scenarios"]["image_448"], "vision") for n, r in result["systems"].items()}
+    result["vision_roofline"] = {"gflop": flops / 1e9, "best_s": best_s,
+                                 "fraction": {n: best_s / v for n, v in vision.items() if v}}
     (out / "result.json").write_text(json.dumps(result, indent=2))
     (out / "report.md").write_text(report.markdown(result))
     report.plots(result, out)

@@ -37,6 +37,9 @@ class SyntheticBackend:
     def new_cache(self, batch, reserve=0):
         return None
 
+    def prefill_chunk(self, batch):
+        return None  # the prompt in one call
+
     def decode(self, inputs_embeds, attention_mask, position_ids, cache):
         t0 = time.perf_counter()
         logits = self.pool[self.calls % len(self.pool)][None].copy()  # a fresh array, as a session returns

@@ -17,15 +17,11 @@ import textwrap
 
 CHILD = textwrap.dedent("""
     import json, sys
-    from pathlib import Path
     import numpy as np
     from PIL import Image
+    from qwen2vl_edge.benchmarks.worker import peak_rss_bytes, reset_peak_rss, rss_bytes
     from qwen2vl_edge.runtime import Qwen2VLPipeline
     from qwen2vl_edge.runtime.memory import RequestShape, estimate
-
-    def status_kb(key):
-        line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key + ":"))
-        return int(line.split()[1])
 
     art, width, height, words, new, threads = json.loads(sys.argv[1])
     pipe = Qwen2VLPipeline.load(art, num_threads=threads)
@@ -41,10 +37,11 @@ CHILD = textwrap.dedent("""
                    pipe.backend.prefill_chunk(len(inputs["input_ids"])))
     prompt = int(inputs["input_ids"].shape[1])
     del inputs
-    Path("/proc/self/clear_refs").write_text("5")
-    before = status_kb("VmRSS")
+    if not reset_peak_rss():
+        raise SystemExit("cannot reset the peak RSS (/proc/self/clear_refs needs Linux >= 4.0)")
+    before = rss_bytes()
     pipe.generate(conv, max_new_tokens=new, min_new_tokens=new)
-    grown = (status_kb("VmHWM") - before) * 1024
+    grown = peak_rss_bytes() - before
     print(json.dumps({"prompt_tokens": prompt, "estimate": est.peak, "stage": est.stage, "stages": est.stages,
                       "measured": grown}))
 """)

@@ -11,6 +11,16 @@ def _fmt(x: float | None, unit: str = "", digits: int = 2) -> str:
     return "—" if x is None else f"{x:.{digits}f}{unit}"
 
 
+def median(cell: dict, key: str) -> float | None:
+    """A scenario cell's median of `key`; None where the system cannot run it or does not time that stage."""
+    value = cell.get(key)
+    return value["median"] if value else None
+
+
+def _ratio(a: float | None, b: float | None, fmt: str) -> str:
+    return "—" if a is None or not b else format(a / b, fmt)
+
+
 def summary_rows(result: dict) -> list[dict]:
     rows = []
     for name, r in result["systems"].items():
@@ -18,15 +28,15 @@ def summary_rows(result: dict) -> list[dict]:
         rows.append({
             "system": name,
             "disk_gb": r["weights_on_disk_bytes"] / 1e9,
-            "s1_ttft": sc["image_448"]["ttft"]["median"],
-            "vision": sc["image_448"]["vision"]["median"],
-            "decode": sc["text_only"]["decode_tok_s"]["median"],
+            "s1_ttft": median(sc["image_448"], "ttft"),
+            "vision": median(sc["image_448"], "vision"),
+            "decode": median(sc["text_only"], "decode_tok_s"),
             "decode_processes": r.get("decode_tok_s_processes"),
-            "roofline_pct": 100 * r["decode_roofline_fraction"],
-            "s2_ttft": sc["text_274"]["ttft"]["median"],
+            "roofline_pct": r["decode_roofline_fraction"] and 100 * r["decode_roofline_fraction"],
+            "s2_ttft": median(sc["text_274"], "ttft"),
             "s1_rss_gb": (sc["image_448"].get("peak_rss_bytes") or r["peak_rss_bytes"]) / 1e9,
             "rss_gb": r["peak_rss_bytes"] / 1e9,
-            "outside_ms": sc["text_only"].get("outside_graphs_ms", {}).get("median"),
+            "outside_ms": median(sc["text_only"], "outside_graphs_ms"),
             "sampled_ms": result.get("host_loop", {}).get("median_ms") if name.startswith("ours") else None,
             "cold_ready": r["cold_start_ready_s"],
             "cold_first": r["cold_start_first_token_s"],
@@ -46,7 +56,7 @@ def markdown(result: dict) -> str:
         f"{result['repeats']} warm runs",
         "",
         "S1 = one 448x448 image + short prompt; S2 = a text prompt of "
-        f"{result['systems'][next(iter(result['systems']))]['scenarios']['text_274']['prompt_tokens']} tokens; "
+        f"{next(iter(result['systems'].values()))['scenarios']['text_274'].get('prompt_tokens')} tokens; "
         "decode = text-only prompt; roofline = decode tok/s / (bandwidth / weight bytes per token); "
         "loop overhead = median time per decode step spent outside graph runs (sampling, bookkeeping, "
         "I/O binding), greedy; sampled loop = the same with top_p=0.9, top_k=50, repetition_penalty=1.1 at the "
@@ -80,6 +90,10 @@ def markdown(result: dict) -> str:
         lines += ["", "Started from ONNX Runtime's session cache (graphs optimized, weights packed for this CPU): "
                   + ", ".join(first) + "; their cold start above is a restart. The first start, which wrote the "
                   "cache, took " + ", ".join(f"{v:.1f} s ({n})" for n, v in first.items()) + " to ready."]
+    for name, r in result["systems"].items():
+        if r.get("conversion"):
+            settings = ", ".join(f"{k} {v}" for k, v in r.get("settings", {}).items())
+            lines += ["", f"{name}: the same checkpoint through {r['conversion']}; ran with {settings}."]
     ref = next((r for r in rows if r["system"] == REFERENCE), None)
     if ref:
         lines += ["", f"Ratios against {REFERENCE} (speed: higher is better for us; memory: lower is better):", "",
@@ -87,18 +101,22 @@ def markdown(result: dict) -> str:
                   "|---|---|---|---|---|"]
         for r in rows:
             if r["system"] != REFERENCE:
-                lines.append(f"| {r['system']} | {ref['s1_ttft'] / r['s1_ttft']:.2f}x | {r['decode'] / ref['decode']:.2f}x | "
-                             f"{ref['s2_ttft'] / r['s2_ttft']:.2f}x | {r['s1_rss_gb'] / ref['s1_rss_gb']:.2f} |")
+                lines.append(f"| {r['system']} | {_ratio(ref['s1_ttft'], r['s1_ttft'], '.2f')}x | "
+                             f"{_ratio(r['decode'], ref['decode'], '.2f')}x | {_ratio(ref['s2_ttft'], r['s2_ttft'], '.2f')}x"
+                             f" | {_ratio(r['s1_rss_gb'], ref['s1_rss_gb'], '.2f')} |")
     lines += _sweep_table(result)
     lines += ["", "All scenarios (median s; decode tok/s; peak RSS of the scenario's runs):", "",
               "| system | scenario | prompt tokens | preprocess | vision | TTFT | decode tok/s | end to end | peak RSS |",
               "|---|---|---|---|---|---|---|---|---|"]
     for name, r in result["systems"].items():
         for sc, v in r["scenarios"].items():
+            if "cannot_run" in v:
+                lines.append(f"| {name} | {sc} | cannot run: {v['cannot_run']} | | | | | | |")
+                continue
             rss = v.get("peak_rss_bytes")
-            lines.append(f"| {name} | {sc} | {v['prompt_tokens']} | {v['preprocess']['median']:.3f} | "
-                         f"{v['vision']['median']:.3f} | {v['ttft']['median']:.3f} | "
-                         f"{v['decode_tok_s']['median']:.1f} | {v['e2e']['median']:.3f} | "
+            lines.append(f"| {name} | {sc} | {v['prompt_tokens']} | {_fmt(median(v, 'preprocess'), '', 3)} | "
+                         f"{_fmt(median(v, 'vision'), '', 3)} | {_fmt(median(v, 'ttft'), '', 3)} | "
+                         f"{_fmt(median(v, 'decode_tok_s'), '', 1)} | {_fmt(median(v, 'e2e'), '', 3)} | "
                          f"{_fmt(rss and rss / 1e9, ' GB')} |")
     vf = result.get("vision_roofline")
     if vf:
@@ -131,10 +149,10 @@ def plots(result: dict, out: Path) -> list[Path]:
     systems = result["systems"]
     lines = {  # file -> (points of one system, x label, y label, title)
         "ttft_vs_resolution.png": (lambda r: [(int(k), v) for k, v in r["ttft_vs_resolution"].items()
-                                              if not isinstance(v, str)],  # a reason: no point
+                                              if v is not None and not isinstance(v, str)],  # a reason: no point
                                    "image side (px, square)", "time to first token (s)", "TTFT vs image resolution"),
         "decode_vs_context.png": (lambda r: [(v["prompt_tokens"], v["decode_tok_s"])
-                                             for v in r["decode_vs_context"].values()],
+                                             for v in r["decode_vs_context"].values()],  # runnable ones only
                                   "context (prompt tokens)", "decode tokens/s", "Decode speed vs context length"),
     }
     paths = []

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 CASE = """
-import json, resource, sys, time
+import json, sys, time
+from qwen2vl_edge.benchmarks.worker import peak_rss_bytes
 from qwen2vl_edge.runtime.errors import InputError
 from qwen2vl_edge.runtime.preprocess import process_video_timed
 path, options = sys.argv[1], json.loads(sys.argv[2])
@@ -31,7 +32,7 @@ try:
 except InputError as e:
     outcome = {"error": str(e)[:160]}
 seconds = time.perf_counter() - t0
-peak = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
+peak = peak_rss_bytes()
 print(json.dumps({"seconds": seconds, "peak_rss_mb": peak / 2**20, **outcome}))
 """
 

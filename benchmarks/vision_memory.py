@@ -18,13 +18,14 @@ import sys
 import time
 from pathlib import Path
 
+from qwen2vl_edge.benchmarks.worker import peak_rss_bytes
+
 
 def measure(artifact: Path, size: int, threads: int) -> dict:
     """In this process: load the vision encoder of `artifact`, run it on one size x size image."""
     import numpy as np
     import onnxruntime as ort
 
-    from qwen2vl_edge.benchmarks.worker import peak_rss_bytes
     from qwen2vl_edge.runtime.artifact import load_artifact
     from qwen2vl_edge.runtime.backends.onnxruntime import _register_shared_cpu_arena
     from qwen2vl_edge.runtime.preprocess import process_image
@@ -51,16 +52,6 @@ def measure(artifact: Path, size: int, threads: int) -> dict:
             "peak_rss_bytes": peak_rss_bytes(), "seconds": round(time.perf_counter() - started, 2), "threads": threads}
 
 
-def _vmhwm(pid: int) -> int | None:
-    try:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def _address_space_limit(gb: float | None):
     """preexec_fn capping the child's address space, so that a graph too big for a shared machine fails its
     own allocation (reported) instead of waking the kernel's OOM killer on someone else's process."""
@@ -85,7 +76,10 @@ def run_child(artifact: Path, size: int, threads: int, timeout: float, max_gb: f
     try:
         out, err = child.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        peak = _vmhwm(child.pid)
+        try:
+            peak = peak_rss_bytes(child.pid)
+        except OSError:  # it ended meanwhile
+            peak = None
         child.kill()
         child.communicate()
         return {"artifact": str(artifact), "error": f"stopped after {timeout:.0f} s", "peak_rss_so_far_bytes": peak}

@@ -14,13 +14,26 @@ import sys
 import time
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident set (VmHWM). Not getrusage: ru_maxrss survives exec, so a worker
-    would inherit its parent's peak."""
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
+def _status_bytes(key: str, pid: int | str) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no {key} in /proc/{pid}/status")
+
+
+def peak_rss_bytes(pid: int | str = "self") -> int:
+    """A process's peak resident set (VmHWM), this one's by default. Not getrusage: ru_maxrss survives exec,
+    so a worker would inherit its parent's peak."""
+    return _status_bytes("VmHWM", pid)
+
+
+def rss_bytes(pid: int | str = "self") -> int:
+    """A process's resident set now (VmRSS)."""
+    return _status_bytes("VmRSS", pid)
+
+
+class CannotRun(Exception):
+    """A system that cannot run a scenario (a peer without video input, say): its cell says why."""
 
 
 _earlier_peaks: list[int] = []  # VmHWM before each reset, so the whole run's peak is not lost
@@ -138,34 +151,47 @@ def make_system(spec: dict):
 
 
 def measure(system, conversation, new_tokens: int, repeats: int) -> dict:
-    """Warm-up excluded; peak RSS of this scenario alone (weights and what earlier scenarios left included)."""
+    """Warm-up excluded; peak RSS of this scenario alone (weights and what earlier scenarios left included).
+
+    A system whose runs happen in child processes reports each run's peak itself (`peak_rss_bytes` in the
+    run's dict); one that cannot run the scenario gets {"cannot_run": why}."""
     own_peak = reset_peak_rss()
-    system.run(conversation, new_tokens)
+    try:
+        system.run(conversation, new_tokens)
+    except CannotRun as e:
+        return {"cannot_run": str(e)}
     runs = [system.run(conversation, new_tokens) for _ in range(repeats)]
     keys = ("preprocess", "vision", "ttft", "decode_tok_s", "e2e") + (("outside_graphs_ms",)
                                                                       if "outside_graphs_ms" in runs[0] else ())
-    out = {k: _stats([r[k] for r in runs]) for k in keys}
+    # None: a stage this system does not time (llama.cpp's preprocessing)
+    out = {k: None if runs[0][k] is None else _stats([r[k] for r in runs]) for k in keys}
     out["prompt_tokens"] = runs[0]["prompt_tokens"]
-    out["peak_rss_bytes"] = peak_rss_bytes() if own_peak else None
+    if "peak_rss_bytes" in runs[0]:
+        out["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in runs)
+    else:
+        out["peak_rss_bytes"] = peak_rss_bytes() if own_peak else None
     return out
 
 
 def sweep_point(system, conversation) -> float | str:
-    """One size of the resolution sweep: its time to first token, or why this system cannot run it (our memory
-    check's refusal, an allocation that failed), so the sweep goes on to the other sizes and systems."""
+    """One size of the resolution sweep: its time to first token, or why this system cannot run it (a peer's
+    CannotRun, our memory check's refusal, an allocation that failed), so the sweep goes on to the other sizes
+    and systems."""
     try:
-        return measure(system, conversation, 2, 1)["ttft"]["median"]
+        m = measure(system, conversation, 2, 1)
     except MemoryError:
         return "out of memory"
     except Exception as e:  # noqa: BLE001 (our InputError, ONNX Runtime's or torch's allocation errors)
         if type(e).__name__ == "InputError" or "memory" in str(e).lower() or "alloc" in str(e).lower():
             return f"cannot run: {str(e).splitlines()[0][:300]}"
         raise
+    return f"cannot run: {m['cannot_run']}" if "cannot_run" in m else m["ttft"]["median"]
 
 
-def main(spec_path: str, out_path: str) -> None:
+def main(spec_path: str, out_path: str, make=make_system) -> None:
+    """`make(spec)` builds the system: ours and transformers here, a peer's in its own worker."""
     spec = json.loads(open(spec_path).read())
-    system = make_system(spec)
+    system = make(spec)
     ready = time.time() - spec["spawned_at"]
     if spec.get("prepare"):  # only start (writing the session cache), measure nothing else
         with open(out_path, "w") as f:
@@ -178,20 +204,26 @@ def main(spec_path: str, out_path: str) -> None:
         return
     names = list(spec["scenarios"])
     first = system.run(spec["scenarios"][names[0]], spec["new_tokens"])  # cold: first request of the process
+    if "ready_at" in first:  # a system whose model loads in each run's own process (llama.cpp's CLI)
+        ready = first["ready_at"] - spec["spawned_at"]
     result = {"system": spec["system"], "cold_start_ready_s": ready,
               "cold_start_first_token_s": first["first_token_at"] - spec["spawned_at"], "scenarios": {},
               "ttft_vs_resolution": {}, "decode_vs_context": {}}
     for name in names:
-        result["scenarios"][name] = measure(system, spec["scenarios"][name], spec["new_tokens"], spec["repeats"])
-        print(f"  {spec['system']} {name}: ttft {result['scenarios'][name]['ttft']['median']:.3f} s, "
-              f"decode {result['scenarios'][name]['decode_tok_s']['median']:.1f} tok/s", flush=True)
+        m = result["scenarios"][name] = measure(system, spec["scenarios"][name], spec["new_tokens"], spec["repeats"])
+        print(f"  {spec['system']} {name}: " + (f"cannot run: {m['cannot_run']}" if "cannot_run" in m else
+                                                f"ttft {m['ttft']['median']:.3f} s, "
+                                                f"decode {m['decode_tok_s']['median']:.1f} tok/s"), flush=True)
     for size, conv in spec.get("resolutions", {}).items():
         result["ttft_vs_resolution"][size] = sweep_point(system, conv)
     for length, conv in spec.get("contexts", {}).items():
         m = measure(system, conv, spec["new_tokens"], 1)
-        result["decode_vs_context"][length] = {"prompt_tokens": m["prompt_tokens"],
-                                               "decode_tok_s": m["decode_tok_s"]["median"]}
-    result["peak_rss_bytes"] = whole_run_peak_rss_bytes()
+        if "decode_tok_s" in m:
+            result["decode_vs_context"][length] = {"prompt_tokens": m["prompt_tokens"],
+                                                   "decode_tok_s": m["decode_tok_s"]["median"]}
+    result["peak_rss_bytes"] = getattr(system, "whole_run_peak_rss_bytes", whole_run_peak_rss_bytes)()
+    if getattr(system, "settings", None):  # a peer's versions and the defaults it ran with
+        result["settings"] = system.settings
     if getattr(system, "device_memory_bytes", None) is not None:
         result["device_memory_at_load_bytes"] = system.device_memory_bytes
     with open(out_path, "w") as f:

@@ -202,7 +202,8 @@ def _bench(args: argparse.Namespace) -> int:
     run_bench(args.model, args.systems or DEFAULT_SYSTEMS, args.layers, args.threads, args.new_tokens, args.repeats, Path(args.out),
               quick=args.quick, resolutions=ints(args.resolutions), contexts=ints(args.contexts),
               decode_processes=0 if args.quick and args.decode_processes is None else
-              (5 if args.decode_processes is None else args.decode_processes))
+              (5 if args.decode_processes is None else args.decode_processes),
+              peers_dir=args.peers_dir)
     return 0
 
 
@@ -408,8 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny", help="tiny | 2b-shape | 7b-shape | CHECKPOINT_DIR")
     p.add_argument("--layers", type=int, help="text decoder depth for quicker runs (shapes only)")
     p.add_argument("--systems", default=None,
-                   help="comma list (default: all but ours-ort-int4-vdq and the TensorRT ones, ours-trt-fp16 and "
-                        "ours-trt-int4; see SYSTEMS in benchmarks/bench.py)")
+                   help="comma list (default: all but ours-ort-int4-vdq, the TensorRT ones, ours-trt-fp16 and "
+                        "ours-trt-int4, and the peers, openvino-int4 and llamacpp-q4km; see SYSTEMS in "
+                        "benchmarks/bench.py)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
@@ -420,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-processes", type=int, default=None,
                    help="also measure decode tok/s in N fresh processes per system and report their spread "
                         "(default 5; 0 with --quick)")
+    p.add_argument("--peers-dir", help="where benchmarks/peers/setup_*.sh installed the peers (openvino-int4, "
+                   "llamacpp-q4km); default $QWEN2VL_EDGE_PEERS or ~/.cache/qwen2vl-edge/peers")
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("check-trt", help="check that an artifact's graphs fit TensorRT's ONNX parser (CPU only)")

@@ -56,7 +56,7 @@ def test_quick_bench_report_is_complete(tmp_path):
     assert loop["vocab"] == 151_936 and loop["after_tokens"] == 1000 and 0 < loop["median_ms"] <= loop["p90_ms"]
     md = (out / "report.md").read_text()
     assert "| sampled loop |" in md
-    assert md.count("| ours-ort-cpu |") == 1 + 1 + 6  # main table, ratio table, one row per scenario
+    assert md.count("| ours-ort-cpu |") == 1 + 1 + 1 + 6  # main, ratio and sweep tables, one row per scenario
     assert "| transformers |" in md and "decode speed-up" in md and "session cache" in md
     for png in ("ttft_vs_resolution.png", "decode_vs_context.png", "peak_rss.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
