@@ -5,9 +5,9 @@
 Turn 1: a 448x448 image and a question. Turn 2: a text follow-up about it. Compared with `generate()` on
 the whole conversation (what a follow-up cost before sessions: image re-encoded, whole prompt re-run).
 Medians over `--repeats` fresh sessions, after one warm-up; greedy, 16 new tokens per reply.
-What running turn 1 in a session costs over generate(): the end of turn fed after the reply
-(`first_end_of_turn`), and, with the [serve] extra, the server's check before it keeps the session
-(`server_keep_check`: the conversation re-rendered and re-tokenised, the new images preprocessed again).
+What running turn 1 in a session costs over generate(), with the [serve] extra: the server's check before it
+keeps the session (`server_keep_check`: the conversation re-rendered and re-tokenised, the new images
+preprocessed again). The reply's end of turn costs nothing then: it goes in with the follow-up's prefill.
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ def one_round(pipe, image, new_tokens: int) -> dict:
             "rerun_ttft": whole.timings["time_to_first_token"], "first_prompt_tokens": first.usage["prompt_tokens"],
             "follow_up_new_tokens": follow.usage["prompt_tokens"] - follow.usage["cached_prompt_tokens"],
             "follow_up_cached_tokens": follow.usage["cached_prompt_tokens"],
-            "first_end_of_turn": first.timings["end_of_turn"],
             **({"server_keep_check": keep_check} if keep_check is not None else {})}
 
 

@@ -167,13 +167,11 @@ def decode_step(backend: Backend, state: DecodeState, tokens: np.ndarray) -> np.
 
 def run(backend: Backend, inputs_embeds, inputs: dict, opts: GenerationOptions, eos_ids: list[int], pad_id: int,
         decode_text: Callable[[list[int]], str], step_times: StepTimes, cache: Any = None,
-        cached_ids: np.ndarray | None = None, room: int = 0) -> Iterator[DecodeState]:
+        cached_ids: np.ndarray | None = None) -> Iterator[DecodeState]:
     """Yields the state after each chosen token; stops when every row is finished. The last chosen token is
-    never fed: the final state's cache holds the prompt and every generated token but the last.
-    `room`: positions the cache reserves beyond max_new_tokens (a chat session's end of turn, fed after)."""
+    never fed: the final state's cache holds the prompt and every generated token but the last."""
     rng = np.random.default_rng(opts.seed)
-    logits, state = prefill(backend, inputs_embeds, inputs, step_times, opts.max_new_tokens + room, cache,
-                            cached_ids)
+    logits, state = prefill(backend, inputs_embeds, inputs, step_times, opts.max_new_tokens, cache, cached_ids)
     state.texts = [IncrementalText(decode_text) for _ in state.generated]
     step_start, graph_start = time.perf_counter(), getattr(backend, "graph_seconds", None)
     for step in range(opts.max_new_tokens):

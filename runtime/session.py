@@ -3,7 +3,8 @@
 Each turn renders the whole conversation with the chat template and prefills only what the cache does not
 hold: the new user message (its images / videos through the vision encoder) and the generation prompt.
 A reply stays in the cache as the ids it was generated with (a decoded reply does not always re-tokenise to
-the same ids), and the template's end of turn is fed right after it, so that the next turn starts at once.
+the same ids). Its last id and the template's end of turn go in with the next turn's prefill, so that a
+reply returns as soon as its last token is chosen (a decoder run of its own would hold it back).
 M-RoPE positions continue from the cache's next position. The session reaches the backend only through the
 generation loop's steps and the Backend interface (the cache made and grown by prefill), so every cache
 kind serves it.
@@ -51,10 +52,6 @@ class _Turn:
     video_timestamps: list
 
     @classmethod
-    def text(cls, ids: list[int]) -> "_Turn":
-        return cls.of([_text_segment(ids)])
-
-    @classmethod
     def of(cls, segments: list[dict]) -> "_Turn":
         """Segments (Processor.segment's dicts) in order -> one turn."""
         turn = cls([], {"image": [], "video": []}, {"image": [], "video": []}, [], [])
@@ -95,6 +92,7 @@ class ChatSession:
         """Forget the conversation (the system message stays) and the cache."""
         self.cache: Any = None  # backend-owned; holds exactly self._ids
         self._ids: list[int] = []
+        self._pending: list[int] = []  # the conversation's ids after self._ids: the last reply's end, fed next turn
         self._next_position = 0  # M-RoPE position of the next token
         self._image_sizes: list[tuple[int, int]] = []  # every image in the cache, in order (boxes refer to them)
         self._entries = [_Entry({"role": "system", "content": self.system}, 0)] if self.system else []
@@ -106,8 +104,9 @@ class ChatSession:
 
     @property
     def token_ids(self) -> list[int]:
-        """The ids in the cache: the conversation as the template renders it, replies as generated."""
-        return list(self._ids)
+        """The conversation as the template renders it, replies as generated: the ids in the cache, then the
+        last reply's end (its last id and the end of turn), which the next turn's prefill feeds."""
+        return self._ids + self._pending
 
     @property
     def context(self) -> int:
@@ -174,8 +173,10 @@ class ChatSession:
         return inputs
 
     def _commit(self, ids: list[int], cache: Any, rope_delta: int, image_sizes: list) -> None:
-        """The cache now holds `ids` more; the next position follows from the last rope delta."""
+        """The cache now holds `ids` more (the pending ids first); the next position follows from the last
+        rope delta."""
         self._ids += ids
+        self._pending = []
         self.cache, self._stale = cache, False
         self._next_position = len(self._ids) + rope_delta
         self._image_sizes += image_sizes
@@ -190,9 +191,8 @@ class ChatSession:
         return {**timings, "prefill": steps.prefill}
 
     def _check_room(self, new: int, max_new_tokens: int) -> None:
-        need = len(self._ids) + new + max_new_tokens
-        if need > self.context:
-            held = len(self._ids)
+        held = len(self.token_ids)
+        if held + new + max_new_tokens > self.context:
             raise InputError(
                 f"this turn needs {new} new tokens + max_new_tokens {max_new_tokens}, but the session already holds "
                 f"{held} of the model's {self.context}-token context ({held / self.context:.0%} full): reset() the "
@@ -238,24 +238,25 @@ class ChatSession:
             drop += 1
         # stale until the rebuilt turn is in the cache: a failure before then rebuilds again at the next turn
         self._entries, self._stale = system + kept, True
-        self.cache, self._ids, self._next_position, self._image_sizes = None, [], 0, []
+        self.cache, self._ids, self._pending, self._next_position, self._image_sizes = None, [], [], 0, []
         self._check_room(total - max_new_tokens, max_new_tokens)
         for e, seg in zip([e for e in system + kept if e.message["role"] != "system"], segments):
             e.tokens = len(seg["ids"])
         return _Turn.of(segments + [new]), new
 
     def _prepare(self, content: Any, generation_prompt: bool, max_new_tokens: int) -> tuple[dict, _Turn, dict]:
-        """-> the user message, the turn to prefill (the message; after a rebuild, the kept history too), and
-        the message's own segment."""
+        """-> the user message, the turn to prefill (the last reply's pending end and the message; after a
+        rebuild, the kept history and the message), and the message's own segment."""
         message = {"role": "user", "content": content}
         chat.validate([message])
         # a video file is sized before decoding: refused at once when it cannot fit (with "slide": even alone)
-        room = self.context - max_new_tokens - (len(self._ids) if self.overflow == "error" else 0)
+        held = len(self.token_ids)
+        room = self.context - max_new_tokens - (held if self.overflow == "error" else 0)
         new_tokens = 0
         if not self._stale:
             seg = self._user_segment(self.history, message, generation_prompt, max(room, 0))
-            if len(self._ids) + len(seg["ids"]) + max_new_tokens <= self.context:
-                return message, _Turn.of([seg]), seg
+            if held + len(seg["ids"]) + max_new_tokens <= self.context:
+                return message, _Turn.of([_text_segment(self._pending), seg]), seg
             if self.overflow == "error":
                 self._check_room(len(seg["ids"]), max_new_tokens)
             new_tokens = len(seg["ids"])
@@ -308,7 +309,7 @@ class ChatSession:
 
     def _reply_steps(self, content: Any, opts: GenerationOptions, skip_special_tokens: bool):
         started = time.perf_counter()
-        end_of_turn_room = 8  # the template's end of turn, fed after the reply (Qwen2-VL's: 2 tokens)
+        end_of_turn_room = 8  # the context keeps room for the template's end of turn (Qwen2-VL's: 2 tokens)
         message, turn, seg = self._prepare(content, True, opts.max_new_tokens + end_of_turn_room)
         cached = len(self._ids)
         inputs = self._checked_inputs(turn, opts.max_new_tokens + end_of_turn_room)
@@ -317,25 +318,22 @@ class ChatSession:
         try:
             embeds, timings = self.pipe.embed(inputs)
             steps = StepTimes()
-            # prefill makes the cache at the first turn, else reserves room in it; the end of turn goes in after
+            # prefill makes the cache at the first turn, else reserves room in it
             for state in run(self.pipe.backend, embeds, inputs, opts, self.pipe.eos_ids, self.pipe.pad_id,
-                             self.pipe.decoder(skip_special_tokens), steps, self.cache, np.asarray(self._ids),
-                             room=end_of_turn_room):
+                             self.pipe.decoder(skip_special_tokens), steps, self.cache, np.asarray(self._ids)):
                 yield state
             generated, reason = state.generated[0], state.reasons[0]
             history = self.history + [message]
             reply, end_of_turn = self._reply_ids(generated, reason), self._end_of_turn(history, seg["rendered"])
             # the cache holds the turn and all generated tokens but the last; the rest of the reply and the end
-            # of turn go in now, so that the next turn prefills only itself
+            # of turn wait for the next turn's prefill
             self._commit(turn.ids + generated[:-1], state.cache, int(state.rope_deltas[0, 0]), turn.image_sizes)
-            t0 = time.perf_counter()
-            self._feed(_Turn.text(reply[len(generated) - 1:] + end_of_turn))
+            self._pending = reply[len(generated) - 1:] + end_of_turn
             done = True
         finally:
             if not done:  # the consumer stopped early or a graph failed: the cache is not the history anymore
                 self._stale = True
         timings = self.pipe._timings({"preprocess": preprocess, **timings}, steps, started)
-        timings["end_of_turn"] = time.perf_counter() - t0
         meta = {"image_sizes": self._image_sizes, "video_timestamps": seg["video_timestamps"]}
         result = self.pipe._result(generated, reason, opts, timings, meta,
                                    {"prompt_tokens": cached + len(turn.ids), "cached_prompt_tokens": cached},

@@ -80,12 +80,13 @@ def test_session_turns_match_transformers(tiny_ckpt, pipe, pipe_ort, turns, cach
     monkeypatch.setattr(p.backend, "decode", lambda e, m, pos, c: (fed.append(pos), decode(e, m, pos, c))[1])
     session = p.chat(system="You look at pictures.", max_new_tokens=N, min_new_tokens=N)
     messages, replies = [{"role": "system", "content": "You look at pictures."}], []
+    pending = 0  # after a reply: its last id and the end of turn (<|im_end|>, newline), fed with the next turn
     for kind, content in turns:
         messages.append({"role": "user", "content": content})
         cached = len(session.token_ids)
         if kind == "append":
             info = session.append(content)
-            assert info["cached_prompt_tokens"] == cached
+            assert info["cached_prompt_tokens"] == cached - pending
         else:
             prompt, out = _reference_ids(tiny_ckpt, messages, replies, generation_prompt=True)
             assert prompt[:cached] == session.token_ids, "the cache must be a prefix of the next prompt"
@@ -93,10 +94,11 @@ def test_session_turns_match_transformers(tiny_ckpt, pipe, pipe_ort, turns, cach
             ref = _reference_reply(tiny_ckpt, prompt, out)
             assert len(set(ref)) > N // 2, "reference reply degenerate: parity would prove nothing"
             assert result.token_ids == ref
-            assert result.usage == {"prompt_tokens": len(prompt), "cached_prompt_tokens": cached,
+            assert result.usage == {"prompt_tokens": len(prompt), "cached_prompt_tokens": cached - pending,
                                     "completion_tokens": N}
             replies.append(result.token_ids)
             messages.append({"role": "assistant", "content": result.text})
+        pending = 3 if kind == "send" else 0
         expected, out = _reference_ids(tiny_ckpt, messages, replies, generation_prompt=False)
         assert session.token_ids == expected  # replies as generated, each followed by the template's end of turn
     assert [m["role"] for m in session.history] == [m["role"] for m in messages]
@@ -105,8 +107,8 @@ def test_session_turns_match_transformers(tiny_ckpt, pipe, pipe_ort, turns, cach
     ref_pos, _ = model.model.get_rope_index(**{k: v for k, v in _with_ids(model, expected, out).items()
                                                if k not in ("pixel_values", "pixel_values_videos")})
     ours = np.concatenate([f[:, 0, :] for f in fed], axis=1)  # [3, every token fed, in order]
-    assert ours.shape[1] == len(expected)  # each id in the cache was fed exactly once
-    np.testing.assert_array_equal(ours, ref_pos.numpy()[:, 0, :])
+    assert ours.shape[1] == len(expected) - pending  # each id was fed exactly once, but the last reply's end
+    np.testing.assert_array_equal(ours, ref_pos.numpy()[:, 0, :ours.shape[1]])
 
 
 def _small_context(p, tokens):
@@ -191,14 +193,22 @@ def test_a_turn_over_the_memory_limit_is_refused_before_it_runs(pipe):
     assert session.token_ids == []
 
 
-def test_a_turn_reserves_its_cache_once_with_room_for_the_end_of_turn(pipe_ort, monkeypatch):
-    """A preallocated cache: the turn's prefill makes it with room for the reply and the end of turn, so the
-    end of turn fed after the reply fits without a copy; nothing reserves twice."""
+def test_a_reply_returns_without_a_decoder_run_after_its_last_token(pipe_ort, monkeypatch):
+    """A preallocated cache: the turn's prefill makes it with room for the reply; the reply's end waits for the
+    next turn (no decoder run after the last token, no second reserve), whose prefill feeds it."""
     backend, calls = pipe_ort.backend, []
-    new_cache, reserve = backend.new_cache, backend.reserve
+    new_cache, reserve, decode = backend.new_cache, backend.reserve, backend.decode
     monkeypatch.setattr(backend, "new_cache", lambda *a, **k: (calls.append("new_cache"), new_cache(*a, **k))[1])
     monkeypatch.setattr(backend, "reserve", lambda c, n: (calls.append("reserve"), reserve(c, n))[1])
+    monkeypatch.setattr(backend, "decode", lambda e, m, pos, c: (calls.append(pos.shape[-1]), decode(e, m, pos, c))[1])
     session = pipe_ort.chat(max_new_tokens=N, min_new_tokens=N)
-    result = session.send("Hello!")
-    assert calls == ["new_cache", "reserve"]  # the turn's prefill, then the end of turn's
-    assert len(session.token_ids) <= session.cache.capacity < 2 * (result.usage["prompt_tokens"] + N)  # no doubling
+    first = session.send("Hello!")
+    # the prompt's prefill, then one run per chosen token but the last: nothing after the reply's last token
+    assert calls == ["new_cache", first.usage["prompt_tokens"]] + [1] * (N - 1)
+    assert session.cache.capacity < 2 * (first.usage["prompt_tokens"] + N)  # no doubling
+    calls.clear()
+    second = session.send("And then?")
+    new = second.usage["prompt_tokens"] - second.usage["cached_prompt_tokens"]
+    assert second.usage["cached_prompt_tokens"] == first.usage["prompt_tokens"] + N - 1
+    # one prefill feeds the first reply's end (its last id, <|im_end|>, a newline) and the new message
+    assert calls[:2] == ["reserve", new] and len(session.token_ids) == second.usage["prompt_tokens"] + N + 2
