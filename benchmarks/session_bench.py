@@ -57,6 +57,7 @@ def _keep_check(pipe, session) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     from qwen2vl_edge.benchmarks.models import model_dirs
+    from qwen2vl_edge.export.vocab import cache_dir
     from qwen2vl_edge.runtime import Qwen2VLPipeline
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,10 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--cache", default="bench-models")
-    parser.add_argument("--out", default="bench-session")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="where the benchmark's checkpoints and artifacts live (default: the bench cache)")
+    parser.add_argument("--out", type=Path, default=None, help="a folder for the JSON result (default: printed only)")
     args = parser.parse_args(argv)
-    _, artifacts = model_dirs(args.model, None, Path(args.cache), variants=(args.variant,))
+    _, artifacts = model_dirs(args.model, None, args.cache or cache_dir() / "bench", variants=(args.variant,))
     pipe = Qwen2VLPipeline.load(artifacts[args.variant], num_threads=args.threads)
     image = _image()
     one_round(pipe, image, args.new_tokens)  # warm-up
@@ -78,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
               "machine": platform.processor() or platform.machine(), "median": median,
               "follow_up_vs_first": median["follow_up_ttft"] / median["first_ttft"],
               "follow_up_vs_rerun": median["follow_up_ttft"] / median["rerun_ttft"]}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"session_{args.model}_{args.variant}.json").write_text(json.dumps(result, indent=2))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"session_{args.model}_{args.variant}.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return 0
 
