@@ -14,6 +14,7 @@ have their own limits (backends/trt_profiles.py) and GPU memory is not estimated
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,7 +84,17 @@ class Estimate:
 
 
 def _attention(target: str, graph: str) -> int:
-    return ATTENTION.get(target, ATTENTION["portable"])[graph]  # an unknown target: the costliest kind
+    kind = ATTENTION.get(target, ATTENTION["portable"])[graph]  # an unknown target: the costliest kind
+    if graph == "vision" and kind == FUSED and flash_attention_disabled():
+        return SOFTMAX  # MultiHeadAttention through its full score matrix (1.1 of them measured, rounded up)
+    return kind
+
+
+def flash_attention_disabled() -> bool:
+    """ONNX Runtime's switch for its CPU MultiHeadAttention's flash path, read when a session is made: set, the
+    vision encoder holds every head's scores again (onnxruntime 1.32, S = 8,192, 2 heads: +557 MB, not 10 MB).
+    ONNX Runtime parses it as a bool: "1" or "true"."""
+    return os.environ.get("ORT_DISABLE_FLASH_ATTENTION", "").strip().lower() in ("1", "true")
 
 
 def vision_bytes(cfg: ModelConfig, target: str, grid: tuple[int, int, int]) -> int:
@@ -241,6 +252,10 @@ def _fixes(cfg: ModelConfig, export: dict, req: RequestShape, est: Estimate, bud
             fixes.append(f"max_new_tokens={n}")
     if est.stage == "prefill":
         fixes.append("a shorter prompt")
+    fused = ATTENTION.get(export.get("target"), ATTENTION["portable"])["vision"] == FUSED
+    if est.stage == "vision" and fused and flash_attention_disabled():
+        fixes.append("ORT_DISABLE_FLASH_ATTENTION unset (it makes ONNX Runtime's MultiHeadAttention hold every "
+                     "head's scores)")
     for target in ATTENTION:
         if target != export.get("target") and fits(req, _export_for(export, target)):
             fixes.append(f"an export with --target {target} (needs about "

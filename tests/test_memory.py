@@ -74,6 +74,19 @@ def test_fused_vision_attention_makes_a_phone_photo_linear(only_the_limit):
     assert check(CFG_2B, ORT_CPU, inputs, 128, 16 * GB, CHUNK).peak <= 16 * GB
 
 
+def test_the_estimate_counts_scores_when_flash_attention_is_switched_off(only_the_limit, monkeypatch):
+    """ORT_DISABLE_FLASH_ATTENTION sends MultiHeadAttention through the whole score matrix: the photo that fits
+    16 GB on ort-cpu is then refused at once, not run into the machine's memory."""
+    inputs = _image_inputs(4000, 3000)
+    for value in ("1", "true"):
+        monkeypatch.setenv("ORT_DISABLE_FLASH_ATTENTION", value)
+        assert estimate(CFG_2B, ORT_CPU, RequestShape.of(inputs, 128), CHUNK).stages["vision"] > 400 * GB
+        with pytest.raises(InputError, match="in the vision stage.*ORT_DISABLE_FLASH_ATTENTION unset"):
+            check(CFG_2B, ORT_CPU, inputs, 128, 16 * GB, CHUNK)
+    monkeypatch.setenv("ORT_DISABLE_FLASH_ATTENTION", "0")
+    assert check(CFG_2B, ORT_CPU, inputs, 128, 16 * GB, CHUNK).peak <= 16 * GB
+
+
 def test_a_phone_photo_fits_6_gb_beside_the_2b_int4_weights(only_the_limit):
     """Issue 13's goal: the photo at the default max_pixels reaches its first token within 6 GB on the 2B int4
     + int8-vision export (its ONNX files: 1.72 GB). Measured parts (benchmarks/results/vision-memory-photo.json):
