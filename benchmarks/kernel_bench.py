@@ -6,7 +6,7 @@
 Each kernel is one linear y = x @ W.T written by the export's own writers (export/quantize.py) into a
 one-node graph, one ONNX Runtime session per kernel and shape, `--threads` intra-op threads:
 MatMulNBits 4-bit at blocks of 32/64/128 with accuracy level 4 (int8 activations, quantized per block
-on the fly) and 1 (fp32), MatMulNBits 8-bit, DynamicQuantizeMatMul (u8 activations per tensor x s8
+on the fly) and 1 (fp32), 2 and 3 (fp16 / bf16) at blocks of 128, MatMulNBits 8-bit, DynamicQuantizeMatMul (u8 activations per tensor x s8
 weights per output channel) and fp32 MatMul. Shapes are Qwen2-VL-2B's decoder linears (K x N), the
 q/k/v and gate/up ones also as the ort-cpu export packs them. Warm-up excluded; the kernels of a shape
 are timed in turns (one run each per round), so a busy machine slows them alike; median and fastest wall
@@ -33,6 +33,9 @@ MS = (1, 16, 64, 274, 512, 1024, 2048)
 KERNELS = {
     **{f"int4-b{b}-acc{a}": ("int4", b, a) for b in (32, 64, 128) for a in (4, 1)},
     "int4-b256-acc4": ("int4", 256, 4),
+    # fp16 / bf16 math: MLAS has no such int4 path on x86, so these run at the fp32 rate (README)
+    "int4-b128-acc2": ("int4", 128, 2),
+    "int4-b128-acc3": ("int4", 128, 3),
     "int8-b32-acc4": ("int8", 32, 4),
     "dqmm-u8s8": ("int8-dynamic", 32, 4),
     "fp32": None,
