@@ -61,7 +61,7 @@ def run(variants: dict[str, tuple[Path, dict]], scenario: str, processes: int, t
             "date": time.strftime("%Y-%m-%d %H:%M"), "load_average_1min_end": os.getloadavg()[0],
             "variants": {n: {"artifact": str(a), "session_config": c} for n, (a, c) in variants.items()},
             "results": {name: {**{m: spread(v) for m, v in ms.items()},
-                               "decode_half_range_within_process": statistics.median(within[name])}
+                               "decode_half_range_within_process": spread(within[name])}
                         for name, ms in per.items()}}
 
 
@@ -96,7 +96,7 @@ def main() -> None:
         t, d = r["ttft"], r["decode_tok_s"]
         print(f"| {name} | {t['median']:.3f} s ({t['min']:.3f}-{t['max']:.3f}) | {d['median']:.1f} "
               f"({d['min']:.1f}-{d['max']:.1f}) | {100 * d['half_range']:.1f} % | "
-              f"{100 * r['decode_half_range_within_process']:.1f} % | "
+              f"{100 * r['decode_half_range_within_process']['median']:.1f} % | "
               f"{r['peak_rss_bytes']['max'] / 1e9:.2f} GB |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

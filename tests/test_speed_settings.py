@@ -85,7 +85,7 @@ def test_decode_spread_runs_each_variant_in_its_own_processes(tiny_artifact_ort)
     assert set(result["results"]) == {"default", "spin"}
     for r in result["results"].values():
         assert len(r["decode_tok_s"]["values"]) == 1 and r["decode_tok_s"]["min"] > 0
-        assert 0 <= r["decode_half_range_within_process"] < 1  # its repeats' spread, not the processes'
+        assert 0 <= r["decode_half_range_within_process"]["median"] < 1  # its repeats' spread
         assert r["ttft"]["min"] > 0 and r["peak_rss_bytes"]["min"] > 0
 
 
