@@ -29,6 +29,7 @@ SYSTEMS = {  # name -> (kind, artifact variant, weight format read per decode to
     "ours-ort-int8": ("ours", "int8", "int8", True),
     "ours-ort-int4": ("ours", "int4", "int4", True),
     "ours-ort-int4-vdq": ("ours", "int4-vdq", "int4", True),  # vision as DynamicQuantizeMatMul
+    "ours-ort-int4-b256": ("ours", "int4-b256", "int4", True),  # --block-size 256
     # TensorRT engines of the `--target tensorrt` export (needs a GPU and TensorRT; see gpu_check.py)
     "ours-trt-fp16": ("ours", "trt-fp16", "fp16", False),
     "ours-trt-int4": ("ours", "trt-int4", "int4", False),
@@ -38,7 +39,7 @@ SYSTEMS = {  # name -> (kind, artifact variant, weight format read per decode to
     "openvino-int4": ("peer", None, "int4", False),
     "llamacpp-q4km": ("peer", None, "q4_k_m", False),
 }
-ON_REQUEST = ("ours-ort-int4-vdq", "ours-trt-fp16", "ours-trt-int4", *peers.PEERS)
+ON_REQUEST = ("ours-ort-int4-vdq", "ours-ort-int4-b256", "ours-trt-fp16", "ours-trt-int4", *peers.PEERS)
 DEFAULT_SYSTEMS = ",".join(n for n in SYSTEMS if n not in ON_REQUEST)
 
 

@@ -409,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny", help="tiny | 2b-shape | 7b-shape | CHECKPOINT_DIR")
     p.add_argument("--layers", type=int, help="text decoder depth for quicker runs (shapes only)")
     p.add_argument("--systems", default=None,
-                   help="comma list (default: all but ours-ort-int4-vdq, the TensorRT ones, ours-trt-fp16 and "
+                   help="comma list (default: all but ours-ort-int4-vdq, ours-ort-int4-b256, the TensorRT ones, "
+                        "ours-trt-fp16 and "
                         "ours-trt-int4, and the peers, openvino-int4 and llamacpp-q4km; see SYSTEMS in "
                         "benchmarks/bench.py)")
     p.add_argument("--threads", type=int, default=2)

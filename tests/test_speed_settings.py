@@ -109,4 +109,6 @@ def test_bench_re_exports_a_cached_artifact_with_old_block_sizes(tmp_path):
     assert _current(cached({"decoder": 128, "vision_encoder": 32}), VARIANTS["int4"])
     assert not _current(cached(32), VARIANTS["int4-vdq"]) and _current(cached({"decoder": 128}), VARIANTS["int4-vdq"])
     assert _current(cached(32), VARIANTS["int8"]) and _current(cached(32), VARIANTS["trt-int4"])
+    assert _current(cached(256), VARIANTS["int4-b256"])  # --block-size 256: every quantized graph
+    assert not _current(cached({"decoder": 128, "vision_encoder": 32}), VARIANTS["int4-b256"])
     assert _current(cached(None), VARIANTS["fp32"])
