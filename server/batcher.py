@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qwen2vl_edge.runtime.detokenize import safe_piece
-from qwen2vl_edge.runtime.errors import InputError
+from qwen2vl_edge.runtime import memory
+from qwen2vl_edge.runtime.errors import InputError, MemoryShortage
 from qwen2vl_edge.runtime.generation import GenerationOptions
 
 from .errors import APIError
@@ -135,7 +136,9 @@ class Batcher:
             else:
                 self._generate(batch, self.pipe.steps([j.conversation for j in batch], batch[0].options))
         except (InputError, APIError) as e:
-            if len(batch) > 1:  # find the row at fault: the others still get their answers
+            if self._free_kept(e):  # the request was refused for memory that kept sessions held: once more
+                self._run(batch)
+            elif len(batch) > 1:  # find the row at fault: the others still get their answers
                 for job in batch:
                     self._run([job])
             else:
@@ -144,6 +147,17 @@ class Batcher:
             log.exception("generation failed")
             for job in batch:
                 job.post("error", APIError(500, f"generation failed: {type(e).__name__}: {e}", code="internal"))
+
+    def _free_kept(self, refusal: Exception) -> bool:
+        """Kept sessions are a cache: a request is never refused for the memory their KV caches hold. After a
+        refusal by what the system has now (not by a fixed memory_limit), drop them all -> whether any were."""
+        if not (isinstance(refusal, MemoryShortage) and refusal.source != "memory_limit"):
+            return False
+        dropped = self.sessions.clear()
+        if dropped:
+            memory.give_back()
+            log.warning("dropped %d kept sessions to make room for a request refused for memory", dropped)
+        return dropped > 0
 
     def _turn(self, job: Job, kept: Kept | None) -> None:
         """The job as a session's turn: the kept session it continues, or a new one. A session that refuses the

@@ -100,6 +100,12 @@ class SessionStore:
     def take(self, key: str | None) -> Kept | None:
         return self._kept.pop(key, None) if key is not None else None
 
+    def clear(self) -> int:
+        """Drop every kept session (their caches go with them) -> how many there were."""
+        count = len(self._kept)
+        self._kept.clear()
+        return count
+
     def keep(self, key: str, kept: Kept) -> None:
         if self.capacity <= 0:
             return

@@ -394,6 +394,48 @@ def test_the_batcher_posts_pieces_to_streamed_jobs_only(pipe):
     assert "".join(piece for _, piece in streamed[:-1]) == streamed[-1][1].text == whole[0][1].text
 
 
+def test_kept_sessions_are_dropped_before_a_request_is_refused_for_memory(pipe, monkeypatch):
+    """Kept sessions are a cache: a request refused for the memory the system has now runs again once they are
+    dropped, and gets the reply it gets alone; a refusal by a fixed memory_limit drops nothing."""
+    import asyncio
+
+    from qwen2vl_edge.runtime import memory
+    from qwen2vl_edge.runtime.generation import GenerationOptions
+    from qwen2vl_edge.server.batcher import Batcher, Job
+    from qwen2vl_edge.server.metrics import Metrics
+    from qwen2vl_edge.server.sessions import Kept
+
+    conversation = [{"role": "user", "content": "Count to ten."}]
+
+    async def answer():
+        job = Job(conversation, GenerationOptions(max_new_tokens=MAX_TOKENS), asyncio.get_running_loop(),
+                  stream=False)
+        batcher.submit(job)
+        return await job.events.get()
+
+    def keep_one():
+        session = pipe.chat(max_new_tokens=4)
+        session.send("Hello!")  # its cache holds memory
+        batcher.sessions.keep("earlier", Kept(session, []))
+
+    batcher = Batcher(pipe, 8, 8, 0.0, Metrics(), max_sessions=0)  # new requests run without sessions
+    batcher.sessions.capacity = 4  # but the store can hold the one kept by hand
+    try:
+        keep_one()
+        # the system's memory, as the check sees it: too little while a session is kept
+        monkeypatch.setattr(memory, "available", lambda limit=None: (1 if len(batcher.sessions) else 1 << 50,
+                                                                     "MemAvailable"))
+        kind, result = asyncio.run(answer())
+        assert kind == "done" and len(batcher.sessions) == 0
+        assert result.text == pipe.generate(conversation, max_new_tokens=MAX_TOKENS).text
+        keep_one()
+        monkeypatch.setattr(memory, "available", lambda limit=None: (1, "memory_limit"))
+        kind, error = asyncio.run(answer())
+        assert kind == "error" and "memory_limit" in str(error) and len(batcher.sessions) == 1
+    finally:
+        batcher.close()
+
+
 # -- kept sessions: a request that continues a conversation reuses its KV cache ------------------------------
 
 
