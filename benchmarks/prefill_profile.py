@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .worker import _stats
+
 
 def _feeds(session, manifest: dict, tokens: int, ort) -> tuple:
     """(io binding, the cache buffers it holds) for one prompt of `tokens` into an empty cache."""
@@ -101,7 +103,7 @@ def profile(artifact: Path, tokens: int, threads: int, runs: int, config: dict |
             cpu.append(time.process_time() - c0)
         events = json.loads(Path(session.end_profiling()).read_text())
     return {"artifact": str(artifact), "tokens": tokens, "threads": threads, "runs": runs, "config": config or {},
-            "wall_s": {"median": statistics.median(wall[1:]), "min": min(wall[1:]), "max": max(wall[1:])},
+            "wall_s": _stats(wall[1:]),
             "cpu_s": statistics.median(cpu[1:]),  # with --threads 1 the work itself, whatever else runs
             "date": time.strftime("%Y-%m-%d %H:%M"), "load_average_1min": os.getloadavg()[0],
             "onnxruntime": ort.__version__, "ops": summarize(events, _shapes(decoder))}

@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -180,8 +181,10 @@ class Artifact:
     def graph(self, name: str) -> dict[str, Any]:
         return self.manifest["graphs"][name]
 
+    @cached_property
     def weight_bytes(self) -> int:
-        """Bytes of the ONNX files ONNX Runtime loads: the three graphs and their shared weights file."""
+        """Bytes of the ONNX files ONNX Runtime loads: the three graphs and their shared weights file (read once:
+        every request's memory check subtracts them)."""
         files = {self.graph_path(name) for name in GRAPHS} | {_confined(self.dir, self.export["weights_file"])}
         return sum(f.stat().st_size for f in files)
 

@@ -85,8 +85,12 @@ class Estimate:
         return max(self.stages, key=self.stages.get)
 
 
+def _listed(target: str | None, graph: str) -> int:
+    return ATTENTION.get(target, ATTENTION["portable"])[graph]  # an unknown target: the costliest kind
+
+
 def _attention(target: str, graph: str) -> int:
-    kind = ATTENTION.get(target, ATTENTION["portable"])[graph]  # an unknown target: the costliest kind
+    kind = _listed(target, graph)
     if graph == "vision" and kind == FUSED and flash_attention_disabled():
         return SOFTMAX  # MultiHeadAttention through its full score matrix (1.1 of them measured, rounded up)
     return kind
@@ -254,8 +258,7 @@ def _fixes(cfg: ModelConfig, export: dict, req: RequestShape, est: Estimate, bud
             fixes.append(f"max_new_tokens={n}")
     if est.stage == "prefill":
         fixes.append("a shorter prompt")
-    fused = ATTENTION.get(export.get("target"), ATTENTION["portable"])["vision"] == FUSED
-    if est.stage == "vision" and fused and flash_attention_disabled():
+    if est.stage == "vision" and _listed(export.get("target"), "vision") == FUSED and flash_attention_disabled():
         fixes.append("ORT_DISABLE_FLASH_ATTENTION unset (it makes ONNX Runtime's MultiHeadAttention hold every "
                      "head's scores)")
     for target in ATTENTION:

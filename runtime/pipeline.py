@@ -120,7 +120,7 @@ class Qwen2VLPipeline:
         _check_load_options(backend, providers, num_threads, verify, session_cache, session_config)
         artifact = load_artifact(artifact_dir, verify=verify, backend=backend)
         if backend == "onnxruntime" and _on_cpu(providers):  # the weights go to host memory
-            memory.check_weights(artifact.weight_bytes(), memory_limit, artifact.dir)
+            memory.check_weights(artifact.weight_bytes, memory_limit, artifact.dir)
         options = ({"providers": providers, "num_threads": num_threads, "session_cache": session_cache,
                     "session_config": session_config} if backend == "onnxruntime" else {})
         with ThreadPoolExecutor(1) as pool:  # the tokenizer parses while the graphs load
@@ -200,7 +200,7 @@ class Qwen2VLPipeline:
         """ONNX Runtime on the CPU: refuse a request that would not fit before any graph allocates. It may use
         what the weights leave of memory_limit; the prompt is estimated in the backend's prefill chunks."""
         if memory.host_backend(self.backend):
-            share = self.memory_limit and max(self.memory_limit - self.artifact.weight_bytes(), 1)
+            share = self.memory_limit and max(self.memory_limit - self.artifact.weight_bytes, 1)
             memory.check(self.artifact.config, self.artifact.export, inputs, max_new_tokens, share,
                          self.backend.prefill_chunk(len(inputs["input_ids"])))
 

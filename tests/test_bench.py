@@ -71,7 +71,7 @@ def test_resolution_sweep_reaches_1792_and_a_size_a_system_cannot_run_says_why(t
     assert scenarios.SWEEP_SIDES[-1] == 1792
     sweep = scenarios.resolution_sweep(tmp_path, [224, 1792])
     ours = worker.Ours(str(tiny_artifact), 1)
-    ours.pipe.memory_limit = ours.pipe.artifact.weight_bytes() + 10**9
+    ours.pipe.memory_limit = ours.pipe.artifact.weight_bytes + 10**9
     cells = {side: worker.sweep_point(ours, conv) for side, conv in sweep.items()}
     assert isinstance(cells[224], float) and cells[224] > 0
     assert cells[1792].startswith("cannot run: this request needs about") and "max_pixels=" in cells[1792]

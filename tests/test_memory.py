@@ -240,7 +240,7 @@ def test_weights_above_the_memory_limit_fail_at_load(tiny_artifact):
     from qwen2vl_edge.runtime import Qwen2VLPipeline
     from qwen2vl_edge.runtime.artifact import load_artifact
 
-    weights = load_artifact(tiny_artifact, verify=False).weight_bytes()
+    weights = load_artifact(tiny_artifact, verify=False).weight_bytes
     assert weights > 10**6
     with pytest.raises(ConfigError, match=r"the weights of .* take 0\.\d GB, more than the 0\.0 GB available "
                                           r"\(memory_limit\).*--weights int4"):

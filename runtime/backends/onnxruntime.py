@@ -159,17 +159,17 @@ class OrtBackend:
         if shared_arena:
             _register_shared_cpu_arena(ort)
 
-        options = lambda graph, bounded=False: session_options(  # noqa: E731
+        options = lambda bounded=False: session_options(  # noqa: E731
             ort, num_threads, shared_arena, session_config, bounded)
         self._ort = ort
         self.graph_seconds = 0.0  # inside session runs; the loop reports the rest as per-step overhead
+        cache = None if session_cache is None else session_cache_dir(session_cache, artifact, ort.__version__)
         try:
-            if session_cache is None:
+            if cache is None:
                 self.sessions = _each_graph(lambda name: ort.InferenceSession(str(artifact.graph_path(name)),
-                                                                              options(name), providers=providers))
+                                                                              options(), providers=providers))
             else:
-                self.sessions = self._cached_sessions(artifact, options, session_cache_dir(session_cache, artifact,
-                                                                                          ort.__version__))
+                self.sessions = self._cached_sessions(artifact, options, cache)
         except Exception as e:  # onnxruntime raises its own exception types
             contrib = artifact.export.get("contrib_ops") or []
             hint = (f" This artifact uses ONNX Runtime contrib ops ({', '.join(contrib)}); it needs onnxruntime"
@@ -178,10 +178,8 @@ class OrtBackend:
             raise ArtifactError(f"onnxruntime could not load the graphs of {artifact.dir}: {e}.{hint}") from None
         _check_graphs_are_the_manifests(artifact, self.sessions)
         # the vision encoder's session as made for large images (see vision()): from the same file as the first
-        graph_file = (artifact.graph_path("vision_encoder") if session_cache is None else
-                      session_cache_dir(session_cache, artifact, ort.__version__) / "vision_encoder.onnx")
-        self._vision_session = lambda bounded: self._session(graph_file, options("vision_encoder", bounded),
-                                                             optimized=session_cache is not None)
+        graph_file = artifact.graph_path("vision_encoder") if cache is None else cache / "vision_encoder.onnx"
+        self._vision_session = lambda bounded: self._session(graph_file, options(bounded), optimized=cache is not None)
         self._vision_bounded = False
         cfg = artifact.config.text
         self.hidden_size = cfg.hidden_size
@@ -197,27 +195,21 @@ class OrtBackend:
 
     def _cached_sessions(self, artifact: Artifact, options, cache: Path) -> dict:
         ort = self._ort
-        providers = ["CPUExecutionProvider"]
         if all((cache / f"{name}.onnx").is_file() for name in GRAPHS):
-            def mapped(name):
-                opts = options(name)
-                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # optimized already
-                return ort.InferenceSession(str(cache / f"{name}.onnx"), opts, providers=providers)
-
-            return _each_graph(mapped)
+            return _each_graph(lambda name: self._session(cache / f"{name}.onnx", options(), optimized=True))
         # First start: build in a private directory, publish it whole (a killed start leaves no half cache).
         tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
 
         def build(name):
-            opts = options(name)
+            opts = options()
             opts.optimized_model_filepath = str(tmp / f"{name}.onnx")
             opts.log_severity_level = 3  # its warning says the file is for this machine only: the key says so too
             for key, value in (("session.optimized_model_external_initializers_file_name", f"{name}.data"),
                                ("session.optimized_model_external_initializers_min_size_in_bytes", "1024"),
                                ("session.save_external_prepacked_constant_initializers", "1")):
                 opts.add_session_config_entry(key, value)
-            return ort.InferenceSession(str(artifact.graph_path(name)), opts, providers=providers)
+            return ort.InferenceSession(str(artifact.graph_path(name)), opts, providers=["CPUExecutionProvider"])
 
         sessions = _each_graph(build)
         try:
