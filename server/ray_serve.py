@@ -71,13 +71,14 @@ def run_forever(settings: ServerSettings, replicas: int, host: str, port: int, a
     except Exception as e:  # Ray's own start-up (raylet, GCS, ports): reported as such, with its message
         print(f"error: Ray could not start: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         raise SystemExit(RAY_START_FAILED) from None
-    start(settings, replicas, host, port, cpus_per_replica)
-    # after ray.init, which installs handlers of its own: SIGTERM and Ctrl-C stop Serve and Ray
+    # ray.init installs a SIGTERM handler that exits at once (status 15) without stopping Serve; ours
+    # goes in before the replicas start, so that a stop while they start shuts them down too
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.default_int_handler)
-    print(f"serving {settings.served_name} on http://{host}:{port}/v1 with {replicas} Ray Serve replicas",
-          flush=True)
     try:
+        start(settings, replicas, host, port, cpus_per_replica)
+        print(f"serving {settings.served_name} on http://{host}:{port}/v1 with {replicas} Ray Serve replicas",
+              flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

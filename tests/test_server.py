@@ -367,6 +367,43 @@ def test_ray_replicas_spread_and_equal_the_single_process(tiny_artifact, workdir
     assert rc == 0, srv.output()[-3000:]
 
 
+def test_a_stop_while_ray_replicas_start_shuts_serve_down(monkeypatch):
+    """CI once sent SIGTERM while `serve.run` was still waiting on replicas that already answered: Ray's own
+    handler (`sys.exit(15)`, installed by ray.init) ran, and Serve was never shut down. Here init_ray
+    installs a handler like Ray's and the replicas' start is interrupted by the SIGTERM."""
+    import os
+    import sys
+    from types import SimpleNamespace
+
+    from qwen2vl_edge.runtime import artifact
+    from qwen2vl_edge.server import ray_serve
+
+    calls = []
+
+    def init_ray(address):
+        calls.append("init")
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # what ray.init installs
+
+    def start(*args):
+        calls.append("start")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # Python runs the handler here, between bytecodes
+        calls.append("started")
+
+    monkeypatch.setattr(artifact, "load_artifact", lambda *args, **kwargs: None)
+    monkeypatch.setattr(ray_serve, "init_ray", init_ray)
+    monkeypatch.setattr(ray_serve, "start", start)
+    monkeypatch.setattr(ray_serve, "stop", lambda: calls.append("stop"))
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    settings = SimpleNamespace(artifact="unused", backend="onnxruntime", served_name="unused")
+    try:
+        ray_serve.run_forever(settings, replicas=2, host="127.0.0.1", port=0, address=None, cpus_per_replica=1.0)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert calls == ["init", "start", "stop"]
+
+
 def test_the_batcher_posts_pieces_to_streamed_jobs_only(pipe):
     """A non-streamed job's client waits for the whole reply: the worker posts it the result alone."""
     import asyncio
