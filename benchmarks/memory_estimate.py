@@ -2,7 +2,8 @@
 
 Each request runs in a fresh child process: load the pipeline, one small warm-up request (weights
 touched, the arena made), then the request; the measure is how far the resident set rose above its
-level before the request, at its peak (VmHWM, reset through /proc/self/clear_refs; Linux only).
+level before the request, at its peak (VmHWM, reset through /proc/self/clear_refs; Linux only), and how
+much of that it still holds once the request has returned.
 
     python -m qwen2vl_edge.benchmarks.memory_estimate ARTIFACT [--image WxH] [--words N] [--new N] [--threads N]
 """
@@ -41,9 +42,9 @@ CHILD = textwrap.dedent("""
         raise SystemExit("cannot reset the peak RSS (/proc/self/clear_refs needs Linux >= 4.0)")
     before = rss_bytes()
     pipe.generate(conv, max_new_tokens=new, min_new_tokens=new)
-    grown = peak_rss_bytes() - before
+    grown, retained = peak_rss_bytes() - before, rss_bytes() - before
     print(json.dumps({"prompt_tokens": prompt, "estimate": est.peak, "stage": est.stage, "stages": est.stages,
-                      "measured": grown}))
+                      "measured": grown, "retained": retained}))
 """)
 
 
@@ -68,7 +69,8 @@ def main(argv=None) -> None:
     width, height = (int(x) for x in args.image.split("x")) if args.image else (0, 0)
     r = measure(args.artifact, width, height, args.words, args.new, args.threads)
     print(f"prompt {r['prompt_tokens']} tokens: estimate {r['estimate'] / 1e6:.0f} MB ({r['stage']}), "
-          f"measured peak RSS growth {r['measured'] / 1e6:.0f} MB, ratio {r['estimate'] / max(r['measured'], 1):.2f}")
+          f"measured peak RSS growth {r['measured'] / 1e6:.0f} MB, ratio {r['estimate'] / max(r['measured'], 1):.2f}; "
+          f"held after the request {r['retained'] / 1e6:.0f} MB")
 
 
 if __name__ == "__main__":

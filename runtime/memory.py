@@ -116,7 +116,8 @@ def vision_bytes(cfg: ModelConfig, target: str, grid: tuple[int, int, int]) -> i
 def prefill_bytes(cfg: ModelConfig, export: dict, req: RequestShape, chunk: int | None = None) -> int:
     """The decoder's run over the prompt, besides the cache: scores, mask bias, activations, logits. The prompt
     runs `chunk` positions at a time (generation.prefill_chunks; None: all at once): what a run holds scales
-    with its C positions against the T it attends to."""
+    with its C positions against the T it attends to. Each run hands its arena's free regions back when it ends
+    (backends/onnxruntime.py), so a chunk does not find the previous one's smaller buffers still held."""
     t, B, T = cfg.text, req.batch, req.prompt_len
     C = min(T, chunk or T)
     kind = _attention(export.get("target", "portable"), "decoder")
@@ -124,8 +125,6 @@ def prefill_bytes(cfg: ModelConfig, export: dict, req: RequestShape, chunk: int 
     mask = B * C * T * 1.25 + C * T / 4  # fp32 bias [B, (1,) 1, C, T] and its bool masks
     if kind == FUSED:  # GroupQueryAttention's probabilities, [C, T] at a time (tiny ort-cpu, 4,359 tokens in
         mask += B * C * T  # chunks of 2,048: 70 MB measured, 65 estimated without them)
-    if C < T:  # the arena keeps the previous chunk's [C, T'] buffers, too small for the next chunk's T
-        scores, mask = 2 * scores, 2 * mask
     widths = DECODER_WIDTHS * t.hidden_size + DECODER_MLP_WIDTHS * t.intermediate_size
     logits = B * (C if export.get("logits") == "all" else 1) * t.vocab_size
     return int(F32 * (scores + mask + B * C * widths + logits))

@@ -91,6 +91,17 @@ def _bounded_activations(opts) -> None:
     opts.enable_mem_reuse = False
 
 
+def _prefill_run_options(ort):
+    """Run options for the decoder's runs over many positions (prefill, its chunks, a session's next turn): the
+    CPU arena hands its free regions back to the system when the run ends. Without it the arena keeps its
+    largest size for the life of the process and grows again over fragments: the 2B int4 export, 6,409-token
+    prompts, held 3.2 GB of RSS after the first request and 4.7 GB after the second and third, 2.5 GB with it,
+    at the same speed (README, "What a request leaves behind"). Decode steps allocate little and keep it."""
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return options
+
+
 def _check_graphs_are_the_manifests(artifact: Artifact, sessions: dict) -> None:
     """A graph file swapped for another (verify=False lets that through) is refused before it runs."""
     for name, session in sessions.items():
@@ -162,6 +173,7 @@ class OrtBackend:
         options = lambda bounded=False: session_options(  # noqa: E731
             ort, num_threads, shared_arena, session_config, bounded)
         self._ort = ort
+        self._prefill_run = _prefill_run_options(ort) if self.device == "cpu" else None
         self.graph_seconds = 0.0  # inside session runs; the loop reports the rest as per-step overhead
         cache = None if session_cache is None else session_cache_dir(session_cache, artifact, ort.__version__)
         try:
@@ -306,7 +318,7 @@ class OrtBackend:
             else:
                 binding.bind_output(name, self.device)
         t0 = time.perf_counter()
-        self.sessions["decoder"].run_with_iobinding(binding)
+        self.sessions["decoder"].run_with_iobinding(binding, self._prefill_run if inputs_embeds.shape[1] > 1 else None)
         self.graph_seconds += time.perf_counter() - t0
         outputs = dict(zip(self.output_names, binding.get_outputs()))
         if self.preallocated:
