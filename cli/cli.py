@@ -215,12 +215,15 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.max_sessions < 0:
         raise UsageError(f"--max-sessions must be 0 (keep none) or more, got {args.max_sessions}")
+    if args.max_session_mb < 0:
+        raise UsageError(f"--max-session-mb must be 0 (no bound) or more, got {args.max_session_mb}")
     limits = Limits(max_body_bytes=args.max_body_mb * 2**20, max_image_bytes=args.max_image_mb * 2**20,
                     max_image_pixels=args.max_image_pixels, default_max_tokens=args.default_max_tokens,
                     max_queue=args.max_queue)
     settings = ServerSettings(artifact=Path(args.artifact), backend=args.backend, threads=args.threads,
                               session_cache=args.session_cache, verify=not args.no_verify, model_name=args.model_name,
-                              max_batch=args.max_batch, max_sessions=args.max_sessions, api_key=args.api_key,
+                              max_batch=args.max_batch, max_sessions=args.max_sessions,
+                              max_session_bytes=args.max_session_mb * 2**20 or None, api_key=args.api_key,
                               allowed_media_dir=Path(args.allowed_media_dir) if args.allowed_media_dir else None,
                               limits=limits)
     if args.ray:
@@ -263,6 +266,9 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--max-sessions", type=int, default=8,
                    help="chat sessions kept, each with its KV cache, so that a request continuing a conversation "
                         "prefills only its new message; 0 keeps none")
+    p.add_argument("--max-session-mb", type=int, default=2048,
+                   help="what the kept sessions' KV caches may hold in all (MiB; the least recently used go "
+                        "first); 0: no bound but --max-sessions")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
     p.add_argument("--allowed-media-dir", help="accept local image/video paths under this folder only")
     p.add_argument("--max-body-mb", type=int, default=32)

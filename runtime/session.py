@@ -109,6 +109,11 @@ class ChatSession:
         return self._ids + self._pending
 
     @property
+    def cache_bytes(self) -> int:
+        """Memory the KV cache holds now, room reserved for later tokens included (0 before the first turn)."""
+        return 0 if self.cache is None else self.pipe.backend.cache_bytes(self.cache)
+
+    @property
     def context(self) -> int:
         return self.pipe.artifact.config.text.max_position_embeddings
 

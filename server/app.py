@@ -162,7 +162,7 @@ def create_app(settings: ServerSettings, pipe: Qwen2VLPipeline | None = None) ->
         loaded = pipe or await run_in_threadpool(load_pipeline, settings)
         app.state.pipe = loaded
         app.state.batcher = Batcher(loaded, settings.max_batch, settings.limits.max_queue, settings.batch_wait_s,
-                                    metrics, settings.max_sessions)
+                                    metrics, settings.max_sessions, settings.max_session_bytes)
         app.state.replica = f"{socket.gethostname()}:{os.getpid()}"
         yield
         await run_in_threadpool(app.state.batcher.close)

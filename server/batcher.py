@@ -62,10 +62,10 @@ class Job:
 
 class Batcher:
     def __init__(self, pipe, max_batch: int, max_queue: int, batch_wait_s: float, metrics: Metrics,
-                 max_sessions: int = 0):
+                 max_sessions: int = 0, max_session_bytes: int | None = None):
         self.pipe, self.max_batch, self.max_queue, self.batch_wait_s = pipe, max_batch, max_queue, batch_wait_s
         self.metrics = metrics
-        self.sessions = SessionStore(max_sessions)
+        self.sessions = SessionStore(max_sessions, max_session_bytes)
         self._queue: deque[Job] = deque()
         self._ready = threading.Condition()
         self._closing = False
@@ -128,6 +128,7 @@ class Batcher:
                 self.metrics.batch_size.observe(len(batch))
                 self._run(batch, kept)
             self.metrics.kept_sessions.set(len(self.sessions))
+            self.metrics.kept_session_bytes.set(self.sessions.nbytes)
 
     def _run(self, batch: list[Job], kept: Kept | None = None) -> None:
         try:
@@ -181,7 +182,7 @@ class Batcher:
         after = conversation + [{"role": "assistant", "content": result.text}]
         key = conversation_key(after)
         if key is not None and encodes_as(self.pipe, kept.messages, after, kept.session.token_ids[cached:]):
-            self.sessions.keep(key, Kept(kept.session, after))
+            self.sessions.keep(key, Kept(kept.session, after, kept.session.cache_bytes))
 
     def _generate(self, batch: list[Job], steps) -> list | None:
         """Run `steps` (a batch's, or a session turn's), posting to each row's job -> the results, or None

@@ -27,6 +27,8 @@ class Metrics:
                                             "KV cache instead of being prefilled", registry=r)
         self.kept_sessions = Gauge("qwen2vl_kept_sessions", "chat sessions kept for a follow-up request",
                                    registry=r)
+        self.kept_session_bytes = Gauge("qwen2vl_kept_session_bytes", "memory the kept sessions' KV caches hold",
+                                        registry=r)
         self.batch_size = Histogram("qwen2vl_batch_size", "requests per batch run",
                                     buckets=(1, 2, 4, 8, 16, 32), registry=r)
 

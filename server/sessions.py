@@ -81,18 +81,24 @@ def encodes_as(pipe, before: list[dict], after: list[dict], ids: list[int]) -> b
 class Kept:
     session: Any  # ChatSession, used by one job at a time: taken out of the store while it runs
     messages: list[dict]  # the conversation its cache holds, as the client sends it back
+    nbytes: int = 0  # what its KV cache holds (ChatSession.cache_bytes when it was kept)
 
 
 class SessionStore:
-    """At most `capacity` kept sessions, least recently used evicted first (each holds its KV cache). Used by
-    the batcher's worker thread only."""
+    """At most `capacity` kept sessions whose KV caches hold at most `max_bytes` in all (None: no bound), least
+    recently used evicted first; a session whose cache alone is over `max_bytes` is not kept. Used by the
+    batcher's worker thread only."""
 
-    def __init__(self, capacity: int):
-        self.capacity = capacity
+    def __init__(self, capacity: int, max_bytes: int | None = None):
+        self.capacity, self.max_bytes = capacity, max_bytes
         self._kept: OrderedDict[str, Kept] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._kept)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(kept.nbytes for kept in self._kept.values())
 
     def holds(self, key: str | None) -> bool:
         return key is not None and key in self._kept
@@ -107,8 +113,8 @@ class SessionStore:
         return count
 
     def keep(self, key: str, kept: Kept) -> None:
-        if self.capacity <= 0:
+        if self.capacity <= 0 or (self.max_bytes is not None and kept.nbytes > self.max_bytes):
             return
         self._kept[key] = kept
-        while len(self._kept) > self.capacity:
+        while len(self._kept) > self.capacity or (self.max_bytes is not None and self.nbytes > self.max_bytes):
             self._kept.popitem(last=False)

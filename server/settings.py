@@ -27,6 +27,7 @@ class ServerSettings:
     max_batch: int = 8
     batch_wait_s: float = 0.005  # how long the first request of a batch waits for others to join
     max_sessions: int = 8  # chat sessions kept for follow-up requests (each holds its KV cache); 0: none
+    max_session_bytes: int | None = 2 * 2**30  # what their KV caches may hold in all; None: no bound
     api_key: str | None = None
     allowed_media_dir: Path | None = None  # local image/video paths are refused unless under this folder
     limits: Limits = Limits()

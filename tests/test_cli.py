@@ -107,8 +107,9 @@ def test_contradicting_flags_are_usage_errors():
     ]:
         result = cli("run", "/nowhere", *flags)  # refused before any artifact is read
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, flags
-    result = cli("serve", "/nowhere", "--max-sessions", "-1")
-    assert result.returncode == 2 and "--max-sessions must be 0" in result.stderr, result.stderr
+    for flag in ("--max-sessions", "--max-session-mb"):
+        result = cli("serve", "/nowhere", flag, "-1")
+        assert result.returncode == 2 and f"{flag} must be 0" in result.stderr, result.stderr
 
 
 def test_bad_threads_and_unexpected_errors(tiny_artifact):

@@ -473,6 +473,42 @@ def test_kept_sessions_are_dropped_before_a_request_is_refused_for_memory(pipe, 
         batcher.close()
 
 
+def test_kept_sessions_are_bounded_by_the_bytes_of_their_caches(pipe, images):
+    """The batcher keeps a session with what its KV cache holds; a bound below that keeps none."""
+    import asyncio
+
+    from qwen2vl_edge.runtime.generation import GenerationOptions
+    from qwen2vl_edge.server.batcher import Batcher, Job
+    from qwen2vl_edge.server.metrics import Metrics
+    from qwen2vl_edge.server.sessions import job_keys
+
+    conversation = [SYSTEM, {"role": "user", "content": [{"type": "image", "image": Image.open(images["c"])},
+                                                         {"type": "text", "text": "Describe it."}]}]
+
+    def kept(max_session_bytes):
+        async def answer():
+            prefix_key, starts = job_keys(conversation)
+            job = Job(conversation, GenerationOptions(max_new_tokens=MAX_TOKENS), asyncio.get_running_loop(),
+                      stream=False, prefix_key=prefix_key, starts=starts)
+            batcher.submit(job)
+            return await job.events.get()
+
+        metrics = Metrics()
+        batcher = Batcher(pipe, 8, 8, 0.0, metrics, max_sessions=4, max_session_bytes=max_session_bytes)
+        try:
+            kind, _ = asyncio.run(answer())
+        finally:
+            batcher.close()  # after the worker has kept the session (it does once it has posted the result)
+        assert kind == "done"
+        sessions = [k.session for k in batcher.sessions._kept.values()]
+        return sessions, batcher.sessions.nbytes, metric(metrics.exposition().decode(), "qwen2vl_kept_session_bytes")
+
+    sessions, nbytes, gauge = kept(None)
+    assert len(sessions) == 1 and nbytes == sessions[0].cache_bytes > 0 and gauge == nbytes
+    sessions, nbytes, gauge = kept(nbytes - 1)
+    assert sessions == [] and nbytes == gauge == 0
+
+
 # -- kept sessions: a request that continues a conversation reuses its KV cache ------------------------------
 
 

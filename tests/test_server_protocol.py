@@ -126,3 +126,9 @@ def test_session_store_evicts_the_least_recently_kept():
     none = SessionStore(0)
     none.keep("a", Kept("a", []))
     assert len(none) == 0
+    by_bytes = SessionStore(8, max_bytes=100)
+    for key, nbytes in (("a", 60), ("b", 30), ("c", 40)):
+        by_bytes.keep(key, Kept(key, [], nbytes))
+    assert not by_bytes.holds("a") and by_bytes.holds("b") and by_bytes.holds("c") and by_bytes.nbytes == 70
+    by_bytes.keep("huge", Kept("huge", [], 101))  # over the bound alone: not kept, and evicts nothing
+    assert not by_bytes.holds("huge") and len(by_bytes) == 2

@@ -111,6 +111,28 @@ def test_session_turns_match_transformers(tiny_ckpt, pipe, pipe_ort, turns, cach
     np.testing.assert_array_equal(ours, ref_pos.numpy()[:, 0, :ours.shape[1]])
 
 
+@pytest.mark.parametrize("cache_kind", ["growing", "preallocated"])
+def test_cache_bytes_are_what_the_cache_holds(pipe, pipe_ort, cache_kind):
+    """What the server bounds its kept sessions by: a growing cache holds its positions, a preallocated one the
+    room it reserved (prompt + max_new_tokens, doubled as the conversation outgrows it)."""
+    from qwen2vl_edge.runtime.backends.trt_memory import kv_cache_bytes
+    from qwen2vl_edge.runtime.backends.trt_profiles import PREALLOCATED
+
+    p = pipe if cache_kind == "growing" else pipe_ort
+    per_position = kv_cache_bytes(p.artifact.config, 1, 1, p.backend.kv_dtype.name, PREALLOCATED)  # K, V; all layers
+    session = p.chat(max_new_tokens=N, min_new_tokens=N)
+    assert session.cache_bytes == 0
+    expected = []
+    for question in ("Hello there!", "Tell me a story about the sea, please."):
+        result = session.send(question)
+        if cache_kind == "growing":  # the ids in the cache: all but the reply's last id and the end of turn
+            expected.append((len(session.token_ids) - 3) * per_position)
+        else:  # room for the prompt and max_new_tokens; the second turn outgrows it and doubles it
+            room = result.usage["prompt_tokens"] + N
+            expected.append(max(room, 2 * expected[-1] // per_position if expected else 0) * per_position)
+        assert session.cache_bytes == expected[-1]
+
+
 def _small_context(p, tokens):
     """The same graphs behind a model card that claims a `tokens`-long context."""
     from dataclasses import replace

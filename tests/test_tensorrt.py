@@ -361,6 +361,10 @@ def _two_turn_chat(pipe) -> list[list[int]]:
     # the cache held the first turn and its reply but the last id, which went in with the follow-up
     assert second.usage["cached_prompt_tokens"] == first.usage["prompt_tokens"] + len(first.token_ids) - 1
     assert len(set(second.token_ids)) >= 5  # varied tokens: agreement is not by accident
+    if pipe.backend.name == "tensorrt":  # the device memory the kept cache holds, by the memory plan's formula
+        b = pipe.backend
+        assert session.cache_bytes == kv_cache_bytes(pipe.artifact.config, 1, session.cache.capacity, b.kv_dtype,
+                                                     b.kv_cache) > 0
     return [first.token_ids, second.token_ids]
 
 

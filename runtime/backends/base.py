@@ -35,6 +35,9 @@ class Backend(Protocol):
         """The cache (holding P positions) with room for `positions` in all, for a chat session's next turn
         (P + new tokens + max_new_tokens); backends whose cache grows by itself return it unchanged."""
 
+    def cache_bytes(self, cache: Any) -> int:
+        """Memory the cache holds (host or device, where the backend keeps it), its unused room included."""
+
     def decode(self, inputs_embeds: Any, attention_mask: np.ndarray, position_ids: np.ndarray,
                cache: Any) -> tuple[np.ndarray, Any]:
         """One decoder run over L new positions after the P the cache holds (P = 0: prefill; L = 1: a decode

@@ -287,6 +287,11 @@ class OrtBackend:
             return cache
         return self._room(cache, positions, capacity=max(positions, min(2 * cache.capacity, self.max_positions)))
 
+    def cache_bytes(self, cache: OrtCache) -> int:
+        if cache.buffers:
+            return sum(buf.nbytes for buf in cache.buffers.values())
+        return sum(int(np.prod(value.shape())) for value in cache.values.values()) * self.kv_dtype.itemsize
+
     def _room(self, cache: OrtCache, total: int, capacity: int | None = None) -> OrtCache:
         """The cache with capacity for `total` positions: `capacity`, else the request's reserve, doubled when
         outgrown."""

@@ -286,6 +286,9 @@ class TrtBackend:
                 new.copy_from(old, rows * cache.length * t.head_dim * item, self.stream)
         return TrtCache(grown, cache.length, cache.batch, 0)
 
+    def cache_bytes(self, cache: TrtCache) -> int:
+        return sum(buf.nbytes for buffers in cache.kv.sets for buf in buffers.values())
+
     def reserve(self, cache: TrtCache, positions: int) -> TrtCache:
         """A chat session's next turn: the cache with room for `positions` in all (doubled, up to the engines'
         max context, when outgrown, so a growing session copies its cache O(log n) times)."""
