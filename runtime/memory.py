@@ -311,8 +311,14 @@ def give_back() -> None:
     A KV cache's per-layer buffers (a few MB each) come from malloc's heap, which keeps freed pages: dropping
     a 2B session with a 3,037-position cache gave back nothing, then 290 MB of RSS after malloc_trim."""
     gc.collect()  # a session and its cache may sit in a reference cycle
+    trim()
+
+
+def trim() -> None:
+    """Hand the free pages of malloc's heap back to the system (glibc; other C libraries keep theirs). Measured
+    on the 2B int4 export (2 threads): 5-10 ms after a request of 200-6,400 tokens, under 1 ms after another."""
     try:
-        ctypes.CDLL(None).malloc_trim(0)  # glibc; other C libraries keep their pages
+        ctypes.CDLL(None).malloc_trim(0)
     except (AttributeError, OSError):
         pass
 

@@ -218,8 +218,8 @@ def test_pipeline_refuses_a_prompt_at_the_context_limit(pipe, only_the_limit):
 # Measured 2026-11-26 (2-core AMD EPYC, shared; onnxruntime 1.32), estimate / measured peak RSS growth: 1.77
 # (image 1200x900, vision), 1.22 (4,359-token prompt, portable prefill in chunks of 2,048), 2.08 (13,049 tokens
 # on ort-cpu), 1.47 for an 896x896 image at Qwen2-VL-2B's vision widths (README). The asserted band leaves room
-# on both sides. Held after the request: 0.11-0.27 of the peak growth with the arena shrunk after each prefill
-# run, all of it without (the arena kept its peak).
+# on both sides. Held after the request: 0.00-0.06 of the peak growth with the arena shrunk after each prefill
+# run and malloc's heap trimmed after the request, 0.11-0.27 without the trim, all of it without either.
 FACTOR = 2.5
 
 
@@ -238,7 +238,7 @@ def test_estimate_bounds_the_measured_peak_and_the_request_gives_it_back(request
     assert r["measured"] <= r["estimate"] <= FACTOR * r["measured"]
     # a served process would otherwise keep every request's peak for good (2B: 3.1 GB after a 6,409-token prompt,
     # 4.7 GB after the next one), and MemAvailable would refuse the next request for memory the arena holds idle
-    assert r["retained"] < r["measured"] / 2, f"held {r['retained'] / 1e6:.0f} MB after the request returned"
+    assert r["retained"] < r["measured"] / 10, f"held {r['retained'] / 1e6:.0f} MB after the request returned"
 
 
 def test_weights_above_the_memory_limit_fail_at_load(tiny_artifact):
