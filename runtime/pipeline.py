@@ -224,12 +224,16 @@ class Qwen2VLPipeline:
         results = [self._result(ids, reason, opts, dict(final), meta[b],
                                 {"prompt_tokens": int(mask[b].sum())}, skip_special_tokens)
                    for b, (ids, reason) in enumerate(zip(state.generated, state.reasons))]
-        if memory.host_backend(self.backend):
-            # malloc's heap keeps the pages of the request's KV cache and prompt arrays once they are freed (2B
-            # int4, 6,409-token prompt: 0.6 GB of RSS, which MemAvailable would count against the next request)
-            del state, inputs, embeds, mask
-            memory.trim()
+        del state, inputs, embeds, mask  # the KV cache and the prompt's arrays, freed before the heap is trimmed
+        self.trim()
         return results
+
+    def trim(self) -> None:
+        """After a generation on the CPU: malloc's heap keeps the pages of a request's freed KV cache and prompt
+        arrays (2B int4, 6,409-token prompt: 0.6 GB of RSS, which MemAvailable would count against the next
+        request); hand them back."""
+        if memory.host_backend(self.backend):
+            memory.trim()
 
     def decoder(self, skip_special_tokens: bool = True) -> Callable[[list[int]], str]:
         """ids -> the text a reply shows: stop strings are looked for, and streams cut, in this text."""

@@ -283,6 +283,7 @@ class ChatSession:
         except BaseException:
             self._stale = True
             raise
+        self.pipe.trim()  # the frames' pixels and features, freed
         self._entries.append(_Entry(message, len(seg["ids"])))
         return {"prompt_tokens": len(turn.ids), "cached_prompt_tokens": cached,
                 "timings": {"preprocess": t1 - t0, **timings}, "video_timestamps": seg["video_timestamps"]}
@@ -347,4 +348,6 @@ class ChatSession:
         self._entries.append(_Entry({"role": "assistant", "content": self.pipe.processor.decode(reply)},
                                     len(reply) + len(end_of_turn), reply))
         self.last_result = result
+        del inputs, embeds, state  # the turn's arrays (the cache is the session's now), freed before the trim
+        self.pipe.trim()
         return [result]
