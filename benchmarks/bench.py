@@ -9,16 +9,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 from qwen2vl_edge.export.vocab import cache_dir
 from qwen2vl_edge.runtime.config import load_config
 
 from . import host_loop, machine, peers, report, roofline, scenarios
+from .launch import run_worker
 from .models import model_dirs
 
 SYSTEMS = {  # name -> (kind, artifact variant, weight format read per decode token, ORT session cache)
@@ -51,20 +48,6 @@ def _dir_bytes(path: Path, pattern: str) -> int:
     return sum(p.stat().st_size for p in path.glob(pattern) if p.is_file())
 
 
-def _run_worker(spec: dict, threads: int, command: list[str] | None = None) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
-               MKL_NUM_THREADS=str(threads))
-    with tempfile.TemporaryDirectory() as tmp:
-        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
-        spec["spawned_at"] = time.time()
-        spec_path.write_text(json.dumps(spec))
-        command = command or [sys.executable, "-m", "qwen2vl_edge.benchmarks.worker"]
-        proc = subprocess.run([*command, str(spec_path), str(out_path)], env=env)
-        if proc.returncode != 0:
-            raise RuntimeError(f"benchmark worker for {spec['system']} failed (exit {proc.returncode})")
-        return json.loads(out_path.read_text())
-
-
 def _host_loop(ckpt: Path) -> dict:
     """The sampled loop's time per step outside the graphs, on synthetic logits at the real vocabulary: one
     number for every `ours` system, since they share the loop."""
@@ -92,7 +75,7 @@ def _decode_spread(spec: dict, threads: int, processes: int) -> dict | None:
     from .decode_spread import spread
 
     spec = dict(spec, only="text_only")
-    return spread([_run_worker(spec, threads)["scenario"]["decode_tok_s"]["median"] for _ in range(processes)])
+    return spread([run_worker(spec, threads)["scenario"]["decode_tok_s"]["median"] for _ in range(processes)])
 
 
 def run_bench(model: str = "tiny", systems: str = DEFAULT_SYSTEMS, layers: int | None = None, threads: int = 2,
@@ -135,8 +118,8 @@ def run_bench(model: str = "tiny", systems: str = DEFAULT_SYSTEMS, layers: int |
             root = os.environ.get("QWEN2VL_EDGE_SESSION_CACHE", cache_dir() / "bench" / "session-cache")
             spec["session_cache"] = str(Path(root) / name)
             shutil.rmtree(spec["session_cache"], ignore_errors=True)
-            first_start = _run_worker(dict(spec, prepare=True), threads)["cold_start_ready_s"]
-        r = _run_worker(spec, threads)
+            first_start = run_worker(dict(spec, prepare=True), threads)["cold_start_ready_s"]
+        r = run_worker(spec, threads)
         r["first_start_ready_s"] = first_start  # the start that wrote the session cache
         r["decode_tok_s_processes"] = _decode_spread(spec, threads, decode_processes)
         r["decoder_block_size"] = _decoder_block(artifacts.get(variant)) if kind == "ours" else None
@@ -148,7 +131,7 @@ def run_bench(model: str = "tiny", systems: str = DEFAULT_SYSTEMS, layers: int |
 
 def _run_peer(name: str, spec: dict, ckpt: Path, root: Path, threads: int) -> dict:
     model = peers.model_dir(name, ckpt, root)
-    r = _run_worker(dict(spec, model_dir=str(model)), threads, peers.worker_command(name, root))
+    r = run_worker(dict(spec, model_dir=str(model)), threads, peers.worker_command(name, root))
     r["first_start_ready_s"] = None  # no cache written: every start is a first start
     r["weights_on_disk_bytes"] = peers.weights_on_disk_bytes(model)
     r["conversion"] = peers.CONVERSION[name]

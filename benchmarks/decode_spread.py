@@ -24,7 +24,7 @@ from pathlib import Path
 from qwen2vl_edge.export.vocab import cache_dir
 
 from . import scenarios
-from .bench import _run_worker
+from .launch import run_worker
 
 MEASURES = ("ttft", "decode_tok_s", "peak_rss_bytes")
 
@@ -49,7 +49,7 @@ def run(variants: dict[str, tuple[Path, dict]], scenario: str, processes: int, t
             spec = {"system": f"ours-{name}", "artifact": str(artifact), "backend": "onnxruntime",
                     "threads": threads, "new_tokens": new_tokens, "repeats": repeats, "only": scenario,
                     "scenarios": {scenario: conv}, "session_config": config or None, "session_cache": session_cache}
-            got = _run_worker(spec, threads)["scenario"]
+            got = run_worker(spec, threads)["scenario"]
             for m in MEASURES:
                 per[name][m].append(got[m] if m == "peak_rss_bytes" else got[m]["median"])
             d = got["decode_tok_s"]

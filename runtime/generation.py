@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -17,8 +17,44 @@ from . import checks
 from .backends.base import Backend
 from .detokenize import IncrementalText
 from .errors import ArtifactError, InputError
+from .grounding import Box
 from .rope import decode_positions
 from .sampling import SamplingOptions, choose
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # generated tokens only, not the prompt
+    finish_reason: str  # "stop" | "length"
+    timings: dict[str, float]  # seconds
+    usage: dict[str, int]
+    boxes: list[Box] = field(default_factory=list)  # grounding boxes in the pixels of the original image
+    video_timestamps: list[list[float]] = field(default_factory=list)  # per video: sampled frames' seconds
+    #                                                                     (files only; [] for a list of frames)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def drain(steps):
+    """Run a generator to its end and return its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+GENERATION_KWARGS = ("min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "seed",
+                     "stop")
+
+
+def generation_kwargs(caller: str, kwargs: dict) -> dict:
+    unknown = set(kwargs) - set(GENERATION_KWARGS)
+    if unknown:
+        raise TypeError(f"{caller}() got unexpected arguments: {', '.join(sorted(unknown))}")
+    return kwargs
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -16,48 +15,14 @@ from .artifact import Artifact, load_artifact
 from .backends import BACKENDS, create_backend
 from .detokenize import safe_piece
 from .errors import ConfigError, InputError
-from .generation import GenerationOptions, StepTimes, checkpoint_sampling, run, sampling_options, stop_strings
-from .grounding import Box, parse_boxes
+from .generation import (GenerationOptions, GenerationResult, StepTimes, checkpoint_sampling, drain, generation_kwargs,
+                         run, sampling_options, stop_strings)
+from .grounding import parse_boxes
 from .processor import Processor, is_batch
 from .rope import IMAGE, VIDEO, runs, token_types, vision_rotary
 
 if TYPE_CHECKING:
     from .session import ChatSession
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    token_ids: list[int]  # generated tokens only, not the prompt
-    finish_reason: str  # "stop" | "length"
-    timings: dict[str, float]  # seconds
-    usage: dict[str, int]
-    boxes: list[Box] = field(default_factory=list)  # grounding boxes in the pixels of the original image
-    video_timestamps: list[list[float]] = field(default_factory=list)  # per video: sampled frames' seconds
-    #                                                                     (files only; [] for a list of frames)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _drain(steps):
-    """Run a generator to its end and return its return value."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
-
-
-GENERATION_KWARGS = ("min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "seed",
-                     "stop")
-
-
-def _generation_kwargs(caller: str, kwargs: dict) -> dict:
-    unknown = set(kwargs) - set(GENERATION_KWARGS)
-    if unknown:
-        raise TypeError(f"{caller}() got unexpected arguments: {', '.join(sorted(unknown))}")
-    return kwargs
 
 
 def _cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
@@ -270,7 +235,7 @@ class Qwen2VLPipeline:
         fields left None take generation_config.json's values, as transformers does."""
         opts = self._options(max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
                              repetition_penalty, seed, stop)
-        results = _drain(self._steps(conversations, opts, add_vision_id, skip_special_tokens))
+        results = drain(self._steps(conversations, opts, add_vision_id, skip_special_tokens))
         return results if is_batch(conversations) else results[0]
 
     def stream(self, conversation, max_new_tokens: int = 128, *, add_vision_id: bool = False,
@@ -279,7 +244,7 @@ class Qwen2VLPipeline:
         splits a UTF-8 character, nor shows the start of a stop string before it is known not to be one."""
         if is_batch(conversation):
             raise InputError("stream() takes one conversation; use generate() for a batch")
-        opts = self._options(max_new_tokens, **_generation_kwargs("stream", kwargs))
+        opts = self._options(max_new_tokens, **generation_kwargs("stream", kwargs))
         results = yield from self.stream_steps(self._steps(conversation, opts, add_vision_id, skip_special_tokens),
                                                opts)
         self.last_result = results[0]  # timings and usage of the streamed reply

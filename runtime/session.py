@@ -20,8 +20,7 @@ import numpy as np
 
 from . import chat
 from .errors import InputError
-from .generation import GenerationOptions, StepTimes, prefill, run
-from .pipeline import GenerationResult, _drain, _generation_kwargs
+from .generation import GenerationOptions, GenerationResult, StepTimes, drain, generation_kwargs, prefill, run
 
 if TYPE_CHECKING:
     from .pipeline import Qwen2VLPipeline
@@ -81,7 +80,7 @@ class ChatSession:
         self.defaults = dict(generation_defaults)
         self.max_new_tokens = self.defaults.pop("max_new_tokens", 128)
         self.skip_special_tokens = self.defaults.pop("skip_special_tokens", True)
-        pipe._options(self.max_new_tokens, **_generation_kwargs("chat", self.defaults))  # refused now, not later
+        pipe._options(self.max_new_tokens, **generation_kwargs("chat", self.defaults))  # refused now, not later
         self.pipe, self.system, self.overflow, self.add_vision_id = pipe, system, overflow, add_vision_id
         self.last_result: GenerationResult | None = None
         self.reset()
@@ -291,7 +290,7 @@ class ChatSession:
     def send(self, content: Any, max_new_tokens: int | None = None, **gen) -> GenerationResult:
         """A user message -> the reply; both stay in the cache."""
         opts, skip = self._options(max_new_tokens, gen)
-        return _drain(self._reply_steps(content, opts, skip))[0]
+        return drain(self._reply_steps(content, opts, skip))[0]
 
     def stream(self, content: Any, max_new_tokens: int | None = None, **gen) -> Iterator[str]:
         """Text pieces of the reply; the whole result is then `last_result`."""
@@ -309,7 +308,7 @@ class ChatSession:
         """The call's options over the session's (given to pipe.chat), over the checkpoint's."""
         skip = gen.pop("skip_special_tokens", self.skip_special_tokens)
         opts = self.pipe._options(self.max_new_tokens if max_new_tokens is None else max_new_tokens,
-                                  **{**self.defaults, **{k: v for k, v in _generation_kwargs("send", gen).items()
+                                  **{**self.defaults, **{k: v for k, v in generation_kwargs("send", gen).items()
                                                          if v is not None}})
         return opts, skip
 
