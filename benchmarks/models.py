@@ -36,7 +36,8 @@ VARIANTS = {
     "trt-fp16": {"target": "tensorrt", "precision": "fp16"},
     "trt-int4": {"target": "tensorrt", "precision": "fp16", "weights": "int4"},
     "trt-fp16-10.15": {"target": "tensorrt", "precision": "fp16", "min_tensorrt": "10.15"},
-    "trt-fp32-10.15": {"target": "tensorrt", "precision": "fp32", "min_tensorrt": "10.15"},  # needs fused fp32 IAttention
+    # gpu-check: its attention must fuse (TensorRT's IAttention is not decomposable by default)
+    "trt-fp32-10.15": {"target": "tensorrt", "precision": "fp32", "min_tensorrt": "10.15"},
 }
 
 

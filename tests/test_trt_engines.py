@@ -4,6 +4,7 @@ writes, the pinned staging of each decode step's inputs, and the vision features
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import sys
@@ -109,6 +110,8 @@ def test_build_holds_one_engine_at_a_time_and_copies_no_plan(tiny_trt, fakes, tm
 
     monkeypatch.setattr(trt_build, "write_plan", recorded_write)
     art = _copy(tiny_trt, tmp_path / "art")
+    for module in ("onnx", "onnxruntime"):  # the fake imports them lazily: not inside the measured window
+        importlib.import_module(module)
     tracemalloc.start()
     try:
         trt_build.build_trt(art, limits=SMALL, timing_cache=tmp_path / "timing.cache")
@@ -117,11 +120,11 @@ def test_build_holds_one_engine_at_a_time_and_copies_no_plan(tiny_trt, fakes, tm
         tracemalloc.stop()
     weights = {e: _graph_nodes(str(art / f"{e}.onnx"))[1] for e in ENGINES}
     assert max(weights.values()) > 16 << 20  # the decoder's weights dwarf what else Python allocates
-    assert python_peak < max(weights.values()) / 4  # no bytes(...) of a plan
+    assert python_peak < max(weights.values()) / 2  # no bytes(...) of a plan (sha256 reads 4 MiB blocks)
     streamed = version == "10.15.1.29"
     for engine in ENGINES:
-        onnx = f"{engine}.onnx"
-        events = [c for c in rec.calls if c[-1] == onnx or (c[0] == "write" and c[1] == onnx)]
+        graph = f"{engine}.onnx"
+        events = [c for c in rec.calls if c[-1] == graph or (c[0] == "write" and c[1] == graph)]
         kinds = [c[0] if c[0] != "release" else c[1] for c in events]
         releases = [kinds.index(k) for k in ("parser", "network", "builder")]
         writes = [i for i, k in enumerate(kinds) if k == "write"]
