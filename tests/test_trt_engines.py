@@ -147,7 +147,7 @@ def test_steps_upload_from_pinned_memory_and_vision_features_stay_on_the_device(
     on the bound device bytes) give OrtBackend's tokens. Of the backend's copies, the only ones to the host
     are the logits; the features reach the merger by device-to-device copies, one per image; and every
     upload of a step's ids, mask and positions comes from a pinned staging buffer, which close() frees."""
-    from qwen2vl_edge.runtime import Qwen2VLPipeline
+    from qwen2vl_edge.runtime import InputError, Qwen2VLPipeline
     from qwen2vl_edge.runtime.backends.tensorrt import STAGED
 
     fakes("10.3.0", run_onnx=True)
@@ -166,6 +166,11 @@ def test_steps_upload_from_pinned_memory_and_vision_features_stay_on_the_device(
         start = len(cuda.calls)
         ours = pipe.generate(conv, max_new_tokens=8, min_new_tokens=8).token_ids
         copies = [c for c in cuda.calls[start:] if c[0] == "copy"]  # (copy, kind, dst, bytes, from pinned)
+        inputs = pipe.processor(conv)
+        first = pipe.vision_features(inputs)
+        pipe.vision_features(inputs)  # a second join overwrites the merger's input buffer
+        with pytest.raises(InputError, match="overwritten by a later join"):
+            b.merge(inputs["input_ids"], first)
     assert ours == expected and len(set(ours)) >= 4
     to_host = [c for c in copies if c[1] == "cudaMemcpyDeviceToHost"]
     assert len(to_host) == 8 and {c[3] for c in to_host} == {pipe.artifact.config.text.vocab_size * 4}  # logits

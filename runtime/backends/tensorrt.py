@@ -228,7 +228,8 @@ class TrtBackend:
     def _allocate(self) -> None:
         lim, t = self.limits, self.cfg.text
         sizes = io_buffers(self.cfg, lim)
-        self.buf = {name: self._keep(DeviceBuffer.alloc(n, name)) for name, n in sizes.items() if name not in PER_CALL}
+        self.buf = {name: self._keep(DeviceBuffer.alloc(n, name))
+                    for name, n in sizes.items() if name not in PER_CALL}
         self.staging = {name: self._keep(PinnedArray((sizes[name],), np.uint8, f"{name} staging")) for name in STAGED}
         self.logits = self._keep(PinnedArray((lim.max_batch, t.vocab_size), np.float32, "logits"))
 
@@ -325,6 +326,8 @@ class TrtBackend:
                 raise InputError("these vision features were overwritten by a later join(): merge right after it")
         else:
             uploads["vision_embeds"] = np.asarray(vision_embeds, np.float32)
+            if vision_embeds.size:  # the upload overwrites what the last join left in the buffer
+                self._join_stamp += 1
         self._run("embedding_merger", {"input_ids": input_ids.shape, "vision_embeds": vision_embeds.shape},
                   {name: self.buf[name].ptr for name in names}, uploads)
         self._stamp += 1
