@@ -12,8 +12,9 @@ Host memory (a Jetson shares its 8 GB with the GPU): each engine is built in its
 ONNX parser holds every weight it loaded, and the network keeps the parser alive (pyOnnx.cpp: OnnxParser's
 py::keep_alive<2, 1>) and the builder (create_network's keep_alive<0, 1>), so parser, network, builder and
 config are dropped together, when the build returns, before the plan is written. The plan (IHostMemory,
-buffer protocol) goes straight into the file, with no Python copy of it; from TensorRT 10.15 the plan is
-not held at all: build_serialized_network_to_stream hands it to an IStreamWriter in pieces (NvInfer.h).
+buffer protocol) goes straight into the file, with no Python copy of it; from TensorRT 10.15 no
+IHostMemory is held: build_serialized_network_to_stream hands the plan to an IStreamWriter as TensorRT
+writes it (NvInfer.h; the size of each piece is TensorRT's, undocumented; the bindings pass it as bytes).
 """
 
 from __future__ import annotations
