@@ -36,6 +36,8 @@ VARIANTS = {
     "trt-fp16": {"target": "tensorrt", "precision": "fp16"},
     "trt-int4": {"target": "tensorrt", "precision": "fp16", "weights": "int4"},
     "trt-fp16-10.15": {"target": "tensorrt", "precision": "fp16", "min_tensorrt": "10.15"},
+    # gpu-check: its attention must fuse (TensorRT's IAttention is not decomposable by default)
+    "trt-fp32-10.15": {"target": "tensorrt", "precision": "fp32", "min_tensorrt": "10.15"},
 }
 
 
@@ -64,10 +66,12 @@ def _current(art: Path, options: dict) -> bool:
     return have == want
 
 
-def model_dirs(model: str, layers: int | None, cache: Path, variants=("fp32",)) -> tuple[Path, dict[str, Path]]:
+def model_dirs(model: str, layers: int | None, cache: Path, variants=("fp32",),
+               detailed: bool = False) -> tuple[Path, dict[str, Path]]:
     """(checkpoint dir, {artifact variant: dir}) for a model spec, building what is missing.
 
-    `model` is 'tiny', a shape name, or a checkpoint directory.
+    `model` is 'tiny', a shape name, or a checkpoint directory. `detailed`: build the TensorRT variants'
+    engines afresh, with ProfilingVerbosity.DETAILED (gpu-check reads their layers).
     """
     from qwen2vl_edge.export.onnx_export import export
     from qwen2vl_edge.export.tiny import make_tiny
@@ -93,9 +97,9 @@ def model_dirs(model: str, layers: int | None, cache: Path, variants=("fp32",)) 
         art = root / f"artifact-{variant}"
         if not (art / "manifest.json").is_file() or not _current(art, VARIANTS[variant]):
             export(ckpt, art, verbose=True, **VARIANTS[variant])
-        if variant.startswith("trt-") and not (art / "engines").is_dir():
+        if variant.startswith("trt-") and (detailed or not (art / "engines").is_dir()):
             from qwen2vl_edge.export.trt_build import build_trt
 
-            build_trt(art, limits=bench_limits())
+            build_trt(art, limits=bench_limits(), detailed=detailed)
         artifacts[variant] = art
     return ckpt, artifacts

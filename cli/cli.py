@@ -181,7 +181,7 @@ def _build_trt(args: argparse.Namespace) -> int:
                     max_frames=args.max_frames, max_prompt=args.max_prompt, max_context=args.max_context,
                     max_batch=args.max_batch)
     build_trt(args.artifact, limits=limits, workspace_gb=args.workspace_gb, timing_cache=args.timing_cache,
-              verify=not args.no_verify)  # BuildError / ArtifactError: main() prints them
+              verify=not args.no_verify, detailed=args.detailed_layers)  # BuildError, ArtifactError: main() prints
     return 0
 
 
@@ -402,10 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timing-cache", help="timing cache file to reuse across builds (default: one per GPU and "
                                           "TensorRT version under ~/.cache/qwen2vl-edge/tensorrt/)")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact files")
+    p.add_argument("--detailed-layers", action="store_true", help="build with ProfilingVerbosity.DETAILED, so that "
+                   "the engine inspector (gpu-check, trtexec --dumpLayerInfo) reports each layer's kernel and types")
     p.set_defaults(func=_build_trt)
 
     p = sub.add_parser("gpu-check", help="on a machine with a GPU and TensorRT: build engines for the tiny and "
-                                         "2B-shape checkpoints, compare greedy tokens with ONNX Runtime, benchmark")
+                                         "2B-shape checkpoints, record their layers (fused attention, int4 weights, "
+                                         "device memory), compare greedy tokens with ONNX Runtime, benchmark")
     p.add_argument("--out", default="benchmarks/results/gpu-check")
     p.add_argument("--models", default="tiny,2b-shape")
     p.add_argument("--new-tokens", type=int, default=32)

@@ -7,6 +7,14 @@ which the export fixed per precision, so no builder precision flag exists here (
 weak typing; 10.x takes the same call). Profiles, sidecars and limits are plain data from
 runtime/backends/trt_profiles.py; this module only drives TensorRT, and checks every status it returns.
 Engines land in ARTIFACT/engines/ with a JSON sidecar each, and manifest.json lists them.
+
+Host memory (a Jetson shares its 8 GB with the GPU): each engine is built in its own function scope. The
+ONNX parser holds every weight it loaded, and the network keeps the parser alive (pyOnnx.cpp: OnnxParser's
+py::keep_alive<2, 1>) and the builder (create_network's keep_alive<0, 1>), so parser, network, builder and
+config are dropped together, when the build returns, before the plan is written. The plan (IHostMemory,
+buffer protocol) goes straight into the file, with no Python copy of it; from TensorRT 10.15 no
+IHostMemory is held: build_serialized_network_to_stream hands the plan to an IStreamWriter as TensorRT
+writes it (NvInfer.h; the size of each piece is TensorRT's, undocumented; the bindings pass it as bytes).
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from pathlib import Path
 from qwen2vl_edge.runtime.artifact import MANIFEST, Artifact, load_artifact, sha256_file
 from qwen2vl_edge.runtime.backends.cuda import gpu_identity
 from qwen2vl_edge.runtime.errors import ArtifactError
-from qwen2vl_edge.runtime.backends.tensorrt import dtype_name, tensorrt_version
+from qwen2vl_edge.runtime.backends.tensorrt import dtype_name, tensorrt_version, version_tuple
 from qwen2vl_edge.runtime.backends.trt_profiles import (
     CONCAT, ENGINES, SIDECAR_SUFFIX, Limits, Profile, check_engine_io, make_sidecar, profiles_for,
 )
@@ -27,6 +35,9 @@ from qwen2vl_edge.runtime.backends.trt_profiles import (
 from .vocab import cache_dir
 
 SUPPORTED = ((10, 3), (12, 0))  # [lowest, first unsupported): the [trt] extra's bounds
+# build_serialized_network_to_stream(network, config, writer) -> bool and IStreamWriter: in the bindings
+# from 10.13 (python/src/infer/pyCore.cpp); used from 10.15, the version whose names are checked here
+STREAM_BUILD = (10, 15)
 REEXPORT = "qwen2vl-edge export CKPT OUT --target tensorrt --precision fp16"
 
 
@@ -53,8 +64,8 @@ def check_buildable(art: Artifact, trt_version: str) -> None:
              f"from strongly typed graphs: re-export with `{REEXPORT}`")
     _require(export.get("logits") == "last",
              "TensorRT engines need a decoder with last-position logits: re-export without --all-logits")
-    floor = tuple(int(x) for x in str(export.get("min_tensorrt", "10.3")).split("."))
-    version = tuple(int(x) for x in trt_version.split(".")[:2])
+    floor = version_tuple(str(export.get("min_tensorrt", "10.3")))
+    version = version_tuple(trt_version)
     _require(SUPPORTED[0] <= version < SUPPORTED[1],
              f"TensorRT {trt_version} is not supported: pip install 'qwen2vl-edge[trt]' (tensorrt>=10.3,<12)")
     _require(version >= floor, f"these graphs need TensorRT >= {export['min_tensorrt']} (they use its fused ops), "
@@ -97,9 +108,11 @@ def _check_profiles_cover(engine: str, network, profiles: list[Profile]) -> None
                                                    f"has {inputs[name]}")
 
 
-def _config(trt, builder, precision: str, workspace_gb: float, timing_cache: bytes):
+def _config(trt, builder, precision: str, workspace_gb: float, timing_cache: bytes, detailed: bool):
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    if detailed:  # the engine inspector then reports each layer's kind, tactic and tensor types
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     if precision == "fp32":
         config.clear_flag(trt.BuilderFlag.TF32)  # TF32 matmuls would loosen fp32 parity
     cache = config.create_timing_cache(timing_cache)
@@ -120,29 +133,73 @@ def _add_profiles(builder, config, engine: str, profiles: list[Profile]) -> None
                              "build-trt limits (--max-prompt < --max-context, all positive)")
 
 
-def build_engine(trt, logger, art: Artifact, engine: str, limits: Limits, workspace_gb: float,
-                 timing_cache_path: Path) -> tuple[bytes, list[Profile]]:
+def _file_writer(trt, f):
+    """An IStreamWriter appending each piece TensorRT hands it (bytes, pyCore.cpp's PyStreamWriter) to `f`."""
+    class Writer(trt.IStreamWriter):
+        def __init__(self):
+            trt.IStreamWriter.__init__(self)
+
+        def write(self, data):
+            return f.write(data)  # fewer bytes than given would make TensorRT give up (NvInferRuntime.h)
+    return Writer()
+
+
+def _serialize(trt, logger, art: Artifact, engine: str, limits: Limits, workspace_gb: float, timing_cache_path: Path,
+               detailed: bool, stream_to: Path | None):
+    """Parse and build one engine -> (plan, profiles). With `stream_to` the plan goes into that file as
+    TensorRT makes it, and plan is None; else plan is the IHostMemory. The parser (with every weight it
+    loaded), network, builder and config are locals: they are released when this returns."""
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     _require(network is not None, "TensorRT could not create a strongly typed network")
-    _parse(trt, network, logger, art.graph_path(engine))
+    _parse(trt, network, logger, art.graph_path(engine))  # the network keeps the parser alive
     check_engine_io(engine, network_io(trt, network), art.graph(engine))
     profiles = profiles_for(engine, art.config, limits, art.export.get("kv_cache", CONCAT))
     _check_profiles_cover(engine, network, profiles)
     cache = timing_cache_path.read_bytes() if timing_cache_path.is_file() else b""
-    config = _config(trt, builder, art.export["precision"], workspace_gb, cache)
+    config = _config(trt, builder, art.export["precision"], workspace_gb, cache, detailed)
     _add_profiles(builder, config, engine, profiles)
     print(f"  {engine}: {network.num_layers} layers, {len(profiles)} profile(s)")
-    serialized = builder.build_serialized_network(network, config)
-    _require(serialized is not None, f"TensorRT failed to build {engine} (see its log above); if it ran out of "
-                                     "memory, lower --workspace-gb or the limits (--max-prompt, --max-image-tokens)")
+    plan = None
+    if stream_to is None:
+        plan = builder.build_serialized_network(network, config)
+        built = plan is not None
+    else:
+        with open(stream_to, "wb") as f:
+            built = builder.build_serialized_network_to_stream(network, config, _file_writer(trt, f))
+    _require(built, f"TensorRT failed to build {engine} (see its log above); if it ran out of memory, lower "
+                    "--workspace-gb or the limits (--max-prompt, --max-image-tokens)")
     timing_cache_path.parent.mkdir(parents=True, exist_ok=True)
     timing_cache_path.write_bytes(memoryview(config.get_timing_cache().serialize()))
-    return bytes(memoryview(serialized)), profiles
+    return plan, profiles
+
+
+def write_plan(plan, path: Path) -> None:
+    """The IHostMemory's buffer straight into the file: no Python copy of the plan."""
+    with open(path, "wb") as f:
+        f.write(plan)
+
+
+def build_engine(trt, logger, art: Artifact, engine: str, limits: Limits, workspace_gb: float,
+                 timing_cache_path: Path, path: Path, detailed: bool = False) -> list[Profile]:
+    """Build one engine into `path` (through PATH.partial, so a failed build leaves no engine) -> its profiles.
+    Host memory at its peak: the parser's weights and the plan (before 10.15), or the weights and what
+    TensorRT hands the writer at a time (from 10.15)."""
+    partial = path.with_name(path.name + ".partial")
+    stream = version_tuple(tensorrt_version(trt)) >= STREAM_BUILD
+    plan, profiles = _serialize(trt, logger, art, engine, limits, workspace_gb, timing_cache_path, detailed,
+                                partial if stream else None)
+    if plan is not None:  # parser, network and builder are gone by now
+        write_plan(plan, partial)
+        del plan  # released before the next engine's parser loads its weights
+    partial.replace(path)
+    return profiles
 
 
 def build_trt(artifact_dir: str | Path, *, limits: Limits = Limits(), workspace_gb: float = 4.0,
-              timing_cache: str | Path | None = None, verify: bool = True) -> Path:
+              timing_cache: str | Path | None = None, verify: bool = True, detailed: bool = False) -> Path:
+    """Build the three engines into ARTIFACT/engines/ and list them in the manifest. `detailed`: build with
+    ProfilingVerbosity.DETAILED, so that the engine inspector reports each layer (gpu-check)."""
     try:
         import tensorrt as trt
     except ImportError:
@@ -164,8 +221,8 @@ def build_trt(artifact_dir: str | Path, *, limits: Limits = Limits(), workspace_
     manifest["engines"], files = {}, dict(manifest["files"])
     for engine in ENGINES:
         started = time.perf_counter()
-        data, profiles = build_engine(trt, logger, art, engine, limits, workspace_gb, cache_path)
-        (out / f"{engine}.engine").write_bytes(data)
+        path = out / f"{engine}.engine"
+        profiles = build_engine(trt, logger, art, engine, limits, workspace_gb, cache_path, path, detailed)
         graph_file = art.graph(engine)["file"]
         sidecar = make_sidecar(engine, trt_version=version, gpu_name=gpu, compute_capability=cc,
                                precision=precision, kv_cache=kv_cache, limits=limits, profiles=profiles,
@@ -173,7 +230,7 @@ def build_trt(artifact_dir: str | Path, *, limits: Limits = Limits(), workspace_
         (out / f"{engine}.engine{SIDECAR_SUFFIX}").write_text(json.dumps(sidecar, indent=2))
         manifest["engines"][engine] = {"file": f"engines/{engine}.engine",
                                        "sidecar": f"engines/{engine}.engine{SIDECAR_SUFFIX}"}
-        print(f"  {engine}: built in {time.perf_counter() - started:.0f} s, {len(data) / 1e6:.1f} MB")
+        print(f"  {engine}: built in {time.perf_counter() - started:.0f} s, {path.stat().st_size / 1e6:.1f} MB")
     for entry in manifest["engines"].values():
         for key in ("file", "sidecar"):
             files[entry[key]] = sha256_file(art.dir / entry[key])

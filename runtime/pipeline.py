@@ -109,9 +109,11 @@ class Qwen2VLPipeline:
 
     # -- stages -------------------------------------------------------------------------------
 
-    def vision_features(self, inputs: dict) -> np.ndarray:
-        """Run the encoder per image / video and order the features as their tokens appear -> [M, hidden]."""
+    def vision_features(self, inputs: dict) -> Any:
+        """Run the encoder per image / video and order the features as their tokens appear -> [M, hidden]
+        (backend-native: the TensorRT backend keeps them on the device)."""
         cfg = self.artifact.config
+        m2 = cfg.vision.spatial_merge_size ** 2
         per_kind = {}
         for kind, pixels_key, grid_key in ((IMAGE, "pixel_values", "image_grid_thw"),
                                            (VIDEO, "pixel_values_videos", "video_grid_thw")):
@@ -120,18 +122,18 @@ class Qwen2VLPipeline:
                 n = int(t * h * w)
                 patches = inputs[pixels_key][offset:offset + n].reshape(int(t), int(h * w), -1)  # [F, S, D]
                 cos, sin = vision_rotary((int(t), int(h), int(w)), cfg.vision)
-                feats.append(self.backend.vision(patches, cos, sin).reshape(-1, cfg.text.hidden_size))
+                feats.append((n // m2, self.backend.vision(patches, cos, sin)))  # (tokens, [F, S / m2, hidden])
                 offset += n
             per_kind[kind] = iter(feats)
         ordered = []
         for row in token_types(inputs["input_ids"], cfg):  # row-major over the batch, as the merger places them
             for kind, s, e in runs(row):
                 if kind:
-                    f = next(per_kind[kind])
-                    if len(f) != e - s:
-                        raise InputError(f"vision features ({len(f)}) and placeholder tokens ({e - s}) differ")
+                    tokens, f = next(per_kind[kind])
+                    if tokens != e - s:
+                        raise InputError(f"vision features ({tokens}) and placeholder tokens ({e - s}) differ")
                     ordered.append(f)
-        return np.concatenate(ordered) if ordered else np.zeros((0, cfg.text.hidden_size), np.float32)
+        return self.backend.join(ordered)
 
     def _options(self, max_new_tokens=128, min_new_tokens=0, do_sample=None, temperature=None, top_k=None,
                  top_p=None, repetition_penalty=None, seed=None, stop=None) -> GenerationOptions:

@@ -31,9 +31,11 @@ import zipfile
 from pathlib import Path
 
 OUT = Path(__file__).parent / "data" / "api_surface.json"
-# version label -> pip requirement. 10.3: JetPack 6.x; 10.15: first with the parser's fused LLM ops;
-# 11.x: what `pip install tensorrt` gives today (weak typing removed).
-TENSORRT = {"10.3": "tensorrt-cu12-bindings==10.3.0", "10.15": "tensorrt-cu12-bindings==10.15.1.29",
+# version label -> pip requirement. 10.3: JetPack 6.x; 10.8: the last whose IStreamReaderV2 trampoline reads
+# once (the backend reads engines from an mmap below 10.9); 10.9: the first whose trampoline loops;
+# 10.15: first with the parser's fused LLM ops; 11.x: what `pip install tensorrt` gives today (weak typing removed).
+TENSORRT = {"10.3": "tensorrt-cu12-bindings==10.3.0", "10.8": "tensorrt-cu12-bindings==10.8.0.43",
+            "10.9": "tensorrt-cu12-bindings==10.9.0.34", "10.15": "tensorrt-cu12-bindings==10.15.1.29",
             "11.4": "tensorrt-cu13-bindings==11.4.0.106"}
 CUDA_PYTHON = {"12.8": "cuda-bindings==12.8.0", "13.5": "cuda-bindings==13.5.0"}
 PLATFORM = ["--only-binary=:all:", "--python-version", "3.11", "--platform", "manylinux_2_28_x86_64",

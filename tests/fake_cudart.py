@@ -116,9 +116,19 @@ class FakeCudart:
     def cudaFreeHost(self, ptr):  # noqa: N802
         return self._release(ptr, "host")
 
+    def pinned(self, ptr: int, nbytes: int) -> bool:
+        """Whether [ptr, ptr + nbytes) lies in page-locked host memory (cudaMallocHost)."""
+        try:
+            return self.owner(ptr, nbytes, "host") is not None
+        except FakeCudaError:
+            return False
+
     def cudaMemcpyAsync(self, dst, src, count, kind, stream):  # noqa: N802
         self._stream(stream)
         self._copy(int(dst), int(src), int(count), kind)
+        # ("copy", kind, dst, bytes, from pinned memory): the async copies a test can tell apart; the fake
+        # TensorRT's own reads and writes of the bound buffers go through the synchronous cudaMemcpy
+        self.calls.append(("copy", cudaMemcpyKind(kind).name, int(dst), int(count), self.pinned(int(src), int(count))))
         return (cudaError_t.cudaSuccess,)
 
     def cudaMemcpy(self, dst, src, count, kind):  # noqa: N802

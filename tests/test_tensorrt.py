@@ -410,7 +410,7 @@ def test_out_of_memory_and_oversized_inputs_are_named(trt_standins, fakes, tmp_p
     from qwen2vl_edge.runtime.backends.cuda import CudaError
 
     art = _built(trt_standins["concat"], tmp_path / "art")
-    fakes[1].total = 41 << 20  # the I/O buffers (40.1 MB at SMALL) fit, the 3 MB activation pool does not
+    fakes[1].total = 40 << 20  # the I/O buffers (37.7 MiB at SMALL) fit, the 3 MiB activation pool does not
     with pytest.raises(CudaError, match="cudaMalloc of 3145728 bytes for activation pool failed: "
                                         "cudaErrorMemoryAllocation"):
         Qwen2VLPipeline.load(art, backend="tensorrt")

@@ -1,7 +1,7 @@
 """The TensorRT and cuda-python names the builder and the backend use exist in every supported version.
 
-scripts/data/api_surface.json holds the names read out of NVIDIA's bindings wheels (TensorRT 10.3, 10.15,
-11.4; cuda-python 12.8, 13.5) by scripts/trt_api_surface.py. The builder and the backend run in the test
+scripts/data/api_surface.json holds the names read out of NVIDIA's bindings wheels (TensorRT 10.3, 10.8,
+10.9, 10.15, 11.4; cuda-python 12.8, 13.5) by scripts/trt_api_surface.py. The builder and the backend run in the test
 suite only against the fakes (tests/fake_tensorrt.py, fake_cudart.py), so every TensorRT or CUDA name
 they use is one the fakes offer (anything else is an AttributeError in tests/test_tensorrt.py). Here:
 every name the fakes offer is in every version's data, and the weak-typing names TensorRT 11 removed
@@ -48,7 +48,7 @@ def fake_tensorrt_names(version: str) -> set[str]:
             names |= set(value.__members__)
         elif isinstance(value, type):
             names |= {n for n in vars(value) if not n.startswith("_") and n.isupper()}  # Logger severities
-    for cls in fake_classes().values():
+    for cls in fake_classes(version).values():
         names |= {n for n in dir(cls) if not n.startswith("_")}
         names |= {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")} if dataclasses.is_dataclass(
             cls) else set()
@@ -63,16 +63,26 @@ def test_every_tensorrt_name_we_use_exists(version):
 
 
 @pytest.mark.parametrize("version", list(SURFACE["tensorrt"]))
-def test_engine_reader_uses_what_each_version_has(version):
-    """runtime/backends/tensorrt.py: engine_reader subclasses IStreamReaderV2 where the module has it, else
-    IStreamReader (10.3); TensorRT calls back read (and seek) on it."""
+def test_engine_reading_and_writing_use_what_each_version_has(version):
+    """runtime/backends/tensorrt.py: read_engine streams through an IStreamReaderV2 from 10.9 on (TensorRT calls
+    back read and seek on it), and below that hands the buffer overload of deserialize_cuda_engine an mmap;
+    export/trt_build.py builds to an IStreamWriter from 10.15 on. The fake offers the readers and the writer
+    exactly where the bindings have them."""
+    from qwen2vl_edge.export.trt_build import STREAM_BUILD
+    from qwen2vl_edge.runtime.backends.tensorrt import STREAM_READER_LOOPS, version_tuple
+
     names = SURFACE["tensorrt"][version]["names"]
     fake = make_fake_tensorrt(version)
-    v2 = hasattr(fake, "IStreamReaderV2")
-    assert v2 == present("IStreamReaderV2", names)
-    used = {"IStreamReaderV2", "SeekPosition", "read", "seek", "SET", "CUR", "END"} if v2 else {"IStreamReader", "read"}
-    assert all(present(n, names) for n in used)
-    assert 'hasattr(trt, "IStreamReaderV2")' in OURS[1].read_text()
+    for cls in ("IStreamReader", "IStreamReaderV2", "IStreamWriter"):
+        assert hasattr(fake, cls) == present(cls, names), cls
+    used = {"Runtime", "deserialize_cuda_engine"}
+    if version_tuple(version) >= STREAM_READER_LOOPS:
+        used |= {"IStreamReaderV2", "SeekPosition", "read", "seek", "SET", "CUR", "END"}
+    if version_tuple(version) >= STREAM_BUILD:
+        used |= {"IStreamWriter", "write", "build_serialized_network_to_stream"}
+    else:
+        used |= {"build_serialized_network"}
+    assert not sorted(n for n in used if not present(n, names))
 
 
 @pytest.mark.parametrize("version", list(SURFACE["cuda_python"]))

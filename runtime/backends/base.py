@@ -21,11 +21,17 @@ class Backend(Protocol):
     def check_request(self, inputs: dict, max_new_tokens: int) -> None:
         """Raise InputError before running when the request exceeds what this backend was built for."""
 
-    def vision(self, pixel_values: np.ndarray, rotary_cos: np.ndarray, rotary_sin: np.ndarray) -> np.ndarray:
-        """[F, S, patch_dim], [S, hd], [S, hd] -> merged features [F, S / merge^2, hidden]."""
+    def vision(self, pixel_values: np.ndarray, rotary_cos: np.ndarray, rotary_sin: np.ndarray) -> Any:
+        """[F, S, patch_dim], [S, hd], [S, hd] -> merged features [F, S / merge^2, hidden] (backend-native:
+        a host array, or device memory)."""
 
-    def merge(self, input_ids: np.ndarray, vision_embeds: np.ndarray) -> Any:
-        """[B, L] ids + [M, hidden] features -> inputs_embeds [B, L, hidden] (backend-native)."""
+    def join(self, features: list) -> Any:
+        """What `vision` returned per image / video, in prompt order -> the merger's [M, hidden] input
+        (backend-native)."""
+
+    def merge(self, input_ids: np.ndarray, vision_embeds: Any) -> Any:
+        """[B, L] ids + [M, hidden] features (what `join` returned, or a host array) -> inputs_embeds
+        [B, L, hidden] (backend-native)."""
 
     def new_cache(self, batch: int, reserve: int = 0) -> Any:
         """An empty KV cache (past length 0) for `batch` rows; `reserve`: positions the request will fill

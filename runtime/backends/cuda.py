@@ -55,6 +55,11 @@ class Stream:
             self.stream = None
 
 
+def _check_fits(nbytes: int, capacity: int, what: str) -> None:
+    if nbytes > capacity:
+        raise ValueError(f"{nbytes} bytes do not fit the {capacity}-byte {what}")
+
+
 @dataclass
 class DeviceBuffer:
     """One cudaMalloc'ed allocation of `nbytes`; holds whatever contiguous tensor fits in it."""
@@ -69,16 +74,22 @@ class DeviceBuffer:
         return cls(int(ptr), int(nbytes), name)
 
     def _fits(self, nbytes: int) -> None:
-        if nbytes > self.nbytes:
-            raise ValueError(f"{nbytes} bytes do not fit the {self.nbytes}-byte device buffer {self.name}")
+        _check_fits(nbytes, self.nbytes, f"device buffer {self.name}")
 
-    def upload(self, array: np.ndarray, stream: Stream) -> None:
+    def upload(self, array: np.ndarray, stream: Stream, staging: "PinnedArray | None" = None) -> None:
+        """Copy `array` to the device on `stream`. From pageable memory the driver stages the copy before the
+        call returns, which stalls the host; with `staging` (a pinned byte array) the bytes go there first
+        and the copy runs asynchronously from it: the caller leaves `staging` alone until the stream has
+        synchronized."""
         array = np.ascontiguousarray(array)
         self._fits(array.nbytes)
-        # the copy reads `array` after this returns: the caller keeps it alive until the next synchronize
-        cuda_call(cudart().cudaMemcpyAsync(self.ptr, array.ctypes.data, array.nbytes,
-                                           _copy_kind("cudaMemcpyHostToDevice"), stream.stream),
-                  f"upload to {self.name}")
+        source = array.ctypes.data
+        if staging is not None:
+            staging.fits(array.nbytes)
+            staging.array[:array.nbytes] = array.reshape(-1).view(np.uint8)
+            source = staging.ptr
+        cuda_call(cudart().cudaMemcpyAsync(self.ptr, source, array.nbytes, _copy_kind("cudaMemcpyHostToDevice"),
+                                           stream.stream), f"upload to {self.name}")
 
     def download_into(self, out: np.ndarray, stream: Stream) -> np.ndarray:
         """Copy the first out.nbytes bytes into `out` (pinned host memory for speed) and wait."""
@@ -89,13 +100,12 @@ class DeviceBuffer:
         stream.synchronize()
         return out
 
-    def download(self, shape: tuple[int, ...], dtype, stream: Stream) -> np.ndarray:
-        return self.download_into(np.empty(shape, dtype), stream)
-
-    def copy_from(self, src: "DeviceBuffer", nbytes: int, stream: Stream) -> None:
-        self._fits(nbytes)
-        cuda_call(cudart().cudaMemcpyAsync(self.ptr, src.ptr, nbytes, _copy_kind("cudaMemcpyDeviceToDevice"),
-                                           stream.stream), f"copy into {self.name}")
+    def copy_from(self, src: "DeviceBuffer", nbytes: int, stream: Stream, offset: int = 0) -> None:
+        """Copy the first `nbytes` of `src` to `offset` bytes into this buffer, on the device."""
+        self._fits(offset + nbytes)
+        cuda_call(cudart().cudaMemcpyAsync(self.ptr + offset, src.ptr, nbytes,
+                                           _copy_kind("cudaMemcpyDeviceToDevice"), stream.stream),
+                  f"copy into {self.name}")
 
     def copy_rows_from(self, src: "DeviceBuffer", rows: int, row_bytes: int, src_pitch: int, dst_pitch: int,
                        stream: Stream) -> None:
@@ -112,14 +122,19 @@ class DeviceBuffer:
 
 
 class PinnedArray:
-    """A page-locked host array (cudaMallocHost): device-to-host copies run at full speed into it."""
+    """A page-locked host array (cudaMallocHost): copies to and from the device run at full speed and
+    asynchronously with it."""
 
     def __init__(self, shape: tuple[int, ...], dtype, name: str = "pinned"):
         dtype = np.dtype(dtype)
+        self.name = name
         self.nbytes = int(np.prod(shape)) * dtype.itemsize
         self.ptr = int(cuda_call(cudart().cudaMallocHost(max(self.nbytes, 1)), f"cudaMallocHost for {name}"))
         raw = (ctypes.c_byte * max(self.nbytes, 1)).from_address(self.ptr)
         self.array = np.frombuffer(raw, dtype, count=int(np.prod(shape))).reshape(shape)
+
+    def fits(self, nbytes: int) -> None:
+        _check_fits(nbytes, self.nbytes, f"pinned buffer {self.name}")
 
     def free(self) -> None:
         if self.ptr:

@@ -267,6 +267,10 @@ class OrtBackend:
         return self._run("vision_encoder", {"pixel_values": pixel_values, "rotary_cos": rotary_cos,
                                             "rotary_sin": rotary_sin})
 
+    def join(self, features: list[np.ndarray]) -> np.ndarray:
+        flat = [f.reshape(-1, self.hidden_size) for f in features]  # [F * S / merge^2, hidden] each
+        return np.concatenate(flat) if flat else np.zeros((0, self.hidden_size), np.float32)
+
     def merge(self, input_ids, vision_embeds):
         return self._run("embedding_merger", {"input_ids": input_ids, "vision_embeds": vision_embeds})
 

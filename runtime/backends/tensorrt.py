@@ -1,11 +1,15 @@
 """TensorRT backend: the engines of `build-trt`, device memory and a stream through cuda-python.
 
-- Engines are deserialized from their files; each one's I/O (names, modes, dtypes, ranks) is checked
-  against the manifest, and its sidecar against this TensorRT, this GPU and the manifest's graphs.
+- Engines are deserialized from their files (`read_engine`: streamed from TensorRT 10.9 on, from a
+  read-only mmap before); each one's I/O (names, modes, dtypes, ranks) is checked against the manifest,
+  and its sidecar against this TensorRT, this GPU and the manifest's graphs.
 - One device-memory pool, sized at the largest engine, is shared by the four execution contexts
   (user-managed allocation): they run one after another on one stream.
 - I/O buffers are allocated once for the engines' limits (sizes from trt_memory.io_buffers); logits
-  come back through pinned host memory, last position only.
+  come back through pinned host memory, last position only. Each decode step's host inputs (ids, mask,
+  positions) go up through pinned staging buffers, asynchronously.
+- Vision features stay on the device: each encoder run writes into a device buffer of its own, `join`
+  copies them, in prompt order, into the merger's input buffer, and merge reads them there.
 - The KV cache lives in the object `new_cache` returns, in the engine's dtype, sized for the request:
   preallocated graphs bind past and present to the same buffer, written in place; concat graphs read
   the past from one buffer set and write the present into the other, and the two swap each step.
@@ -15,6 +19,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import weakref
 from dataclasses import dataclass, replace
@@ -32,6 +37,8 @@ from .trt_profiles import (
 
 _DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32",
            "INT8": "int8", "UINT8": "uint8", "BOOL": "bool", "FP8": "float8", "INT4": "int4"}
+STAGED = ("input_ids", "attention_mask", "position_ids")  # uploaded every decode step: through pinned memory
+PER_CALL = ("image_embeds",)  # each encoder run's output gets a device buffer of its own (VisionFeatures)
 CONTEXTS = {"vision_encoder": ("vision_encoder", 0), "embedding_merger": ("embedding_merger", 0),
             "prefill": ("decoder", PREFILL), "decode": ("decoder", DECODE)}  # context -> (engine, profile)
 DECODER_CONTEXTS = {PREFILL: "prefill", DECODE: "decode"}  # decoder profile -> its context
@@ -46,33 +53,52 @@ def tensorrt_version(trt) -> str:
     return trt.__version__
 
 
-READ_CHUNK = 64 << 20
+def version_tuple(version: str) -> tuple[int, int]:
+    """(major, minor) of a TensorRT version string."""
+    return tuple(int(x) for x in version.split(".")[:2])
+
+
+# Reading engines. TensorRT's bindings (python/src/infer/pyCore.cpp, PyStreamReaderV2::read, per release
+# branch): up to 10.8 the trampoline calls the Python `read` once per request and memcpy's what came back,
+# even where TensorRT asked for device memory, so a chunked reader gives a short read and a device
+# destination crashes; from 10.9 it loops until the request is met and copies to device memory with
+# cuMemcpyHtoD. The V1 IStreamReader saves host memory only with weight streaming (NvInferRuntime.h:
+# "This deserialization path will reduce host memory usage when weight streaming is enabled"), and its
+# trampoline wants a bytes object of each requested size. Below 10.9 the buffer overload of
+# deserialize_cuda_engine (py::buffer, every 10.x and 11.x) is given a read-only mmap of the file instead:
+# its pages are the file's, clean and reclaimable, and no Python copy of the engine exists. The binding
+# keeps the runtime alive for the engine (keep_alive<0, 1>), not the buffer: the map closes after the call.
+STREAM_READER_LOOPS = (10, 9)
+READ_CHUNK = 64 << 20  # what one read hands TensorRT (a Python bytes object of this size at most)
 _WHENCE = {"SET": os.SEEK_SET, "CUR": os.SEEK_CUR, "END": os.SEEK_END}
 
 
 def engine_reader(trt, f):
-    """A stream reader over an open engine file: TensorRT pulls the engine in chunks, so no Python copy of
-    the whole engine exists next to TensorRT's (on a Jetson the two would share its 8 GB). TensorRT 11
-    has only IStreamReaderV2, 10.3 only IStreamReader."""
-    if hasattr(trt, "IStreamReaderV2"):
-        class Reader(trt.IStreamReaderV2):
-            def __init__(self):
-                trt.IStreamReaderV2.__init__(self)
+    """An IStreamReaderV2 over an open engine file, for TensorRT >= 10.9: TensorRT pulls the engine in
+    chunks of READ_CHUNK, so no Python copy of the whole engine exists next to TensorRT's."""
+    class Reader(trt.IStreamReaderV2):
+        def __init__(self):
+            trt.IStreamReaderV2.__init__(self)
 
-            def read(self, num_bytes, stream):
-                return f.read(min(num_bytes, READ_CHUNK))
+        def read(self, num_bytes, stream):
+            return f.read(min(num_bytes, READ_CHUNK))
 
-            def seek(self, offset, where):
-                f.seek(offset, _WHENCE[where.name])
-                return True
-    else:
-        class Reader(trt.IStreamReader):
-            def __init__(self):
-                trt.IStreamReader.__init__(self)
-
-            def read(self, size):
-                return f.read(size)
+        def seek(self, offset, where):
+            f.seek(offset, _WHENCE[where.name])
+            return True
     return Reader()
+
+
+def read_engine(trt, runtime, path) -> object:
+    """Deserialize one engine file: streamed where the bindings' reader loops (>= 10.9), else from a
+    read-only mmap (see above). None where TensorRT cannot read it."""
+    if version_tuple(tensorrt_version(trt)) >= STREAM_READER_LOOPS:
+        with open(path, "rb") as f:
+            return runtime.deserialize_cuda_engine(engine_reader(trt, f))
+    if os.path.getsize(path) == 0:  # mmap refuses an empty file
+        return None
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as pages:
+        return runtime.deserialize_cuda_engine(pages)
 
 
 class KvBuffers:
@@ -112,6 +138,25 @@ class DeviceEmbeds:
     stamp: int  # which merge wrote it: a later merge overwrites the buffer
 
 
+class VisionFeatures:
+    """One encoder run's features [F, S / merge^2, hidden] float32, in a device buffer of their own; freed
+    when the last reference goes, or by the backend's close()."""
+
+    def __init__(self, buf: DeviceBuffer, shape: tuple[int, int, int]):
+        self.buf, self.shape = buf, shape
+        self._finalizer = weakref.finalize(self, buf.free)
+        self._finalizer.atexit = False  # at interpreter exit the CUDA context goes anyway
+
+    def free(self) -> None:
+        self._finalizer()
+
+
+@dataclass(frozen=True)
+class JoinedFeatures:
+    shape: tuple[int, int]  # [M, hidden], in the backend's vision_embeds buffer
+    stamp: int  # which join wrote it: a later join overwrites the buffer
+
+
 class TrtBackend:
     name = "tensorrt"
 
@@ -126,7 +171,8 @@ class TrtBackend:
         self.graph_seconds = None  # execute_async_v3 returns before the GPU is done
         self.kv_cache = artifact.export.get("kv_cache", CONCAT)
         self._buffers: list = []
-        self._caches: weakref.WeakSet = weakref.WeakSet()
+        self._caches: weakref.WeakSet = weakref.WeakSet()  # KvBuffers and VisionFeatures alive
+        self._staged: set[str] = set()  # staging buffers a queued copy may still read
         self.engines, self.sidecars = self._load_engines(trt, artifact)
         self.io = {name: self._check_io(name, artifact) for name in ENGINES}
         self.kv_dtype = next(v["dtype"] for v in artifact.graph("decoder")["inputs"]
@@ -135,7 +181,7 @@ class TrtBackend:
         if len(set(limits.values())) != 1:
             raise ArtifactError(f"the engines were built with different limits ({limits}): rebuild them together")
         self.limits = limits["decoder"]
-        self._stamp = 0
+        self._stamp = self._join_stamp = 0
         try:
             self.stream = self._keep(Stream())
             self._allocate()
@@ -160,9 +206,7 @@ class TrtBackend:
             check_sidecar(sidecars[name], trt_version=tensorrt_version(trt), gpu_name=gpu, compute_capability=cc,
                           precision=export.get("precision"), kv_cache=self.kv_cache,
                           onnx_sha256=artifact.manifest.get("files", {}).get(graph_file))
-            path = artifact.dir / entries[name]["file"]
-            with open(path, "rb") as f:
-                engines[name] = self.runtime.deserialize_cuda_engine(engine_reader(trt, f))
+            engines[name] = read_engine(trt, self.runtime, artifact.dir / entries[name]["file"])
             if engines[name] is None:
                 raise ArtifactError(f"TensorRT could not deserialize {entries[name]['file']}: rebuild it with "
                                     "`qwen2vl-edge build-trt`")
@@ -183,7 +227,10 @@ class TrtBackend:
 
     def _allocate(self) -> None:
         lim, t = self.limits, self.cfg.text
-        self.buf = {name: self._keep(DeviceBuffer.alloc(n, name)) for name, n in io_buffers(self.cfg, lim).items()}
+        sizes = io_buffers(self.cfg, lim)
+        self.buf = {name: self._keep(DeviceBuffer.alloc(n, name))
+                    for name, n in sizes.items() if name not in PER_CALL}
+        self.staging = {name: self._keep(PinnedArray((sizes[name],), np.uint8, f"{name} staging")) for name in STAGED}
         self.logits = self._keep(PinnedArray((lim.max_batch, t.vocab_size), np.float32, "logits"))
 
     def _create_contexts(self, trt) -> None:
@@ -214,7 +261,7 @@ class TrtBackend:
                 raise InputError(f"TensorRT refused shape {shape} for {engine} input {name}")
         for name, array in uploads.items():
             if array.size:
-                self.buf[name].upload(array, self.stream)
+                self._upload(name, array)
         missing = set(self.io[engine]) - set(addresses)
         if missing:  # a tensor without memory would be undefined behaviour, not an error, in TensorRT
             raise RuntimeError(f"{engine}: no buffer bound for {', '.join(sorted(missing))}")
@@ -223,6 +270,15 @@ class TrtBackend:
                 raise RuntimeError(f"TensorRT refused the address of {engine} tensor {name}")
         if not ctx.execute_async_v3(self.stream.handle):
             raise RuntimeError(f"TensorRT failed to run {engine} ({key}) with shapes {shapes}")
+
+    def _upload(self, name: str, array: np.ndarray) -> None:
+        staging = self.staging.get(name)
+        if name in self._staged:  # a queued copy may still read this staging buffer: let it finish first
+            self.stream.synchronize()
+            self._staged.clear()
+        self.buf[name].upload(array, self.stream, staging)
+        if staging is not None:
+            self._staged.add(name)
 
     def prefill_chunk(self, batch: int) -> None:
         """The prompt in one run: the engines' profiles bound it already."""
@@ -233,22 +289,47 @@ class TrtBackend:
         check_request(self.limits, self.cfg, batch=inputs["input_ids"].shape[0],
                       prompt_len=inputs["input_ids"].shape[1], max_new_tokens=max_new_tokens, image_grids=grids)
 
-    def vision(self, pixel_values, rotary_cos, rotary_sin):
+    def vision(self, pixel_values, rotary_cos, rotary_sin) -> VisionFeatures:
+        """The encoder's features, left on the device in a buffer of their own."""
         F, S, _ = pixel_values.shape
-        b = self.buf
+        b, m2 = self.buf, self.cfg.vision.spatial_merge_size ** 2
+        shape = (F, S // m2, self.hidden_size)  # [F, S / merge^2, hidden]
+        out = VisionFeatures(DeviceBuffer.alloc(int(np.prod(shape)) * 4, "image_embeds"), shape)
+        self._caches.add(out)
         feeds = {"pixel_values": pixel_values, "rotary_cos": rotary_cos, "rotary_sin": rotary_sin}
         self._run("vision_encoder", {k: v.shape for k, v in feeds.items()},
-                  {name: b[name].ptr for name in (*feeds, "image_embeds")},
+                  {**{name: b[name].ptr for name in feeds}, "image_embeds": out.buf.ptr},
                   {k: np.asarray(v, np.float32) for k, v in feeds.items()})
-        m2 = self.cfg.vision.spatial_merge_size ** 2
-        return b["image_embeds"].download((F, S // m2, self.hidden_size), np.float32, self.stream)
+        return out
 
-    def merge(self, input_ids, vision_embeds) -> DeviceEmbeds:
+    def join(self, features: list[VisionFeatures]) -> JoinedFeatures | np.ndarray:
+        """The images' and videos' features in prompt order, copied on the device into the merger's input
+        buffer -> [M, hidden] there (an empty host array when there are none)."""
+        if not features:
+            return np.zeros((0, self.hidden_size), np.float32)
+        rows = sum(f.shape[0] * f.shape[1] for f in features)
+        check_shape("embedding_merger", "vision_embeds", (rows, self.hidden_size),
+                    self.profiles["embedding_merger"]["vision_embeds"])
+        offset = 0
+        for f in features:
+            self.buf["vision_embeds"].copy_from(f.buf, f.buf.nbytes, self.stream, offset)
+            offset += f.buf.nbytes
+        self._join_stamp += 1
+        return JoinedFeatures((rows, self.hidden_size), self._join_stamp)
+
+    def merge(self, input_ids, vision_embeds: JoinedFeatures | np.ndarray) -> DeviceEmbeds:
+        """[B, L] ids and the vision features (joined on the device, or a host array) -> embeddings on the device."""
         names = ("input_ids", "vision_embeds", "inputs_embeds")
+        uploads = {"input_ids": np.asarray(input_ids, np.int64)}
+        if isinstance(vision_embeds, JoinedFeatures):
+            if vision_embeds.stamp != self._join_stamp:
+                raise InputError("these vision features were overwritten by a later join(): merge right after it")
+        else:
+            uploads["vision_embeds"] = np.asarray(vision_embeds, np.float32)
+            if vision_embeds.size:  # the upload overwrites what the last join left in the buffer
+                self._join_stamp += 1
         self._run("embedding_merger", {"input_ids": input_ids.shape, "vision_embeds": vision_embeds.shape},
-                  {name: self.buf[name].ptr for name in names},
-                  {"input_ids": np.asarray(input_ids, np.int64),
-                   "vision_embeds": np.asarray(vision_embeds, np.float32)})
+                  {name: self.buf[name].ptr for name in names}, uploads)
         self._stamp += 1
         return DeviceEmbeds((*input_ids.shape, self.hidden_size), self._stamp)
 
@@ -318,6 +399,7 @@ class TrtBackend:
                   {"attention_mask": np.asarray(attention_mask, np.int64),
                    "position_ids": np.asarray(position_ids, np.int64)})
         logits = b["logits"].download_into(self.logits.array[:B], self.stream).copy()  # [B, vocab]
+        self._staged.clear()  # the stream synchronized: no queued copy reads a staging buffer
         current = cache.current if self.kv_cache == PREALLOCATED else 1 - cache.current
         return logits, replace(cache, length=P + L, current=current)
 
@@ -328,8 +410,8 @@ class TrtBackend:
         if not self._buffers:
             return
         self.stream.synchronize()  # the stream is the first allocation: it exists if anything does
-        for kv in list(self._caches):
-            kv.free()
+        for held in list(self._caches):
+            held.free()
         self.ctx, self.engines, self.runtime = {}, {}, None  # contexts before engines before the runtime
         for allocation in reversed(self._buffers):
             allocation.free()
