@@ -22,6 +22,8 @@ SHAPES = {
 SHAPE_INIT_STD = "0.02"
 
 
+BENCH_CONTEXT = 3200  # engines' max context (bench_limits), and the 10.15 graphs' static KV cache length
+
 # artifact variant -> export options
 VARIANTS = {
     "fp32": {},
@@ -35,7 +37,8 @@ VARIANTS = {
     "trt-fp32": {"target": "tensorrt", "precision": "fp32"},  # gpu-check's parity on the tiny model
     "trt-fp16": {"target": "tensorrt", "precision": "fp16"},
     "trt-int4": {"target": "tensorrt", "precision": "fp16", "weights": "int4"},
-    "trt-fp16-10.15": {"target": "tensorrt", "precision": "fp16", "min_tensorrt": "10.15"},
+    "trt-fp16-10.15": {"target": "tensorrt", "precision": "fp16", "min_tensorrt": "10.15",
+                       "max_context": BENCH_CONTEXT},
 }
 
 
@@ -43,7 +46,7 @@ def bench_limits():
     """Engine limits that hold the benchmark's inputs: 1344 px images (2,304 tokens), 2,048-token prompts."""
     from qwen2vl_edge.runtime.backends.trt_profiles import Limits
 
-    return Limits(max_image_tokens=2304, max_prompt=3072, max_context=3200)
+    return Limits(max_image_tokens=2304, max_prompt=3072, max_context=BENCH_CONTEXT)
 
 
 def _current(art: Path, options: dict) -> bool:

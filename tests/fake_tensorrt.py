@@ -5,6 +5,9 @@ It offers only names that the TensorRT version it fakes has (tests/test_trt_api_
 against the bindings' data of 10.3, 10.15 and 11.4: they differ only in the engine stream reader),
 returns statuses where TensorRT does, and checks the calls, never the numbers:
 - the network is strongly typed; a profile gives every dynamic input a range of its rank, min <= opt <= max;
+- the parser refuses a KV cache updated in place (past and present of one shape: TensorScatter, which TensorRT
+  parses as KVCacheUpdate) whose sequence axis is symbolic: KVCacheUpdate's cache "must be a network input and
+  have a static sequence length dimension" (TensorRT operator reference);
 - contexts use user-managed memory, given a pool at least as large as the engine asks for;
 - at execute: every input shape set and inside the active profile, every I/O tensor given an address,
   each input buffer covering the profile's largest shape and each output what was written (asked of
@@ -195,7 +198,12 @@ class _OnnxParser:
         session = _session(path)
         self._network._inputs, self._network._outputs = _tensors(session.get_inputs()), _tensors(session.get_outputs())
         self._network._onnx_path = path
-        return True
+        outputs = {t.name: t._dims for t in self._network._outputs}
+        self._errors = [_ParserError(f"KVCacheUpdate: the cache {t.name} {t._dims} must have a static sequence length "
+                                     "dimension") for t in self._network._inputs
+                        if t.name.startswith("past_key_values.") and t._dims == outputs.get(
+                            t.name.replace("past_key_values.", "present.")) and t.shape[2] == -1]
+        return not self._errors
 
     @property
     def num_errors(self):
