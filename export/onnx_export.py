@@ -29,12 +29,12 @@ from .vision import build_vision_encoder
 
 WEIGHTS_FILE = "weights.data"
 # Why --target tensorrt takes no int8 weights. TensorRT documents weight-only quantization (the weights quantized,
-# activations in fp16/bf16) for int4 blocks (W4A16: "Explicit Quantization", TensorRT developer guide, and the
-# onnx-tensorrt operator matrix's blocked DequantizeLinear); int8 runs as int8 GEMMs only with activations
+# activations in fp16/bf16) for int4 blocks (W4A16: "Working with Quantized Types", TensorRT developer guide, and
+# the onnx-tensorrt operator matrix's blocked DequantizeLinear); int8 runs as int8 GEMMs only with activations
 # quantized too (W8A8: Model Optimizer's support matrix lists int8 for TensorRT as per-channel weights with
-# per-tensor int8 activations, SmoothQuant; nvidia.github.io/Model-Optimizer/guides/0_support_matrix.html). A per-channel int8 DequantizeLinear into
-# an fp16 MatMul is no documented pattern: TensorRT may fold it back to fp16 weights (no memory saved) or
-# dequantize before every GEMM (slower than fp16).
+# per-tensor int8 activations, SmoothQuant: nvidia.github.io/Model-Optimizer/guides/0_support_matrix.html).
+# A per-channel int8 DequantizeLinear into an fp16 MatMul is no documented pattern: TensorRT may fold it back to
+# fp16 weights (no memory saved) or dequantize before every GEMM (slower than fp16).
 # IAttention (what the 10.15 parser makes of ONNX Attention) takes fp32, fp16 or bf16 and "by default is not
 # decomposable": TensorRT looks for one fused kernel (NvInfer.h, IAttention; the Fused Attention page of the TensorRT
 # developer guide). No page lists which GPUs have an fp32 one, so an fp32 10.15 build may fail there: warn.
