@@ -91,9 +91,12 @@ def model_dirs(model: str, layers: int | None, cache: Path, variants=("fp32",)) 
                 overrides.append(f"text.num_hidden_layers={layers}")
             print(f"building {model} checkpoint in {ckpt} (once)")
             make_tiny(ckpt, overrides=overrides)
+    from qwen2vl_edge.runtime.artifact import FORMAT_VERSION
+
     artifacts = {}
     for variant in sorted(variants):
-        art = root / f"artifact-{variant}"
+        # one directory per manifest version: checkouts of other versions share this cache and keep their own
+        art = root / f"artifact-v{FORMAT_VERSION}-{variant}"
         if not (art / "manifest.json").is_file() or not _current(art, VARIANTS[variant]):
             export(ckpt, art, verbose=True, **VARIANTS[variant])
         if variant.startswith("trt-") and not (art / "engines").is_dir():
