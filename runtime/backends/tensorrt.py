@@ -257,9 +257,8 @@ class TrtBackend:
         """Room for `reserve` positions (prompt + max_new_tokens; the engines' max context if not given). The
         preallocated graphs fix the cache's length (export --max-context, which build-trt made the engines' max
         context): every request's cache is that long, and never grows."""
-        capacity = min(reserve or self.limits.max_context, self.limits.max_context)
-        if self.kv_cache == PREALLOCATED:
-            capacity = self.limits.max_context
+        lim = self.limits.max_context
+        capacity = lim if self.kv_cache == PREALLOCATED else min(reserve or lim, lim)
         return TrtCache(self._kv_buffers(batch, capacity), 0, batch)
 
     def _kv_buffers(self, batch: int, capacity: int) -> KvBuffers:

@@ -133,8 +133,8 @@ def check_static_context(lim: Limits, kv_length: int | None) -> None:
     """Graphs with a static KV cache (export --max-context) take engines of exactly that max context."""
     if kv_length is not None and lim.max_context != kv_length:
         raise ArtifactError(f"these graphs fix the KV cache at {kv_length} positions (export --max-context "
-                         f"{kv_length}): build with --max-context {kv_length} (the default for them), or re-export "
-                         f"with --max-context {lim.max_context}")
+                            f"{kv_length}): build with --max-context {kv_length} (the default for them), or "
+                            f"re-export with --max-context {lim.max_context}")
 
 
 def profiles_for(engine: str, cfg: ModelConfig, lim: Limits, kv_cache: str = CONCAT) -> list[Profile]:
