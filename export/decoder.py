@@ -143,7 +143,10 @@ def _attention(g: Graph, h: str, ckpt: Checkpoint, i: int, cos: str, sin: str, b
         # scale on Q before the first MatMul (TensorRT developer guide, "Fused Attention", docs.nvidia.com/
         # deeplearning/tensorrt/latest/inference-library/transformers-fused-attention.html). ONNX MatMul broadcasts
         # only equal or unit batch dims, so the heads sharing a kv head (consecutive: head h reads kv head
-        # h // groups) go along the query axis, the mask tiled to match (_mask_bias): 4-D throughout.
+        # h // groups) go along the query axis, the mask tiled to match (_mask_bias): 4-D throughout. Its MHA
+        # fusion also wants both MatMuls' inputs in fp16/bf16 (so fp32 graphs stay unfused) and 16 <= hd <= 256,
+        # hd % 8 == 0 (developer guide "MHA fusion", as quoted in NVIDIA/TensorRT#2981); it says nothing of the
+        # fp32 casts around the softmax, which stay (attend): gpu-check's engine inspector tells whether it fused.
         q = g.op("Reshape", q, g.const([0, kv, -1, hd]))  # [B, nh, L, hd] -> [B, kv, groups*L, hd]
         k_t = g.op("Transpose", present_k, perm=[0, 1, 3, 2])  # [B, kv, hd, T]
         v = present_v  # [B, kv, T, hd]
