@@ -2,8 +2,8 @@
 
     python benchmarks/gpu_plumbing_check.py ARTIFACT [ARTIFACT ...] [--tokens 16]
 
-Each ARTIFACT is a tiny export: portable graphs (checked as a concat KV cache) or ort-cpu `--weights fp32`
-graphs (preallocated, written in place), or a `--target tensorrt` export. For each: `build-trt` with the
+Each ARTIFACT is a tiny export: portable graphs (checked as a concat KV cache), or a `--target tensorrt`
+export (10.15: preallocated, written in place, built at its static cache length). For each: `build-trt` with the
 fake `tensorrt` of tests/fake_tensorrt.py, then whole generations through TrtBackend, where the fake's
 execute_async_v3 copies the bound device bytes to the host with cuda-python, runs the engine's source
 graph with ONNX Runtime and copies the outputs back to the device. Everything else is real: device
@@ -80,7 +80,7 @@ def check(artifact: Path, tokens: int) -> bool:
     from qwen2vl_edge.runtime.backends.trt_profiles import Limits
 
     build_trt(artifact, limits=Limits(max_image_tokens=256, max_prompt=512, max_context=640),
-              timing_cache=artifact.parent / f"{artifact.name}.timing")
+              timing_cache=artifact.parent / f"{artifact.name}.timing", fit_context=True)
     convs = conversations()
     free0, total = device_memory()
     pipe = Qwen2VLPipeline.load(artifact, backend="tensorrt")

@@ -22,6 +22,8 @@ SHAPES = {
 SHAPE_INIT_STD = "0.02"
 
 
+BENCH_CONTEXT = 3200  # engines' max context (bench_limits), and the 10.15 graphs' static KV cache length
+
 # artifact variant -> export options
 VARIANTS = {
     "fp32": {},
@@ -35,9 +37,11 @@ VARIANTS = {
     "trt-fp32": {"target": "tensorrt", "precision": "fp32"},  # gpu-check's parity on the tiny model
     "trt-fp16": {"target": "tensorrt", "precision": "fp16"},
     "trt-int4": {"target": "tensorrt", "precision": "fp16", "weights": "int4"},
-    "trt-fp16-10.15": {"target": "tensorrt", "precision": "fp16", "min_tensorrt": "10.15"},
+    "trt-fp16-10.15": {"target": "tensorrt", "precision": "fp16", "min_tensorrt": "10.15",
+                       "max_context": BENCH_CONTEXT},
     # gpu-check: its attention must fuse (TensorRT's IAttention is not decomposable by default)
-    "trt-fp32-10.15": {"target": "tensorrt", "precision": "fp32", "min_tensorrt": "10.15"},
+    "trt-fp32-10.15": {"target": "tensorrt", "precision": "fp32", "min_tensorrt": "10.15",
+                       "max_context": BENCH_CONTEXT},
 }
 
 
@@ -45,7 +49,7 @@ def bench_limits():
     """Engine limits that hold the benchmark's inputs: 1344 px images (2,304 tokens), 2,048-token prompts."""
     from qwen2vl_edge.runtime.backends.trt_profiles import Limits
 
-    return Limits(max_image_tokens=2304, max_prompt=3072, max_context=3200)
+    return Limits(max_image_tokens=2304, max_prompt=3072, max_context=BENCH_CONTEXT)
 
 
 def _current(art: Path, options: dict) -> bool:
@@ -92,9 +96,12 @@ def model_dirs(model: str, layers: int | None, cache: Path, variants=("fp32",),
                 overrides.append(f"text.num_hidden_layers={layers}")
             print(f"building {model} checkpoint in {ckpt} (once)")
             make_tiny(ckpt, overrides=overrides)
+    from qwen2vl_edge.runtime.artifact import FORMAT_VERSION
+
     artifacts = {}
     for variant in sorted(variants):
-        art = root / f"artifact-{variant}"
+        # one directory per manifest version: checkouts of other versions share this cache and keep their own
+        art = root / f"artifact-v{FORMAT_VERSION}-{variant}"
         if not (art / "manifest.json").is_file() or not _current(art, VARIANTS[variant]):
             export(ckpt, art, verbose=True, **VARIANTS[variant])
         if variant.startswith("trt-") and (detailed or not (art / "engines").is_dir()):

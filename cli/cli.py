@@ -26,7 +26,7 @@ def _export(args: argparse.Namespace) -> int:
         export(args.checkpoint, args.out, dtype=args.dtype, opset=args.opset, all_logits=args.all_logits,
                target=args.target, weights=args.weights, vision_weights=args.vision_weights,
                block_size=args.block_size, accuracy_level=args.accuracy_level, precision=args.precision,
-               min_tensorrt=args.min_tensorrt)
+               min_tensorrt=args.min_tensorrt, max_context=args.max_context)
     except ValueError as e:  # the export's option checks: bad usage, exit 2
         raise UsageError(str(e)) from None
     return 0
@@ -178,10 +178,11 @@ def _build_trt(args: argparse.Namespace) -> int:
     from qwen2vl_edge.runtime.backends.trt_profiles import Limits
 
     limits = Limits(max_image_tokens=args.max_image_tokens, min_image_tokens=args.min_image_tokens,
-                    max_frames=args.max_frames, max_prompt=args.max_prompt, max_context=args.max_context,
-                    max_batch=args.max_batch)
+                    max_frames=args.max_frames, max_prompt=args.max_prompt,
+                    max_context=args.max_context or Limits.max_context, max_batch=args.max_batch)
     build_trt(args.artifact, limits=limits, workspace_gb=args.workspace_gb, timing_cache=args.timing_cache,
-              verify=not args.no_verify, detailed=args.detailed_layers)  # BuildError, ArtifactError: main() prints
+              verify=not args.no_verify, detailed=args.detailed_layers,  # BuildError / ArtifactError: main() prints
+              fit_context=args.max_context is None)  # 10.15 graphs: their static cache length
     return 0
 
 
@@ -354,9 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-tensorrt", choices=MIN_TENSORRT, default=None,
                    help="tensorrt: oldest TensorRT the graphs are written for (default 10.3, JetPack 6; 10.15: fused "
                         "Attention, KV cache updated in place)")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="tensorrt --min-tensorrt 10.15: the KV cache's fixed length, which every request allocates "
+                        "whole and decode reads whole (default: min(4096, the model's context)); build-trt builds "
+                        "at it")
     p.add_argument("--weights", choices=["fp32", "int8", "int4"], default="fp32",
-                   help="decoder weights (ort-cpu); every linear layer (tensorrt); of a GPTQ/AWQ checkpoint only "
-                        "its float lm_head on ort-cpu (its own quantized layers are kept as they are)")
+                   help="decoder weights (ort-cpu); every linear layer (tensorrt: int4 or fp32 only, TensorRT keeps "
+                        "no weight-only int8); of a GPTQ/AWQ checkpoint only its float lm_head on ort-cpu (its own "
+                        "quantized layers are kept as they are)")
     p.add_argument("--vision-weights", choices=["fp32", "int8", "int4", "int8-dynamic"], default=None,
                    help="int8/int4: MatMulNBits blocks; int8-dynamic: per-channel int8 weights with activations "
                         "quantized per tensor at run time (faster vision, coarser activations). Default: fp32 "
@@ -396,7 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-image-tokens", type=int, default=4)
     p.add_argument("--max-frames", type=int, default=16, help="video frames per encoder call")
     p.add_argument("--max-prompt", type=int, default=2048)
-    p.add_argument("--max-context", type=int, default=4096)
+    p.add_argument("--max-context", type=int, default=None,
+                   help="positions a request may hold (default: the export's --max-context for 10.15 graphs, whose "
+                        "KV cache length is fixed; else 4096)")
     p.add_argument("--max-batch", type=int, default=1)
     p.add_argument("--workspace-gb", type=float, default=4.0)
     p.add_argument("--timing-cache", help="timing cache file to reuse across builds (default: one per GPU and "

@@ -2,12 +2,18 @@
 
 Inputs: inputs_embeds [B, L, H], attention_mask [B, P+L], position_ids [3, B, L] (M-RoPE),
 past_key_values.{i}.key/value [B, kv_heads, P, head_dim]. Outputs: logits [B, 1 | L, V] and
-present.{i}.key/value [B, kv_heads, P+L, head_dim]. Grouped-query attention broadcasts the kv
-heads ([B, kv, 1, T, hd] against queries [B, kv, groups, L, hd]) instead of repeating them.
+present.{i}.key/value [B, kv_heads, P+L, head_dim]. Grouped-query attention never repeats the kv heads: the
+query heads that share one go along the query axis on tensorrt ([B, kv, groups*L, hd] against [B, kv, T, hd],
+the 4-D form TensorRT fuses), and are broadcast against them elsewhere ([B, kv, groups, L, hd] against
+[B, kv, 1, T, hd]).
 
 Preallocated caches (ort-cpu, tensorrt from 10.15): past and present are one buffer [B, kv_heads,
 capacity, head_dim] that the runtime binds as both; the graph writes rows P..P+L-1 in place
 (GroupQueryAttention, or TensorScatter followed by ONNX Attention), P = attention_mask.shape[1] - L.
+On tensorrt the capacity is a fixed number, `Target.kv_length` (export --max-context): TensorRT's parser turns
+TensorScatter into KVCacheUpdate, whose cache "must be a network input and have a static sequence length
+dimension" (TensorRT operator reference, KVCacheUpdate: docs.nvidia.com/deeplearning/tensorrt/latest/_static/
+operators/KVCacheUpdate.html). ort-cpu keeps a symbolic capacity, sized per request.
 """
 
 from __future__ import annotations
@@ -78,16 +84,36 @@ def _rotary(g: Graph, position_ids: str, ckpt: Checkpoint, heads_axis: int) -> t
         return g.to_act(g.op("Cos", emb)), g.to_act(g.op("Sin", emb))
 
 
-def _mask_bias(g: Graph, attention_mask: str, past_len: str, seq_len: str) -> str:
-    """Additive bias [B, 1, 1, L, T]: 0 where key j is visible to query i (j <= P + i and not padding)."""
-    total = g.op("Add", past_len, seq_len)
+def _visible(g: Graph, keep: str, q_pos: str, k_pos: str) -> str:
+    """Boolean [B, 1, Lq, T]: key j (at position k_pos[j], padding where keep [B, T] is false) is visible to query i
+    (at position q_pos[i]) when k_pos[j] <= q_pos[i] and it is not padding, and always at the query's own position:
+    no row is ever fully masked, so a left-padded row's pad queries stay finite even where a build lowers the mask
+    to fp16 (the fp32 minimum becomes -inf there, and a row of -inf is NaN after the softmax). Their outputs go
+    unused, and their keys are padding to every other query."""
+    row = g.op("Unsqueeze", k_pos, g.const([0]))  # [1, T]
+    col = g.op("Unsqueeze", q_pos, g.const([1]))  # [Lq, 1]
+    visible = g.op("And", g.op("LessOrEqual", row, col), g.op("Unsqueeze", keep, g.const([1, 2])))
+    return g.op("Or", visible, g.op("Equal", row, col))
+
+
+def _positions(g: Graph, attention_mask: str, seq_len: str) -> tuple[str, str, str]:
+    """(P + L as [1], query positions P..P+L-1 [L], scalar) with P = attention_mask.shape[1] - L."""
+    total = g.shape_dim(attention_mask, 1)
     scalar = lambda t: g.op("Squeeze", t, g.const([0]))  # noqa: E731
+    return total, g.op("Range", scalar(g.op("Sub", total, seq_len)), scalar(total), g.const(1)), scalar
+
+
+def _mask_bias(g: Graph, attention_mask: str, seq_len: str, groups: int | None) -> str:
+    """Additive bias, 0 where the key is visible (_visible) and MASK_MIN elsewhere: [B, 1, groups*L, T] for queries
+    laid out [B, kv, groups*L, hd] (row r is position P + r mod L), or [B, 1, 1, L, T] for [B, kv, groups, L, hd]
+    when `groups` is None (_attention)."""
+    total, q_pos, scalar = _positions(g, attention_mask, seq_len)
     k_pos = g.op("Range", g.const(0), scalar(total), g.const(1))  # [T]
-    q_pos = g.op("Range", scalar(past_len), scalar(total), g.const(1))  # [L]
-    causal = g.op("LessOrEqual", g.op("Unsqueeze", k_pos, g.const([0])), g.op("Unsqueeze", q_pos, g.const([1])))
-    keep = g.op("Unsqueeze", g.op("Cast", attention_mask, to=BOOL), g.const([1, 2, 3]))  # [B, 1, 1, 1, T]
-    allowed = g.op("And", causal, keep)  # [B, 1, 1, L, T]
-    return g.op("Where", allowed, g.const(0.0, np.float32), g.const(MASK_MIN, np.float32))
+    if groups:
+        q_pos = g.op("Tile", q_pos, g.const([groups]))  # [groups*L]
+    visible = _visible(g, g.op("Cast", attention_mask, to=BOOL), q_pos, k_pos)
+    bias = g.op("Where", visible, g.const(0.0, np.float32), g.const(MASK_MIN, np.float32))
+    return bias if groups else g.op("Unsqueeze", bias, g.const([2]))
 
 
 def _qkv_heads(g: Graph, h: str, ckpt: Checkpoint, i: int) -> tuple[str, str, str]:
@@ -112,30 +138,37 @@ def _attention(g: Graph, h: str, ckpt: Checkpoint, i: int, cos: str, sin: str, b
     q, k = rotate(g, q, cos, sin, hd // 2), rotate(g, k, cos, sin, hd // 2)
     present_k = g.op("Concat", past_k, k, axis=2)  # [B, kv, T, hd]
     present_v = g.op("Concat", past_v, v, axis=2)
-    q5 = g.op("Reshape", q, g.const([0, kv, nh // kv, -1, hd]))  # [B, kv, groups, L, hd]
-    k5 = g.op("Transpose", g.op("Unsqueeze", present_k, g.const([2])), perm=[0, 1, 2, 4, 3])  # [B, kv, 1, hd, T]
-    v5 = g.op("Unsqueeze", present_v, g.const([2]))  # [B, kv, 1, T, hd]
-    out = attend(g, q5, k5, v5, hd ** -0.5, bias)  # [B, kv, groups, L, hd]
-    out = g.op("Reshape", out, g.const([0, nh, -1, hd]))
+    if g.target.typed:
+        # TensorRT's attention fusion takes Q [B, N_q, S_q, H] against K/V [B, N_kv, S_kv, H], N_q % N_kv == 0, the
+        # scale on Q before the first MatMul (TensorRT developer guide, "Fused Attention", docs.nvidia.com/
+        # deeplearning/tensorrt/latest/inference-library/transformers-fused-attention.html). ONNX MatMul broadcasts
+        # only equal or unit batch dims, so the heads sharing a kv head (consecutive: head h reads kv head
+        # h // groups) go along the query axis, the mask tiled to match (_mask_bias): 4-D throughout. Its MHA
+        # fusion also wants both MatMuls' inputs in fp16/bf16 (so fp32 graphs stay unfused) and 16 <= hd <= 256,
+        # hd % 8 == 0 (developer guide "MHA fusion", as quoted in NVIDIA/TensorRT#2981); it says nothing of the
+        # fp32 casts around the softmax, which stay (attend): gpu-check's engine inspector tells whether it fused.
+        q = g.op("Reshape", q, g.const([0, kv, -1, hd]))  # [B, nh, L, hd] -> [B, kv, groups*L, hd]
+        k_t = g.op("Transpose", present_k, perm=[0, 1, 3, 2])  # [B, kv, hd, T]
+        v = present_v  # [B, kv, T, hd]
+    else:  # ONNX Runtime broadcasts the kv heads over the groups: the mask stays [B, 1, 1, L, T], groups times smaller
+        q = g.op("Reshape", q, g.const([0, kv, nh // kv, -1, hd]))  # [B, kv, groups, L, hd]
+        k_t = g.op("Transpose", g.op("Unsqueeze", present_k, g.const([2])), perm=[0, 1, 2, 4, 3])  # [B, kv, 1, hd, T]
+        v = g.op("Unsqueeze", present_v, g.const([2]))  # [B, kv, 1, T, hd]
+    out = attend(g, q, k_t, v, hd ** -0.5, bias)  # [B, kv, groups*L, hd] or [B, kv, groups, L, hd]
+    out = g.op("Reshape", out, g.const([0, nh, -1, hd]))  # [B, nh, L, hd]
     out = g.op("Reshape", g.op("Transpose", out, perm=[0, 2, 1, 3]), g.const([0, 0, nh * hd]))
     out = g.linear(out, ckpt.linear(f"{p}.o_proj"), None, f"{p}.o_proj")
     return out, present_k, present_v
 
 
 def _cache_mask(g: Graph, attention_mask: str, seq_len: str, capacity: str) -> str:
-    """ONNX Attention's boolean mask [B, 1, L, capacity] over a preallocated cache: key j is visible to query i
-    when j <= P + i and j is not padding (rows past P + L are never visible). A query always sees itself, so
-    no row is fully masked: a left-padded row's pad queries stay finite in fp16 (their outputs go unused)."""
-    total = g.shape_dim(attention_mask, 1)
-    scalar = lambda t: g.op("Squeeze", t, g.const([0]))  # noqa: E731
-    past = g.op("Sub", total, seq_len)
+    """ONNX Attention's boolean mask [B, 1, L, capacity] over a preallocated cache (_visible): rows past P + L hold
+    nothing yet and are never visible, since every query sits before them; decode reads the whole buffer."""
+    total, q_pos, scalar = _positions(g, attention_mask, seq_len)
     k_pos = g.op("Range", g.const(0), scalar(capacity), g.const(1))  # [capacity]
-    q_pos = g.op("Unsqueeze", g.op("Range", scalar(past), scalar(total), g.const(1)), g.const([1]))  # [L, 1]
-    row = g.op("Unsqueeze", k_pos, g.const([0]))  # [1, capacity]
     keep = g.op("Gather", g.op("Cast", attention_mask, to=BOOL),  # [B, capacity]; rows >= P + L read the last
                 g.op("Min", k_pos, g.op("Sub", total, g.const([1]))), axis=1)
-    visible = g.op("And", g.op("LessOrEqual", row, q_pos), g.op("Unsqueeze", keep, g.const([1, 2])))
-    return g.op("Or", visible, g.op("Equal", row, q_pos))  # [B, 1, L, capacity]
+    return _visible(g, keep, q_pos, k_pos)
 
 
 def _attention_scatter(g: Graph, h: str, ckpt: Checkpoint, i: int, cos: str, sin: str, mask: str, write_at: str,
@@ -229,7 +262,9 @@ def _attention_for(g: Graph, ckpt: Checkpoint, x: str, attention_mask: str, posi
         past_len = g.op("Sub", g.shape_dim(attention_mask, 1), seq_len)
         write_at = g.op("Expand", past_len, g.shape_dim(attention_mask, 0))  # [B]: every row writes at P
         return lambda h, i: _attention_scatter(g, h, ckpt, i, cos, sin, mask, write_at, *pasts[i])
-    bias = _mask_bias(g, attention_mask, g.shape_dim(pasts[0][0], 2), g.shape_dim(x, 1))
+    tc = ckpt.config.text
+    groups = tc.num_attention_heads // tc.num_key_value_heads if g.target.typed else None  # see _attention
+    bias = _mask_bias(g, attention_mask, g.shape_dim(x, 1), groups)
     return lambda h, i: _attention(g, h, ckpt, i, cos, sin, bias, *pasts[i])
 
 
@@ -258,7 +293,10 @@ def build_decoder(g: Graph, ckpt: Checkpoint, all_logits: bool = False, progress
     attention_mask = g.input("attention_mask", INT64, ["batch", "total_seq"])
     position_ids = g.input("position_ids", INT64, [3, "batch", "seq"])
     names = cache_names(ckpt.config)
-    past_dim, present_dim = ("capacity", "capacity") if preallocated(g) else ("past_seq", "total_seq")
+    if preallocated(g):
+        past_dim = present_dim = g.target.kv_length or "capacity"  # static on tensorrt (module doc)
+    else:
+        past_dim, present_dim = "past_seq", "total_seq"
     pasts = [(g.input(pk, g.act, ["batch", kv, past_dim, hd]), g.input(pv, g.act, ["batch", kv, past_dim, hd]))
              for pk, pv, _, _ in names]
     attention = _attention_for(g, ckpt, x, attention_mask, position_ids, pasts)

@@ -42,6 +42,7 @@ class Target:
     name: str = "portable"
     precision: str = "fp32"  # the type of weights, activations and the KV cache (tensorrt)
     min_tensorrt: str | None = None  # "10.3" | "10.15"
+    kv_length: int | None = None  # llm_ops: the KV cache's static length (export --max-context), see decoder.py
 
     @property
     def contrib(self) -> bool:

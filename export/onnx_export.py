@@ -6,14 +6,17 @@ import datetime as dt
 import json
 import shutil
 import time
+import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import onnx
 
 import qwen2vl_edge
 from qwen2vl_edge.runtime.artifact import FORMAT, FORMAT_VERSION, GRAPHS, MANIFEST, PROCESSOR_FILES, sha256_file
-from qwen2vl_edge.runtime.backends.trt_profiles import MIN_TENSORRT, PRECISIONS
+from qwen2vl_edge.runtime.backends.trt_profiles import MIN_TENSORRT, PRECISIONS, Limits
 from qwen2vl_edge.runtime.chat import find_template
+from qwen2vl_edge.runtime.errors import ConfigError
 
 from .checkpoint import Checkpoint
 from .decoder import build_decoder
@@ -25,6 +28,25 @@ from .trt_check import load_rules
 from .vision import build_vision_encoder
 
 WEIGHTS_FILE = "weights.data"
+# Why --target tensorrt takes no int8 weights. TensorRT documents weight-only quantization (the weights quantized,
+# activations in fp16/bf16) for int4 blocks (W4A16: "Working with Quantized Types", TensorRT developer guide, and
+# the onnx-tensorrt operator matrix's blocked DequantizeLinear); int8 runs as int8 GEMMs only with activations
+# quantized too (W8A8: Model Optimizer's support matrix lists int8 for TensorRT as per-channel weights with
+# per-tensor int8 activations, SmoothQuant: nvidia.github.io/Model-Optimizer/guides/0_support_matrix.html).
+# A per-channel int8 DequantizeLinear into an fp16 MatMul is no documented pattern: TensorRT may fold it back to
+# fp16 weights (no memory saved) or dequantize before every GEMM (slower than fp16).
+# IAttention (what the 10.15 parser makes of ONNX Attention) takes fp32, fp16 or bf16 and "by default is not
+# decomposable": TensorRT looks for one fused kernel (NvInfer.h, IAttention; the Fused Attention page of the TensorRT
+# developer guide). No page lists which GPUs have an fp32 one, so an fp32 10.15 build may fail there: warn.
+FP32_FUSED_ATTENTION = ("--precision fp32 --min-tensorrt 10.15: TensorRT runs ONNX Attention as IAttention, which is "
+                        "not decomposable by default, so the build needs a fused fp32 attention kernel for this GPU; "
+                        "NVIDIA documents fp32 as an accepted type but not on which GPUs such a kernel exists. If "
+                        "build-trt fails on the attention layers, export --precision fp16 (or --min-tensorrt 10.3)")
+TRT_INT8 = ("--weights int8 / --vision-weights int8 are not offered with --target tensorrt: TensorRT documents "
+            "weight-only quantization for int4 blocks (W4A16) only, and runs int8 as int8 GEMMs only with quantized "
+            "activations (W8A8), which these graphs do not have; per-channel int8 weights would be folded back to "
+            "fp16 or dequantized before every GEMM. Use --weights int4 (weights in int4 blocks, about a quarter of "
+            "fp16) or --weights fp32 (weights in --precision, fp16 by default)")
 MIN_OPSET = 17
 TARGETS = ("portable", "ort-cpu", "tensorrt")
 WEIGHTS = ("fp32", "int8", "int4")
@@ -65,8 +87,10 @@ def _quant_specs(target: str, weights: str, vision_weights: str, block_size: int
         raise ValueError("quantized weights use ONNX Runtime contrib ops: add --target ort-cpu "
                          "(portable graphs stay standard ONNX for TensorRT and other runtimes)")
     if target == "tensorrt" and vision_weights == "int8-dynamic":
-        raise ValueError("--vision-weights int8-dynamic is an ONNX Runtime contrib op: use int8 or int4 with "
+        raise ValueError("--vision-weights int8-dynamic is an ONNX Runtime contrib op: use int4 or fp32 with "
                          "--target tensorrt")
+    if target == "tensorrt" and "int8" in (weights, vision_weights):
+        raise ConfigError(TRT_INT8)
     specs = {"vision_encoder": None, "embedding_merger": None, "decoder": None}
     for graph, value in (("decoder", weights), ("vision_encoder", vision_weights)):
         if value != "fp32":
@@ -76,15 +100,38 @@ def _quant_specs(target: str, weights: str, vision_weights: str, block_size: int
     return specs
 
 
+def default_max_context(cfg) -> int:
+    """The static KV cache length of a 10.15 export without --max-context: build-trt's default max context (4096:
+    117 MB of fp16 cache for the 2B model, 235 MB for the 7B, which an 8 GB Jetson holds), or the model's own
+    context where that is shorter. A default export and a default build-trt then agree."""
+    return min(cfg.text.max_position_embeddings, Limits().max_context)
+
+
+def _with_kv_length(tgt: Target, cfg, max_context: int | None) -> Target:
+    """The target with the KV cache's static length: 10.15 graphs only (TensorScatter -> KVCacheUpdate needs one,
+    decoder.py)."""
+    if not tgt.llm_ops:
+        if max_context is not None:
+            raise ValueError("--max-context fixes the KV cache length of --min-tensorrt 10.15 graphs; 10.3 graphs "
+                             "grow their cache per request, up to build-trt --max-context: drop --max-context")
+        return tgt
+    if max_context is None:
+        return replace(tgt, kv_length=default_max_context(cfg))
+    if not 1 < max_context <= cfg.text.max_position_embeddings:
+        raise ValueError(f"--max-context must be 2..{cfg.text.max_position_embeddings} (the model's context), "
+                         f"got {max_context}")
+    return replace(tgt, kv_length=max_context)
+
+
 def _target(target: str, precision: str | None, min_tensorrt: str | None, weights: str, opset: int,
-            dtype: str) -> tuple[Target, int]:
+            dtype: str, max_context: int | None = None) -> tuple[Target, int]:
     """The graph target and the opset it is written at. tensorrt: at least the opset its ops need (24 for
-    TensorScatter from 10.15, 21 for int4 DequantizeLinear blocks, 19 for fp16/bf16 scales), never above what
-    that parser takes."""
+    TensorScatter from 10.15, 21 for int4 DequantizeLinear blocks), never above what that parser takes."""
     if target != "tensorrt":
-        if precision not in (None, "fp32") or min_tensorrt is not None:
-            raise ValueError("--precision and --min-tensorrt choose the strongly typed graphs of --target tensorrt; "
-                             f"--target {target} computes in fp32 (--dtype fp16 halves its stored weights)")
+        if precision not in (None, "fp32") or min_tensorrt is not None or max_context is not None:
+            raise ValueError("--precision, --min-tensorrt and --max-context choose the strongly typed graphs of "
+                             f"--target tensorrt; --target {target} computes in fp32 (--dtype fp16 halves its "
+                             "stored weights)")
         return Target(target), opset
     precision = precision or "fp16"
     if precision not in PRECISIONS:
@@ -94,11 +141,13 @@ def _target(target: str, precision: str | None, min_tensorrt: str | None, weight
         raise ValueError(f"--min-tensorrt must be one of {', '.join(MIN_TENSORRT)}, got {min_tensorrt!r}")
     if dtype != "fp32":
         raise ValueError("--target tensorrt stores its weights in --precision (fp16 or bf16): drop --dtype")
-    needed = {"int4": 21, "int8": 19}.get(weights, MIN_OPSET) if min_tensorrt == "10.3" else 24
+    needed = (21 if weights == "int4" else MIN_OPSET) if min_tensorrt == "10.3" else 24
     opset = max(opset, needed)
     top = load_rules(min_tensorrt)["opset_max"]
     if opset > top:
         raise ValueError(f"--opset {opset} is above what TensorRT {min_tensorrt}'s parser takes ({top})")
+    if precision == "fp32" and min_tensorrt == "10.15":
+        warnings.warn(FP32_FUSED_ATTENTION, stacklevel=3)
     return Target("tensorrt", precision, min_tensorrt), opset
 
 
@@ -156,21 +205,23 @@ def _tokenizer_pad_id(ckpt_dir: Path) -> int | None:
 def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32", opset: int = MIN_OPSET,
            all_logits: bool = False, target: str = "portable", weights: str = "fp32", vision_weights: str | None = None,
            block_size: int | None = None, accuracy_level: int = 4, precision: str | None = None,
-           min_tensorrt: str | None = None, check: bool = True, verbose: bool = True) -> Path:
+           min_tensorrt: str | None = None, max_context: int | None = None, check: bool = True,
+           verbose: bool = True) -> Path:
     """Export `checkpoint` to the artifact directory `out`; returns `out`.
 
     target 'portable': standard ONNX ops only (TensorRT, any runtime). target 'ort-cpu': the linears
     of the decoder / vision encoder may be int8/int4 MatMulNBits for ONNX Runtime's CPU kernels.
     target 'tensorrt': standard ONNX, strongly typed in `precision`, for TensorRT >= `min_tensorrt`
     (10.3: explicit attention, KV cache by Concat; 10.15: ONNX Attention, TensorScatter into a
-    preallocated cache, RMSNormalization, RotaryEmbedding); int8/int4 weights as DequantizeLinear + MatMul.
+    preallocated cache of `max_context` positions, RMSNormalization, RotaryEmbedding); int4 weights as
+    DequantizeLinear + MatMul.
     """
     vision_weights = vision_weights or (weights if target == "tensorrt" else "fp32")  # tensorrt: every linear
     quant = _quant_specs(target, weights, vision_weights, block_size, accuracy_level)
     quantized = [q for q in quant.values() if q is not None]
     contrib = _contrib_ops(target, quant)
     tgt, opset = _target(target, precision, min_tensorrt, "int4" if "int4" in (weights, vision_weights) else weights,
-                         opset, dtype)  # int4 anywhere: blocked DequantizeLinear (opset 21)
+                         opset, dtype, max_context)  # int4 anywhere: blocked DequantizeLinear (opset 21)
     if opset < MIN_OPSET:
         raise ValueError(f"--opset must be >= {MIN_OPSET} (LayerNormalization), got {opset}")
     if dtype not in ("fp32", "fp16"):
@@ -178,6 +229,7 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32", opse
     started = time.perf_counter()
     ckpt = Checkpoint(checkpoint)
     cfg = ckpt.config
+    tgt = _with_kv_length(tgt, cfg, max_context)
     prequantized = ckpt.quant is not None and target == "ort-cpu"  # its GPTQ/AWQ layers: MatMulNBits as they are
     if prequantized:
         QuantSpec(ckpt.quant.bits, accuracy_level=accuracy_level).validate()
@@ -242,6 +294,8 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32", opse
                                             if contrib else None),
                    # preallocated: past and present are one buffer [B, kv, capacity, hd] updated in place
                    "kv_cache": kv_cache,
+                   # that capacity when the graphs fix it (tensorrt from 10.15: export --max-context), else None
+                   "max_context": tgt.kv_length,
                    "weights_file": WEIGHTS_FILE, "source": str(ckpt.dir.resolve()),
                    "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                    "versions": _versions()},

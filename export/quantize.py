@@ -18,6 +18,12 @@ from onnx import TensorProto
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits accuracy_level: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8
 # weight format -> (bits, dynamic). "int8-dynamic": DynamicQuantizeMatMul, see dynamic_quant_matmul
 FORMATS = {"int8": (8, False), "int4": (4, False), "int8-dynamic": (8, True)}
+# The smallest positive normal of each scale dtype: every scale is at least this. TensorRT's parser refuses a
+# scale <= 0 ("Scale coefficients must all be positive", QuantDequantLinearHelper in onnx-tensorrt's
+# builtin_op_importers.cpp), which an all-zero block (max 0) or an fp16 scale below 2^-24 would give. bf16 has
+# fp32's exponent range, so fp32's smallest normal.
+SCALE_FLOOR = {"fp32": float(np.finfo(np.float32).tiny), "bf16": float(np.finfo(np.float32).tiny),
+               "fp16": float(np.finfo(np.float16).tiny)}
 
 
 def default_block(target: str, weight_format: str) -> tuple[int, bool]:
@@ -66,13 +72,14 @@ class QuantSpec:
                              "(4 = int8 activations, the fast path on CPUs with VNNI)")
 
 
-def symmetric(values: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+def symmetric(values: np.ndarray, bits: int, floor: float = SCALE_FLOOR["fp32"]) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric quantization over the last axis -> (q int16 in [-(2^(bits-1) - 1), 2^(bits-1) - 1],
-    scales fp32 [...]); an all-zero group gets scale 0 and q 0."""
+    scales fp32 [...], each at least `floor`: the smallest positive normal of the dtype it is stored in
+    (SCALE_FLOOR). An all-zero group gets q 0 (still exact); a group whose values are all below the floor's
+    resolution rounds to 0 as it would against any scale its dtype can hold."""
     qmax = 2 ** (bits - 1) - 1
-    scales = np.abs(values).max(axis=-1) / qmax
-    safe = np.where(scales == 0, 1.0, scales)[..., None]
-    return np.clip(np.rint(values / safe), -qmax, qmax).astype(np.int16), scales.astype(np.float32)
+    scales = np.maximum(np.abs(values).max(axis=-1).astype(np.float32) / qmax, np.float32(floor))
+    return np.clip(np.rint(values / scales[..., None]), -qmax, qmax).astype(np.int16), scales
 
 
 def quantize_blocks(weight: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -122,26 +129,20 @@ def _stored(g, key: str, weight, spec: QuantSpec) -> tuple[str, str, int, int, i
 
 
 def dequantize_matmul(g, x: str, weight: np.ndarray, name: str, spec: QuantSpec) -> str:
-    """x [..., K] @ weight[N, K].T as DequantizeLinear + MatMul on a constant weight stored [K, N], scales in
-    the graph's precision, no zero point (symmetric): the weight-only pattern TensorRT runs as one GEMM.
-    int4: blocks of `block_size` input channels (scales [K/block, N]); int8: one scale per output channel
-    (scales [N]), the form TensorRT's 10.x matrices document for int8 weights (see tensorrt_onnx_ops*.json)."""
+    """x [..., K] @ weight[N, K].T as DequantizeLinear + MatMul on a constant int4 weight stored [K, N] in blocks
+    of `block_size` input channels, scales [K/block, N] in the graph's precision (at least its smallest positive
+    normal), no zero point (symmetric): the weight-only pattern (W4A16) TensorRT runs as one GEMM. int8 weights
+    have no such documented pattern (export/onnx_export.py: TRT_INT8)."""
     n, k = weight.shape
-    if spec.bits == 4:
-        block = spec.block(k, name)
-        q, scales = symmetric(weight.astype(np.float32).reshape(n, k // block, block), 4)
-        nibbles = q.reshape(n, k).T.reshape(-1).astype(np.uint8) & 0x0F  # [K, N] row-major, two's complement
-        packed = pack_values(nibbles, 4)
-        g.store.add_packed(f"{name}.weight.int4", packed, (k, n), TensorProto.INT4)
-        dq = dict(axis=0, block_size=block)
-        data, scales = f"{name}.weight.int4", scales.T  # [K/block, N]
-    else:
-        q, scales = symmetric(weight.astype(np.float32), 8)  # one scale per output channel
-        g.store.add(f"{name}.weight.int8", np.ascontiguousarray(q.T.astype(np.int8)), exact=True)
-        dq = dict(axis=1)
-        data = f"{name}.weight.int8"
-    w = g.op("DequantizeLinear", g.weight(data, None, exact=True),
-             g.weight(f"{name}.weight.scales{spec.bits}", np.ascontiguousarray(scales), raw=True), **dq)
+    if spec.bits != 4:
+        raise ValueError(f"{name}: the tensorrt target quantizes weights to int4 blocks only, not {spec.bits} bits")
+    block = spec.block(k, name)
+    q, scales = symmetric(weight.astype(np.float32).reshape(n, k // block, block), 4, SCALE_FLOOR[g.target.precision])
+    nibbles = q.reshape(n, k).T.reshape(-1).astype(np.uint8) & 0x0F  # [K, N] row-major, two's complement
+    g.store.add_packed(f"{name}.weight.int4", pack_values(nibbles, 4), (k, n), TensorProto.INT4)
+    w = g.op("DequantizeLinear", g.weight(f"{name}.weight.int4", None, exact=True),
+             g.weight(f"{name}.weight.scales4", np.ascontiguousarray(scales.T), raw=True),  # [K/block, N]
+             axis=0, block_size=block)
     return g.op("MatMul", x, w)
 
 

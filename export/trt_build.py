@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from qwen2vl_edge.runtime.artifact import MANIFEST, Artifact, load_artifact, sha256_file
@@ -29,7 +30,8 @@ from qwen2vl_edge.runtime.backends.cuda import gpu_identity
 from qwen2vl_edge.runtime.errors import ArtifactError
 from qwen2vl_edge.runtime.backends.tensorrt import dtype_name, tensorrt_version, version_tuple
 from qwen2vl_edge.runtime.backends.trt_profiles import (
-    CONCAT, ENGINES, SIDECAR_SUFFIX, Limits, Profile, check_engine_io, make_sidecar, profiles_for,
+    CONCAT, ENGINES, SIDECAR_SUFFIX, Limits, Profile, check_engine_io, check_static_context, make_sidecar,
+    profiles_for,
 )
 
 from .vocab import cache_dir
@@ -197,9 +199,12 @@ def build_engine(trt, logger, art: Artifact, engine: str, limits: Limits, worksp
 
 
 def build_trt(artifact_dir: str | Path, *, limits: Limits = Limits(), workspace_gb: float = 4.0,
-              timing_cache: str | Path | None = None, verify: bool = True, detailed: bool = False) -> Path:
+              timing_cache: str | Path | None = None, verify: bool = True, detailed: bool = False,
+              fit_context: bool = False) -> Path:
     """Build the three engines into ARTIFACT/engines/ and list them in the manifest. `detailed`: build with
-    ProfilingVerbosity.DETAILED, so that the engine inspector reports each layer (gpu-check)."""
+    ProfilingVerbosity.DETAILED, so that the engine inspector reports each layer (gpu-check). `fit_context`:
+    graphs with a static KV cache (10.15) are built at its length, whatever limits.max_context says (build-trt
+    without --max-context); otherwise the two must agree."""
     try:
         import tensorrt as trt
     except ImportError:
@@ -209,6 +214,9 @@ def build_trt(artifact_dir: str | Path, *, limits: Limits = Limits(), workspace_
     art = load_artifact(artifact_dir, verify=verify)
     version = tensorrt_version(trt)
     check_buildable(art, version)
+    if fit_context and art.static_kv_length:
+        limits = replace(limits, max_context=art.static_kv_length)
+    check_static_context(limits, art.static_kv_length)
     out = art.dir / "engines"
     out.mkdir(exist_ok=True)
     logger = trt.Logger(trt.Logger.WARNING)

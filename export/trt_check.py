@@ -3,7 +3,8 @@
 Rules come from data/tensorrt_<version>_onnx_ops.json (TensorRT's own operator support matrix for 10.3 and
 10.15, version and source recorded in each file): every op supported, its data type accepted, the opset in
 range, constant-only inputs constant, no data-dependent output shapes, no custom-domain ops, the restrictions
-of the fused LLM ops (Attention, TensorScatter...), and weight-only DequantizeLinear in a form TensorRT takes.
+of the fused LLM ops (Attention, TensorScatter...), a static KV cache length where TensorRT needs one, and
+weight-only DequantizeLinear in a form TensorRT takes, with positive scales.
 An artifact is checked against the matrix of its manifest's `min_tensorrt` (10.15 when it names none).
 """
 
@@ -15,8 +16,9 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import onnx
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 
 from qwen2vl_edge.runtime.backends.trt_profiles import MIN_TENSORRT  # the versions with a matrix here
 
@@ -44,16 +46,37 @@ def load_rules(version: str = DEFAULT_VERSION) -> dict:
     return json.loads(resources.files(__package__).joinpath(f"data/tensorrt_{version}_onnx_ops.json").read_text())
 
 
-def _types(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int]]:
-    """(elem type, rank) of every value shape inference can tell."""
+def _types(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, list]]:
+    """(elem type, dims) of every value shape inference can tell; a dim is its size, or None where symbolic."""
     inferred = onnx.shape_inference.infer_shapes(model)
     g = inferred.graph
     values = list(g.input) + list(g.output) + list(g.value_info)
     types = {v.name: v.type.tensor_type.elem_type for v in values}
     types.update({t.name: t.data_type for t in g.initializer})
-    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in values if v.type.tensor_type.HasField("shape")}
-    ranks.update({t.name: len(t.dims) for t in g.initializer})
-    return types, ranks
+    dims = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+            for v in values if v.type.tensor_type.HasField("shape")}
+    dims.update({t.name: list(t.dims) for t in g.initializer})
+    return types, dims
+
+
+def _static_axis(node: onnx.NodeProto, rule: dict, dims: dict[str, list]) -> list[str]:
+    """The input axis that must have a fixed size (static_axes in the matrix) has a symbolic one."""
+    shape = dims.get(node.input[rule["input"]]) if rule["input"] < len(node.input) else None
+    if shape is None or shape[rule["axis"]] is not None:
+        return []
+    return [f"input {rule['input']} ({node.input[rule['input']]!r}) has a symbolic axis {rule['axis']}: {rule['why']}"]
+
+
+def _scales_positive(node: onnx.NodeProto, rule: dict, initializers: dict, base_dir: Path | None) -> list[str]:
+    """A constant scale with a coefficient <= 0 (NaN included); scales in external data are read from base_dir."""
+    tensor = initializers.get(node.input[1])
+    external = tensor is not None and tensor.data_location == TensorProto.EXTERNAL
+    if tensor is None or (external and base_dir is None):
+        return []
+    scales = np.asarray(numpy_helper.to_array(tensor, str(base_dir) if external else None), np.float32)
+    bad = int((~(scales > 0)).sum())
+    return [f"{bad} of {scales.size} scale(s) in {node.input[1]!r} are not positive: {rule['positive_scales_why']}"
+            ] if bad else []
 
 
 def _node_rules(node: onnx.NodeProto, rule: dict, ranks: dict[str, int], types: dict[str, int]) -> list[str]:
@@ -85,15 +108,18 @@ def _dequantize_rules(node: onnx.NodeProto, rule: dict, constants: set[str], typ
     return [f"{b}: {rule['why']}" for b in bad]
 
 
-def check_model(model: onnx.ModelProto, name: str, rules: dict) -> list[Problem]:
+def check_model(model: onnx.ModelProto, name: str, rules: dict, base_dir: Path | None = None) -> list[Problem]:
+    """`base_dir`: where the model's external data lies (its constant scales are read from there)."""
     problems = []
     ops, lo, hi = rules["operators"], rules["opset_min"], rules["opset_max"]
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx") and not lo <= imp.version <= hi:
             problems.append(Problem(name, "<model>", "opset", f"opset {imp.version} outside TensorRT "
                                     f"{rules['tensorrt_version']}'s parser range {lo}..{hi}"))
-    types, ranks = _types(model)
-    constants = {t.name for t in model.graph.initializer}
+    types, dims = _types(model)
+    ranks = {n: len(d) for n, d in dims.items()}
+    initializers = {t.name: t for t in model.graph.initializer}
+    constants = set(initializers)
     constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
     for node in model.graph.node:
         where = (name, node.name or node.output[0], node.op_type)
@@ -119,9 +145,12 @@ def check_model(model: onnx.ModelProto, name: str, rules: dict) -> list[Problem]
             problems.append(Problem(*where, rules["attribute_rules"]["LayerNormalization"]))
         if node.op_type in rules["node_rules"]:
             problems += [Problem(*where, m) for m in _node_rules(node, rules["node_rules"][node.op_type], ranks, types)]
+        if node.op_type in rules.get("static_axes", {}):
+            problems += [Problem(*where, m) for m in _static_axis(node, rules["static_axes"][node.op_type], dims)]
         if node.op_type in rules["quantized_weights"]:
             rule = rules["quantized_weights"][node.op_type]
             problems += [Problem(*where, m) for m in _dequantize_rules(node, rule, constants, types, ranks)]
+            problems += [Problem(*where, m) for m in _scales_positive(node, rule, initializers, base_dir)]
     return problems
 
 
@@ -136,8 +165,9 @@ def _artifact_and_rules(artifact: str | Path, version: str | None):
 def _problems(art, rules: dict) -> list[Problem]:
     problems = []
     for name in art.manifest["graphs"]:
-        model = onnx.load(str(art.graph_path(name)), load_external_data=False)
-        problems += check_model(model, name, rules)
+        path = art.graph_path(name)
+        model = onnx.load(str(path), load_external_data=False)
+        problems += check_model(model, name, rules, path.parent)
     return problems
 
 

@@ -20,7 +20,7 @@ from .config import ConfigError, ModelConfig
 from .errors import ArtifactError
 
 FORMAT = "qwen2vl-edge"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: export.max_context, the KV cache's static length of tensorrt graphs from 10.15
 MANIFEST = "manifest.json"
 GRAPHS = ("vision_encoder", "embedding_merger", "decoder")
 # side files read when they are present (runtime/processor.py, preprocess.py, generation.py); of the chat
@@ -66,6 +66,8 @@ def _relative_path(value: Any) -> bool:
 
 PATH = Check("a relative path inside the artifact directory (no '..', not absolute)", _relative_path)
 SHA256 = Check("a sha256 hex digest", lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None)
+STATIC_LENGTH = Check("null or a positions count (integer >= 2)",
+                      lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 2))
 TOKEN_ID = Check("a token id (integer >= 0)", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0)
 GRAPH_ENTRY = {"file": PATH, "inputs": ListOf({"name": str}, 1), "outputs": ListOf({"name": str}, 1)}
 ENGINE_ENTRY = {"file": PATH, "sidecar": PATH}
@@ -74,6 +76,7 @@ MANIFEST_SCHEMA = {
     "format_version": (FORMAT_VERSION,),
     "config": dict,  # field by field in ModelConfig.from_dict
     "export": {OptionalKey("kv_cache"): ("concat", "preallocated"), OptionalKey("target"): str,
+               OptionalKey("max_context"): STATIC_LENGTH,
                "weights_file": PATH, OptionalKey("logits"): ("last", "all")},
     "generation": {"eos_token_id": ListOf(TOKEN_ID, min_len=1), "pad_token_id": TOKEN_ID},
     "graphs": {name: GRAPH_ENTRY for name in GRAPHS},
@@ -195,6 +198,18 @@ class Artifact:
     @property
     def export(self) -> dict[str, Any]:
         return self.manifest["export"]
+
+    @property
+    def static_kv_length(self) -> int | None:
+        """The KV cache's fixed length where the graphs fix it (tensorrt from 10.15, export --max-context): every
+        request's cache is that long. None: the cache is sized per request."""
+        return self.export.get("max_context")
+
+    @property
+    def context(self) -> int:
+        """Positions a request or chat session may hold: the model's context, or the static cache's length."""
+        model = self.config.text.max_position_embeddings
+        return min(model, self.static_kv_length or model)
 
 
 def _read_manifest(d: Path) -> dict:

@@ -118,11 +118,14 @@ def prefill_bytes(cfg: ModelConfig, export: dict, req: RequestShape, chunk: int 
     runs `chunk` positions at a time (generation.prefill_chunks; None: all at once): what a run holds scales
     with its C positions against the T it attends to. Each run hands its arena's free regions back when it ends
     (backends/onnxruntime.py), so a chunk does not find the previous one's smaller buffers still held."""
-    t, B, T = cfg.text, req.batch, req.prompt_len
-    C = min(T, chunk or T)
+    t, B, L = cfg.text, req.batch, req.prompt_len
+    C = min(L, chunk or L)
+    T = export.get("max_context") or L  # keys attended to: the whole buffer where the graphs fix its length
     kind = _attention(export.get("target", "portable"), "decoder")
     scores = kind * B * t.num_attention_heads * C * T
-    mask = B * C * T * 1.25 + C * T / 4  # fp32 bias [B, (1,) 1, C, T] and its bool masks
+    # tensorrt 10.3 tiles its fp32 bias over the query heads sharing a kv head (export/decoder.py: _mask_bias)
+    groups = t.num_attention_heads // t.num_key_value_heads if export.get("min_tensorrt") == "10.3" else 1
+    mask = B * groups * C * T * 1.25 + groups * C * T / 4  # fp32 bias [B, 1, (groups*) C, T], its bool masks
     if kind == FUSED:  # GroupQueryAttention's probabilities, [C, T] at a time (tiny ort-cpu, 4,359 tokens in
         mask += B * C * T  # chunks of 2,048: 70 MB measured, 65 estimated without them)
     widths = DECODER_WIDTHS * t.hidden_size + DECODER_MLP_WIDTHS * t.intermediate_size
@@ -142,8 +145,9 @@ def estimate(cfg: ModelConfig, export: dict, req: RequestShape, chunk: int | Non
     stages = {"vision": inputs + features + (vision_bytes(cfg, target, largest) if largest else 0)}
     embeds = F32 * B * L * t.hidden_size
     dtype, kind = export.get("compute_dtype", "fp32"), export.get("kv_cache", CONCAT)  # fp16 weights: fp32 cache
-    # concat: past and present both alive in a step; preallocated: one buffer of L + max_new_tokens from the start
-    cache_decode = kv_cache_bytes(cfg, B, total, dtype, kind)
+    # concat: past and present both alive in a step; preallocated: one buffer of L + max_new_tokens from the start,
+    # or of the length the graphs fix (tensorrt from 10.15)
+    cache_decode = kv_cache_bytes(cfg, B, export.get("max_context") or total, dtype, kind)
     cache_prefill = cache_decode if kind == PREALLOCATED else kv_cache_bytes(cfg, B, L, dtype, PREALLOCATED)
     stages["prefill"] = inputs + features + embeds + cache_prefill + prefill_bytes(cfg, export, req, chunk)
     stages["decode"] = inputs + cache_decode + F32 * B * t.vocab_size * 2
@@ -268,7 +272,8 @@ def _fixes(cfg: ModelConfig, export: dict, req: RequestShape, est: Estimate, bud
 
 
 def _export_for(export: dict, target: str) -> dict:
-    return {**export, "target": target, "kv_cache": KV_CACHE[target]}
+    return {**export, "target": target, "kv_cache": KV_CACHE[target], "max_context": None,
+            "min_tensorrt": "10.3" if target == "tensorrt" else None}
 
 
 def check(cfg: ModelConfig, export: dict, inputs: dict, max_new_tokens: int, limit: int | None = None,

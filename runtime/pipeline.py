@@ -149,15 +149,17 @@ class Qwen2VLPipeline:
     def _prepare(self, conversations, opts: GenerationOptions, add_vision_id: bool = False
                  ) -> tuple[dict, list[dict], Any, dict]:
         t0 = time.perf_counter()
-        limit = self.artifact.config.text.max_position_embeddings
+        limit = self.artifact.context
         inputs, meta = self.processor.encode(conversations, add_vision_id,
                                              max_tokens=max(limit - opts.max_new_tokens, 0))
         t1 = time.perf_counter()
         prompt_len = inputs["input_ids"].shape[1]
         if prompt_len + opts.max_new_tokens > limit:
-            raise InputError(f"prompt ({prompt_len} tokens) + max_new_tokens ({opts.max_new_tokens}) exceeds the "
-                             f"model's context of {limit} tokens: shorten the prompt, use smaller images "
-                             "(max_pixels) or lower max_new_tokens")
+            held_by = ("the KV cache length these graphs fix (export --max-context)"
+                       if limit == self.artifact.static_kv_length else "the model's context")
+            raise InputError(f"prompt ({prompt_len} tokens) + max_new_tokens ({opts.max_new_tokens}) exceeds "
+                             f"{held_by} of {limit} tokens: shorten the prompt, use smaller images (max_pixels) or "
+                             "lower max_new_tokens")
         self.backend.check_request(inputs, opts.max_new_tokens)
         self.check_memory(inputs, opts.max_new_tokens)
         embeds, timings = self.embed(inputs)

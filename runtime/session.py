@@ -114,7 +114,7 @@ class ChatSession:
 
     @property
     def context(self) -> int:
-        return self.pipe.artifact.config.text.max_position_embeddings
+        return self.pipe.artifact.context
 
     # -- rendering ----------------------------------------------------------------------------
 

@@ -117,10 +117,15 @@ def pipe_ort(tiny_artifact_ort):
     return Qwen2VLPipeline.load(tiny_artifact_ort)
 
 
+# The static KV cache length of the tests' 10.15 exports (export --max-context): the engine limits they are built
+# with (tests/test_tensorrt.py: SMALL) match it, and decode reads the whole buffer, so it stays small.
+TRT_MAX_CONTEXT = 640
+
+
 @pytest.fixture(scope="session")
 def trt_export(tiny_ckpt, tiny_ckpt_v5, workdir):
     """export --target tensorrt of a tiny checkpoint, made once per option set: trt_export(min_tensorrt=...,
-    precision=..., weights=..., ckpt='original' | 'v5')."""
+    precision=..., weights=..., ckpt='original' | 'v5'); 10.15 exports hold TRT_MAX_CONTEXT positions."""
     made = {}
 
     def make(min_tensorrt="10.15", precision="fp32", weights="fp32", ckpt="original") -> Path:
@@ -128,7 +133,8 @@ def trt_export(tiny_ckpt, tiny_ckpt_v5, workdir):
         if key not in made:
             source = tiny_ckpt if ckpt == "original" else tiny_ckpt_v5
             made[key] = export_artifact(source, workdir / f"art-trt-{'-'.join(key)}", target="tensorrt",
-                                        min_tensorrt=min_tensorrt, precision=precision, weights=weights)
+                                        min_tensorrt=min_tensorrt, precision=precision, weights=weights,
+                                        max_context=TRT_MAX_CONTEXT if min_tensorrt == "10.15" else None)
         return made[key]
 
     return make

@@ -135,14 +135,6 @@ class FakeCudart:
         self._copy(int(dst), int(src), int(count), kind)
         return (cudaError_t.cudaSuccess,)
 
-    def cudaMemcpy2DAsync(self, dst, dpitch, src, spitch, width, height, kind, stream):  # noqa: N802
-        self._stream(stream)
-        if width > min(dpitch, spitch):
-            raise FakeCudaError(f"2D copy of rows of {width} bytes with pitches {dpitch}/{spitch}")
-        for r in range(height):
-            self._copy(int(dst) + r * dpitch, int(src) + r * spitch, width, kind)
-        return (cudaError_t.cudaSuccess,)
-
     def cudaStreamCreate(self):  # noqa: N802
         handle = 0x5000 + len(self.calls)
         self.streams.add(handle)

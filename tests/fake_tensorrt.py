@@ -5,6 +5,9 @@ It offers only names that the TensorRT version it fakes has (tests/test_trt_api_
 against the bindings' data of 10.3, 10.8, 10.9, 10.15 and 11.4: they differ in the engine stream readers
 and the stream writer), returns statuses where TensorRT does, and checks the calls, never the numbers:
 - the network is strongly typed; a profile gives every dynamic input a range of its rank, min <= opt <= max;
+- the parser refuses a KV cache updated in place (past and present of one shape: TensorScatter, which TensorRT
+  parses as KVCacheUpdate) whose sequence axis is symbolic: KVCacheUpdate's cache "must be a network input and
+  have a static sequence length dimension" (TensorRT operator reference);
 - contexts use user-managed memory, given a pool at least as large as the engine asks for;
 - at execute: every input shape set and inside the active profile, every I/O tensor given an address,
   each input buffer covering the profile's largest shape and each output what was written (asked of
@@ -271,7 +274,12 @@ class _OnnxParser:
         net._onnx_path = self._path = path
         net._nodes, net._weight_bytes = _graph_nodes(path)
         net._rec.hold("parser", path, net._weight_bytes)  # it keeps every weight it loaded for the network
-        return True
+        outputs = {t.name: t._dims for t in net._outputs}
+        self._errors = [_ParserError(f"KVCacheUpdate: the cache {t.name} {t._dims} must have a static sequence length "
+                                     "dimension") for t in net._inputs
+                        if t.name.startswith("past_key_values.") and t._dims == outputs.get(
+                            t.name.replace("past_key_values.", "present.")) and t.shape[2] == -1]
+        return not self._errors
 
     def __del__(self):
         _released(self._rec, "parser", self._path)

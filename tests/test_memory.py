@@ -250,3 +250,18 @@ def test_weights_above_the_memory_limit_fail_at_load(tiny_artifact):
     with pytest.raises(ConfigError, match=r"the weights of .* take 0\.\d GB, more than the 0\.0 GB available "
                                           r"\(memory_limit\).*--weights int4"):
         Qwen2VLPipeline.load(tiny_artifact, memory_limit=weights // 2)
+
+
+def test_a_static_cache_is_counted_whole():
+    """tensorrt 10.15 graphs fix the cache's length (export --max-context): a short request on ONNX Runtime holds
+    the whole buffer, and its prefill attends over all of it."""
+    from qwen2vl_edge.runtime.backends.trt_memory import kv_cache_bytes
+
+    static = {"target": "tensorrt", "kv_cache": "preallocated", "logits": "last", "compute_dtype": "fp16",
+              "min_tensorrt": "10.15", "max_context": 4096}
+    req = RequestShape(1, 100, 20, ())
+    est, grown = (estimate(CFG_2B, e, req, CHUNK) for e in (static, {**static, "max_context": None}))
+    held = kv_cache_bytes(CFG_2B, 1, 4096, "fp16", "preallocated") - kv_cache_bytes(CFG_2B, 1, 120, "fp16",
+                                                                                    "preallocated")
+    assert est.stages["decode"] - grown.stages["decode"] == held
+    assert est.stages["prefill"] - grown.stages["prefill"] > held  # and the scores over 4096 keys, not 100

@@ -14,9 +14,9 @@ import onnx
 import pytest
 from onnx import helper
 
-from conftest import assert_varied, requires_torch
+from conftest import TRT_MAX_CONTEXT, assert_varied, requires_torch
 from qwen2vl_edge.runtime import ArtifactError, InputError
-from qwen2vl_edge.runtime.backends.trt_memory import kv_cache_bytes, memory_table
+from qwen2vl_edge.runtime.backends.trt_memory import kv_cache_bytes, memory_table, static_cache_table
 from qwen2vl_edge.runtime.backends.trt_profiles import (
     DECODE, PREALLOCATED, PREFILL, Limits, check_request, check_shape, check_sidecar, decoder_profile, make_sidecar,
     profiles_for,
@@ -34,6 +34,10 @@ QWEN2VL_2B = {
                       "hidden_size": 1536, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
 }
 CFG_2B = parse_hf_config(QWEN2VL_2B)
+# Qwen/Qwen2-VL-7B-Instruct's config.json: where it differs from the 2B's
+CFG_7B = parse_hf_config({**QWEN2VL_2B, "hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28,
+                          "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False,
+                          "vision_config": {**QWEN2VL_2B["vision_config"], "hidden_size": 3584}})
 
 
 def _gpu_trt_missing() -> str | None:
@@ -98,10 +102,11 @@ def test_kv_cache_bytes():
 
 
 def test_preallocated_decoder_profiles_bind_the_whole_buffer():
+    """10.15's cache has a static length (KVCacheUpdate needs one): both profiles fix it at the max context."""
     lim = Limits(max_prompt=1024, max_context=3000)
     prefill, decode = profiles_for("decoder", CFG_2B, lim, PREALLOCATED)
     for p in (prefill, decode):
-        assert p["past_key_values.0.key"][0] == (1, 2, 1, 128) and p["past_key_values.0.key"][2] == (1, 2, 3000, 128)
+        assert p["past_key_values.0.key"][0] == (1, 2, 3000, 128) and p["past_key_values.0.key"][2] == (1, 2, 3000, 128)
     assert prefill["attention_mask"][2] == decode["attention_mask"][2] == (1, 3000)  # prefill after a past too
 
 
@@ -134,11 +139,12 @@ def test_shape_outside_profile_names_tensor_shape_and_flag():
         check_shape("decoder", "past_key_values.3.value", (2, 2, 10, 128), decode["past_key_values.3.value"])
 
 
-def test_docs_jetson_table_is_the_memory_plan():
-    """The Jetson numbers in docs/tensorrt.md are memory_table() of the 2B config, the function the backend
-    allocates from."""
-    page = (Path(__file__).parents[1] / "docs" / "tensorrt.md").read_text()
-    assert memory_table(CFG_2B) in page
+def test_docs_jetson_tables_are_the_memory_plan():
+    """The docs' Jetson numbers are memory_table() of the 2B config and static_cache_table() of the 2B and 7B ones,
+    from the functions the backend allocates with; no int8 row (TensorRT documents no weight-only int8)."""
+    docs = (Path(__file__).parents[1] / "docs" / "tensorrt-export-notes.md").read_text()
+    assert memory_table(CFG_2B) in docs and "| int8 |" not in memory_table(CFG_2B)
+    assert static_cache_table({"2B": CFG_2B, "7B": CFG_7B}) in docs
 
 
 def test_sidecar_mismatch_is_refused():
@@ -260,7 +266,7 @@ def fakes(monkeypatch):
     return trt, cuda
 
 
-SMALL = Limits(max_image_tokens=256, max_prompt=512, max_context=640)
+SMALL = Limits(max_image_tokens=256, max_prompt=512, max_context=TRT_MAX_CONTEXT)
 
 
 def _built(src: Path, out: Path) -> Path:
@@ -300,6 +306,51 @@ def test_build_trt_checks_the_tensorrt_version_against_the_graphs(trt_standins):
         check_buildable(art, "10.3.0")
     with pytest.raises(BuildError, match="TensorRT 12.0.1 is not supported"):
         check_buildable(art, "12.0.1")
+
+
+def _symbolic_cache(art: Path) -> None:
+    """Rewrite the decoder of a 10.15 export as it was before the cache length was fixed: a symbolic axis."""
+    model = onnx.load(str(art / "decoder.onnx"), load_external_data=False)
+    for value in (*model.graph.input, *model.graph.output):
+        if value.name.startswith(("past_key_values.", "present.")):
+            value.type.tensor_type.shape.dim[2].dim_param = "capacity"
+    onnx.save(model, str(art / "decoder.onnx"))
+
+
+@requires_torch
+def test_a_symbolic_cache_axis_is_refused_by_check_trt_and_the_parser(trt_standins, fakes, tmp_path):
+    """TensorRT parses TensorScatter as KVCacheUpdate, whose cache needs a static sequence length: check-trt names
+    the node, and the fake parser (as TensorRT's) refuses the graph at build-trt."""
+    from qwen2vl_edge.export.trt_build import BuildError, build_trt
+    from qwen2vl_edge.export.trt_check import check_artifact
+
+    art = Path(shutil.copytree(trt_standins["preallocated"], tmp_path / "art"))
+    assert check_artifact(art) == []
+    _symbolic_cache(art)
+    problems = [str(p) for p in check_artifact(art)]
+    scatters = [p for p in problems if "(TensorScatter): input 0" in p and "symbolic axis -2" in p]
+    assert len(scatters) == 2 * 2 and all("--max-context" in p for p in scatters)  # k and v of the 2 layers
+    with pytest.raises(BuildError, match="KVCacheUpdate: the cache past_key_values.0.key .* static sequence length"):
+        build_trt(art, limits=SMALL, timing_cache=tmp_path / "timing.cache", verify=False)
+
+
+@requires_torch
+def test_build_trt_takes_the_static_cache_length_as_max_context(trt_standins, fakes, tmp_path):
+    from dataclasses import replace
+
+    from qwen2vl_edge.export.trt_build import build_trt
+
+    art = Path(shutil.copytree(trt_standins["preallocated"], tmp_path / "art"))
+    with pytest.raises(ArtifactError, match=f"fix the KV cache at {TRT_MAX_CONTEXT} positions.*build with "
+                                            f"--max-context {TRT_MAX_CONTEXT}"):
+        build_trt(art, limits=replace(SMALL, max_context=TRT_MAX_CONTEXT + 1), timing_cache=tmp_path / "t.cache")
+    assert not (art / "engines").exists()
+    from qwen2vl_edge.cli import main  # in this process: the fake tensorrt is in its sys.modules
+
+    assert main(["build-trt", str(art), "--max-image-tokens", "256", "--max-prompt", "512",  # no --max-context
+                 "--timing-cache", str(tmp_path / "t.cache")]) == 0
+    sidecar = json.loads((art / "engines" / "decoder.engine.json").read_text())
+    assert sidecar["limits"]["max_context"] == TRT_MAX_CONTEXT
 
 
 @requires_torch
@@ -366,6 +417,8 @@ def _two_turn_chat(pipe) -> list[list[int]]:
         b = pipe.backend
         assert session.cache_bytes == kv_cache_bytes(pipe.artifact.config, 1, session.cache.capacity, b.kv_dtype,
                                                      b.kv_cache) > 0
+        # 10.15: every request's cache has the graphs' static length from the start (no growth)
+        assert (session.cache.capacity == TRT_MAX_CONTEXT) == (b.kv_cache == PREALLOCATED)
     return [first.token_ids, second.token_ids]
 
 
@@ -459,7 +512,7 @@ def test_tensorrt_matches_onnxruntime(trt_export, tmp_path, version, precision):
 
     art = tmp_path / "art"
     shutil.copytree(trt_export(min_tensorrt=version, precision=precision), art)
-    build_trt(art, limits=Limits(max_prompt=1024, max_context=1200, max_image_tokens=512))
+    build_trt(art, limits=Limits(max_prompt=512, max_context=TRT_MAX_CONTEXT, max_image_tokens=512))
     conv = _image_conv(0)
     ort_pipe = Qwen2VLPipeline.load(art)
     with Qwen2VLPipeline.load(art, backend="tensorrt") as trt_pipe:

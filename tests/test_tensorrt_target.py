@@ -13,8 +13,8 @@ import onnx
 import pytest
 from onnx import TensorProto
 
-from conftest import random_image, requires_torch
-from qwen2vl_edge.runtime import ArtifactError, Qwen2VLPipeline
+from conftest import TRT_MAX_CONTEXT, random_image, requires_torch
+from qwen2vl_edge.runtime import ArtifactError, ConfigError, InputError, Qwen2VLPipeline
 
 pytestmark = requires_torch
 VERSIONS = ["10.3", "10.15"]
@@ -71,25 +71,36 @@ def test_fp16_left_padded_batch_stays_finite(trt_pipe, version):
     assert all(buf.dtype == np.float16 and np.isfinite(buf).all() for buf in cache.values())
 
 
-# measured 2026-11-26 (tiny checkpoint, fp16 graphs, 10.15): int8 per channel 88 % (text) / 84 % (image);
-# int4 in blocks of 32: 22 % / 22 %. Random weights give far flatter logits than a trained model: floors only.
-QUANT_TOP1 = {"int8": 0.8, "int4": 0.1}
+# measured 2026-11-26 (tiny checkpoint, fp16 graphs, 10.15): int4 in blocks of 32: 22 % (text) / 22 % (image).
+# Random weights give far flatter logits than a trained model: a floor only.
+INT4_TOP1 = 0.1
 
 
-@pytest.mark.parametrize("weights", ["int8", "int4"])
-def test_quantized_weights_agreement(trt_pipe, pipe, prompts, weights):
-    q = trt_pipe(precision="fp16", weights=weights)
+def test_int4_weights_agreement(trt_pipe, pipe, prompts):
+    q = trt_pipe(precision="fp16", weights="int4")
     dq = [n for n in onnx.load(str(q.artifact.graph_path("decoder")), load_external_data=False).graph.node
           if n.op_type == "DequantizeLinear"]
     assert len(dq) == 7 * q.artifact.config.text.num_hidden_layers  # every linear; the tied lm_head stays fp16
     top1 = _agreement(q, pipe, prompts)
-    _report(f"tensorrt fp16 {weights}", top1)
-    assert min(top1.values()) >= QUANT_TOP1[weights]
+    _report("tensorrt fp16 int4", top1)
+    assert min(top1.values()) >= INT4_TOP1
+
+
+def test_int8_weights_are_refused_for_tensorrt(tiny_ckpt, tmp_path):
+    """TensorRT documents weight-only quantization for int4 blocks only; int8 GEMMs need quantized activations."""
+    from qwen2vl_edge.export.onnx_export import export
+
+    for flags in ({"weights": "int8"}, {"weights": "int4", "vision_weights": "int8"}):
+        with pytest.raises(ConfigError, match="not offered with --target tensorrt.*W4A16.*W8A8.*--weights int4.*"
+                                              "--weights fp32"):
+            export(tiny_ckpt, tmp_path / "a", target="tensorrt", verbose=False, **flags)
+    assert not (tmp_path / "a").exists()
 
 
 def test_preallocated_cache_is_scattered_in_place(trt_pipe, pipe):
-    """10.15: TensorScatter writes each step into the request's buffer (bound as past and present); logits follow
-    the portable graphs on a left-padded batch, through a capacity doubling."""
+    """10.15: TensorScatter writes each step into the request's buffer (bound as past and present), whose length the
+    graphs fix (export --max-context); decode reads all of it, the mask hiding the unused tail. Logits follow the
+    portable graphs on a left-padded batch."""
     from qwen2vl_edge.runtime.generation import StepTimes, decode_step, prefill
 
     fused = trt_pipe(min_tensorrt="10.15")
@@ -111,7 +122,10 @@ def test_preallocated_cache_is_scattered_in_place(trt_pipe, pipe):
         if step == 0:  # the new row was written into the very buffer bound as past
             buf = states["fused"].cache.buffers
             assert buf is first and any((buf[k] != before[k]).any() for k in buf)
-    assert states["fused"].cache.capacity == 2 * (inputs["input_ids"].shape[1] + 2)
+    assert states["fused"].cache.capacity == TRT_MAX_CONTEXT == fused.artifact.static_kv_length
+    conv = [{"role": "user", "content": "Hi."}]  # more positions than the static cache holds: named, before running
+    with pytest.raises(InputError, match=rf"these graphs fix \(export --max-context\) of {TRT_MAX_CONTEXT} tokens"):
+        fused.generate(conv, max_new_tokens=TRT_MAX_CONTEXT)
 
 
 def _concrete_vision(path, patches: int) -> onnx.ModelProto:
@@ -145,6 +159,10 @@ def test_graphs_are_strongly_typed_in_the_precision(trt_export, version):
     assert (export["target"], export["precision"], export["min_tensorrt"], export["weights"]) == (
         "tensorrt", "fp16", version, "fp32")
     assert export["kv_cache"] == ("preallocated" if version == "10.15" else "concat")
+    # 10.15: the cache's length is a number in the file itself (TensorRT's KVCacheUpdate needs a static one)
+    assert export["max_context"] == (TRT_MAX_CONTEXT if version == "10.15" else None)
+    past = next(v for v in manifest["graphs"]["decoder"]["inputs"] if v["name"] == "past_key_values.0.key")
+    assert past["shape"][2] == (TRT_MAX_CONTEXT if version == "10.15" else "past_seq")
     assert export["opset"] == (24 if version == "10.15" else 17)
     for name, graph in manifest["graphs"].items():
         for value in graph["inputs"] + graph["outputs"]:
@@ -158,7 +176,7 @@ def test_graphs_are_strongly_typed_in_the_precision(trt_export, version):
     ops = {n.op_type for n in decoder.graph.node}
     assert (fused <= ops) if version == "10.15" else not (fused & ops)
     cache_ops = {n.op_type for n in decoder.graph.node if any(i.startswith("past_key_values.") for i in n.input)}
-    assert cache_ops == ({"TensorScatter", "Shape"} if version == "10.15" else {"Concat", "Shape"})  # Shape: capacity
+    assert cache_ops == ({"TensorScatter", "Shape"} if version == "10.15" else {"Concat"})  # Shape: capacity
 
 
 @pytest.mark.parametrize("version", ["10.3", "10.15"])
@@ -186,7 +204,7 @@ def test_check_trt_passes_on_every_variant_with_its_matrix(trt_export):
     from qwen2vl_edge.export.trt_check import check_artifact, load_rules
 
     variants = [dict(min_tensorrt=v, precision=p, weights=w) for v in VERSIONS for p in ("fp32", "fp16", "bf16")
-                for w in ("fp32", "int8", "int4")]
+                for w in ("fp32", "int4")]
     for options in variants:
         assert [str(p) for p in check_artifact(trt_export(**options))] == [], options
     # the 10.15 graphs are refused by the 10.3 matrix, naming what 10.3's parser lacks
@@ -229,6 +247,17 @@ def test_bad_tensorrt_options(tiny_ckpt, tmp_path):
         export(tiny_ckpt, tmp_path / "b", precision="fp16", verbose=False)
     with pytest.raises(ValueError, match="above what TensorRT 10.3's parser takes"):
         export(tiny_ckpt, tmp_path / "c", target="tensorrt", opset=24, verbose=False)
+    with pytest.raises(ValueError, match="--max-context fixes the KV cache length of --min-tensorrt 10.15 graphs"):
+        export(tiny_ckpt, tmp_path / "d", target="tensorrt", max_context=512, verbose=False)
+    with pytest.raises(ValueError, match="--max-context must be 2..32768"):
+        export(tiny_ckpt, tmp_path / "e", target="tensorrt", min_tensorrt="10.15", max_context=40000, verbose=False)
+
+
+def test_fp32_1015_warns_that_it_needs_a_fused_fp32_attention_kernel():
+    from qwen2vl_edge.export.onnx_export import _target
+
+    with pytest.warns(UserWarning, match="IAttention, which is not decomposable by default.*--precision fp16"):
+        _target("tensorrt", "fp32", "10.15", "fp32", 17, "fp32")
 
 
 def test_vision_memory_benchmark_measures_the_encoder_in_a_child(trt_export):
@@ -239,3 +268,85 @@ def test_vision_memory_benchmark_measures_the_encoder_in_a_child(trt_export):
     assert result["patches"] == (224 // 14) ** 2 and result["features_finite"]
     assert result["peak_rss_bytes"] >= result["peak_after_load_bytes"] > result["rss_before_load_bytes"] > 0
     assert result["export"] == {"target": "tensorrt", "precision": "fp16", "min_tensorrt": "10.15"}
+
+
+def _lowered_to_fp16(src, out):
+    """The decoder with its additive mask as an fp16 build would hold it: the fp32 minimum becomes -inf."""
+    from qwen2vl_edge.export.decoder import MASK_MIN
+
+    model = onnx.load(str(src / "decoder.onnx"))
+    lowered = 0
+    for init in model.graph.initializer:
+        if init.data_type == TensorProto.FLOAT and init.dims == [] and onnx.numpy_helper.to_array(init) == MASK_MIN:
+            init.CopyFrom(onnx.numpy_helper.from_array(np.array(-np.inf, np.float32), init.name))
+            lowered += 1
+    assert lowered == 1  # the one bias every layer shares
+    onnx.save(model, str(out))
+    return out
+
+
+def test_10_3_left_padding_mask_survives_an_fp16_lowering(trt_export, tmp_path):
+    """A build may run the 10.3 decoder's mask in fp16, where its fp32 minimum is -inf: a pad query that saw no key
+    would be NaN after the softmax, and NaN keys poison the real queries of its row in the next layer (NaN * 0 is
+    NaN). Every query sees itself, so a left-padded batch stays finite and its real rows keep their logits."""
+    import onnxruntime as ort
+
+    art = trt_export(min_tensorrt="10.3", precision="fp16")
+    cfg = Qwen2VLPipeline.load(art).artifact.config.text
+    rng = np.random.default_rng(0)
+    L, pad = 12, 5
+    embeds = (rng.standard_normal((2, L, cfg.hidden_size)) * 0.5).astype(np.float32)
+    mask = np.ones((2, L), np.int64)
+    mask[0, :pad] = 0  # row 0 is left-padded
+    positions = np.broadcast_to(np.clip(np.cumsum(mask, 1) - 1, 0, None), (3, 2, L)).astype(np.int64)
+    feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": np.ascontiguousarray(positions)}
+    feeds |= {f"past_key_values.{i}.{kind}": np.zeros((2, cfg.num_key_value_heads, 0, cfg.head_dim), np.float16)
+              for i in range(cfg.num_hidden_layers) for kind in ("key", "value")}
+    logits = {name: ort.InferenceSession(str(path)).run(["logits"], feeds)[0]
+              for name, path in (("exported", art / "decoder.onnx"),
+                                 ("lowered", _lowered_to_fp16(art, tmp_path / "lowered.onnx")))}
+    assert np.isfinite(logits["lowered"]).all()
+    np.testing.assert_allclose(logits["lowered"], logits["exported"], atol=1e-3, rtol=0)
+
+
+def test_quantization_scales_stay_positive_normals(tmp_path):
+    """An all-zero block (scale 0 before) and a block whose fp16 scale underflows get the smallest positive normal
+    of their dtype, q = 0 (still exact); TensorRT's parser refuses scales <= 0, and check-trt names them."""
+    from onnx import helper
+
+    from qwen2vl_edge.export.graph import Graph, Target, WeightStore
+    from qwen2vl_edge.export.quantize import QuantSpec, dequantize_matmul
+    from qwen2vl_edge.export.trt_check import check_model, load_rules
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((8, 64)).astype(np.float32)
+    weight[0] = 0  # a row of all-zero blocks
+    weight[1, :32] = 1e-9  # a block whose scale (1e-9 / 7) is 0 in fp16
+    store = WeightStore(tmp_path / "w.data", "fp16")
+    g = Graph("q", store, 21, quant=QuantSpec(4, 32), target=Target("tensorrt", "fp16", "10.3"))
+    x = g.input("x", TensorProto.FLOAT16, [1, 64])
+    g.output(dequantize_matmul(g, x, weight, "lin", g.quant), "y", TensorProto.FLOAT16, [1, 8])
+    store.close()
+    model = g.model()
+    onnx.save(model, str(tmp_path / "q.onnx"))
+    scales = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name.endswith("scales4")),
+                                        str(tmp_path))
+    assert scales.dtype == np.float16 and (scales > 0).all()
+    assert scales[0, 0] == scales[0, 1] == np.finfo(np.float16).tiny  # [K/block, N]: block 0 of rows 0 and 1
+    rules = load_rules("10.3")
+    assert check_model(model, "q", rules, tmp_path) == []
+    import onnxruntime as ort
+
+    x_value = rng.standard_normal((1, 64)).astype(np.float16)
+    y = ort.InferenceSession(str(tmp_path / "q.onnx")).run(None, {"x": x_value})[0]
+    assert np.isfinite(y).all() and y[0, 0] == 0  # the zero row stays exactly zero
+    # the rule itself: a scale of 0 (what an all-zero block got before) is refused
+    bad = helper.make_model(helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["w", "s"], ["y"], axis=0, block_size=2)], "bad", [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [2, 1])],
+        [helper.make_tensor("w", TensorProto.INT4, [2, 1], [1, 2]),
+         helper.make_tensor("s", TensorProto.FLOAT16, [1, 1], [0.0])]),
+        opset_imports=[helper.make_opsetid("", 21)])
+    problems = [str(p) for p in check_model(bad, "bad", rules)]
+    assert any("1 of 1 scale(s) in 's' are not positive" in p and "Scale coefficients must all be positive" in p
+               for p in problems), problems

@@ -8,15 +8,15 @@ import shutil
 from pathlib import Path
 
 
-def tensorrt_standin(src: Path, out: Path, kv_cache: str | None = None) -> Path:
-    """A tiny fp32-compute export with its manifest relabeled as `--target tensorrt --precision fp32`.
-    concat: portable graphs (past [B, kv, P, hd] -> present [B, kv, P+L, hd], as 10.3 graphs are);
-    preallocated: ort-cpu `--weights fp32` graphs (one buffer [B, kv, capacity, hd] written in place, as
-    10.15 graphs are). `kv_cache` None: the one `src` has."""
+def tensorrt_standin(src: Path, out: Path) -> Path:
+    """A tiny portable fp32 export with its manifest relabeled as `--target tensorrt --precision fp32
+    --min-tensorrt 10.3`: past [B, kv, P, hd] -> present [B, kv, P+L, hd], as 10.3 graphs are. Nothing stands in
+    for 10.15 graphs: their cache has a static length, which no other target's graphs have (export one)."""
+    manifest = json.loads((src / "manifest.json").read_text())
+    if manifest["export"].get("kv_cache", "concat") != "concat":
+        raise ValueError(f"{src}: only portable graphs stand in for tensorrt ones (10.3); for a preallocated cache, "
+                         "export --target tensorrt --min-tensorrt 10.15 --precision fp32")
     shutil.copytree(src, out)
-    manifest = json.loads((out / "manifest.json").read_text())
-    kv_cache = kv_cache or manifest["export"].get("kv_cache", "concat")
-    manifest["export"].update(target="tensorrt", precision="fp32", kv_cache=kv_cache,
-                              min_tensorrt="10.3" if kv_cache == "concat" else "10.15")
+    manifest["export"].update(target="tensorrt", precision="fp32", min_tensorrt="10.3")
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out

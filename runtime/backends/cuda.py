@@ -107,14 +107,6 @@ class DeviceBuffer:
                                            _copy_kind("cudaMemcpyDeviceToDevice"), stream.stream),
                   f"copy into {self.name}")
 
-    def copy_rows_from(self, src: "DeviceBuffer", rows: int, row_bytes: int, src_pitch: int, dst_pitch: int,
-                       stream: Stream) -> None:
-        """Copy `rows` strided rows of `row_bytes` (a [N, cap, hd] cache into one of larger capacity)."""
-        self._fits(rows * dst_pitch)
-        cuda_call(cudart().cudaMemcpy2DAsync(self.ptr, dst_pitch, src.ptr, src_pitch, row_bytes, rows,
-                                             _copy_kind("cudaMemcpyDeviceToDevice"), stream.stream),
-                  f"copy into {self.name}")
-
     def free(self) -> None:
         if self.ptr:
             cuda_call(cudart().cudaFree(self.ptr), f"cudaFree of {self.name}")

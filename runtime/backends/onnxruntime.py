@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact import GRAPHS, Artifact
-from ..errors import ArtifactError, ConfigError
+from ..errors import ArtifactError, ConfigError, InputError
 
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 # prompt positions per decoder run at prefill on the CPU (generation.prefill_chunks): prompts up to this long
@@ -157,6 +157,7 @@ class OrtBackend:
                                  "install onnxruntime-gpu for CUDA/TensorRT")
         self.device = "cuda" if names[0] in GPU_PROVIDERS else "cpu"
         self.preallocated = artifact.export.get("kv_cache") == "preallocated"
+        self.static_length = artifact.static_kv_length  # tensorrt graphs from 10.15: every cache is this long
         if self.preallocated and self.device != "cpu":
             raise ConfigError(f"{artifact.dir} keeps its KV cache in preallocated buffers that this backend holds in "
                               "host memory: run it with the CPU provider, or export --target portable for CUDA")
@@ -299,9 +300,16 @@ class OrtBackend:
 
     def _room(self, cache: OrtCache, total: int, capacity: int | None = None) -> OrtCache:
         """The cache with capacity for `total` positions: `capacity`, else the request's reserve, doubled when
-        outgrown."""
+        outgrown; graphs that fix the cache's length get exactly that (decode reads the whole buffer, and the
+        graphs' mask hides the rows past P + L)."""
         if total <= cache.capacity:
             return cache
+        if self.static_length is not None:
+            if total > self.static_length:
+                raise InputError(f"{total} positions exceed the {self.static_length} that these graphs' KV cache "
+                                 "holds (export --max-context): lower max_new_tokens, reset() the chat session, or "
+                                 "re-export with a larger --max-context")
+            capacity = self.static_length
         capacity = capacity or max(total, cache.reserve, 2 * cache.capacity)
         buffers = {}
         for name, old in cache.buffers.items():

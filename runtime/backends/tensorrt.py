@@ -10,9 +10,10 @@
   positions) go up through pinned staging buffers, asynchronously.
 - Vision features stay on the device: each encoder run writes into a device buffer of its own, `join`
   copies them, in prompt order, into the merger's input buffer, and merge reads them there.
-- The KV cache lives in the object `new_cache` returns, in the engine's dtype, sized for the request:
-  preallocated graphs bind past and present to the same buffer, written in place; concat graphs read
-  the past from one buffer set and write the present into the other, and the two swap each step.
+- The KV cache lives in the object `new_cache` returns, in the engine's dtype: preallocated graphs (10.15)
+  fix its length (export --max-context) and bind past and present to the same buffer, written in place;
+  concat graphs size it for the request, read the past from one buffer set and write the present into
+  the other, and the two swap each step.
 - `close()` (or `with`) frees every allocation, the stream, the contexts and the engines.
 """
 
@@ -334,8 +335,11 @@ class TrtBackend:
         return DeviceEmbeds((*input_ids.shape, self.hidden_size), self._stamp)
 
     def new_cache(self, batch: int, reserve: int = 0) -> TrtCache:
-        """Room for `reserve` positions (prompt + max_new_tokens; the engines' max context if not given)."""
-        capacity = min(reserve or self.limits.max_context, self.limits.max_context)
+        """Room for `reserve` positions (prompt + max_new_tokens; the engines' max context if not given). The
+        preallocated graphs fix the cache's length (export --max-context, which build-trt made the engines' max
+        context): every request's cache is that long, and never grows."""
+        lim = self.limits.max_context
+        capacity = lim if self.kv_cache == PREALLOCATED else min(reserve or lim, lim)
         return TrtCache(self._kv_buffers(batch, capacity), 0, batch)
 
     def _kv_buffers(self, batch: int, capacity: int) -> KvBuffers:
@@ -348,7 +352,8 @@ class TrtBackend:
         return kv
 
     def _room(self, cache: TrtCache, total: int) -> TrtCache:
-        """The cache with capacity for `total` positions: doubled (up to the engines' max context) if outgrown."""
+        """The cache with capacity for `total` positions: doubled (up to the engines' max context) if outgrown. Only
+        concat caches grow: a preallocated one holds the max context from the start."""
         if total <= cache.capacity:
             return cache
         if total > self.limits.max_context:
@@ -357,22 +362,18 @@ class TrtBackend:
         t, item = self.cfg.text, DTYPE_BYTES[self.kv_dtype]
         capacity = min(max(total, 2 * cache.capacity), self.limits.max_context)
         grown = self._kv_buffers(cache.batch, capacity)
-        rows = cache.batch * t.num_key_value_heads  # [B * kv] rows of [positions, hd]
+        rows = cache.batch * t.num_key_value_heads  # the past is packed [B, kv, P, hd]
         for name, old in cache.kv.sets[cache.current].items():
-            new = grown.sets[0][name]
-            if self.kv_cache == PREALLOCATED:  # row r keeps its positions at r * capacity
-                new.copy_rows_from(old, rows, cache.length * t.head_dim * item, cache.capacity * t.head_dim * item,
-                                   capacity * t.head_dim * item, self.stream)
-            else:  # concat: the past is packed [B, kv, P, hd]
-                new.copy_from(old, rows * cache.length * t.head_dim * item, self.stream)
+            grown.sets[0][name].copy_from(old, rows * cache.length * t.head_dim * item, self.stream)
         return TrtCache(grown, cache.length, cache.batch, 0)
 
     def cache_bytes(self, cache: TrtCache) -> int:
         return sum(buf.nbytes for buffers in cache.kv.sets for buf in buffers.values())
 
     def reserve(self, cache: TrtCache, positions: int) -> TrtCache:
-        """A chat session's next turn: the cache with room for `positions` in all (doubled, up to the engines'
-        max context, when outgrown, so a growing session copies its cache O(log n) times)."""
+        """A chat session's next turn: the cache with room for `positions` in all (a concat cache doubled, up to
+        the engines' max context, when outgrown, so a growing session copies it O(log n) times; a preallocated
+        one holds the max context from the start)."""
         if positions > self.limits.max_context:
             raise InputError(f"the chat session needs {positions} positions, over the engines' max context "
                              f"{self.limits.max_context}: reset() the session, lower max_new_tokens, or rebuild with "

@@ -2,8 +2,9 @@
 the KV cache per token and at the limits, the I/O buffers and an estimate of the activations.
 
 The TensorRT backend allocates exactly `io_buffers(...)` and `kv_cache_bytes(...)` from here; the
-README's Jetson table is `memory_table(...)` of the same function. Activations are an estimate from
-the graphs' largest tensors; the backend sizes its one shared pool from what the engines report.
+docs' Jetson tables are `memory_table(...)` and `static_cache_table(...)` of the same function. Activations
+are an estimate from the graphs' largest tensors; the backend sizes its one shared pool from what the engines
+report.
 """
 
 from __future__ import annotations
@@ -12,6 +13,15 @@ from dataclasses import dataclass
 
 from ..config import ModelConfig
 from .trt_profiles import CONCAT, JETSON_8GB, PREALLOCATED, Limits
+
+# Engine limits proposed per Jetson memory size (GB, shared by CPU and GPU) for the static-cache table; 8 GB is
+# JETSON_8GB. Proposals from memory_plan, not measured on a board.
+JETSON_LIMITS = {
+    8: JETSON_8GB,
+    16: Limits(max_image_tokens=1024, max_frames=8, max_prompt=3072, max_context=4096),
+    32: Limits(max_image_tokens=1280, max_frames=16, max_prompt=6144, max_context=8192),
+    64: Limits(max_image_tokens=1280, max_frames=16, max_prompt=12288, max_context=16384),
+}
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "fp32": 4, "fp16": 2, "bf16": 2}
 F32, I64 = 4, 8
@@ -72,7 +82,8 @@ def activation_bytes(cfg: ModelConfig, lim: Limits, precision: str, min_tensorrt
     """Estimate of the largest engine's working tensors at the limits: the vision encoder on a full
     image (q/k/v and MLP hidden; with 10.3's explicit attention also fp32 scores and probabilities
     [F, heads, S, S]) or the decoder's prefill at --max-prompt (q/k/v, gate/up; with 10.3 scores
-    [B, heads, L, P + L], P + L up to --max-context: a chat session's later turn prefills after a past)."""
+    [B, heads, L, P + L] and the bias [B, 1, groups*L, P + L], P + L up to --max-context: a chat session's
+    later turn prefills after a past)."""
     t, v = cfg.text, cfg.vision
     a = DTYPE_BYTES[precision]
     explicit = min_tensorrt == "10.3"
@@ -82,7 +93,8 @@ def activation_bytes(cfg: ModelConfig, lim: Limits, precision: str, min_tensorrt
     B, L = lim.max_batch, lim.max_prompt
     kvd = t.num_key_value_heads * t.head_dim
     prefill = B * L * (2 * t.hidden_size + 2 * kvd + 2 * t.intermediate_size) * a + B * t.vocab_size * F32
-    prefill += 2 * B * t.num_attention_heads * L * lim.max_context * F32 if explicit else 0
+    groups = t.num_attention_heads // t.num_key_value_heads  # 10.3's fp32 bias is tiled over them
+    prefill += (2 * t.num_attention_heads + groups) * B * L * lim.max_context * F32 if explicit else 0
     return max(vision, prefill)
 
 
@@ -111,17 +123,37 @@ def memory_plan(cfg: ModelConfig, lim: Limits, *, precision: str, weights: str =
     )
 
 
-def memory_table(cfg: ModelConfig, lim: Limits = JETSON_8GB) -> str:
-    """The README's Jetson table: one row per (TensorRT floor, weights), fp16, at `lim`."""
-    def mb(n: float) -> str:
-        return f"{n / 1e6:,.0f} MB" if n >= 1e6 else f"{n / 1e3:,.1f} KB"
+def _mb(n: float) -> str:
+    return f"{n / 1e6:,.0f} MB" if n >= 1e6 else f"{n / 1e3:,.1f} KB"
 
+
+def memory_table(cfg: ModelConfig, lim: Limits = JETSON_8GB) -> str:
+    """The docs' Jetson table: one row per (TensorRT floor, weights), fp16, at `lim`. Only the weight formats
+    TensorRT is documented to keep: fp16, and int4 blocks (W4A16); --target tensorrt refuses int8."""
     rows = ["| TensorRT floor | weights | weights memory | KV per token | KV at max context | I/O buffers | "
             "activations (estimate) | total |", "|---|---|---|---|---|---|---|---|"]
     for floor in ("10.3", "10.15"):
-        for weights in ("fp32", "int8", "int4"):
+        for weights in ("fp32", "int4"):
             p = memory_plan(cfg, lim, precision="fp16", weights=weights, min_tensorrt=floor)
-            rows.append(f"| {floor} | {'fp16' if weights == 'fp32' else weights} | {mb(p.weights)} | "
-                        f"{mb(p.kv_per_token)} | {mb(p.kv_cache)} | {mb(p.io)} | {mb(p.activations)} | "
-                        f"{mb(p.total)} |")
+            rows.append(f"| {floor} | {'fp16' if weights == 'fp32' else weights} | {_mb(p.weights)} | "
+                        f"{_mb(p.kv_per_token)} | {_mb(p.kv_cache)} | {_mb(p.io)} | {_mb(p.activations)} | "
+                        f"{_mb(p.total)} |")
+    return "\n".join(rows)
+
+
+def static_cache_table(models: dict[str, ModelConfig], boards: dict[int, Limits] | None = None) -> str:
+    """What 10.15's static KV cache costs, fp16, one request (the boards' limits have max_batch 1): per Jetson
+    memory size (its limits) and model, the cache every request allocates whole at --max-context, the bytes each
+    decode step's attention reads (the whole buffer on 10.15; on 10.3 the P cached rows, shown at P =
+    max_context / 2, a generation's average), and the engine set's total with int4 and fp16 weights."""
+    rows = ["| Jetson | model | --max-context | KV cache per request, read whole by every decode step (10.15) | "
+            "10.3: read at half the context | total, int4 weights | total, fp16 weights |", "|---" * 7 + "|"]
+    for gb, lim in (boards or JETSON_LIMITS).items():
+        for name, cfg in models.items():
+            plans = {w: memory_plan(cfg, lim, precision="fp16", weights=w, min_tensorrt="10.15")
+                     for w in ("int4", "fp32")}
+            whole = plans["int4"].kv_cache
+            half = kv_cache_bytes(cfg, 1, lim.max_context // 2, "fp16", PREALLOCATED)  # attention reads P rows once
+            rows.append(f"| {gb} GB | {name} | {lim.max_context} | {_mb(whole)} | {_mb(half)} | "
+                        + " | ".join(f"{_mb(p.total)} ({p.total / (gb * 1e9):.0%})" for p in plans.values()) + " |")
     return "\n".join(rows)

@@ -97,8 +97,9 @@ def merger_profiles(cfg: ModelConfig, lim: Limits) -> list[Profile]:
 def decoder_profiles(cfg: ModelConfig, lim: Limits, kv_cache: str = CONCAT) -> list[Profile]:
     """Prefill (L up to max_prompt, after any past: a chat session's later turn prefills after the earlier
     ones) and decode (L = 1). Concat: the past holds P positions (0 up to max_context - 1; the prefill
-    profile is tuned for none). Preallocated: the past is the request's whole buffer, its capacity up to
-    max_context, in both profiles. P + L is at most max_context in both."""
+    profile is tuned for none). Preallocated: the past is the request's whole buffer, whose length the graphs fix
+    (export --max-context; build-trt builds with that max_context), in both profiles. P + L is at most max_context
+    in both."""
     t = cfg.text
     batch = _span(1, lim.max_batch, 1)
 
@@ -111,7 +112,7 @@ def decoder_profiles(cfg: ModelConfig, lim: Limits, kv_cache: str = CONCAT) -> l
         return p
 
     if kv_cache == PREALLOCATED:
-        capacity = _span(1, lim.max_context, lim.max_prompt + 1)
+        capacity = _fixed(lim.max_context)
         return [profile(_span(1, lim.max_prompt), capacity, _span(1, lim.max_context, lim.max_prompt)),
                 profile(_fixed(1), capacity, _span(2, lim.max_context, lim.max_prompt + 1))]
     prefill = profile(_span(1, lim.max_prompt), _span(0, lim.max_context - 1, 0),
@@ -126,6 +127,14 @@ def decoder_profile(past: int, new: int) -> int:
     a past, prefill for the rest (a prompt, or a chat session's later turn; one token with no past too,
     which decode's ranges, tuned for the token loop, do not take)."""
     return DECODE if new == 1 and past > 0 else PREFILL
+
+
+def check_static_context(lim: Limits, kv_length: int | None) -> None:
+    """Graphs with a static KV cache (export --max-context) take engines of exactly that max context."""
+    if kv_length is not None and lim.max_context != kv_length:
+        raise ArtifactError(f"these graphs fix the KV cache at {kv_length} positions (export --max-context "
+                            f"{kv_length}): build with --max-context {kv_length} (the default for them), or "
+                            f"re-export with --max-context {lim.max_context}")
 
 
 def profiles_for(engine: str, cfg: ModelConfig, lim: Limits, kv_cache: str = CONCAT) -> list[Profile]:
