@@ -133,7 +133,7 @@ def render(template, conversation: list[dict], *, add_generation_prompt: bool = 
     if continues(conversation):  # rendered closed, with a mark where its content ends, then cut there
         last = conversation[-1]
         items = [{"type": "text", "text": last["content"]}] if isinstance(last["content"], str) else last["content"]
-        marked = {**last, "content": [*items, {"type": "text", "text": CUT}]}
+        marked = {**last, "content": [*items, {"type": "text", "text": CUT}], "prefix": False}
         text = render(template, [*conversation[:-1], marked], add_generation_prompt=False, add_vision_id=add_vision_id)
         return text[:text.index(CUT)]
     try:

@@ -322,7 +322,10 @@ def prepare(conversation: list[dict], fmt: ToolFormat, fns: list[dict] | None, c
             continue
         text = assistant_text(fmt, message.get("content"), message.get("tool_calls") or [])
         if answered and fmt.results_continue:  # the reply to results continues the message that called
-            _continue(out[-1], text, fmt.trim if message.get(RAW) else "")
+            if message.get(RAW):
+                _continue(out[-1], text, fmt.trim)
+            else:  # Qwen-Agent puts a newline before a call that continues a message
+                _continue(out[-1], text if _text(message.get("content")) else "\n" + text, "")
         elif message.get("tool_calls"):
             out.append({"role": "assistant", "content": text})
         else:
