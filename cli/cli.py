@@ -225,7 +225,7 @@ def _serve(args: argparse.Namespace) -> int:
                               max_batch=args.max_batch, max_sessions=args.max_sessions,
                               max_session_bytes=args.max_session_mb * 2**20 or None, api_key=args.api_key,
                               allowed_media_dir=Path(args.allowed_media_dir) if args.allowed_media_dir else None,
-                              limits=limits)
+                              tool_format=args.tool_format, limits=limits)
     if args.ray:
         try:
             from qwen2vl_edge.server.ray_serve import run_forever
@@ -271,6 +271,9 @@ def _add_serve_parser(sub) -> None:
                         "first); 0: no bound but --max-sessions")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
     p.add_argument("--allowed-media-dir", help="accept local image/video paths under this folder only")
+    p.add_argument("--tool-format", choices=["qwen", "hermes"], default="qwen",
+                   help="how tools and calls are written in the prompt: qwen (Qwen2-VL's own, Qwen-Agent's "
+                        "✿FUNCTION✿) or hermes (<tool_call> JSON, Qwen2.5-VL's)")
     p.add_argument("--max-body-mb", type=int, default=32)
     p.add_argument("--max-image-mb", type=int, default=16, help="per encoded image or video frame")
     p.add_argument("--max-image-pixels", type=int, default=16_777_216, help="per decoded image (width x height)")

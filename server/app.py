@@ -127,13 +127,14 @@ def _sse(body: dict | str) -> str:
 
 
 async def stream_events(job: Job, request_id: str, model: str, first: tuple, include_usage: bool, metrics: Metrics):
-    """SSE: a role chunk, text pieces, the finish chunk, usage if asked, `data: [DONE]`. Starlette cancels
-    this generator when the client disconnects; the finally then cancels the job."""
+    """SSE: a role chunk, text pieces and tool call deltas, the finish chunk, usage if asked, `data: [DONE]`.
+    Starlette cancels this generator when the client disconnects; the finally then cancels the job."""
     try:
         yield _sse(protocol.chunk(request_id, model, {"role": "assistant", "content": ""}))
         kind, value = first
-        while kind == "delta":
-            yield _sse(protocol.chunk(request_id, model, {"content": value}))
+        while kind in ("delta", "call"):
+            delta = {"content": value} if kind == "delta" else {"tool_calls": [value]}
+            yield _sse(protocol.chunk(request_id, model, delta))
             kind, value = await job.events.get()
         if kind == "error":
             yield _sse(value.body() if isinstance(value, APIError) else {"error": {"message": str(value)}})
@@ -150,7 +151,8 @@ async def stream_events(job: Job, request_id: str, model: str, first: tuple, inc
 
 def load_pipeline(settings: ServerSettings) -> Qwen2VLPipeline:
     return Qwen2VLPipeline.load(settings.artifact, backend=settings.backend, num_threads=settings.threads,
-                                verify=settings.verify, session_cache=settings.session_cache)
+                                verify=settings.verify, session_cache=settings.session_cache,
+                                tool_format=settings.tool_format)
 
 
 def create_app(settings: ServerSettings, pipe: Qwen2VLPipeline | None = None) -> FastAPI:
@@ -195,10 +197,19 @@ def create_app(settings: ServerSettings, pipe: Qwen2VLPipeline | None = None) ->
         return {"object": "list", "data": [{"id": settings.served_name, "object": "model", "created": 0,
                                             "owned_by": "qwen2vl-edge"}]}
 
-    def _conversation(req: protocol.ChatRequest) -> tuple[list, tuple[str | None, bool]]:
-        """The runtime's conversation (images fetched and decoded) and its session keys (images hashed)."""
+    def _conversation(req: protocol.ChatRequest, opts) -> tuple[list, tuple[str | None, bool]]:
+        """The runtime's conversation (images fetched and decoded) and its session keys (images hashed). Its
+        constraint is compiled here (then cached by its text for the worker), so that one that cannot be
+        enforced is refused naming its field, before the request is queued."""
         conversation = protocol.conversation(req, settings.limits, settings.allowed_media_dir)
-        return conversation, (job_keys(conversation) if settings.max_sessions else (None, False))
+        pipe = app.state.pipe
+        _, plan = pipe.plan(conversation, opts)
+        try:
+            pipe.matchers([plan])
+        except InputError as e:
+            raise bad_request(str(e), protocol.constraint_param(req)) from None
+        keys = job_keys(conversation, opts, app.state.pipe.tool_format) if settings.max_sessions else (None, False)
+        return conversation, keys
 
     async def new_job(req: protocol.ChatRequest) -> Job:
         """Checks that need no model run, images fetched and decoded (in a thread), then the job is queued."""
@@ -209,7 +220,7 @@ def create_app(settings: ServerSettings, pipe: Qwen2VLPipeline | None = None) ->
         opts = protocol.generation_options(req, settings.limits, pipe.artifact.config.text.max_position_embeddings,
                                            pipe.sampling_defaults)
         try:
-            conversation, (prefix_key, starts) = await run_in_threadpool(_conversation, req)
+            conversation, (prefix_key, starts) = await run_in_threadpool(_conversation, req, opts)
         except InputError as e:
             raise bad_request(str(e)) from None
         job = Job(conversation, opts, asyncio.get_running_loop(), stream=req.stream, prefix_key=prefix_key,

@@ -1,7 +1,8 @@
 """`qwen2vl-edge serve` as a real process on 127.0.0.1, driven by the official `openai` client.
 
-One server process serves the whole module (with an API key and small limits, so each limit can be hit);
-its answers are compared with the in-process pipeline on the same tiny artifact.
+One server process (conftest's `server`, shared with test_server_agents.py; with an API key and small limits,
+so each limit can be hit) serves the whole module; its answers are compared with the in-process pipeline on
+the same tiny artifact.
 """
 
 from __future__ import annotations
@@ -23,11 +24,10 @@ from PIL import Image
 openai = pytest.importorskip("openai", reason="the server tests need the [test] extra (openai client)")
 pytest.importorskip("fastapi", reason="the server tests need the [serve] extra")
 
+from conftest import SERVER_KEY as KEY  # noqa: E402
 from qwen2vl_edge.benchmarks.serve_bench import ServerProcess  # noqa: E402
 
-KEY = "test-key"
 MAX_TOKENS = 16
-PIXEL_LIMIT = 70_000  # images "b" (200x300) and "c" (120x90) pass, "a" (320x240) does not
 
 
 def get(url: str, key: str | None = None) -> tuple[int, dict, str]:
@@ -67,34 +67,6 @@ def metric(text: str, name: str) -> float:
     found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
     assert found, f"{name} not in /metrics"
     return float(found.group(1))
-
-
-@pytest.fixture(scope="module")
-def media_dir(images, workdir) -> Path:
-    d = workdir / "served-media"
-    d.mkdir(exist_ok=True)
-    (d / "c.png").write_bytes(images["c"].read_bytes())
-    return d
-
-
-@pytest.fixture(scope="module")
-def server(tiny_artifact, media_dir, workdir):
-    srv = ServerProcess([str(tiny_artifact), "--api-key", KEY, "--max-batch", "8", "--max-body-mb", "1",
-                         "--max-image-pixels", str(PIXEL_LIMIT), "--allowed-media-dir", str(media_dir)],
-                        workdir / "server.log")
-    assert srv.proc.poll() is None, srv.output()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def model(client) -> str:
-    return client.models.list().data[0].id
 
 
 def test_image_chat_equals_pipeline(client, model, pipe, images, media_dir):
@@ -487,7 +459,7 @@ def test_kept_sessions_are_bounded_by_the_bytes_of_their_caches(pipe, images):
 
     def kept(max_session_bytes):
         async def answer():
-            prefix_key, starts = job_keys(conversation)
+            prefix_key, starts = job_keys(conversation, GenerationOptions(), pipe.tool_format)
             job = Job(conversation, GenerationOptions(max_new_tokens=MAX_TOKENS), asyncio.get_running_loop(),
                       stream=False, prefix_key=prefix_key, starts=starts)
             batcher.submit(job)

@@ -9,6 +9,8 @@ import pytest
 pytest.importorskip("fastapi", reason="the server needs the [serve] extra")
 
 from qwen2vl_edge.runtime import GenerationResult  # noqa: E402
+from qwen2vl_edge.runtime import tools  # noqa: E402
+from qwen2vl_edge.runtime.generation import GenerationOptions  # noqa: E402
 from qwen2vl_edge.runtime.sampling import SamplingOptions  # noqa: E402
 from qwen2vl_edge.server import Limits  # noqa: E402
 from qwen2vl_edge.server import protocol  # noqa: E402
@@ -110,9 +112,11 @@ def test_conversation_keys_compare_images_by_pixels():
         [{"role": "user", "content": [{"type": "text", "text": "hi"}]}])  # rendered alike, kept apart all the same
     assert conversation_key([{"role": "user", "content": [{"type": "video", "video": "clip.mp4"}]}]) is None
     follow_up = chat("red") + [{"role": "user", "content": "And?"}]
-    assert job_keys(follow_up) == (conversation_key(chat("red")), False)
-    assert job_keys(chat("red")[:1]) == (None, True)
-    assert job_keys([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]) == (None, True)
+    plain, fmt = GenerationOptions(), tools.FORMATS["qwen"]
+    assert job_keys(follow_up, plain, fmt) == (conversation_key(chat("red")), False)
+    assert job_keys(chat("red")[:1], plain, fmt) == (None, True)
+    assert job_keys([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}], plain, fmt) == (
+        None, True)
 
 
 def test_session_store_evicts_the_least_recently_kept():
