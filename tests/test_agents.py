@@ -282,3 +282,43 @@ def test_constrained_sampling_draws_from_the_masked_distribution(letters, opts):
     keep = expected > 0
     assert ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum() < 22.5  # chi-square, <= 6 dof, p = 0.001
     assert counts[~keep].sum() == 0
+
+
+# -- the command line --------------------------------------------------------------------------------
+
+def test_cli_flags_become_the_python_options(tmp_path):
+    from qwen2vl_edge.cli import UsageError, _agent_options, build_parser
+
+    (tmp_path / "s.json").write_text(json.dumps(SCHEMAS["enum"]))
+    (tmp_path / "g.lark").write_text('start: "a"\n')
+
+    def options(*flags):
+        return _agent_options(build_parser().parse_args(["run", "art", "--prompt", "x", *flags]))
+
+    assert options("--json-schema", str(tmp_path / "s.json"))["response_format"]["json_schema"]["schema"] == \
+        SCHEMAS["enum"]
+    assert options("--json-schema", json.dumps(SCHEMAS["array"]))["response_format"]["json_schema"]["schema"] == \
+        SCHEMAS["array"]
+    assert options("--grammar", str(tmp_path / "g.lark")) == {"grammar": 'start: "a"\n'}
+    assert options("--regex", "[0-9]+") == {"regex": "[0-9]+"}
+    assert options("--tools", json.dumps(TOOLS), "--tool-choice", "say", "--no-parallel-tool-calls") == {
+        "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "say"}},
+        "parallel_tool_calls": False}
+    for flags, message in ((["--regex", "a", "--grammar", "g"], "give one"), (["--tool-choice", "auto"], "--tools"),
+                           (["--json-schema", "{oops"], "not valid JSON")):
+        with pytest.raises(UsageError, match=message):
+            options(*flags)
+
+
+def test_cli_run_and_chat_print_tool_calls(tiny_artifact, tmp_path):
+    import subprocess
+
+    (tmp_path / "tools.json").write_text(json.dumps(TOOLS))
+    base = [sys.executable, "-m", "qwen2vl_edge", "chat", str(tiny_artifact), "--tools", str(tmp_path / "tools.json"),
+            "--tool-choice", "move_to", "--no-parallel-tool-calls", "--max-new-tokens", "40"]
+    out = subprocess.run(base, input="Go.\n/result done\n", capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    calls = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(calls) == 2 and all(c["function"]["name"] == "move_to" for c in calls)  # a call, then after results
+    assert _valid(calls[1]["function"]["arguments"], PARAMETERS["move_to"])
+    assert "cached" in out.stderr.splitlines()[-1] and not out.stderr.splitlines()[-1].startswith("[0 cached")
