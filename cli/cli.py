@@ -98,18 +98,58 @@ def _generation_options(args: argparse.Namespace) -> dict:
                 repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
 
 
+def _json_arg(value: str, flag: str):
+    """A flag's JSON: inline when it starts like JSON, else the file (or '-': standard input) holding it."""
+    text = value if value.lstrip()[:1] in ("{", "[") else _read(value, flag)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{flag}: {value} is not valid JSON: {e}") from None
+
+
+def _agent_options(args: argparse.Namespace) -> dict:
+    """--json-schema, --regex, --grammar, --tools, --tool-choice -> generate()'s structured-output options."""
+    given = [f for f, v in (("--json-schema", args.json_schema), ("--regex", args.regex), ("--grammar", args.grammar),
+                            ("--tools", args.tools)) if v is not None]
+    if len(given) > 1:
+        raise UsageError(f"{' and '.join(given)} each constrain the whole reply: give one")
+    if args.tool_choice is not None and args.tools is None:
+        raise UsageError("--tool-choice needs --tools FILE")
+    options: dict = {}
+    if args.json_schema is not None:
+        options["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": "reply", "schema": _json_arg(args.json_schema, "--json-schema"), "strict": True}}
+    if args.regex is not None:
+        options["regex"] = args.regex
+    if args.grammar is not None:
+        options["grammar"] = _read(args.grammar, "--grammar")
+    if args.tools is not None:
+        choice = args.tool_choice or "auto"
+        options.update(tools=_json_arg(args.tools, "--tools"), parallel_tool_calls=not args.no_parallel_tool_calls,
+                       tool_choice=choice if choice in ("auto", "none", "required") else
+                       {"type": "function", "function": {"name": choice}})
+    return options
+
+
 def _load(args: argparse.Namespace):
     from qwen2vl_edge.runtime import Qwen2VLPipeline
 
     return Qwen2VLPipeline.load(args.artifact, backend=args.backend, num_threads=args.threads,
-                                verify=not args.no_verify, session_cache=args.session_cache)
+                                verify=not args.no_verify, session_cache=args.session_cache,
+                                tool_format=args.tool_format)
+
+
+def _print_calls(result) -> None:
+    """A reply's tool calls after its text, one JSON object a line (OpenAI's shape)."""
+    for call in result.tool_calls:
+        print(json.dumps(call.to_openai(), ensure_ascii=False))
 
 
 def _run(args: argparse.Namespace) -> int:
     from qwen2vl_edge.runtime.processor import is_batch
 
     conversation = _conversation_from_args(args)  # flags first: a usage error never waits for the model
-    options = dict(_generation_options(args), add_vision_id=args.add_vision_id)
+    options = dict(_generation_options(args), add_vision_id=args.add_vision_id, **_agent_options(args))
     pipe = _load(args)
     if args.json or is_batch(conversation):
         results = pipe.generate(conversation, **options)
@@ -120,11 +160,12 @@ def _run(args: argparse.Namespace) -> int:
         for piece in pipe.stream(conversation, **options):
             print(piece, end="", flush=True)
         print()
+        _print_calls(pipe.last_result)
     return 0
 
 
-CHAT_HELP = ("/image PATH and /video PATH attach to your next message; /reset forgets the conversation; "
-             "/quit (or end of input) leaves")
+CHAT_HELP = ("/image PATH and /video PATH attach to your next message; /result TEXT answers each tool call of the "
+             "last reply with TEXT; /reset forgets the conversation; /quit (or end of input) leaves")
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -132,7 +173,7 @@ def _chat(args: argparse.Namespace) -> int:
     InputError is reported and the session goes on; anything else ends it through main()."""
     from qwen2vl_edge.runtime.errors import InputError
 
-    options = _generation_options(args)  # flags first: a usage error never waits for the model
+    options = dict(_generation_options(args), **_agent_options(args))  # flags first: no wait for the model
     session = _load(args).chat(system=args.system, overflow=args.overflow, add_vision_id=args.add_vision_id,
                                **options)
     print(CHAT_HELP, file=sys.stderr)
@@ -148,10 +189,14 @@ def _chat(args: argparse.Namespace) -> int:
         elif command in ("/image", "/video") and rest:
             attached[command[1:]].append(rest.strip())
         elif line:
+            calls = session.last_result.tool_calls if session.last_result and command == "/result" else []
+            turn = ({"tool_results": [{"tool_call_id": c.id, "content": rest} for c in calls]} if calls else
+                    {"content": _user_content(args, attached["image"], attached["video"], line)})
             try:
-                for piece in session.stream(_user_content(args, attached["image"], attached["video"], line)):
+                for piece in session.stream(**turn):
                     print(piece, end="", flush=True)
                 print()
+                _print_calls(session.last_result)
                 usage, cached = session.last_result.usage, session.last_result.usage["cached_prompt_tokens"]
                 print(f"[{cached} cached + {usage['prompt_tokens'] - cached} new prompt tokens, "
                       f"{session.last_result.timings['time_to_first_token']:.2f} s to first token]", file=sys.stderr)
@@ -328,6 +373,26 @@ def _generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--session-cache", metavar="DIR",
                    help="keep ONNX Runtime's optimized graphs and CPU-packed weights in DIR: later starts are "
                         "faster (first start writes about the artifact's size again, twice for quantized weights)")
+    _agent_flags(p)
+
+
+def _agent_flags(p: argparse.ArgumentParser) -> None:
+    """Structured output and tools (need the [agents] extra); docs/agents.md."""
+    p.add_argument("--json-schema", metavar="FILE|JSON",
+                   help="the reply is JSON following this schema (a file, '-', or inline JSON; default: free text)")
+    p.add_argument("--regex", help="the reply matches this regular expression (default: free text)")
+    p.add_argument("--grammar", metavar="FILE", help="the reply follows this Lark grammar (default: free text)")
+    p.add_argument("--tools", metavar="FILE|JSON",
+                   help="OpenAI function tools the model may call, a JSON list (default: none); calls print as "
+                        "JSON lines after the text, or in --json's tool_calls")
+    p.add_argument("--tool-choice", metavar="auto|none|required|NAME",
+                   help="auto: calls when the model starts one; required: a call; NAME: that function; none: no "
+                        "call (default: auto)")
+    p.add_argument("--no-parallel-tool-calls", action="store_true",
+                   help="at most one call per reply (default: several allowed)")
+    p.add_argument("--tool-format", choices=["qwen", "hermes"], default="qwen",
+                   help="how tools and calls are written: qwen (Qwen2-VL's ✿FUNCTION✿, Qwen-Agent) or hermes "
+                        "(<tool_call> JSON, Qwen2.5-VL's) (default: qwen)")
 
 
 def build_parser() -> argparse.ArgumentParser:

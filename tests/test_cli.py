@@ -25,7 +25,8 @@ def test_run_json_matches_python_api(tiny_artifact, pipe, tmp_path):
                  "--max-new-tokens", "6", "--json")
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
-    assert set(out) == {"text", "token_ids", "finish_reason", "timings", "usage", "boxes", "video_timestamps"}
+    assert set(out) == {"text", "token_ids", "finish_reason", "timings", "usage", "boxes", "video_timestamps",
+                        "tool_calls"}
     conv = [{"role": "user", "content": [{"type": "image", "image": str(img)},
                                          {"type": "text", "text": "Describe this image."}]}]
     assert out["token_ids"] == pipe.generate(conv, max_new_tokens=6).token_ids
