@@ -278,7 +278,8 @@ class ChatSession:
         cached = len(self._ids)
         t1 = time.perf_counter()
         try:
-            timings = self._feed(turn)
+            with self.pipe.lock:  # one step on the backend, as a generation's (Qwen2VLPipeline's docstring)
+                timings = self._feed(turn)
         except BaseException:
             self._stale = True
             raise
@@ -290,19 +291,19 @@ class ChatSession:
     def send(self, content: Any, max_new_tokens: int | None = None, **gen) -> GenerationResult:
         """A user message -> the reply; both stay in the cache."""
         opts, skip = self._options(max_new_tokens, gen)
-        return drain(self._reply_steps(content, opts, skip))[0]
+        return drain(self.pipe.serialized(self._reply_steps(content, opts, skip)))[0]
 
     def stream(self, content: Any, max_new_tokens: int | None = None, **gen) -> Iterator[str]:
         """Text pieces of the reply; the whole result is then `last_result`."""
         opts, skip = self._options(max_new_tokens, gen)
-        yield from self.pipe.stream_steps(self._reply_steps(content, opts, skip), opts)
+        yield from self.pipe.stream_steps(self.pipe.serialized(self._reply_steps(content, opts, skip)), opts)
 
     def steps(self, content: Any, opts: GenerationOptions, skip_special_tokens: bool = True):
         """send() one token at a time, with options already made (the server's): yields the DecodeState after
         each chosen token (one row) and returns [GenerationResult]. Closing the generator early forgets the
         turn; the cache is rebuilt at the next one."""
         opts.validate()
-        return self._reply_steps(content, opts, skip_special_tokens)
+        return self.pipe.serialized(self._reply_steps(content, opts, skip_special_tokens))
 
     def _options(self, max_new_tokens: int | None, gen: dict) -> tuple[GenerationOptions, bool]:
         """The call's options over the session's (given to pipe.chat), over the checkpoint's."""
