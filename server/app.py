@@ -135,10 +135,15 @@ async def next_event(job: Job, watch: asyncio.Task | None) -> tuple[str, object]
     return get.result()
 
 
+def as_api_error(error: Exception) -> APIError:
+    """A job's error as the client sees it: the runtime's (an InputError) is the request's fault."""
+    return error if isinstance(error, APIError) else bad_request(str(error))
+
+
 def raise_if_error(event: tuple[str, object]) -> tuple[str, object]:
     kind, value = event
     if kind == "error":
-        raise value if isinstance(value, APIError) else bad_request(str(value))
+        raise as_api_error(value)
     return event
 
 
@@ -156,7 +161,7 @@ async def stream_events(job: Job, request_id: str, model: str, first: tuple, inc
             yield _sse(protocol.chunk(request_id, model, {"content": value}))
             kind, value = await job.events.get()
         if kind == "error":
-            yield _sse(value.body() if isinstance(value, APIError) else {"error": {"message": str(value)}})
+            yield _sse(as_api_error(value).body())  # OpenAI's error body, as openapi.ErrorResponse describes
         else:
             extra = {"boxes": protocol.assistant_message(value)["boxes"]} if getattr(value, "boxes", None) else {}
             yield _sse(protocol.chunk(request_id, model, extra, value.finish_reason))
