@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -73,8 +74,19 @@ def _per_row(name: str, value: Any, rows: int) -> list:
 
 
 class Qwen2VLPipeline:
+    """Messages -> text, from an artifact directory.
+
+    Threads may share a pipeline: its generations take turns on the backend. Each step of a generation (the
+    prompt's preprocessing, vision and prefill; then each token) runs under one lock, so concurrent calls are
+    serialized and concurrent streams interleave token by token, each reply what it is alone. A chat session
+    (`chat()`) takes the same turns, but is one conversation: one thread at a time may use it. `last_result`
+    is the last finished stream's, whichever thread ran it: threads that need a stream's usage read the
+    session's or call generate().
+    """
+
     def __init__(self, artifact: Artifact, processor: Processor, backend, tool_format: str = "qwen"):
         self.artifact, self.processor, self.backend = artifact, processor, backend
+        self.lock = threading.Lock()  # held by one generation step at a time (see the class docstring)
         self.tool_format = tools.tool_format(tool_format, ConfigError)  # how tool calls are written (tools.py)
         self._grammars: constraints.Grammars | None = None
         gen = artifact.generation
@@ -309,7 +321,7 @@ class Qwen2VLPipeline:
         opts = self._options(max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
                              repetition_penalty, seed, stop, response_format, regex, grammar, tools, tool_choice,
                              parallel_tool_calls)
-        results = drain(self._steps(conversations, opts, add_vision_id, skip_special_tokens))
+        results = drain(self.serialized(self._steps(conversations, opts, add_vision_id, skip_special_tokens)))
         return results if is_batch(conversations) else results[0]
 
     def stream(self, conversation, max_new_tokens: int = 128, *, add_vision_id: bool = False,
@@ -320,8 +332,8 @@ class Qwen2VLPipeline:
         if is_batch(conversation):
             raise InputError("stream() takes one conversation; use generate() for a batch")
         opts = self._options(max_new_tokens, **generation_kwargs("stream", kwargs))
-        results = yield from self.stream_steps(self._steps(conversation, opts, add_vision_id, skip_special_tokens),
-                                               opts)
+        steps = self.serialized(self._steps(conversation, opts, add_vision_id, skip_special_tokens))
+        results = yield from self.stream_steps(steps, opts)
         self.last_result = results[0]  # timings and usage of the streamed reply
 
     def stream_steps(self, steps, opts: GenerationOptions):
@@ -352,7 +364,21 @@ class Qwen2VLPipeline:
         yields the DecodeState after each chosen token (row b = conversation b) and returns one
         GenerationResult per row. Closing the generator stops the work."""
         opts.validate()
-        return self._steps(conversations, opts)
+        return self.serialized(self._steps(conversations, opts))
+
+    def serialized(self, steps):
+        """A generation's steps (`_steps`, a chat session's turn), each run under the pipeline's lock: other
+        threads' steps run between them. Returns what `steps` returns; closing it closes `steps`."""
+        try:
+            while True:
+                with self.lock:
+                    try:
+                        state = next(steps)
+                    except StopIteration as done:
+                        return done.value
+                yield state
+        finally:
+            steps.close()  # a consumer that stops early stops the generation (nothing once it has ended)
 
     def chat(self, system: str | None = None, *, overflow: str = "error", add_vision_id: bool = False,
              **generation_defaults) -> "ChatSession":

@@ -343,7 +343,8 @@ class ChatSession:
         cached = len(self._ids)
         t1 = time.perf_counter()
         try:
-            timings = self._feed(turn)
+            with self.pipe.lock:  # one step on the backend, as a generation's (Qwen2VLPipeline's docstring)
+                timings = self._feed(turn)
         except BaseException:
             self._stale = True
             raise
@@ -358,13 +359,14 @@ class ChatSession:
         "content": text or items, images included}) answering the last reply's calls, fed before `content`
         (which may then be None)."""
         opts, skip = self._options(max_new_tokens, gen)
-        return drain(self._reply_steps(_new_messages(content, tool_results), opts, skip))[0]
+        return drain(self.pipe.serialized(self._reply_steps(_new_messages(content, tool_results), opts, skip)))[0]
 
     def stream(self, content: Any = None, max_new_tokens: int | None = None, *, tool_results: list | None = None,
                **gen) -> Iterator[str]:
         """Text pieces of the reply (never a tool call's markup); the whole result is then `last_result`."""
         opts, skip = self._options(max_new_tokens, gen)
-        yield from self.pipe.stream_steps(self._reply_steps(_new_messages(content, tool_results), opts, skip), opts)
+        yield from self.pipe.stream_steps(
+            self.pipe.serialized(self._reply_steps(_new_messages(content, tool_results), opts, skip)), opts)
 
     def steps(self, content: Any, opts: GenerationOptions, skip_special_tokens: bool = True,
               tool_results: list | None = None):
@@ -373,7 +375,7 @@ class ChatSession:
         turn; the cache is rebuilt at the next one."""
         opts.validate()
         self._check_tools(opts.tools)
-        return self._reply_steps(_new_messages(content, tool_results), opts, skip_special_tokens)
+        return self.pipe.serialized(self._reply_steps(_new_messages(content, tool_results), opts, skip_special_tokens))
 
     def _check_tools(self, requested: Any) -> None:
         if requested != self.defaults.get("tools"):

@@ -1,7 +1,7 @@
 """The one ASGI app: uvicorn serves it in one process, Ray Serve serves it in each replica (ray_serve.py).
 
 Routes: POST /v1/chat/completions (OpenAI Chat Completions, SSE when `stream`), GET /v1/models, /health,
-/metrics. The pipeline is loaded and the batcher started by the app's lifespan, so that every replica
+/metrics, /openapi.json and /docs (the API described, openapi.py). The pipeline is loaded and the batcher started by the app's lifespan, so that every replica
 loads its own.
 """
 
@@ -16,15 +16,18 @@ import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from qwen2vl_edge.runtime import Qwen2VLPipeline
 from qwen2vl_edge.runtime.errors import InputError
 
-from . import protocol
+from . import openapi, protocol
 from .batcher import Batcher, Job
 from .errors import APIError, bad_request, too_large
 from .metrics import Metrics
@@ -32,7 +35,8 @@ from .sessions import job_keys
 from .settings import ServerSettings
 
 REPLICA_HEADER = "x-qwen2vl-replica"
-ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics")
+ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics", "/openapi.json", "/docs")
+LINGER_S = 30.0  # how long the rest of an oversized body is read and dropped before the 413 (nginx's lingering_time)
 
 
 def error_response(e: APIError) -> JSONResponse:
@@ -71,15 +75,29 @@ class Gate:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
+    """The body, counted as it arrives (a chunked body has no Content-Length). One over `limit` is a 413,
+    answered once the client has sent the rest, which is read and dropped (for up to LINGER_S): a server that
+    answers and closes while the client still sends resets the connection, and the client never sees the 413."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large(f"the request body is {declared} bytes, over the {limit}-byte limit")
-    body = bytearray()
-    async for part in request.stream():  # counted as it arrives: a chunked body has no Content-Length
-        body += part
-        if len(body) > limit:
-            raise too_large(f"the request body is over the {limit}-byte limit")
-    return bytes(body)
+    parts, body = request.stream(), bytearray()
+    if not (declared is not None and declared.isdigit() and int(declared) > limit):
+        async for part in parts:
+            body += part
+            if len(body) > limit:
+                break
+        else:
+            return bytes(body)
+    try:
+        await asyncio.wait_for(_drop(parts), LINGER_S)
+    except (asyncio.TimeoutError, ClientDisconnect):
+        pass  # the client sends on, or has gone: answered (or not) all the same
+    size = f" ({declared} bytes)" if declared and declared.isdigit() else ""
+    raise too_large(f"the request body is over the {limit}-byte limit{size} (serve --max-body-mb)")
+
+
+async def _drop(parts) -> None:
+    async for _ in parts:
+        pass
 
 
 def parse_request(raw: bytes) -> protocol.ChatRequest:
@@ -87,6 +105,8 @@ def parse_request(raw: bytes) -> protocol.ChatRequest:
         payload = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise bad_request(f"the body is not valid JSON: {e}") from None
+    except RecursionError:  # a "nesting bomb": [[[[...]]]] deeper than the parser's recursion limit
+        raise bad_request("the body's JSON is nested too deeply") from None
     try:
         return protocol.ChatRequest.model_validate(payload)
     except ValidationError as e:
@@ -115,10 +135,15 @@ async def next_event(job: Job, watch: asyncio.Task | None) -> tuple[str, object]
     return get.result()
 
 
+def as_api_error(error: Exception) -> APIError:
+    """A job's error as the client sees it: the runtime's (an InputError) is the request's fault."""
+    return error if isinstance(error, APIError) else bad_request(str(error))
+
+
 def raise_if_error(event: tuple[str, object]) -> tuple[str, object]:
     kind, value = event
     if kind == "error":
-        raise value if isinstance(value, APIError) else bad_request(str(value))
+        raise as_api_error(value)
     return event
 
 
@@ -137,7 +162,7 @@ async def stream_events(job: Job, request_id: str, model: str, first: tuple, inc
             yield _sse(protocol.chunk(request_id, model, delta))
             kind, value = await job.events.get()
         if kind == "error":
-            yield _sse(value.body() if isinstance(value, APIError) else {"error": {"message": str(value)}})
+            yield _sse(as_api_error(value).body())  # OpenAI's error body, as openapi.ErrorResponse describes
         else:
             extra = {"boxes": protocol.assistant_message(value)["boxes"]} if getattr(value, "boxes", None) else {}
             yield _sse(protocol.chunk(request_id, model, extra, value.finish_reason))
@@ -169,12 +194,25 @@ def create_app(settings: ServerSettings, pipe: Qwen2VLPipeline | None = None) ->
         yield
         await run_in_threadpool(app.state.batcher.close)
 
-    app = FastAPI(title="qwen2vl-edge", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="qwen2vl-edge", summary="OpenAI-compatible Chat Completions for Qwen2-VL on edge devices",
+                  lifespan=lifespan, redoc_url=None)
     app.add_middleware(Gate, settings=settings, metrics=metrics, state=app.state)
+
+    def describe() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = openapi.add_schemas(get_openapi(title=app.title, version=app.version,
+                                                                 summary=app.summary, routes=app.routes))
+        return app.openapi_schema
+
+    app.openapi = describe
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
         return error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError):  # a route's declared parameters
+        return error_response(protocol.validation_error(list(e.errors())))
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, e: HTTPException):
@@ -228,8 +266,10 @@ def create_app(settings: ServerSettings, pipe: Qwen2VLPipeline | None = None) ->
         app.state.batcher.submit(job)
         return job
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", **openapi.chat_route_docs())
     async def chat_completions(request: Request):
+        """OpenAI's Chat Completions: images as `image_url` parts (data URIs, http(s) URLs, or files under
+        `--allowed-media-dir`), video as the `video` extension part; `stream` for server-sent events."""
         req = parse_request(await read_body(request, settings.limits.max_body_bytes))
         job = await new_job(req)
         request_id, watch = f"chatcmpl-{uuid.uuid4().hex}", asyncio.ensure_future(_disconnected(request))

@@ -1,9 +1,11 @@
 """OpenAI Chat Completions on the wire <-> the runtime's conversations, options and results.
 
-Request bodies are validated by pydantic models (type and range errors -> 422); what the runtime needs is
-built from them as plain data: a conversation of text / image / video items (assistant `tool_calls` and `tool`
-messages in OpenAI's shape), and `GenerationOptions`, whose agent fields (response_format, tools, tool_choice,
-parallel_tool_calls; the regex and grammar extensions) are the request's own, one to one.
+Request bodies are validated by pydantic models (type and range errors -> 400 `invalid_request_error`, named by
+their JSON path); what the runtime needs is built from them as plain data: a conversation of text / image /
+video items (assistant `tool_calls` and `tool` messages in OpenAI's shape), and `GenerationOptions`, whose agent
+fields (response_format, tools, tool_choice, parallel_tool_calls; the regex and grammar extensions) are the
+request's own, one to one. A field the models do not declare is refused by name, never ignored: the server
+takes what these models declare (GET /openapi.json shows them), and supporting a field is declaring it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from qwen2vl_edge.runtime.errors import InputError
 from qwen2vl_edge.runtime.generation import GenerationOptions, sampling_options, stop_strings
@@ -24,7 +26,15 @@ from .settings import Limits
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we have no use for (user, metadata)
+    model_config = ConfigDict(extra="forbid")  # an OpenAI field we do not implement is refused, never ignored
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:
+        """A field sent as null asks for nothing, as in OpenAI's API (clients echo `"tool_calls": null` back)."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k in cls.model_fields}
+        return data
 
 
 class TextPart(_Model):
@@ -70,6 +80,7 @@ class Message(_Model):
     content: Union[str, list[Part], None] = None
     tool_calls: list[ToolCall] | None = None  # assistant messages
     tool_call_id: str | None = None  # tool messages: the call they answer
+    boxes: list[dict] | None = None  # our replies' grounding boxes, when a client sends a reply back as history
 
 
 class FunctionDefinition(_Model):
@@ -122,6 +133,7 @@ class StreamOptions(_Model):
 
 
 class ChatRequest(_Model):
+    """OpenAI's Chat Completions request, as far as this server implements it."""
     model: str
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -136,6 +148,8 @@ class ChatRequest(_Model):
     presence_penalty: float = Field(0, ge=0, le=0)
     frequency_penalty: float = Field(0, ge=0, le=0)
     logprobs: Literal[False] = False  # not computed
+    user: str | None = None  # OpenAI's end-user id, for the caller's own records: nothing to do with it here
+    metadata: dict[str, str] | None = None  # likewise
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
@@ -290,8 +304,12 @@ def _json_path(loc: tuple) -> str:
 
 def validation_error(errors: list[dict]) -> APIError:
     """pydantic's most specific error (the deepest, in a union: the arm the value came closest to), named by
-    its JSON path, as a 422."""
+    its JSON path, as a 400 `invalid_request_error` (OpenAI's and vLLM's status). A field no model declares is
+    an `unsupported_parameter`, as OpenAI names a parameter a model does not take."""
     worst = max(errors, key=lambda e: len(e.get("loc", ())))
     path = _json_path(worst.get("loc", ()))
-    return APIError(422, f"{path}: {worst.get('msg')}" if path else str(worst.get("msg")), path or None,
-                    "invalid_value")
+    if worst.get("type") == "extra_forbidden":
+        return bad_request(f"{path} is not supported by this server: remove it (GET /openapi.json lists the "
+                           "fields it takes)", path, "unsupported_parameter")
+    return bad_request(f"{path}: {worst.get('msg')}" if path else str(worst.get("msg")), path or None,
+                       "invalid_value")
