@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from qwen2vl_edge.runtime.detokenize import held_back
 from qwen2vl_edge.runtime.tools import ToolCall, ToolFormat, new_call_id
 
-NAME, ARGUMENTS = "\x00name\x00", "\x00arguments\x00"  # stand-ins no name or JSON text holds
+NAME, ARGUMENTS = "\u241fname\u241f", "\u241farguments\u241f"  # stand-ins that JSON text keeps as they are
 
 
 @dataclass(frozen=True)

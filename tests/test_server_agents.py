@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field  # noqa: E402
 
 from conftest import SERVER_KEY  # noqa: E402
 from qwen2vl_edge.runtime import tools as formats  # noqa: E402
+from qwen2vl_edge.server import openapi  # noqa: E402
 
 
 class MoveTo(BaseModel):
@@ -69,6 +70,7 @@ def test_tool_calls_streamed_equal_non_streamed_and_the_pipeline(client, model, 
     assert _calls(choice.message) == [(c.name, c.arguments) for c in expected.tool_calls] != []
     assert choice.message.content is None and whole.usage.completion_tokens == len(expected.token_ids)
     assert all(CALL_ID.fullmatch(c.id) for c in choice.message.tool_calls)
+    openapi.ChatCompletion.model_validate(whole.model_dump(exclude_unset=True))  # as /openapi.json describes it
     with client.chat.completions.stream(**options) as stream:  # the client's own accumulation
         streamed = stream.get_final_completion().choices[0]
     assert streamed.finish_reason == "tool_calls" and not streamed.message.content
@@ -96,6 +98,8 @@ def test_a_streamed_call_comes_as_one_header_then_argument_fragments(client, mod
     assert "".join(fragments) == expected.tool_calls[0].arguments
     assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    for chunk in chunks:  # as /openapi.json describes them
+        openapi.ChatCompletionChunk.model_validate(chunk.model_dump(exclude_unset=True))
 
 
 def test_parse_with_pydantic_and_json_replies_that_parse(client, model, pipe):

@@ -174,3 +174,76 @@ def test_session_store_evicts_the_least_recently_kept():
     assert not by_bytes.holds("a") and by_bytes.holds("b") and by_bytes.holds("c") and by_bytes.nbytes == 70
     by_bytes.keep("huge", Kept("huge", [], 101))  # over the bound alone: not kept, and evicts nothing
     assert not by_bytes.holds("huge") and len(by_bytes) == 2
+
+
+# -- agents: the request's agent fields, streamed calls, sessions with tools -----------------------------------
+
+def test_agent_fields_map_one_to_one_onto_generation_options():
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}, "strict": True}}
+    schema = {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "object"}, "strict": True}}
+    opts = protocol.generation_options(request(tools=[tool], tool_choice={"type": "function", "function": {
+        "name": "f"}}, parallel_tool_calls=False), Limits(), 1000)
+    assert (opts.tools, opts.tool_choice, opts.parallel_tool_calls) == (
+        [tool], {"type": "function", "function": {"name": "f"}}, False)
+    assert protocol.generation_options(request(response_format=schema), Limits(), 1000).response_format == schema
+    plain = protocol.generation_options(request(), Limits(), 1000)
+    assert (plain.tools, plain.response_format, plain.parallel_tool_calls) == (None, None, True)
+    with pytest.raises(APIError) as err:  # the runtime's check: a named function must be one of the tools
+        protocol.generation_options(request(tools=[tool], tool_choice={"type": "function", "function": {
+            "name": "g"}}), Limits(), 1000)
+    assert err.value.status == 400 and "'g'" in err.value.message
+
+
+def test_a_reply_with_calls_has_null_content_and_its_calls():
+    from qwen2vl_edge.runtime.tools import ToolCall
+
+    result = GenerationResult("", [1], "tool_calls", {}, {"prompt_tokens": 3, "completion_tokens": 1},
+                              tool_calls=[ToolCall("call_1", "f", '{"a": 1}')])
+    message = protocol.completion("id", "m", result)["choices"][0]["message"]
+    assert message == {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]}
+
+
+@pytest.mark.parametrize("fmt", sorted(tools.FORMATS))
+def test_streamed_calls_are_read_from_the_text_as_it_grows(fmt):
+    """Fed the reply one character at a time, the deltas announce each call once (id, type, name) and then send
+    its arguments, never the format's markup; with the final calls they join to them."""
+    from qwen2vl_edge.server.tools import CallStream
+
+    form = tools.FORMATS[fmt]
+    calls = [("move_to", '{"x": 1, "label": "a}b"}'), ("grasp", "{}")]
+    text = "Sure." + "\n" + form.separator.join(form.call(n, a) for n, a in calls)
+    stream = CallStream(form)
+    deltas = [d for end in range(len(text) + 1) for d in stream.update(text[:end])]
+    final = [tools.ToolCall(f"call_{i}", n, a) for i, (n, a) in enumerate(calls)]
+    deltas += stream.finish(final)
+    headers = [d for d in deltas if "id" in d]
+    assert [(d["index"], d["type"], d["function"]["name"]) for d in headers] == [(0, "function", "move_to"),
+                                                                                 (1, "function", "grasp")]
+    assert all("id" not in d and set(d["function"]) == {"arguments"} for d in deltas if d not in headers)
+    joined = ["".join(d["function"]["arguments"] for d in deltas if d["index"] == i) for i in range(2)]
+    assert joined == [a for _, a in calls]
+    assert len([d for d in deltas if d["index"] == 0]) > 3  # in pieces, as the text grew
+
+
+def test_sessions_with_tools_are_keyed_by_them_and_skip_what_a_fresh_run_would_tokenise_otherwise():
+    from qwen2vl_edge.server.sessions import conversation_key, job_keys
+
+    tool = {"type": "function", "function": {"name": "f"}}
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    history = [{"role": "user", "content": "Go."}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    result = [{"role": "tool", "tool_call_id": "call_1", "content": "done"}]
+    with_tools = GenerationOptions(tools=[tool])
+    key = conversation_key(history, [[tool], True])
+    assert job_keys(history + result, with_tools, tools.FORMATS["hermes"]) == (key, False)
+    assert job_keys(history + result + [{"role": "user", "content": "And?"}], with_tools,
+                    tools.FORMATS["hermes"]) == (key, False)
+    assert job_keys(history + result, with_tools, tools.FORMATS["qwen"]) == (None, False)  # results reopen the reply
+    assert job_keys(history + [{"role": "user", "content": "And?"}], with_tools, tools.FORMATS["qwen"]) == (key, False)
+    assert key != conversation_key(history, [[tool], False]) != conversation_key(history)  # the prompt differs
+    other_call = [*history[:1], {**history[1], "tool_calls": [{**call, "function": {"name": "f", "arguments": "{ }"}}]}]
+    assert conversation_key(other_call, [[tool], True]) != key
+    renamed = [*history[:1], {**history[1], "tool_calls": [{**call, "id": "call_2"}]}]
+    assert conversation_key(renamed, [[tool], True]) == key  # ids are not rendered
+    assert job_keys(history[:1], GenerationOptions(tools=[tool], tool_choice="none"), tools.FORMATS["hermes"]) == (
+        None, False)  # tools left out of the prompt: no session
