@@ -66,6 +66,7 @@ Part = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminator="typ
 class FunctionCall(_Model):
     name: str
     arguments: str  # JSON text, as the reply gave it
+    parsed_arguments: Any = None  # the openai client's parsed copy (.parse(), .stream()), echoed back: unused
 
 
 class ToolCall(_Model):
@@ -73,6 +74,7 @@ class ToolCall(_Model):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
+    index: int | None = None  # a streamed call's, as the openai client's joined message keeps it: unused
 
 
 class Message(_Model):
@@ -81,6 +83,7 @@ class Message(_Model):
     tool_calls: list[ToolCall] | None = None  # assistant messages
     tool_call_id: str | None = None  # tool messages: the call they answer
     boxes: list[dict] | None = None  # our replies' grounding boxes, when a client sends a reply back as history
+    parsed: Any = None  # the openai client's parsed copy of a .parse() reply, sent back with it: unused
 
 
 class FunctionDefinition(_Model):
@@ -225,8 +228,10 @@ def _message(message: Message, index: int, limits: Limits, allowed_dir: Path | N
     out = {"role": role, "content": _content(message, index, limits, allowed_dir)}
     if message.tool_calls is not None:
         if role != "assistant":
-            raise bad_request(f"only assistant messages carry tool_calls ({role} does)", f"messages[{index}].tool_calls")
-        out["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+            raise bad_request(f"only assistant messages carry tool_calls ({role} does)",
+                              f"messages[{index}].tool_calls")
+        out["tool_calls"] = [call.model_dump(include={"id": True, "type": True, "function": {"name", "arguments"}})
+                             for call in message.tool_calls]
     if role == "tool":
         if message.tool_call_id is None:
             raise bad_request("a tool message needs the tool_call_id of the call it answers",

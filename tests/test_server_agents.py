@@ -78,6 +78,11 @@ def test_tool_calls_streamed_equal_non_streamed_and_the_pipeline(client, model, 
     assert all(CALL_ID.fullmatch(c.id) for c in streamed.message.tool_calls)
     for call in streamed.message.tool_calls:  # strict pydantic tools: the client parses the arguments
         assert isinstance(call.function.parsed_arguments, MoveTo if call.function.name == "move_to" else Grasp)
+    # the client's joined message goes back as it is (its parsed arguments and stream indexes included)
+    results = [{"role": "tool", "tool_call_id": c.id, "content": "done"} for c in streamed.message.tool_calls]
+    echoed = client.chat.completions.create(**{**options, "messages": ASK + [streamed.message, *results],
+                                               "tool_choice": "auto", "max_tokens": 4})
+    assert echoed.choices[0].finish_reason and echoed.usage.prompt_tokens > whole.usage.prompt_tokens
 
 
 def test_a_streamed_call_comes_as_one_header_then_argument_fragments(client, model, pipe):
