@@ -1,8 +1,8 @@
 """Requests queued and run as left-padded batches on one pipeline, in one worker thread.
 
 The event loop submits `Job`s; the worker takes the oldest job plus up to `max_batch - 1` queued jobs with
-the same generation options (the runtime runs one set of options per batch), runs them with
-`pipeline.steps`, and posts each row's text pieces (streamed jobs only) and result back to the job's event
+the same generation options but for their constraints (the runtime runs one set of options per batch, with a
+response_format, regex or grammar per row), runs them with `pipeline.steps`, and posts each row's text pieces (streamed jobs only) and result back to the job's event
 loop. A batch runs until its last row is done (static batching). A job whose client has gone is dropped from
 the queue, or stops being served; when every row of a running batch is gone, its generation stops at the
 next token. On shutdown, queued and running jobs are answered 503 at the next token.
@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qwen2vl_edge.runtime.detokenize import safe_piece
@@ -37,6 +37,7 @@ from .sessions import Kept, SessionStore, conversation_key, encodes_as, prompt_t
 from .tools import CallStream
 
 log = logging.getLogger("qwen2vl_edge.server")
+PER_ROW = ("response_format", "regex", "grammar")  # the options a batch takes per row (GenerationOptions)
 SHUTTING_DOWN = APIError(503, "the server is shutting down: retry on another replica", code="shutting_down")
 
 
@@ -58,13 +59,23 @@ class Job:
 
     @property
     def batch_key(self) -> Any:
-        """Jobs batch together when their options are equal. A seeded sampled job runs alone: its draws
-        must not depend on the rows beside it."""
+        """Jobs batch together when their options are equal but for their constraints (each row has its own).
+        A seeded sampled job runs alone: its draws must not depend on the rows beside it."""
         seeded = self.options.sampling.do_sample and self.options.seed is not None
-        return self if seeded else self.options
+        return self if seeded else replace(self.options, **dict.fromkeys(PER_ROW))
 
     def post(self, kind: str, value: Any) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+
+
+def batch_options(batch: list[Job]) -> GenerationOptions:
+    """The options of a batch (its jobs' batch_key): the constraints as lists of one per row, where any row has
+    one. With tools no row has (a request may not give both), and a `text` response_format asks for none."""
+    first = batch[0].options
+    per_row = {name: [getattr(job.options, name) for job in batch] for name in PER_ROW}
+    if first.tools is not None or all(value is None for values in per_row.values() for value in values):
+        return first
+    return replace(first, **per_row)
 
 
 class Batcher:
@@ -142,7 +153,7 @@ class Batcher:
             if kept is not None or (len(batch) == 1 and batch[0].starts and self.sessions.capacity > 0):
                 self._turn(batch[0], kept)
             else:
-                self._generate(batch, self.pipe.steps([j.conversation for j in batch], batch[0].options))
+                self._generate(batch, self.pipe.steps([j.conversation for j in batch], batch_options(batch)))
         except (InputError, APIError) as e:
             if self._free_kept(e):  # the request was refused for memory that kept sessions held: once more
                 self._run(batch)

@@ -239,3 +239,39 @@ def test_qwen_tool_results_run_afresh(client, model, pipe):
     fresh = pipe.generate(ASK + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
                                  conversation[-1]], max_new_tokens=16, tools=[look], parallel_tool_calls=False)
     assert reply.choices[0].message.content == fresh.text and reply.usage.prompt_tokens == fresh.usage["prompt_tokens"]
+
+
+def test_requests_with_different_constraints_share_a_batch(pipe):
+    """A schema, a regular expression and free text, queued together, run as one batch (a constraint per row)
+    and each get the reply they get alone."""
+    import asyncio
+
+    from qwen2vl_edge.runtime.generation import GenerationOptions
+    from qwen2vl_edge.server.batcher import Batcher, Job
+    from qwen2vl_edge.server.metrics import Metrics
+
+    from openai.lib._parsing import type_to_response_format_param
+
+    conversation = [{"role": "user", "content": "What do you see?"}]
+    constraints = [{"response_format": type_to_response_format_param(Sighting)}, {"regex": "[0-9]{3}-[a-z]{2}"}, {}]
+
+    async def answers():
+        jobs = [Job(conversation, GenerationOptions(max_new_tokens=NEW_TOKENS, **c), asyncio.get_running_loop(),
+                    stream=False) for c in constraints]
+        for job in jobs:
+            batcher.submit(job)
+        return [await job.events.get() for job in jobs]
+
+    metrics = Metrics()
+    batcher = Batcher(pipe, 8, 8, 0.5, metrics)  # the first job waits half a second for the others
+    try:
+        got = asyncio.run(answers())
+    finally:
+        batcher.close()
+    exposition = metrics.exposition().decode()
+    assert "qwen2vl_batch_size_count 1.0" in exposition and "qwen2vl_batch_size_sum 3.0" in exposition
+    for (kind, result), constraint in zip(got, constraints):
+        assert kind == "done"
+        assert result.text == pipe.generate(conversation, max_new_tokens=NEW_TOKENS, **constraint).text
+    Sighting.model_validate_json(got[0][1].text)
+    assert re.fullmatch("[0-9]{3}-[a-z]{2}", got[1][1].text)
