@@ -331,3 +331,24 @@ def test_cli_run_and_chat_print_tool_calls(tiny_artifact, tmp_path):
     assert len(calls) == 2 and all(c["function"]["name"] == "move_to" for c in calls)  # a call, then after results
     assert _valid(calls[1]["function"]["arguments"], PARAMETERS["move_to"])
     assert "cached" in out.stderr.splitlines()[-1] and not out.stderr.splitlines()[-1].startswith("[0 cached")
+
+
+# -- the example -----------------------------------------------------------------------------------
+
+def test_robot_agent_example_always_makes_valid_calls(agent, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "examples" / "robot_agent.py"
+    spec = importlib.util.spec_from_file_location("robot_agent", path)
+    robot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(robot)
+    replies = robot.run(agent, frames=3, max_pixels=56 * 56)
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in robot.TOOLS}
+    for i, reply in enumerate(replies):
+        assert reply.finish_reason == "tool_calls" and len(reply.tool_calls) == 1
+        call = reply.tool_calls[0]
+        assert _valid(call.arguments, schemas[call.name]), call
+        assert (reply.usage["cached_prompt_tokens"] > 0) == (i > 0)  # later turns reuse the cache
+    assert robot.to_pixels([0, 0, 1000, 1000], (320, 240)) == (160, 120)
+    assert robot.to_pixels([100, 500, 300, 700], (320, 240)) == (64, 144)
