@@ -131,7 +131,9 @@ def constrained_step_ms(tokenizer, *, steps: int = 400) -> dict:
                 held += _reply_ms(backend, opts, decode_text, grammars.matcher(grammar))
             f, h = float(np.median(free)), float(np.median(held))
             out[f"{name}_{logits}"] = {"free_ms": round(f, 3), "constrained_ms": round(h, 3),
-                                       "added_ms": round(h - f, 3)}
+                                       "added_ms": round(h - f, 3),
+                                       "free_p90_ms": round(float(np.percentile(free, 90)), 3),
+                                       "constrained_p90_ms": round(float(np.percentile(held, 90)), 3)}
     return out
 
 
