@@ -126,11 +126,11 @@ class Matcher:
         """Whether `token` may come next (checked without taking it)."""
         return self.state.validate_tokens([int(token)]) == 1
 
-    def allowed(self) -> np.ndarray:
-        """[V] bool: the tokens that may come next."""
+    def allowed_ids(self) -> np.ndarray:
+        """The token ids that may come next, ascending [n]."""
         words = np.empty((1, (self.vocab_size + 31) // 32), np.int32)  # one bit per token
         llguidance().numpy.fill_next_token_bitmask(self.state, words, 0)
-        return np.unpackbits(words.view(np.uint8), bitorder="little")[:self.vocab_size].view(bool)
+        return np.flatnonzero(np.unpackbits(words.view(np.uint8), bitorder="little")[:self.vocab_size])
 
     def take(self, token: int) -> None:
         if not self.state.consume_token(int(token)):

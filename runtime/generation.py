@@ -97,10 +97,11 @@ class GenerationOptions:
             if self.tool_choice not in (None, "none", "auto"):
                 raise InputError(f"tool_choice {self.tool_choice!r} needs tools")
             return
-        chosen(self.tool_choice, [f["name"] for f in functions(self.tools)])
+        choice = chosen(self.tool_choice, [f["name"] for f in functions(self.tools)])
         given = [n for n in ("response_format", "regex", "grammar") if getattr(self, n) is not None]
-        if given and not (given == ["response_format"] and _is_text(self.response_format)):
-            raise InputError(f"tools and {given[0]} cannot constrain the same reply: give one of them")
+        if given and choice != "none" and not (given == ["response_format"] and _is_text(self.response_format)):
+            raise InputError(f"tools and {given[0]} cannot constrain the same reply: give one of them, or "
+                             "tool_choice='none'")
 
 
 def _is_text(response_format: Any) -> bool:

@@ -154,21 +154,20 @@ def _pick(row: np.ndarray, opts: SamplingOptions, rng: np.random.Generator) -> i
     return int(ids[min(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"), len(ids) - 1)])
 
 
-def masked(row: np.ndarray, allowed: np.ndarray) -> np.ndarray:
-    """The row with every token its constraint forbids at -inf. A row whose allowed tokens are all -inf already
-    (min_new_tokens suppressing the end a complete grammar requires) keeps the allowed tokens at 0: the grammar
-    wins."""
-    out = np.where(allowed, row, -np.inf)
-    if not np.isfinite(out.max()):
-        out = np.where(allowed, 0.0, -np.inf)
-    return out
+def allowed_logits(row: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """The logits of the allowed token ids [n] only: a masked row's tokens at -inf have probability 0 after every
+    processor, so the processors run on the n allowed ones (a handful between JSON values, most of the vocabulary
+    inside a string). Allowed tokens all at -inf (min_new_tokens suppressing the end a complete grammar
+    requires) become equal: the grammar wins."""
+    sub = row[allowed]  # [n]
+    return sub if np.isfinite(sub.max()) else np.zeros_like(sub)
 
 
 def constrained_pick(row: np.ndarray, opts: SamplingOptions, rng: np.random.Generator, matcher: "Matcher") -> int:
     """A token of the masked distribution. The constraint masks first, then the processors run (the penalty
     already ran: it maps -inf to -inf, so penalising then masking is masking then penalising).
 
-    Fast path: the unconstrained choice, kept when the grammar allows it; the full mask only when it does not.
+    Fast path: the unconstrained choice, kept when the grammar allows it; the mask only when it does not.
     Exact for greedy (the argmax over all tokens, when allowed, is the argmax over the allowed ones), and for
     sampling without top-k / top-p, as rejection sampling: a token t drawn from p is kept when allowed, else
     one is drawn from p restricted to the allowed set A, so P(t) = p(t) + (1 - p(A)) p(t) / p(A) = p(t) / p(A).
@@ -177,7 +176,8 @@ def constrained_pick(row: np.ndarray, opts: SamplingOptions, rng: np.random.Gene
         t = _pick(row, opts, rng)
         if matcher.allows(t):
             return t
-    return _pick(masked(row, matcher.allowed()), opts, rng)
+    allowed = matcher.allowed_ids()  # [n]
+    return int(allowed[_pick(allowed_logits(row, allowed), opts, rng)])
 
 
 def choose(logits: np.ndarray, opts: SamplingOptions, rng: np.random.Generator,

@@ -38,6 +38,7 @@ from .tools import CallStream
 
 log = logging.getLogger("qwen2vl_edge.server")
 PER_ROW = ("response_format", "regex", "grammar")  # the options a batch takes per row (GenerationOptions)
+TEXT = {"type": "text"}  # the response_format that constrains nothing
 SHUTTING_DOWN = APIError(503, "the server is shutting down: retry on another replica", code="shutting_down")
 
 
@@ -70,10 +71,11 @@ class Job:
 
 def batch_options(batch: list[Job]) -> GenerationOptions:
     """The options of a batch (its jobs' batch_key): the constraints as lists of one per row, where any row has
-    one. With tools no row has (a request may not give both), and a `text` response_format asks for none."""
+    one (a `text` response_format asks for none)."""
     first = batch[0].options
-    per_row = {name: [getattr(job.options, name) for job in batch] for name in PER_ROW}
-    if first.tools is not None or all(value is None for values in per_row.values() for value in values):
+    per_row = {name: [None if value == TEXT else value for value in (getattr(job.options, name) for job in batch)]
+               for name in PER_ROW}
+    if all(value is None for values in per_row.values() for value in values):
         return first
     return replace(first, **per_row)
 

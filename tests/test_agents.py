@@ -13,7 +13,7 @@ import pytest
 from qwen2vl_edge.runtime import ConfigError, InputError, Qwen2VLPipeline
 from qwen2vl_edge.runtime import constraints
 from qwen2vl_edge.runtime import tools as tool_formats
-from qwen2vl_edge.runtime.sampling import SamplingOptions, constrained_pick, distribution, masked
+from qwen2vl_edge.runtime.sampling import SamplingOptions, constrained_pick, distribution
 
 jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("llguidance")
@@ -244,39 +244,48 @@ def test_a_tool_result_turn_reuses_the_session_cache(agent):
 def letters(pipe):
     """A matcher allowing lowercase-letter tokens (tens of thousands at the real vocabulary), and its mask."""
     matcher = pipe.grammars.matcher(constraints.grammar_text(regex="[a-z]+"))
-    return matcher, matcher.allowed()
+    allowed = np.zeros(V, bool)
+    allowed[matcher.allowed_ids()] = True
+    return matcher, allowed
+
+
+def _masked(row: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """The full-mask reference: every forbidden token's logit at -inf, the whole vocabulary kept."""
+    return np.where(allowed, row, -np.inf)
 
 
 def _peaked_logits(allowed: np.ndarray, seed: int) -> np.ndarray:
-    """Noise, with the likeliest tokens forbidden (the fast path rejects often) and a few allowed ones next."""
+    """The likeliest token forbidden (the fast path rejects often), then a slope of allowed ones over a tail
+    holding a few % of the mass: top-p 0.6 and top-k 2 keep one or two allowed tokens of the whole
+    vocabulary, but more once the mask is on, so a fast path that skipped the mask would draw too few of those."""
     rng = np.random.default_rng(seed)
-    row = rng.standard_normal(V).astype(np.float32)
+    row = (rng.standard_normal(V) - 4).astype(np.float32)
     ok, banned = np.flatnonzero(allowed), np.flatnonzero(~allowed)
-    row[rng.choice(banned, 5, replace=False)] = 9.0
-    row[rng.choice(ok, 6, replace=False)] = rng.uniform(6.5, 8.0, 6)
+    row[rng.choice(banned, 1)] = 9.0
+    row[rng.choice(ok, 20, replace=False)] = np.append(8.0, np.linspace(7.0, 4.0, 19))
     return row
 
 
 @pytest.mark.parametrize("opts", [SamplingOptions(do_sample=False), SamplingOptions(True, 1.0, 0, 1.0),
-                                  SamplingOptions(True, 0.8, 0, 0.9), SamplingOptions(True, 1.2, 40, 1.0)])
+                                  SamplingOptions(True, 1.0, 0, 0.6), SamplingOptions(True, 1.0, 2, 1.0)])
 def test_constrained_sampling_draws_from_the_masked_distribution(letters, opts):
     """Draws through the fast path (rejection) or the mask equal the full-mask reference at 151,936 tokens:
     chi-square over the likeliest allowed tokens and the rest; greedy is the masked argmax."""
     matcher, allowed = letters
     row = _peaked_logits(allowed, 0)
-    reference = masked(row, allowed)
+    reference = _masked(row, allowed)
     rng = np.random.default_rng(1)
     if not opts.do_sample:
         for seed in range(20):
             row = _peaked_logits(allowed, seed)
-            assert constrained_pick(row, opts, rng, matcher) == masked(row, allowed).argmax()
+            assert constrained_pick(row, opts, rng, matcher) == _masked(row, allowed).argmax()
         return
     ids, probs = distribution(reference, opts)
     full = np.zeros(V)
     full[ids] = probs
     top = np.argsort(-full)[:6]
-    draws = np.array([constrained_pick(row, opts, rng, matcher) for _ in range(1500)])
-    assert allowed[draws].all()
+    draws = np.array([constrained_pick(row, opts, rng, matcher) for _ in range(2000)])
+    assert allowed[draws].all() and (full[draws] > 0).all()  # only tokens the masked processors keep
     counts = np.array([(draws == t).sum() for t in top] + [(~np.isin(draws, top)).sum()])
     expected = np.append(full[top], 1 - full[top].sum()) * len(draws)
     keep = expected > 0
@@ -323,3 +332,24 @@ def test_cli_run_and_chat_print_tool_calls(tiny_artifact, tmp_path):
     assert _valid(calls[1]["function"]["arguments"], PARAMETERS["move_to"])
     usage = [line for line in out.stderr.splitlines() if "cached" in line]  # chat's prompt ("> ") ends stderr
     assert len(usage) == 2 and not usage[-1].startswith("[0 cached")
+
+
+# -- the example -----------------------------------------------------------------------------------
+
+def test_robot_agent_example_always_makes_valid_calls(agent, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "examples" / "robot_agent.py"
+    spec = importlib.util.spec_from_file_location("robot_agent", path)
+    robot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(robot)
+    replies = robot.run(agent, frames=3, max_pixels=56 * 56)
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in robot.TOOLS}
+    for i, reply in enumerate(replies):
+        assert reply.finish_reason == "tool_calls" and len(reply.tool_calls) == 1
+        call = reply.tool_calls[0]
+        assert _valid(call.arguments, schemas[call.name]), call
+        assert (reply.usage["cached_prompt_tokens"] > 0) == (i > 0)  # later turns reuse the cache
+    assert robot.to_pixels([0, 0, 1000, 1000], (320, 240)) == (160, 120)
+    assert robot.to_pixels([100, 500, 300, 700], (320, 240)) == (64, 144)
