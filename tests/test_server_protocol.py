@@ -247,3 +247,21 @@ def test_sessions_with_tools_are_keyed_by_them_and_skip_what_a_fresh_run_would_t
     assert conversation_key(renamed, [[tool], True]) == key  # ids are not rendered
     assert job_keys(history[:1], GenerationOptions(tools=[tool], tool_choice="none"), tools.FORMATS["hermes"]) == (
         None, False)  # tools left out of the prompt: no session
+
+
+def test_a_batch_takes_a_constraint_per_row():
+    from qwen2vl_edge.server.batcher import Job, batch_options
+
+    schema = {"type": "json_object"}
+    tool = {"type": "function", "function": {"name": "f"}}
+    rows = [{"response_format": {"type": "text"}}, {"regex": "[0-9]+"}, {}, {"response_format": schema}]
+    jobs = [Job([], GenerationOptions(max_new_tokens=4, **row), loop=None) for row in rows]
+    assert len({repr(job.batch_key) for job in jobs}) == 1  # they batch together
+    opts = batch_options(jobs)
+    assert (opts.response_format, opts.regex, opts.grammar) == ([None, None, None, schema], [None, "[0-9]+", None, None],
+                                                                [None] * 4)
+    opts.validate()
+    plain = [Job([], GenerationOptions(max_new_tokens=4, **row), loop=None) for row in rows[:1] + rows[2:3]]
+    assert batch_options(plain) is plain[0].options
+    unused = [Job([], GenerationOptions(tools=[tool], tool_choice="none", **row), loop=None) for row in rows[1:]]
+    batch_options(unused).validate()  # tools that may not be called leave each row its constraint
