@@ -5,7 +5,8 @@ the same generation options but for their constraints (the runtime runs one set 
 response_format, regex or grammar per row), runs them with `pipeline.steps`, and posts each row's text pieces
 (streamed jobs only) and result back to the job's event loop. A batch runs until its last row is done
 (static batching). A job whose client has gone is dropped from the queue, or stops being served; when every row
-of a running batch is gone, its generation stops at the next token. On shutdown, queued and running jobs are answered 503 at the next token.
+of a running batch is gone, its generation stops at the next token. On shutdown, queued and running jobs are
+answered 503 at the next token.
 
 A job that continues a kept session's conversation (sessions.py) runs alone, as that session's next turn
 (tool results and a user message, or either): a batch would have to prefill the whole conversation again,
