@@ -70,7 +70,7 @@ def functions(tools: Any) -> list[dict]:
     return out
 
 
-def chosen(tool_choice: Any, names: list[str]) -> str | None:
+def chosen(tool_choice: Any, names: list[str]) -> str:
     """tool_choice -> "auto" | "none" | "required", or the one function's name."""
     if tool_choice is None:
         return "auto"
@@ -326,6 +326,8 @@ def prepare(conversation: list[dict], fmt: ToolFormat, fns: list[dict] | None, c
                 _continue(out[-1], text, fmt.trim)
             else:  # Qwen-Agent puts a newline before a call that continues a message
                 _continue(out[-1], text if _text(message.get("content")) else "\n" + text, "")
+            if message.get("prefix"):  # the merged message is the one left open
+                out[-1] = {**out[-1], "prefix": True}
         elif message.get("tool_calls"):
             out.append({"role": "assistant", "content": text})
         else:
@@ -375,6 +377,14 @@ def grammar(fmt: ToolFormat, fns: list[dict], choice: str, parallel: bool, conti
     return "\n".join(rules) + "\n"
 
 
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
 def parse(fmt: ToolFormat, text: str, continued: bool = False) -> tuple[str, list[tuple[str, str]]]:
     """A reply -> (its text before the calls, [(name, arguments)]). Only the calls the grammar let through
     are expected here; a marker followed by something else stays text."""
@@ -386,7 +396,7 @@ def parse(fmt: ToolFormat, text: str, continued: bool = False) -> tuple[str, lis
     calls = []
     for part in text[at + len(fmt.marker):].split(fmt.marker):
         call = fmt.parse_call(part[:-len(fmt.separator)] if part.endswith(fmt.separator) else part)
-        if call is None:
+        if call is None or not _is_json(call[1]):  # e.g. cut by a stop string
             return text, []
         calls.append(call)
     content = text[:at]

@@ -234,8 +234,15 @@ def test_a_tool_result_turn_reuses_the_session_cache(agent):
     assert [m["role"] for m in session.history] == ["system", "user", "assistant", "tool", "assistant"]
     assert session.history[2]["tool_calls"][0]["function"] == {"name": first.tool_calls[0].name,
                                                                "arguments": first.tool_calls[0].arguments}
-    third = session.send("Thanks.", max_new_tokens=4, tool_choice="none")
-    assert third.usage["cached_prompt_tokens"] == second.usage["prompt_tokens"] + len(second.token_ids) - 1
+    last = second
+    for turn in ({"tool_results": [{"tool_call_id": second.tool_calls[0].id, "content": "ok"}],  # results again
+                  "max_new_tokens": 6, "tool_choice": "none"},
+                 {"content": "Thanks.", "max_new_tokens": 4}):
+        reply = session.send(**turn)
+        assert reply.usage["cached_prompt_tokens"] == last.usage["prompt_tokens"] + len(last.token_ids) - 1
+        last = reply
+    assert agent.processor.decode(session.token_ids, skip_special_tokens=False) == \
+        session._render(session._messages, False)
 
 
 # -- the sampler -------------------------------------------------------------------------------------
