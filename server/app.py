@@ -1,8 +1,8 @@
 """The one ASGI app: uvicorn serves it in one process, Ray Serve serves it in each replica (ray_serve.py).
 
 Routes: POST /v1/chat/completions (OpenAI Chat Completions, SSE when `stream`), GET /v1/models, /health,
-/metrics, /openapi.json and /docs (the API described, openapi.py). The pipeline is loaded and the batcher started by the app's lifespan, so that every replica
-loads its own.
+/metrics, /openapi.json and /docs (the API described, openapi.py). The pipeline is loaded and the batcher
+started by the app's lifespan, so that every replica loads its own.
 """
 
 from __future__ import annotations

@@ -188,3 +188,30 @@ def test_a_closed_pipe_exits_quietly(tiny_artifact, pipe):
     finally:
         proc.kill()
     assert proc.returncode == 141 and b"Traceback" not in err and b"Exception ignored" not in err, err[-2000:]
+
+
+def test_ctrl_c_stops_serve(tiny_artifact):
+    """`serve` started with SIGINT ignored stops on SIGINT too: uvicorn shuts down, then the CLI exits 130."""
+    import signal
+    import time
+    import urllib.request
+
+    pytest.importorskip("uvicorn", reason="serve needs the [serve] extra")
+    from qwen2vl_edge.benchmarks.serve_bench import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "qwen2vl_edge", "serve", str(tiny_artifact), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_ignore_sigint)
+    try:
+        while proc.poll() is None:  # until it answers (or has failed)
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and b"Traceback" not in out, out[-2000:]
+    assert b"Application shutdown complete" in out
