@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import importlib.util
 import json
 import os
 import socket
+import threading
 import uuid
 from contextlib import asynccontextmanager
 
@@ -174,6 +176,13 @@ async def stream_events(job: Job, request_id: str, model: str, first: tuple, inc
         job.cancelled.set()
 
 
+def warm_constraints(pipe: Qwen2VLPipeline) -> None:
+    """Build llguidance's tokenizer (about 2 s at Qwen's vocabulary) in the background once the server is up, so
+    that the first constrained request does not wait for it; nothing without the agents extra."""
+    if importlib.util.find_spec("llguidance") is not None:
+        threading.Thread(target=lambda: pipe.grammars.tokenizer, name="qwen2vl-grammars", daemon=True).start()
+
+
 def load_pipeline(settings: ServerSettings) -> Qwen2VLPipeline:
     return Qwen2VLPipeline.load(settings.artifact, backend=settings.backend, num_threads=settings.threads,
                                 verify=settings.verify, session_cache=settings.session_cache,
@@ -191,6 +200,7 @@ def create_app(settings: ServerSettings, pipe: Qwen2VLPipeline | None = None) ->
         app.state.batcher = Batcher(loaded, settings.max_batch, settings.limits.max_queue, settings.batch_wait_s,
                                     metrics, settings.max_sessions, settings.max_session_bytes)
         app.state.replica = f"{socket.gethostname()}:{os.getpid()}"
+        warm_constraints(loaded)
         yield
         await run_in_threadpool(app.state.batcher.close)
 

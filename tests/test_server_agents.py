@@ -182,7 +182,6 @@ def hermes_client(pipe, tiny_artifact):
     from qwen2vl_edge.server.settings import ServerSettings
 
     hermes = Qwen2VLPipeline(pipe.artifact, pipe.processor, pipe.backend, "hermes")
-    hermes._grammars = pipe.grammars  # llguidance's tokenizer is the tokenizer's, whatever the format
     server = uvicorn.Server(uvicorn.Config(create_app(ServerSettings(tiny_artifact, tool_format="hermes"), hermes),
                                            host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -193,6 +192,15 @@ def hermes_client(pipe, tiny_artifact):
     yield hermes, openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
     server.should_exit = True
     thread.join(30)
+
+
+def test_the_server_builds_llguidances_tokenizer_before_any_request(hermes_client):
+    """The first constrained request does not wait for the tokenizer (seconds at the real vocabulary)."""
+    pipe, _ = hermes_client  # a pipeline of its own, no request sent yet
+    thread = next((t for t in threading.enumerate() if t.name == "qwen2vl-grammars"), None)
+    if thread is not None:
+        thread.join(120)
+    assert pipe._grammars is not None and pipe._grammars._tokenizer is not None
 
 
 def test_a_kept_session_serves_the_turn_after_a_tool_result(hermes_client, tiny_artifact):
