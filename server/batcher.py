@@ -53,7 +53,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.perf_counter)
     stream: bool = True  # text pieces are posted as they come; otherwise only the result
-    prefix_key: str | None = None  # conversation_key of the messages before the last user message
+    prefix_key: str | None = None  # conversation_key of the conversation its new messages continue (job_keys)
     starts: bool = False  # a new session can run it (sessions.job_keys)
     emitted: str = ""  # text already sent as pieces
     calls: CallStream | None = None  # a streamed reply's tool calls, once the reply may make them
