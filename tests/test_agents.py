@@ -243,6 +243,11 @@ def test_a_tool_result_turn_reuses_the_session_cache(agent):
         last = reply
     assert agent.processor.decode(session.token_ids, skip_special_tokens=False) == \
         session._render(session._messages, False)
+    held = list(session.token_ids)
+    for _ in session.stream("Count.", max_new_tokens=8, min_new_tokens=8):
+        break  # walked away: the cache is rebuilt at the next turn, the tool turns replayed as they were
+    rebuilt = session.send("Again.", max_new_tokens=2)
+    assert rebuilt.usage["cached_prompt_tokens"] == 0 and session.token_ids[:len(held)] == held
 
 
 def test_a_tool_result_may_carry_an_image(agent, images):
