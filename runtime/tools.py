@@ -304,6 +304,8 @@ def prepare(conversation: list[dict], fmt: ToolFormat, fns: list[dict] | None, c
             parallel: bool) -> tuple[list[dict], bool]:
     """A conversation with tools, assistant `tool_calls` and `tool` messages -> the plain messages the chat
     template renders, and whether the prompt continues the last assistant message (qwen, after results)."""
+    if not isinstance(conversation, (list, tuple)):
+        return conversation, False  # chat.validate refuses it with the fix named
     out: list[dict] = []
     results: list[dict] = []
     for i, message in enumerate(conversation):

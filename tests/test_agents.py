@@ -243,6 +243,30 @@ def test_a_tool_result_turn_reuses_the_session_cache(agent):
         last = reply
     assert agent.processor.decode(session.token_ids, skip_special_tokens=False) == \
         session._render(session._messages, False)
+    held = list(session.token_ids)
+    for _ in session.stream("Count.", max_new_tokens=8, min_new_tokens=8):
+        break  # walked away: the cache is rebuilt at the next turn, the tool turns replayed as they were
+    rebuilt = session.send("Again.", max_new_tokens=2)
+    assert rebuilt.usage["cached_prompt_tokens"] == 0 and session.token_ids[:len(held)] == held
+
+
+def test_a_tool_result_may_carry_an_image(agent, images):
+    """A camera frame in a tool result: its vision tokens go into the cache with the result (qwen: inside the
+    ✿RESULT✿ slot of the calling message), and the turn still reuses the cache."""
+    session = agent.chat(tools=TOOLS, max_new_tokens=40, parallel_tool_calls=False)
+    first = session.send("Look.", tool_choice={"type": "function", "function": {"name": "move_to"}})
+    _check_calls(first, {"move_to"})
+    frame = {"type": "image", "image": str(images["c"]), "max_pixels": 56 * 56}
+    second = session.send(tool_results=[{"tool_call_id": first.tool_calls[0].id,
+                                         "content": [{"type": "text", "text": "moved; now:"}, frame]}],
+                          tool_choice="required")
+    _check_calls(second)
+    cached = first.usage["prompt_tokens"] + len(first.token_ids) - 1
+    image_pad = agent.processor.tokenizer.token_to_id(agent.processor.special.image_pad)
+    assert second.usage["cached_prompt_tokens"] == cached
+    assert session.token_ids[cached:second.usage["prompt_tokens"]].count(image_pad) >= 4  # the frame's tokens
+    assert session.history[2] == {"role": "tool", "tool_call_id": first.tool_calls[0].id,
+                                  "content": [{"type": "text", "text": "moved; now:"}, frame]}
 
 
 # -- the sampler -------------------------------------------------------------------------------------
