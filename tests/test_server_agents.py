@@ -114,8 +114,9 @@ def test_parse_with_pydantic_and_json_replies_that_parse(client, model, pipe):
     free = client.chat.completions.create(model=model, messages=messages, max_tokens=NEW_TOKENS, temperature=0)
     with pytest.raises(ValueError):
         json.loads(free.choices[0].message.content)
-    parsed = client.chat.completions.parse(model=model, messages=messages, response_format=Sighting,
-                                           max_tokens=NEW_TOKENS, temperature=0).choices[0]
+    completion = client.chat.completions.parse(model=model, messages=messages, response_format=Sighting,
+                                               max_tokens=NEW_TOKENS, temperature=0)
+    parsed, parsed_usage = completion.choices[0], completion.usage
     assert isinstance(parsed.message.parsed, Sighting) and parsed.finish_reason == "stop"
     from openai.lib._parsing import type_to_response_format_param
 
@@ -131,6 +132,13 @@ def test_parse_with_pydantic_and_json_replies_that_parse(client, model, pipe):
                                                "name": "ids", "schema": schema}}).choices[0]
     ids = json.loads(reply.message.content)["ids"]
     assert 1 <= len(ids) <= 3 and all(0 <= i <= 99 for i in ids) and reply.finish_reason == "stop"
+    # tools that may not be called are left out of the prompt, and leave the reply to its schema
+    ids_format = {"type": "json_schema", "json_schema": {"name": "ids", "schema": schema}}
+    uncalled = client.chat.completions.create(model=model, messages=messages, max_tokens=NEW_TOKENS, temperature=0,
+                                              tools=TOOLS, tool_choice="none", response_format=ids_format)
+    assert uncalled.choices[0].message.content == pipe.generate(
+        messages, max_new_tokens=NEW_TOKENS, tools=TOOLS, tool_choice="none", response_format=ids_format).text
+    assert uncalled.usage.prompt_tokens == parsed_usage.prompt_tokens  # no tools in the prompt
     # any object: the tiny model writes a key until max_tokens, but JSON from the first token, as the pipeline does
     anything = client.chat.completions.create(model=model, messages=messages, max_tokens=NEW_TOKENS, temperature=0,
                                               response_format={"type": "json_object"}, stream=True)
