@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -98,18 +99,58 @@ def _generation_options(args: argparse.Namespace) -> dict:
                 repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
 
 
+def _json_arg(value: str, flag: str):
+    """A flag's JSON: inline when it starts like JSON, else the file (or '-': standard input) holding it."""
+    text = value if value.lstrip()[:1] in ("{", "[") else _read(value, flag)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{flag}: {value} is not valid JSON: {e}") from None
+
+
+def _agent_options(args: argparse.Namespace) -> dict:
+    """--json-schema, --regex, --grammar, --tools, --tool-choice -> generate()'s structured-output options."""
+    given = [f for f, v in (("--json-schema", args.json_schema), ("--regex", args.regex), ("--grammar", args.grammar),
+                            ("--tools", args.tools)) if v is not None]
+    if len(given) > 1:
+        raise UsageError(f"{' and '.join(given)} each constrain the whole reply: give one")
+    if args.tool_choice is not None and args.tools is None:
+        raise UsageError("--tool-choice needs --tools FILE")
+    options: dict = {}
+    if args.json_schema is not None:
+        options["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": "reply", "schema": _json_arg(args.json_schema, "--json-schema"), "strict": True}}
+    if args.regex is not None:
+        options["regex"] = args.regex
+    if args.grammar is not None:
+        options["grammar"] = _read(args.grammar, "--grammar")
+    if args.tools is not None:
+        choice = args.tool_choice or "auto"
+        options.update(tools=_json_arg(args.tools, "--tools"), parallel_tool_calls=not args.no_parallel_tool_calls,
+                       tool_choice=choice if choice in ("auto", "none", "required") else
+                       {"type": "function", "function": {"name": choice}})
+    return options
+
+
 def _load(args: argparse.Namespace):
     from qwen2vl_edge.runtime import Qwen2VLPipeline
 
     return Qwen2VLPipeline.load(args.artifact, backend=args.backend, num_threads=args.threads,
-                                verify=not args.no_verify, session_cache=args.session_cache)
+                                verify=not args.no_verify, session_cache=args.session_cache,
+                                tool_format=args.tool_format)
+
+
+def _print_calls(result) -> None:
+    """A reply's tool calls after its text, one JSON object a line (OpenAI's shape)."""
+    for call in result.tool_calls:
+        print(json.dumps(call.to_openai(), ensure_ascii=False))
 
 
 def _run(args: argparse.Namespace) -> int:
     from qwen2vl_edge.runtime.processor import is_batch
 
     conversation = _conversation_from_args(args)  # flags first: a usage error never waits for the model
-    options = dict(_generation_options(args), add_vision_id=args.add_vision_id)
+    options = dict(_generation_options(args), add_vision_id=args.add_vision_id, **_agent_options(args))
     pipe = _load(args)
     if args.json or is_batch(conversation):
         results = pipe.generate(conversation, **options)
@@ -117,14 +158,40 @@ def _run(args: argparse.Namespace) -> int:
         payload = [r.to_dict() for r in results]
         print(json.dumps(payload if len(payload) > 1 else payload[0], indent=2 if not args.json else None))
     else:
-        for piece in pipe.stream(conversation, **options):
-            print(piece, end="", flush=True)
-        print()
+        _print_stream(pipe.stream(conversation, **options))
+        _print_calls(pipe.last_result)
     return 0
 
 
-CHAT_HELP = ("/image PATH and /video PATH attach to your next message; /reset forgets the conversation; "
-             "/quit (or end of input) leaves")
+def _print_stream(pieces) -> None:
+    for piece in pieces:
+        _interrupt.check()
+        print(piece, end="", flush=True)
+    print()
+
+
+CHAT_COMMANDS = {
+    "/image PATH": "attach an image file or URL to your next message (repeatable)",
+    "/video PATH": "attach a video file or URL to your next message (repeatable)",
+    "/result TEXT": "answer each tool call of the last reply with TEXT",
+    "/reset": "forget the conversation (the system message stays)",
+    "/help": "show these commands",
+    "/quit": "leave (so does end of input, Ctrl-D)",
+}
+CHAT_HELP = "\n".join(f"  {command:<12} {what}" for command, what in CHAT_COMMANDS.items())
+PROMPT = "> "  # on stderr, as Python's own prompt: standard output holds the replies only
+
+
+def _chat_lines():
+    """The user's lines, each read after the prompt is shown; ends at end of input."""
+    while True:
+        _interrupt.check()
+        print(PROMPT, end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            print(file=sys.stderr)  # end the prompt's line
+            return
+        yield line.strip()
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -132,26 +199,29 @@ def _chat(args: argparse.Namespace) -> int:
     InputError is reported and the session goes on; anything else ends it through main()."""
     from qwen2vl_edge.runtime.errors import InputError
 
-    options = _generation_options(args)  # flags first: a usage error never waits for the model
+    options = dict(_generation_options(args), **_agent_options(args))  # flags first: no wait for the model
     session = _load(args).chat(system=args.system, overflow=args.overflow, add_vision_id=args.add_vision_id,
                                **options)
-    print(CHAT_HELP, file=sys.stderr)
+    print("Type a message and press Enter; /help lists the commands.", file=sys.stderr)
     attached: dict[str, list] = {"image": [], "video": []}
-    for line in sys.stdin:
-        line = line.strip()
+    for line in _chat_lines():
         command, _, rest = line.partition(" ")
         if command == "/quit":
             break
-        if command == "/reset":
+        if command == "/help":
+            print(CHAT_HELP, file=sys.stderr)
+        elif command == "/reset":
             session.reset()
             attached = {"image": [], "video": []}
         elif command in ("/image", "/video") and rest:
             attached[command[1:]].append(rest.strip())
         elif line:
+            calls = session.last_result.tool_calls if session.last_result and command == "/result" else []
+            turn = ({"tool_results": [{"tool_call_id": c.id, "content": rest} for c in calls]} if calls else
+                    {"content": _user_content(args, attached["image"], attached["video"], line)})
             try:
-                for piece in session.stream(_user_content(args, attached["image"], attached["video"], line)):
-                    print(piece, end="", flush=True)
-                print()
+                _print_stream(session.stream(**turn))
+                _print_calls(session.last_result)
                 usage, cached = session.last_result.usage, session.last_result.usage["cached_prompt_tokens"]
                 print(f"[{cached} cached + {usage['prompt_tokens'] - cached} new prompt tokens, "
                       f"{session.last_result.timings['time_to_first_token']:.2f} s to first token]", file=sys.stderr)
@@ -226,7 +296,7 @@ def _serve(args: argparse.Namespace) -> int:
                               max_batch=args.max_batch, max_sessions=args.max_sessions,
                               max_session_bytes=args.max_session_mb * 2**20 or None, api_key=args.api_key,
                               allowed_media_dir=Path(args.allowed_media_dir) if args.allowed_media_dir else None,
-                              limits=limits)
+                              tool_format=args.tool_format, limits=limits)
     if args.ray:
         try:
             from qwen2vl_edge.server.ray_serve import run_forever
@@ -253,14 +323,11 @@ def _bench_serve(args: argparse.Namespace) -> int:
 
 
 def _add_serve_parser(sub) -> None:
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs [serve]; --ray needs [ray])")
-    p.add_argument("artifact")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--session-cache", metavar="DIR")
-    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact files")
+    p = _command(sub, "serve", "OpenAI-compatible HTTP server (needs [serve]; --ray needs [ray])")
+    p.add_argument("artifact", help=ARTIFACT_HELP)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    _load_flags(p)
     p.add_argument("--model-name", help="the model id clients send (default: the artifact folder's name)")
     p.add_argument("--max-batch", type=int, default=8, help="requests run together as one left-padded batch")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests; more are answered 503")
@@ -272,31 +339,33 @@ def _add_serve_parser(sub) -> None:
                         "first); 0: no bound but --max-sessions")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
     p.add_argument("--allowed-media-dir", help="accept local image/video paths under this folder only")
-    p.add_argument("--max-body-mb", type=int, default=32)
+    p.add_argument("--max-body-mb", type=int, default=32, help="request body size (MiB); larger ones get a 413")
     p.add_argument("--max-image-mb", type=int, default=16, help="per encoded image or video frame")
     p.add_argument("--max-image-pixels", type=int, default=16_777_216, help="per decoded image (width x height)")
     p.add_argument("--default-max-tokens", type=int, default=256, help="when a request names none")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", help="uvicorn's log level: critical, error, warning, info, "
+                                                          "debug or trace")
     p.add_argument("--graceful-timeout", type=float, default=10.0,
                    help="on SIGTERM/Ctrl-C, seconds uvicorn waits for open connections (requests in flight "
                         "are answered 503 at their next token)")
     p.add_argument("--ray", action="store_true", help="serve the same app with Ray Serve replicas (needs [ray])")
-    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--replicas", type=int, default=2, help="Ray Serve replicas, each with its own pipeline")
     p.add_argument("--ray-address", help="join this Ray cluster (e.g. 'auto' on a cluster node); default: start one")
     p.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray CPUs reserved by each replica")
     p.set_defaults(func=_serve)
 
-    p = sub.add_parser("bench-serve", help="the server under 1/4/8 concurrent clients: one process vs Ray replicas")
+    p = _command(sub, "bench-serve", "the server under 1/4/8 concurrent clients: one process vs Ray replicas")
     p.add_argument("--model", default="tiny", help="tiny | 2b-shape | 7b-shape | CHECKPOINT_DIR")
     p.add_argument("--variant", default="fp32", help="artifact variant: fp32 | fp16 | int8 | int4 | int4-vdq")
-    p.add_argument("--setups", default="one-process,one-process-half-threads,ray-2-replicas")
-    p.add_argument("--concurrency", default="1,4,8")
-    p.add_argument("--requests-per-client", type=int, default=4)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--image-side", type=int, default=224)
+    p.add_argument("--setups", default="one-process,one-process-half-threads,ray-2-replicas",
+                   help="comma list of server set-ups to measure")
+    p.add_argument("--concurrency", default="1,4,8", help="comma list of concurrent clients")
+    p.add_argument("--requests-per-client", type=int, default=4, help="requests each client sends")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per request")
+    p.add_argument("--image-side", type=int, default=224, help="side of the square image in each request")
     p.add_argument("--threads", type=int, default=2, help="threads of the one process; split over the replicas")
-    p.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--out", default="bench-serve-out")
+    p.add_argument("--max-batch", type=int, default=8, help="the server's --max-batch")
+    p.add_argument("--out", default="bench-serve-out", help="folder for report.md and result.json")
     p.set_defaults(func=_bench_serve)
 
 
@@ -304,8 +373,9 @@ def _generation_flags(p: argparse.ArgumentParser) -> None:
     """The flags `run` and `chat` share. Sampling flags left out take the checkpoint's generation_config.json
     values (see _generation_options)."""
     p.add_argument("--system", help="system message")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--min-new-tokens", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated at most")
+    p.add_argument("--min-new-tokens", type=int, default=0, help="tokens generated before an end token may end "
+                                                                  "the reply")
     p.add_argument("--greedy", action="store_true", help="greedy decoding (also the default, unless a sampling flag "
                                                          "is given or the checkpoint's generation_config.json samples)")
     p.add_argument("--temperature", type=float, help="0: greedy; > 0: sampling at this temperature")
@@ -320,31 +390,84 @@ def _generation_flags(p: argparse.ArgumentParser) -> None:
     fps.add_argument("--fps", type=float, help="video frames sampled per second (default 2)")
     fps.add_argument("--nframes", type=int, help="video frames sampled in all")
     p.add_argument("--add-vision-id", action="store_true", help="label images 'Picture 1:', videos 'Video 1:'")
-    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
-    p.add_argument("--threads", type=int)
+    _load_flags(p)
+    _agent_flags(p)
+
+
+def _load_flags(p: argparse.ArgumentParser) -> None:
+    """How the pipeline is loaded: the flags `run`, `chat` and `serve` share."""
+    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
+                   help="onnxruntime: the artifact's ONNX graphs; tensorrt: engines made by build-trt")
+    p.add_argument("--threads", type=int, help="ONNX Runtime's threads per graph (default: one per core)")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact files")
     p.add_argument("--session-cache", metavar="DIR",
                    help="keep ONNX Runtime's optimized graphs and CPU-packed weights in DIR: later starts are "
                         "faster (first start writes about the artifact's size again, twice for quantized weights)")
+    p.add_argument("--tool-format", choices=["qwen", "hermes"], default="qwen",
+                   help="how tools and calls are written: qwen (Qwen2-VL's ✿FUNCTION✿, Qwen-Agent) or hermes "
+                        "(<tool_call> JSON, Qwen2.5-VL's)")
+
+
+def _agent_flags(p: argparse.ArgumentParser) -> None:
+    """Structured output and tools (need the [agents] extra); docs/agents.md."""
+    p.add_argument("--json-schema", metavar="FILE|JSON",
+                   help="the reply is JSON following this schema (a file, '-', or inline JSON; default: free text)")
+    p.add_argument("--regex", help="the reply matches this regular expression (default: free text)")
+    p.add_argument("--grammar", metavar="FILE", help="the reply follows this Lark grammar (default: free text)")
+    p.add_argument("--tools", metavar="FILE|JSON",
+                   help="OpenAI function tools the model may call, a JSON list (default: none); calls print as "
+                        "JSON lines after the text, or in --json's tool_calls")
+    p.add_argument("--tool-choice", metavar="auto|none|required|NAME",
+                   help="auto: calls when the model starts one; required: a call; NAME: that function; none: no "
+                        "call (default: auto)")
+    p.add_argument("--no-parallel-tool-calls", action="store_true",
+                   help="at most one call per reply (default: several allowed)")
+
+
+DESCRIPTION = """\
+Run Qwen2-VL vision-language models on edge devices: export a checkpoint to ONNX once (on a machine with
+torch), then answer questions about images, video and text with a lean runtime that needs no torch: one
+reply (run), an interactive chat (chat), or an OpenAI-compatible server (serve). TensorRT engines for
+NVIDIA GPUs and Jetson are built from the export on the device (build-trt)."""
+
+EPILOG = "Start with `qwen2vl-edge quickstart`; `qwen2vl-edge COMMAND --help` lists a command's flags."
+ARTIFACT_HELP = "artifact directory written by `qwen2vl-edge export`"
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each flag's help ends with its default, where it has one to show (a switch's False and an unset None
+    say nothing: their help says what happens without them)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        shown = action.default not in (None, False, [], argparse.SUPPRESS) and action.option_strings
+        return f"{help_text} (default: %(default)s)" if shown and "%(default)" not in help_text else help_text
+
+
+def _command(sub, name: str, summary: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help opens with the summary the command list shows."""
+    return sub.add_parser(name, help=summary, description=summary, formatter_class=HelpFormatter)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qwen2vl-edge", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="qwen2vl-edge", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("make-tiny", help="write a tiny random Qwen2-VL checkpoint (needs [export])")
-    p.add_argument("dir")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--layout", choices=["original", "v5"], default="original")
+    p = _command(sub, "make-tiny", "write a tiny random Qwen2-VL checkpoint (needs [export])")
+    p.add_argument("dir", help="folder to write the checkpoint to")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--layout", choices=["original", "v5"], default="original",
+                   help="config.json layout: Qwen2-VL-2B-Instruct's own, or transformers 5's")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, e.g. text.num_hidden_layers=3, vision.depth=1, tie_word_embeddings=false")
     p.set_defaults(func=_make_tiny)
 
-    p = sub.add_parser("export", help="checkpoint -> ONNX artifact directory (needs [export])")
+    p = _command(sub, "export", "checkpoint -> ONNX artifact directory (needs [export])")
     p.add_argument("checkpoint", help="a Qwen2-VL checkpoint dir: float, GPTQ or AWQ (GEMM), read from its config")
-    p.add_argument("out")
-    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("out", help="artifact directory to write")
+    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="float type of the portable graphs")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset of the graphs")
     p.add_argument("--all-logits", action="store_true",
                    help="decoder returns logits for every position (default: last position only)")
     p.add_argument("--target", choices=["portable", "ort-cpu", "tensorrt"], default="portable",
@@ -373,10 +496,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accuracy-level", type=int, default=4, help="MatMulNBits accuracy_level (4: int8 activations)")
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("run", help="generate from an artifact directory (no torch needed)")
-    p.add_argument("artifact")
+    p = _command(sub, "run", "generate from an artifact directory (no torch needed)")
+    p.add_argument("artifact", help=ARTIFACT_HELP)
     p.add_argument("--messages", help="JSON file ('-': standard input): one conversation or a list of them")
-    p.add_argument("--image", action="append")
+    p.add_argument("--image", action="append", help="an image file or http(s) URL (repeatable)")
     p.add_argument("--video", action="append", help="a file path or http(s) URL (needs [video])")
     p.add_argument("--prompt", help="the user's text; '-' reads it from standard input")
     _generation_flags(p)
@@ -384,29 +507,30 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "(text, token_ids, boxes, video_timestamps, timings, usage)")
     p.set_defaults(func=_run)
 
-    p = sub.add_parser("chat", help="interactive chat that keeps the KV cache between turns (no torch needed)")
-    p.add_argument("artifact")
+    p = _command(sub, "chat", "interactive chat that keeps the KV cache between turns (no torch needed); "
+                              "/help in the chat lists its commands")
+    p.add_argument("artifact", help=ARTIFACT_HELP)
     p.add_argument("--overflow", choices=["error", "slide"], default="error",
                    help="when the context is full: report it, or start over from the latest turns")
     _generation_flags(p)
     p.set_defaults(func=_chat)
 
-    p = sub.add_parser("quickstart", help="tiny checkpoint -> export -> multi-image chat -> parity check")
-    p.add_argument("--dir", default="qwen2vl-edge-quickstart")
+    p = _command(sub, "quickstart", "tiny checkpoint -> export -> multi-image chat -> parity check")
+    p.add_argument("--dir", default="qwen2vl-edge-quickstart", help="folder for the checkpoint and the artifact")
     p.set_defaults(func=_quickstart)
 
-    p = sub.add_parser("build-trt", help="compile a --target tensorrt artifact's graphs into TensorRT engines "
-                                         "(on the device; precision and KV layout come from the export)")
-    p.add_argument("artifact")
+    p = _command(sub, "build-trt", "compile a --target tensorrt artifact's graphs into TensorRT engines "
+                                   "(on the device; precision and KV layout come from the export)")
+    p.add_argument("artifact", help="artifact directory of an `export --target tensorrt`")
     p.add_argument("--max-image-tokens", type=int, default=1280, help="merged tokens per image / video frame pair")
-    p.add_argument("--min-image-tokens", type=int, default=4)
+    p.add_argument("--min-image-tokens", type=int, default=4, help="merged tokens of the smallest image")
     p.add_argument("--max-frames", type=int, default=16, help="video frames per encoder call")
-    p.add_argument("--max-prompt", type=int, default=2048)
+    p.add_argument("--max-prompt", type=int, default=2048, help="prompt tokens per request")
     p.add_argument("--max-context", type=int, default=None,
-                   help="positions a request may hold (default: the export's --max-context for 10.15 graphs, whose "
-                        "KV cache length is fixed; else 4096)")
-    p.add_argument("--max-batch", type=int, default=1)
-    p.add_argument("--workspace-gb", type=float, default=4.0)
+                   help="prompt + generated tokens per request (default: the export's --max-context for 10.15 "
+                        "graphs, whose KV cache length is fixed; else 4096)")
+    p.add_argument("--max-batch", type=int, default=1, help="conversations per batch")
+    p.add_argument("--workspace-gb", type=float, default=4.0, help="GPU memory TensorRT's builder may use (GiB)")
     p.add_argument("--timing-cache", help="timing cache file to reuse across builds (default: one per GPU and "
                                           "TensorRT version under ~/.cache/qwen2vl-edge/tensorrt/)")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact files")
@@ -414,15 +538,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "the engine inspector (gpu-check, trtexec --dumpLayerInfo) reports each layer's kernel and types")
     p.set_defaults(func=_build_trt)
 
-    p = sub.add_parser("gpu-check", help="on a machine with a GPU and TensorRT: build engines for the tiny and "
-                                         "2B-shape checkpoints, record their layers (fused attention, int4 weights, "
-                                         "device memory), compare greedy tokens with ONNX Runtime, benchmark")
-    p.add_argument("--out", default="benchmarks/results/gpu-check")
-    p.add_argument("--models", default="tiny,2b-shape")
-    p.add_argument("--new-tokens", type=int, default=32)
+    p = _command(sub, "gpu-check", "on a machine with a GPU and TensorRT: build engines for the tiny and "
+                                   "2B-shape checkpoints, record their layers (fused attention, int4 weights, "
+                                   "device memory), compare greedy tokens with ONNX Runtime, benchmark")
+    p.add_argument("--out", default="benchmarks/results/gpu-check", help="folder for the report and results")
+    p.add_argument("--models", default="tiny,2b-shape", help="comma list of checkpoints to check")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per request")
     p.set_defaults(func=_gpu_check)
 
-    p = sub.add_parser("bench", help="latency, throughput and memory side by side with transformers")
+    p = _command(sub, "bench", "latency, throughput and memory side by side with transformers")
     p.add_argument("--model", default="tiny", help="tiny | 2b-shape | 7b-shape | CHECKPOINT_DIR")
     p.add_argument("--layers", type=int, help="text decoder depth for quicker runs (shapes only)")
     p.add_argument("--systems", default=None,
@@ -430,12 +554,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "ours-trt-fp16 and "
                         "ours-trt-int4, and the peers, openvino-int4 and llamacpp-q4km; see SYSTEMS in "
                         "benchmarks/bench.py)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads of every system")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per request")
+    p.add_argument("--repeats", type=int, default=3, help="runs per measurement (the median is reported)")
     p.add_argument("--resolutions", help="comma list of square image sides for the TTFT sweep")
     p.add_argument("--contexts", help="comma list of prompt lengths for the decode sweep")
-    p.add_argument("--out", default="bench-out")
+    p.add_argument("--out", default="bench-out", help="folder for report.md, result.json and the plots")
     p.add_argument("--quick", action="store_true", help="tiny model, one repeat: a smoke run (CI)")
     p.add_argument("--decode-processes", type=int, default=None,
                    help="also measure decode tok/s in N fresh processes per system and report their spread "
@@ -444,9 +568,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "llamacpp-q4km); default $QWEN2VL_EDGE_PEERS or ~/.cache/qwen2vl-edge/peers")
     p.set_defaults(func=_bench)
 
-    p = sub.add_parser("check-trt", help="check that an artifact's graphs fit TensorRT's ONNX parser (CPU only)")
-    p.add_argument("artifact")
-    p.add_argument("--trt-version", default=None)
+    p = _command(sub, "check-trt", "check that an artifact's graphs fit TensorRT's ONNX parser (CPU only)")
+    p.add_argument("artifact", help="artifact directory of an `export --target tensorrt`")
+    p.add_argument("--trt-version", default=None,
+                   help="TensorRT version whose operator matrix applies (default: the artifact's --min-tensorrt)")
     p.set_defaults(func=_check_trt)
     _add_serve_parser(sub)
     for p in sub.choices.values():
@@ -454,10 +579,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Interrupt:
+    """SIGINT (Ctrl-C) stops every command at once, with exit status 130.
+
+    Python turns SIGINT into KeyboardInterrupt only when the process starts with SIGINT at its default: one
+    started with it ignored (a script's background job, `sh -c 'cmd &'`, some CI runners) ignored Ctrl-C and
+    ran a generation to its last token. So the handler is installed whatever was inherited. It also records
+    the signal: Python drops an exception raised inside a finalizer (a weakref callback freeing TensorRT
+    buffers, a generator closed by the garbage collector), so the loops `check` between pieces and lines."""
+
+    def __init__(self):
+        self.received = False
+
+    def __call__(self, signum, frame):
+        self.received = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.received:
+            raise KeyboardInterrupt
+
+
+_interrupt = _Interrupt()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 1 an unexpected error, 2 bad input or usage, 130 interrupted (Ctrl-C), 141 the
     reader of standard output went away (`| head`): the codes a shell shows for SIGINT and SIGPIPE."""
     args = None
+    _interrupt.received = False
+    previous = signal.signal(signal.SIGINT, _interrupt)
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
@@ -471,6 +622,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "debug", False):
             raise
         return _report(e)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _report(error: Exception) -> int:

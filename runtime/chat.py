@@ -15,6 +15,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from .errors import InputError
 
 VISION_KEYS = {"image": ("image", "image_url"), "video": ("video",)}
+CUT = "\x00qwen2vl-edge-cut\x00"  # marks where a continued assistant message is cut
 CONTENT_TYPES = ("text", "image", "image_url", "video")
 
 
@@ -120,8 +121,21 @@ def vision_items(conversation: list[dict]) -> list[tuple[str, dict]]:
     return out
 
 
+def continues(conversation: list[dict]) -> bool:
+    """A conversation whose last message is an assistant message with "prefix": True (Mistral's and vLLM's
+    convention): the prompt continues that message instead of closing it (the qwen tool format after results)."""
+    last = conversation[-1] if conversation else {}
+    return last.get("role") == "assistant" and last.get("prefix") is True
+
+
 def render(template, conversation: list[dict], *, add_generation_prompt: bool = True,
            add_vision_id: bool = False) -> str:
+    if continues(conversation):  # rendered closed, with a mark where its content ends, then cut there
+        last = conversation[-1]
+        items = [{"type": "text", "text": last["content"]}] if isinstance(last["content"], str) else last["content"]
+        marked = {**last, "content": [*items, {"type": "text", "text": CUT}], "prefix": False}
+        text = render(template, [*conversation[:-1], marked], add_generation_prompt=False, add_vision_id=add_vision_id)
+        return text[:text.index(CUT)]
     try:
         return template.render(messages=conversation, add_generation_prompt=add_generation_prompt,
                                add_vision_id=add_vision_id)

@@ -9,7 +9,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
@@ -20,18 +20,23 @@ from .errors import ArtifactError, InputError
 from .grounding import Box
 from .rope import decode_positions
 from .sampling import SamplingOptions, choose
+from .tools import ToolCall, chosen, functions
+
+if TYPE_CHECKING:
+    from .constraints import Matcher
 
 
 @dataclass
 class GenerationResult:
     text: str
     token_ids: list[int]  # generated tokens only, not the prompt
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "tool_calls"
     timings: dict[str, float]  # seconds
     usage: dict[str, int]
     boxes: list[Box] = field(default_factory=list)  # grounding boxes in the pixels of the original image
     video_timestamps: list[list[float]] = field(default_factory=list)  # per video: sampled frames' seconds
     #                                                                     (files only; [] for a list of frames)
+    tool_calls: list[ToolCall] = field(default_factory=list)  # complete calls only; `text` is what came before
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -46,8 +51,9 @@ def drain(steps):
             return done.value
 
 
+AGENT_KWARGS = ("response_format", "regex", "grammar", "tools", "tool_choice", "parallel_tool_calls")
 GENERATION_KWARGS = ("min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "seed",
-                     "stop")
+                     "stop") + AGENT_KWARGS
 
 
 def generation_kwargs(caller: str, kwargs: dict) -> dict:
@@ -64,6 +70,15 @@ class GenerationOptions:
     sampling: SamplingOptions = SamplingOptions()
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # constraints (runtime/constraints.py): one of these; response_format / regex / grammar may also be a list with
+    # one entry (or None) per conversation of a batch
+    response_format: Any = None  # OpenAI's {"type": "text" | "json_object" | "json_schema", "json_schema": {...}}
+    regex: Any = None
+    grammar: Any = None  # Lark, as llguidance reads it
+    # tool calls (runtime/tools.py): OpenAI function tools, rendered and parsed in the pipeline's tool_format
+    tools: Any = None
+    tool_choice: Any = None  # "auto" (None) | "none" | "required" | {"type": "function", "function": {"name"}}
+    parallel_tool_calls: bool = True
 
     def validate(self) -> None:
         checks.integer("max_new_tokens", self.max_new_tokens, minimum=1)
@@ -74,6 +89,23 @@ class GenerationOptions:
         if not isinstance(self.stop, tuple) or any(not isinstance(s, str) or not s for s in self.stop):
             raise InputError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
         self.sampling.validate()
+        self._validate_agent()
+
+    def _validate_agent(self) -> None:
+        checks.flag("parallel_tool_calls", self.parallel_tool_calls)
+        if self.tools is None:
+            if self.tool_choice not in (None, "none", "auto"):
+                raise InputError(f"tool_choice {self.tool_choice!r} needs tools")
+            return
+        choice = chosen(self.tool_choice, [f["name"] for f in functions(self.tools)])
+        given = [n for n in ("response_format", "regex", "grammar") if getattr(self, n) is not None]
+        if given and choice != "none" and not (given == ["response_format"] and _is_text(self.response_format)):
+            raise InputError(f"tools and {given[0]} cannot constrain the same reply: give one of them, or "
+                             "tool_choice='none'")
+
+
+def _is_text(response_format: Any) -> bool:
+    return isinstance(response_format, dict) and response_format.get("type") == "text"
 
 
 def stop_strings(stop: Any) -> Any:
@@ -132,6 +164,8 @@ class DecodeState:
     texts: list[IncrementalText] = field(default_factory=list)  # per row: the reply's text so far
     finished: np.ndarray | None = None  # [B] bool
     reasons: list[str | None] = field(default_factory=list)
+    matchers: list[Matcher | None] = field(default_factory=list)  # per row: its constraint, or None
+    plans: list[Any] = field(default_factory=list)  # per row: tools.ReplyPlan (what a stream may show), or None
 
 
 @dataclass
@@ -203,24 +237,33 @@ def decode_step(backend: Backend, state: DecodeState, tokens: np.ndarray) -> np.
 
 def run(backend: Backend, inputs_embeds, inputs: dict, opts: GenerationOptions, eos_ids: list[int], pad_id: int,
         decode_text: Callable[[list[int]], str], step_times: StepTimes, cache: Any = None,
-        cached_ids: np.ndarray | None = None) -> Iterator[DecodeState]:
+        cached_ids: np.ndarray | None = None, matchers: list | None = None,
+        plans: list | None = None) -> Iterator[DecodeState]:
     """Yields the state after each chosen token; stops when every row is finished. The last chosen token is
-    never fed: the final state's cache holds the prompt and every generated token but the last."""
+    never fed: the final state's cache holds the prompt and every generated token but the last.
+    `matchers`: per row, its constraint (constraints.Matcher) or None; a row whose grammar is complete stops as
+    at an end-of-sequence token. `plans`: per row, carried on the state for streaming consumers."""
     rng = np.random.default_rng(opts.seed)
     logits, state = prefill(backend, inputs_embeds, inputs, step_times, opts.max_new_tokens, cache, cached_ids)
     state.texts = [IncrementalText(decode_text) for _ in state.generated]
+    state.matchers = list(matchers) if matchers is not None else [None] * len(state.generated)
+    state.plans = list(plans) if plans is not None else [None] * len(state.generated)
+    constrained = any(m is not None for m in state.matchers)
     step_start, graph_start = time.perf_counter(), getattr(backend, "graph_seconds", None)
     for step in range(opts.max_new_tokens):
         if step < opts.min_new_tokens:
             logits = suppress(logits, eos_ids)
-        tokens = choose(logits, opts.sampling, rng, state.seen)
+        tokens = choose(logits, opts.sampling, rng, state.seen, state.matchers if constrained else None)
         tokens = np.where(state.finished, pad_id, tokens)  # finished rows idle on padding
         for b in np.flatnonzero(~state.finished):
             t = int(tokens[b])
             state.generated[b].append(t)
             state.seen[b] = np.append(state.seen[b], t)
             piece = state.texts[b].push(t)
-            if t in eos_ids or state.texts[b].contains_any(opts.stop, piece):
+            matcher = state.matchers[b]
+            if matcher is not None:
+                matcher.take(t)
+            if t in eos_ids or state.texts[b].contains_any(opts.stop, piece) or (matcher is not None and matcher.done):
                 state.finished[b], state.reasons[b] = True, "stop"
         paused = time.perf_counter()
         yield state

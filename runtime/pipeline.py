@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
-from . import checks, memory
+from . import checks, constraints, memory, tools
 from .artifact import Artifact, load_artifact
 from .backends import BACKENDS, create_backend
 from .detokenize import safe_piece
@@ -19,6 +20,7 @@ from .generation import (GenerationOptions, GenerationResult, StepTimes, checkpo
                          run, sampling_options, stop_strings)
 from .grounding import parse_boxes
 from .processor import Processor, is_batch
+from .tools import ReplyPlan, ToolCall, new_call_id
 from .rope import IMAGE, VIDEO, runs, token_types, vision_rotary
 
 if TYPE_CHECKING:
@@ -60,9 +62,33 @@ def _on_cpu(providers) -> bool:
     return (first[0] if isinstance(first, tuple) else first) == "CPUExecutionProvider"
 
 
+def _per_row(name: str, value: Any, rows: int) -> list:
+    """A constraint field: one value for every row, or a list of one per row (response_format is a dict and
+    regex / grammar strings, so a list is always per row)."""
+    if not isinstance(value, (list, tuple)):
+        return [value] * rows
+    if len(value) != rows:
+        raise InputError(f"{name} is a list of {len(value)}, but {rows} conversations were given: give one value "
+                         "for all, or one per conversation")
+    return list(value)
+
+
 class Qwen2VLPipeline:
-    def __init__(self, artifact: Artifact, processor: Processor, backend):
+    """Messages -> text, from an artifact directory.
+
+    Threads may share a pipeline: its generations take turns on the backend. Each step of a generation (the
+    prompt's preprocessing, vision and prefill; then each token) runs under one lock, so concurrent calls are
+    serialized and concurrent streams interleave token by token, each reply what it is alone. A chat session
+    (`chat()`) takes the same turns, but is one conversation: one thread at a time may use it. `last_result`
+    is the last finished stream's, whichever thread ran it: threads that need a stream's usage read the
+    session's or call generate().
+    """
+
+    def __init__(self, artifact: Artifact, processor: Processor, backend, tool_format: str = "qwen"):
         self.artifact, self.processor, self.backend = artifact, processor, backend
+        self.lock = threading.Lock()  # held by one generation step at a time (see the class docstring)
+        self.tool_format = tools.tool_format(tool_format, ConfigError)  # how tool calls are written (tools.py)
+        self._grammars: constraints.Grammars | None = None
         gen = artifact.generation
         self.eos_ids = [int(t) for t in gen["eos_token_id"]]  # the manifest schema requires both
         self.pad_id = int(gen["pad_token_id"])
@@ -75,14 +101,17 @@ class Qwen2VLPipeline:
     def load(cls, artifact_dir: str | Path, backend: str = "onnxruntime", providers: list | None = None,
              num_threads: int | None = None, verify: bool = True,
              session_cache: str | Path | None = None, memory_limit: int | None = None,
-             session_config: dict | None = None) -> "Qwen2VLPipeline":
+             session_config: dict | None = None, tool_format: str = "qwen") -> "Qwen2VLPipeline":
         """`session_cache`: a directory where ONNX Runtime keeps the graphs optimized and their weights
         packed for this CPU, so that later starts skip that work (see backends/onnxruntime.py).
         `memory_limit`: bytes the pipeline may use: weights above it (or above what the system has) fail here
         with ConfigError; a request estimated above what the weights leave fails with InputError before any
         graph runs (runtime/memory.py).
-        `session_config`: ONNX Runtime session config entries for every graph, over the backend's defaults."""
+        `session_config`: ONNX Runtime session config entries for every graph, over the backend's defaults.
+        `tool_format`: how tools and calls are written in the prompt and reply: "qwen" (Qwen2-VL's own,
+        Qwen-Agent's ✿FUNCTION✿ form) or "hermes" (<tool_call> JSON, Qwen2.5-VL's); see runtime/tools.py."""
         _check_load_options(backend, providers, num_threads, verify, session_cache, session_config)
+        tools.tool_format(tool_format, ConfigError)  # refused before the artifact is read
         artifact = load_artifact(artifact_dir, verify=verify, backend=backend)
         if backend == "onnxruntime" and _on_cpu(providers):  # the weights go to host memory
             memory.check_weights(artifact.weight_bytes, memory_limit, artifact.dir)
@@ -91,7 +120,7 @@ class Qwen2VLPipeline:
         with ThreadPoolExecutor(1) as pool:  # the tokenizer parses while the graphs load
             processor = pool.submit(Processor.from_pretrained, artifact.dir)
             graphs = create_backend(artifact, backend, **options)
-            pipe = cls(artifact, processor.result(), graphs)
+            pipe = cls(artifact, processor.result(), graphs, tool_format)
         pipe.memory_limit = memory_limit
         return pipe
 
@@ -136,15 +165,50 @@ class Qwen2VLPipeline:
         return self.backend.join(ordered)
 
     def _options(self, max_new_tokens=128, min_new_tokens=0, do_sample=None, temperature=None, top_k=None,
-                 top_p=None, repetition_penalty=None, seed=None, stop=None) -> GenerationOptions:
+                 top_p=None, repetition_penalty=None, seed=None, stop=None, response_format=None, regex=None,
+                 grammar=None, tools=None, tool_choice=None, parallel_tool_calls=None) -> GenerationOptions:
         """Sampling fields left None come from generation_config.json, then transformers' defaults."""
         requested = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                          repetition_penalty=repetition_penalty)
         opts = GenerationOptions(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                  sampling=sampling_options(requested, self.sampling_defaults),
-                                 seed=seed, stop=stop_strings(stop))
+                                 seed=seed, stop=stop_strings(stop), response_format=response_format, regex=regex,
+                                 grammar=grammar, tools=tools, tool_choice=tool_choice,
+                                 parallel_tool_calls=True if parallel_tool_calls is None else parallel_tool_calls)
         opts.validate()
         return opts
+
+    # -- constraints and tools ----------------------------------------------------------------
+
+    @property
+    def grammars(self) -> constraints.Grammars:
+        """llguidance's tokenizer and compiled grammars, made at the first constrained request."""
+        if self._grammars is None:
+            self._grammars = constraints.Grammars(self.processor.tokenizer.to_str(),
+                                                  self.artifact.config.text.vocab_size, self.eos_ids)
+        return self._grammars
+
+    def plan(self, conversation: list[dict], opts: GenerationOptions, row: int = 0, rows: int = 1,
+             in_prompt: bool | None = None) -> tuple[list[dict], ReplyPlan]:
+        """One conversation -> (the plain messages the chat template renders, its reply's plan). Tool calls
+        and tool messages are written in the pipeline's tool_format; the tools go into the system prompt unless
+        tool_choice is "none" (`in_prompt`: a chat session keeps them there for its cache)."""
+        fns = tools.functions(opts.tools) if opts.tools is not None else None
+        choice = tools.chosen(opts.tool_choice, [f["name"] for f in fns]) if fns else "none"
+        shown = fns if (in_prompt if in_prompt is not None else choice != "none") else None
+        messages, continued = tools.prepare(conversation, self.tool_format, shown, "auto" if shown else "none",
+                                            opts.parallel_tool_calls)
+        if choice != "none":
+            grammar = tools.grammar(self.tool_format, fns, choice, opts.parallel_tool_calls, continued)
+        else:
+            grammar = constraints.grammar_text(*(_per_row(n, getattr(opts, n), rows)[row]
+                                                 for n in ("response_format", "regex", "grammar")))
+        return messages, ReplyPlan(self.tool_format, grammar, choice != "none", continued)
+
+    def matchers(self, plans: list[ReplyPlan]) -> list:
+        """A constraint per row (None where its reply is free); grammars that do not compile fail here, before
+        any graph runs."""
+        return [self.grammars.matcher(p.grammar) if p.grammar is not None else None for p in plans]
 
     def _prepare(self, conversations, opts: GenerationOptions, add_vision_id: bool = False
                  ) -> tuple[dict, list[dict], Any, dict]:
@@ -184,14 +248,20 @@ class Qwen2VLPipeline:
     def _steps(self, conversations, opts: GenerationOptions, add_vision_id: bool = False,
                skip_special_tokens: bool = True):
         started = time.perf_counter()
-        inputs, meta, embeds, timings = self._prepare(conversations, opts, add_vision_id)
+        batch = list(conversations) if is_batch(conversations) else [conversations]
+        planned = [self.plan(conv, opts, b, len(batch)) for b, conv in enumerate(batch)]
+        plans = [p for _, p in planned]
+        matchers = self.matchers(plans)
+        prepared = [m for m, _ in planned]
+        inputs, meta, embeds, timings = self._prepare(prepared if is_batch(conversations) else prepared[0], opts,
+                                                      add_vision_id)
         steps = StepTimes()
         for state in run(self.backend, embeds, inputs, opts, self.eos_ids, self.pad_id,
-                         self.decoder(skip_special_tokens), steps):
+                         self.decoder(skip_special_tokens), steps, matchers=matchers, plans=plans):
             yield state
         mask, final = inputs["attention_mask"], self._timings(timings, steps, started)  # one set for the batch
         results = [self._result(ids, reason, opts, dict(final), meta[b],
-                                {"prompt_tokens": int(mask[b].sum())}, skip_special_tokens)
+                                {"prompt_tokens": int(mask[b].sum())}, skip_special_tokens, plans[b])
                    for b, (ids, reason) in enumerate(zip(state.generated, state.reasons))]
         del state, inputs, embeds, mask  # the KV cache and the prompt's arrays, freed before the heap is trimmed
         self.trim()
@@ -221,36 +291,53 @@ class Qwen2VLPipeline:
         return timings
 
     def _result(self, ids: list[int], reason: str, opts: GenerationOptions, timings: dict, meta: dict,
-                usage: dict, skip_special_tokens: bool = True) -> GenerationResult:
+                usage: dict, skip_special_tokens: bool = True, plan: ReplyPlan | None = None) -> GenerationResult:
         tagged = self.processor.decode(ids, skip_special_tokens=False)
-        text = tagged if not skip_special_tokens else self.processor.decode(ids)
-        return GenerationResult(text=_cut_at_stop(text, opts.stop), token_ids=list(ids), finish_reason=reason,
+        text = _cut_at_stop(tagged if not skip_special_tokens else self.processor.decode(ids), opts.stop)
+        calls: list = []
+        if plan is not None:
+            text, calls, reason = plan.finish(text, reason)
+        return GenerationResult(text=text, token_ids=list(ids), finish_reason=reason,
                                 timings=timings, usage={**usage, "completion_tokens": len(ids)},
                                 boxes=parse_boxes(_cut_at_stop(tagged, opts.stop), meta["image_sizes"]),
-                                video_timestamps=meta["video_timestamps"])
+                                video_timestamps=meta["video_timestamps"],
+                                tool_calls=[ToolCall(new_call_id(), name, args) for name, args in calls])
 
     # -- public -------------------------------------------------------------------------------
 
     def generate(self, conversations, max_new_tokens: int = 128, *, min_new_tokens: int = 0,
                  do_sample: bool | None = None, temperature: float | None = None, top_k: int | None = None,
                  top_p: float | None = None, repetition_penalty: float | None = None, seed: int | None = None,
-                 stop=None, add_vision_id: bool = False, skip_special_tokens: bool = True):
+                 stop=None, add_vision_id: bool = False, skip_special_tokens: bool = True,
+                 response_format: dict | list | None = None, regex: str | list | None = None,
+                 grammar: str | list | None = None, tools: list | None = None, tool_choice: str | dict | None = None,
+                 parallel_tool_calls: bool | None = None):
         """One conversation -> GenerationResult; a list of conversations -> a list of them. Sampling
-        fields left None take generation_config.json's values, as transformers does."""
+        fields left None take generation_config.json's values, as transformers does.
+
+        Structured output (one of; needs the `agents` extra): `response_format` (OpenAI's {"type": "json_object"}
+        or {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}), `regex`, `grammar` (Lark);
+        each may be a list with one value per conversation. Tools: `tools` (OpenAI function tools),
+        `tool_choice` ("auto" default, "none", "required", {"type": "function", "function": {"name": ...}}),
+        `parallel_tool_calls` (default True): calls come back in `result.tool_calls`, with finish_reason
+        "tool_calls". Conversations may hold assistant messages with `tool_calls` and `tool` messages. See
+        docs/agents.md."""
         opts = self._options(max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
-                             repetition_penalty, seed, stop)
-        results = drain(self._steps(conversations, opts, add_vision_id, skip_special_tokens))
+                             repetition_penalty, seed, stop, response_format, regex, grammar, tools, tool_choice,
+                             parallel_tool_calls)
+        results = drain(self.serialized(self._steps(conversations, opts, add_vision_id, skip_special_tokens)))
         return results if is_batch(conversations) else results[0]
 
     def stream(self, conversation, max_new_tokens: int = 128, *, add_vision_id: bool = False,
                skip_special_tokens: bool = True, **kwargs) -> Iterator[str]:
         """Text pieces of one conversation as they are generated; they join to generate()'s text. A piece never
-        splits a UTF-8 character, nor shows the start of a stop string before it is known not to be one."""
+        splits a UTF-8 character, nor shows the start of a stop string before it is known not to be one, nor a
+        tool call's markup (the calls come in `last_result.tool_calls`). Takes generate()'s options."""
         if is_batch(conversation):
             raise InputError("stream() takes one conversation; use generate() for a batch")
         opts = self._options(max_new_tokens, **generation_kwargs("stream", kwargs))
-        results = yield from self.stream_steps(self._steps(conversation, opts, add_vision_id, skip_special_tokens),
-                                               opts)
+        steps = self.serialized(self._steps(conversation, opts, add_vision_id, skip_special_tokens))
+        results = yield from self.stream_steps(steps, opts)
         self.last_result = results[0]  # timings and usage of the streamed reply
 
     def stream_steps(self, steps, opts: GenerationOptions):
@@ -268,7 +355,10 @@ class Qwen2VLPipeline:
             text = state.texts[0].text  # complete characters only
             if state.finished[0]:  # the final text (cut at the stop string) comes with the result
                 continue
-            piece = safe_piece(text, opts.stop, emitted)
+            plan = state.plans[0]
+            if plan is not None:  # never a tool call's markup: the calls come with the result
+                text = plan.visible(text)
+            piece = safe_piece(text, opts.stop + (plan.markers if plan is not None else ()), emitted)
             if piece:
                 yield piece
                 emitted += len(piece)
@@ -278,7 +368,21 @@ class Qwen2VLPipeline:
         yields the DecodeState after each chosen token (row b = conversation b) and returns one
         GenerationResult per row. Closing the generator stops the work."""
         opts.validate()
-        return self._steps(conversations, opts)
+        return self.serialized(self._steps(conversations, opts))
+
+    def serialized(self, steps):
+        """A generation's steps (`_steps`, a chat session's turn), each run under the pipeline's lock: other
+        threads' steps run between them. Returns what `steps` returns; closing it closes `steps`."""
+        try:
+            while True:
+                with self.lock:
+                    try:
+                        state = next(steps)
+                    except StopIteration as done:
+                        return done.value
+                yield state
+        finally:
+            steps.close()  # a consumer that stops early stops the generation (nothing once it has ended)
 
     def chat(self, system: str | None = None, *, overflow: str = "error", add_vision_id: bool = False,
              **generation_defaults) -> "ChatSession":

@@ -1,5 +1,6 @@
 """Next-token choice from last-position logits [B, V]: greedy, or sampling with transformers' processors in
-transformers' order (repetition penalty, [min_new_tokens in generation.py], temperature, top-k, top-p).
+transformers' order (repetition penalty, [min_new_tokens in generation.py], temperature, top-k, top-p), after
+a row's constraint (runtime/constraints.py) when it has one.
 
 The host loop must stay cheap at a 151,936-token vocabulary, so nothing here sorts the vocabulary:
 top-k and top-p work on a small candidate set found from chunk maxima (one pass over the logits); a
@@ -9,10 +10,14 @@ top-p whose mass is spread over thousands of tokens buckets them by log-probabil
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import checks
+
+if TYPE_CHECKING:
+    from .constraints import Matcher
 
 CHUNK = 256  # logits per chunk when bounding the top values from chunk maxima
 MIN_PENALTY = 1e-3
@@ -140,17 +145,48 @@ def _top_p(ids: np.ndarray, probs: np.ndarray, top_p: float) -> tuple[np.ndarray
     return ids[order][keep], kept / kept.sum()
 
 
+def _pick(row: np.ndarray, opts: SamplingOptions, rng: np.random.Generator) -> int:
+    """One token from processed logits [V]: the argmax, or a sample of `distribution`."""
+    if not opts.do_sample:
+        return int(row.argmax())
+    ids, probs = distribution(row, opts)
+    cumulative = np.cumsum(probs)  # [n]
+    return int(ids[min(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"), len(ids) - 1)])
+
+
+def allowed_logits(row: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """The logits of the allowed token ids [n] only: a masked row's tokens at -inf have probability 0 after every
+    processor, so the processors run on the n allowed ones (a handful between JSON values, most of the vocabulary
+    inside a string). Allowed tokens all at -inf (min_new_tokens suppressing the end a complete grammar
+    requires) become equal: the grammar wins."""
+    sub = row[allowed]  # [n]
+    return sub if np.isfinite(sub.max()) else np.zeros_like(sub)
+
+
+def constrained_pick(row: np.ndarray, opts: SamplingOptions, rng: np.random.Generator, matcher: "Matcher") -> int:
+    """A token of the masked distribution. The constraint masks first, then the processors run (the penalty
+    already ran: it maps -inf to -inf, so penalising then masking is masking then penalising).
+
+    Fast path: the unconstrained choice, kept when the grammar allows it; the mask only when it does not.
+    Exact for greedy (the argmax over all tokens, when allowed, is the argmax over the allowed ones), and for
+    sampling without top-k / top-p, as rejection sampling: a token t drawn from p is kept when allowed, else
+    one is drawn from p restricted to the allowed set A, so P(t) = p(t) + (1 - p(A)) p(t) / p(A) = p(t) / p(A).
+    top-k and top-p choose their set after the mask, which the fast path cannot see: those always mask."""
+    if not opts.do_sample or (opts.top_k == 0 and opts.top_p >= 1):
+        t = _pick(row, opts, rng)
+        if matcher.allows(t):
+            return t
+    allowed = matcher.allowed_ids()  # [n]
+    return int(allowed[_pick(allowed_logits(row, allowed), opts, rng)])
+
+
 def choose(logits: np.ndarray, opts: SamplingOptions, rng: np.random.Generator,
-           seen: list[np.ndarray] | None = None) -> np.ndarray:
-    """logits [B, V] -> token ids [B] int64."""
+           seen: list[np.ndarray] | None = None, matchers: list["Matcher | None"] | None = None) -> np.ndarray:
+    """logits [B, V] -> token ids [B] int64. `matchers`: per row, its constraint or None."""
     out = np.empty(len(logits), np.int64)
     for b, row in enumerate(logits):
         if seen is not None:
             row = repetition_penalty(row, seen[b], opts.repetition_penalty)
-        if not opts.do_sample:
-            out[b] = row.argmax()
-            continue
-        ids, probs = distribution(row, opts)
-        cumulative = np.cumsum(probs)  # [n]
-        out[b] = ids[min(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"), len(ids) - 1)]
+        matcher = matchers[b] if matchers is not None else None
+        out[b] = _pick(row, opts, rng) if matcher is None else constrained_pick(row, opts, rng, matcher)
     return out

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 # status -> OpenAI's error type
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               413: "request_too_large", 422: "invalid_request_error", 500: "server_error",
+               413: "request_too_large", 500: "server_error",
                503: "service_unavailable"}
 
 

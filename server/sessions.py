@@ -1,9 +1,10 @@
 """Kept chat sessions: a request whose messages extend an earlier reply's conversation reuses its KV cache.
 
 After a single-conversation turn the server keeps the `ChatSession` that ran it, keyed by the conversation
-as the client will send it back (its messages and the reply's text). A later request whose messages are
-exactly that conversation plus one user message takes the session out of the store, runs as its next turn
-(prefilling only the new message) and is kept again under its longer conversation.
+as the client will send it back (its messages, the reply's text and tool calls, and the tools in its system
+prompt). A later request whose messages are exactly that conversation plus tool results and / or one user
+message takes the session out of the store, runs as its next turn (prefilling only the new messages) and is
+kept again under its longer conversation. Call ids are not part of the key: no template renders them.
 
 A session is kept only when its cache holds exactly the ids a fresh run of that conversation would prefill:
 a reply stays in the cache as the ids it was generated with, and a decoded reply does not always
@@ -23,7 +24,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from qwen2vl_edge.runtime import chat
+from qwen2vl_edge.runtime import chat, tools
+from qwen2vl_edge.runtime.generation import GenerationOptions
 
 
 def _item(item: dict) -> Any:
@@ -44,32 +46,68 @@ def _pixels(image: Image.Image) -> str:
     return hashlib.sha256(f"{image.mode}{data.shape}".encode() + data.tobytes()).hexdigest()
 
 
-def conversation_key(messages: list[dict]) -> str | None:
-    """A digest of the conversation (the server's runtime form: decoded images); None when it holds
-    something that cannot be compared (a video file)."""
-    plain = []
+def prompt_tools(opts: GenerationOptions) -> list | None:
+    """What of a request's tools its system prompt holds (plain data): the tools and whether calls may be
+    parallel; None without tools."""
+    return [opts.tools, opts.parallel_tool_calls] if opts.tools else None
+
+
+def conversation_key(messages: list[dict], prompt: list | None = None) -> str | None:
+    """A digest of the conversation (the server's runtime form: decoded images) and the tools in its system
+    prompt (`prompt_tools`); None when it holds something that cannot be compared (a video file)."""
+    plain: list = [prompt]
     for m in messages:
         content = m["content"]
         items = content if isinstance(content, str) else [_item(i) for i in content]
         if not isinstance(items, str) and None in items:
             return None
-        plain.append([m["role"], items])
+        calls = [[c["function"]["name"], c["function"]["arguments"]] for c in m.get("tool_calls") or ()]
+        plain.append([m["role"], items, calls])
     return hashlib.sha256(json.dumps(plain).encode()).hexdigest()
 
 
-def job_keys(messages: list[dict]) -> tuple[str | None, bool]:
-    """-> (the key of the conversation the last user message continues, or None; whether a new session can
-    run the messages: an optional system message, then one user message)."""
+def reply_message(result) -> dict:
+    """A reply as the client sends it back, in the runtime's form (protocol.conversation's)."""
+    message = {"role": "assistant", "content": result.text}
+    if result.tool_calls:
+        message["tool_calls"] = [call.to_openai() for call in result.tool_calls]
+    return message
+
+
+def job_keys(messages: list[dict], opts: GenerationOptions, fmt: tools.ToolFormat) -> tuple[str | None, bool]:
+    """-> (the key of the conversation the messages after the last reply continue: tool results and / or one
+    user message, or None; whether a new session can run the messages: an optional system message, then one
+    user message). No session serves
+    - a request whose tools are left out of its prompt (tool_choice "none"): a session keeps its tools in the
+      cached prompt;
+    - tool results that continue the reply that called (`fmt.results_continue`, the qwen format): the session
+      tokenises them apart from the reply's ids, where a fresh run tokenises the message at once (`}` then
+      `\n` against `}\n`), so its reply could differ from the fresh run's."""
+    if opts.tools and opts.tool_choice == "none":
+        return None, False
     roles = [m["role"] for m in messages]
-    continues = len(messages) >= 3 and roles[-1] == "user"  # a kept conversation has a user message and a reply
-    return (conversation_key(messages[:-1]) if continues else None), roles in (["user"], ["system", "user"])
+    last_reply = max((i for i, role in enumerate(roles) if role == "assistant"), default=0)
+    new = roles[last_reply + 1:]
+    continues = (last_reply > 0 and bool(new) and set(new) <= {"tool", "user"} and "user" not in new[:-1]
+                 and not (new[0] == "tool" and fmt.results_continue))
+    return ((conversation_key(messages[:last_reply + 1], prompt_tools(opts)) if continues else None),
+            roles in (["user"], ["system", "user"]))
 
 
-def encodes_as(pipe, before: list[dict], after: list[dict], ids: list[int]) -> bool:
+def encodes_as(pipe, before: list[dict], after: list[dict], ids: list[int], prompt: list | None) -> bool:
     """Whether `ids` (the cache's ids past the fresh encoding of `before`) are what a fresh run prefills for
-    the messages `after` adds, ending with the template's end of turn. The text is tokenised from the start of
-    the first added message, a special token, where tokenising in pieces and at once agree."""
-    render = lambda messages: pipe.processor.prompt(messages, False, False) if messages else ""  # noqa: E731
+    the messages `after` adds, ending with the template's end of turn; `prompt`: the tools in the system prompt
+    (prompt_tools). The text is tokenised from the start of the first added message, a special token, where
+    tokenising in pieces and at once agree."""
+    fns = tools.functions(prompt[0]) if prompt else None
+
+    def render(messages: list[dict]) -> str:  # as pipe.plan renders a conversation; nothing for none
+        if not messages:
+            return ""
+        plain, _ = tools.prepare(messages, pipe.tool_format, fns, "auto" if fns else "none",
+                                 prompt is None or prompt[1])
+        return pipe.processor.prompt(plain, False, False)
+
     start, whole = render(before), render(after)
     if not whole.startswith(start):
         return False

@@ -154,3 +154,43 @@ def trt_pipe(trt_export):
         return loaded[key]
 
     return load
+
+
+# -- the OpenAI server: one process for test_server.py and test_server_agents.py -----------------------------
+
+SERVER_KEY = "test-key"
+SERVER_PIXEL_LIMIT = 70_000  # images "b" (200x300) and "c" (120x90) pass, "a" (320x240) does not
+
+
+@pytest.fixture(scope="session")
+def media_dir(images, workdir) -> Path:
+    d = workdir / "served-media"
+    d.mkdir(exist_ok=True)
+    (d / "c.png").write_bytes(images["c"].read_bytes())
+    return d
+
+
+@pytest.fixture(scope="session")
+def server(tiny_artifact, media_dir, workdir):
+    """`qwen2vl-edge serve` on 127.0.0.1 with an API key and small limits (a 1 MiB body, SERVER_PIXEL_LIMIT)."""
+    from qwen2vl_edge.benchmarks.serve_bench import ServerProcess
+
+    srv = ServerProcess([str(tiny_artifact), "--api-key", SERVER_KEY, "--max-batch", "8", "--max-body-mb", "1",
+                         "--max-image-pixels", str(SERVER_PIXEL_LIMIT), "--allowed-media-dir", str(media_dir)],
+                        workdir / "server.log")
+    assert srv.proc.poll() is None, srv.output()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    """The official openai client of `server`."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=SERVER_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def model(client) -> str:
+    return client.models.list().data[0].id

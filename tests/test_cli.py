@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import random_image, requires_torch
 from qwen2vl_edge.benchmarks.bench import SYSTEMS
@@ -25,7 +26,8 @@ def test_run_json_matches_python_api(tiny_artifact, pipe, tmp_path):
                  "--max-new-tokens", "6", "--json")
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
-    assert set(out) == {"text", "token_ids", "finish_reason", "timings", "usage", "boxes", "video_timestamps"}
+    assert set(out) == {"text", "token_ids", "finish_reason", "timings", "usage", "boxes", "video_timestamps",
+                        "tool_calls"}
     conv = [{"role": "user", "content": [{"type": "image", "image": str(img)},
                                          {"type": "text", "text": "Describe this image."}]}]
     assert out["token_ids"] == pipe.generate(conv, max_new_tokens=6).token_ids
@@ -47,6 +49,17 @@ def test_chat_keeps_the_session(tiny_artifact, pipe, tmp_path):
     expected.append(session.send([{"type": "text", "text": "Hello."}]).text)
     assert result.stdout.split("\n")[:3] == expected
     assert "cached" in result.stderr
+
+
+def test_chat_prompt_and_help(tiny_artifact, pipe):
+    """/help lists the commands and is not sent to the model: the reply that follows is a fresh session's."""
+    result = subprocess.run([sys.executable, "-m", "qwen2vl_edge", "chat", str(tiny_artifact), "--max-new-tokens",
+                             "6"], input="/help\nHello.\n", capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[0] == pipe.chat(max_new_tokens=6).send("Hello.").text
+    for command in ("/image PATH", "/video PATH", "/reset", "/help", "/quit"):
+        assert command in result.stderr
+    assert result.stderr.count("> ") == 3  # one prompt per line read, and one at the end of input
 
 
 def test_run_streams_and_reads_message_files(tiny_artifact, tmp_path):
@@ -123,24 +136,82 @@ def test_bad_threads_and_unexpected_errors(tiny_artifact):
     assert debug.returncode == 1 and "Traceback" in debug.stderr
 
 
-def _long_run(artifact) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "qwen2vl_edge", "run", str(artifact), "--prompt", "Go on.",
-                             "--max-new-tokens", "4000", "--min-new-tokens", "4000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def _unbounded(pipe) -> list[str]:
+    """Generation flags for a reply as long as the model's context allows (32k tokens for the tiny model): it
+    cannot end while a test signals the process or closes its pipe."""
+    n = str(pipe.artifact.config.text.max_position_embeddings - 64)
+    return ["--max-new-tokens", n, "--min-new-tokens", n]
 
 
-def test_ctrl_c_and_a_closed_pipe_exit_quietly(tiny_artifact):
+def _ignore_sigint() -> None:
     import signal
 
-    proc = _long_run(tiny_artifact)
-    proc.stdout.read(1)  # streaming has begun
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _start(command: str, artifact, pipe, sigint_ignored: bool = False) -> subprocess.Popen:
+    """`run` or `chat` streaming an unbounded reply, once its first byte is out. `sigint_ignored`: the process
+    starts with SIGINT ignored, as a background job of a script does (CI once ran the tests so)."""
+    args = ["--prompt", "Go on."] if command == "run" else []
+    proc = subprocess.Popen([sys.executable, "-m", "qwen2vl_edge", command, str(artifact), *args, *_unbounded(pipe)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=_ignore_sigint if sigint_ignored else None)
+    if command == "chat":
+        proc.stdin.write(b"Go on.\n")
+        proc.stdin.flush()
+    assert proc.stdout.read(1), proc.communicate()[1][-2000:]  # it is generating now
+    return proc
+
+
+@pytest.mark.parametrize("command, sigint_ignored", [("run", False), ("run", True), ("chat", True)])
+def test_ctrl_c_stops_a_reply(tiny_artifact, pipe, command, sigint_ignored):
+    """SIGINT stops `run` and `chat` mid-reply with status 130 and no traceback, also when the process started
+    with SIGINT ignored (Python then installs no handler of its own: before the CLI installed one, such a
+    run went on to its last token and exited 0)."""
+    import signal
+
+    proc = _start(command, tiny_artifact, pipe, sigint_ignored)
+    try:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)  # a hang guard: the reply alone would take far longer
+    finally:
+        proc.kill()
     assert proc.returncode == 130 and b"Traceback" not in err, err[-2000:]
 
-    proc = _long_run(tiny_artifact)  # `| head -c 1`: the reader leaves
-    proc.stdout.read(1)
-    proc.stdout.close()
-    err = proc.stderr.read()
-    proc.wait(timeout=60)
+
+def test_a_closed_pipe_exits_quietly(tiny_artifact, pipe):
+    proc = _start("run", tiny_artifact, pipe)  # `| head -c 1`: the reader leaves
+    try:
+        proc.stdout.close()
+        err = proc.stderr.read()
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
     assert proc.returncode == 141 and b"Traceback" not in err and b"Exception ignored" not in err, err[-2000:]
+
+
+def test_ctrl_c_stops_serve(tiny_artifact):
+    """`serve` started with SIGINT ignored stops on SIGINT too: uvicorn shuts down, then the CLI exits 130."""
+    import signal
+    import time
+    import urllib.request
+
+    pytest.importorskip("uvicorn", reason="serve needs the [serve] extra")
+    from qwen2vl_edge.benchmarks.serve_bench import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "qwen2vl_edge", "serve", str(tiny_artifact), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_ignore_sigint)
+    try:
+        while proc.poll() is None:  # until it answers (or has failed)
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and b"Traceback" not in out, out[-2000:]
+    assert b"Application shutdown complete" in out

@@ -1,7 +1,8 @@
 """`qwen2vl-edge serve` as a real process on 127.0.0.1, driven by the official `openai` client.
 
-One server process serves the whole module (with an API key and small limits, so each limit can be hit);
-its answers are compared with the in-process pipeline on the same tiny artifact.
+One server process (conftest's `server`, shared with test_server_agents.py; with an API key and small limits,
+so each limit can be hit) serves the whole module; its answers are compared with the in-process pipeline on
+the same tiny artifact.
 """
 
 from __future__ import annotations
@@ -23,11 +24,10 @@ from PIL import Image
 openai = pytest.importorskip("openai", reason="the server tests need the [test] extra (openai client)")
 pytest.importorskip("fastapi", reason="the server tests need the [serve] extra")
 
+from conftest import SERVER_KEY as KEY  # noqa: E402
 from qwen2vl_edge.benchmarks.serve_bench import ServerProcess  # noqa: E402
 
-KEY = "test-key"
 MAX_TOKENS = 16
-PIXEL_LIMIT = 70_000  # images "b" (200x300) and "c" (120x90) pass, "a" (320x240) does not
 
 
 def get(url: str, key: str | None = None) -> tuple[int, dict, str]:
@@ -67,34 +67,6 @@ def metric(text: str, name: str) -> float:
     found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
     assert found, f"{name} not in /metrics"
     return float(found.group(1))
-
-
-@pytest.fixture(scope="module")
-def media_dir(images, workdir) -> Path:
-    d = workdir / "served-media"
-    d.mkdir(exist_ok=True)
-    (d / "c.png").write_bytes(images["c"].read_bytes())
-    return d
-
-
-@pytest.fixture(scope="module")
-def server(tiny_artifact, media_dir, workdir):
-    srv = ServerProcess([str(tiny_artifact), "--api-key", KEY, "--max-batch", "8", "--max-body-mb", "1",
-                         "--max-image-pixels", str(PIXEL_LIMIT), "--allowed-media-dir", str(media_dir)],
-                        workdir / "server.log")
-    assert srv.proc.poll() is None, srv.output()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def model(client) -> str:
-    return client.models.list().data[0].id
 
 
 def test_image_chat_equals_pipeline(client, model, pipe, images, media_dir):
@@ -245,14 +217,16 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, mod
             "data:image/png;base64," + base64.b64encode(b"hello" * 40).decode(), "x")), 400, "decode"),
         "too many pixels": (lambda: ask(messages=image_chat(data_uri(images["a"]), "x")), 413, "pixels"),
         "path outside media dir": (lambda: ask(messages=image_chat(str(outside), "x")), 400, "outside"),
-        "temperature": (lambda: ask(messages=text, temperature=5), 422, "temperature"),
-        "top_p": (lambda: ask(messages=text, top_p=0), 422, "top_p"),
-        "n": (lambda: ask(messages=text, n=2), 422, "n"),
-        "max_tokens": (lambda: ask(messages=text, max_tokens=0), 422, "max_tokens"),
+        "temperature": (lambda: ask(messages=text, temperature=5), 400, "temperature"),
+        "top_p": (lambda: ask(messages=text, top_p=0), 400, "top_p"),
+        "n": (lambda: ask(messages=text, n=2), 400, "n"),
+        "max_tokens": (lambda: ask(messages=text, max_tokens=0), 400, "max_tokens"),
         "over the context": (lambda: ask(messages=text, max_tokens=10**6), 400, "context"),
-        "empty messages": (lambda: ask(messages=[]), 422, "messages"),
-        "unknown part": (lambda: ask(messages=[{"role": "user", "content": [{"type": "input_audio"}]}]), 422,
+        "empty messages": (lambda: ask(messages=[]), 400, "messages"),
+        "unknown part": (lambda: ask(messages=[{"role": "user", "content": [{"type": "input_audio"}]}]), 400,
                          "input_audio"),
+        "logit_bias": (lambda: ask(messages=text, logit_bias={"42": 5}), 400, "logit_bias"),
+        "functions": (lambda: ask(messages=text, extra_body={"functions": [{"name": "f"}]}), 400, "functions"),
         "unknown model": (lambda: client.chat.completions.create(model="nope", messages=text), 404, "nope"),
         "oversized body": (lambda: ask(messages=[{"role": "user", "content": "x" * (1 << 21)}]), 413, "limit"),
     }
@@ -261,6 +235,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, mod
         assert got == status, (name, body)
         assert word in body["message"].lower() or word == body.get("param"), (name, body)
         assert set(body) >= {"message", "type", "param", "code"}, name
+        assert status != 400 or body["type"] == "invalid_request_error", (name, body)
     assert post(f"{server.url}/v1/chat/completions", b"{not json")[0] == 400
     wrong = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)
     assert _status_of(lambda: wrong.chat.completions.create(model=model, messages=text))[0] == 401
@@ -270,8 +245,84 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, mod
     assert ask(messages=text).choices[0].message.content
     status, headers, metrics = get(f"{server.url}/metrics")
     assert status == 200 and "x-qwen2vl-replica" in {k.lower() for k in headers}
-    assert metric(metrics, 'qwen2vl_requests_total{route="/v1/chat/completions",status="422"}') >= 5
+    assert metric(metrics, 'qwen2vl_requests_total{route="/v1/chat/completions",status="400"}') >= 5
     assert server.proc.poll() is None
+
+
+def raw_post(url: str, body, headers: dict) -> tuple[int, dict]:
+    """POST with http.client: a body of bytes (Content-Length) or an iterable of chunks (chunked encoding)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    address = urlsplit(url)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=120)
+    try:
+        connection.request("POST", address.path, body, {"Authorization": f"Bearer {KEY}", **headers},
+                           encode_chunked=not isinstance(body, bytes))
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_an_oversized_body_is_answered_413(server, model):
+    """A body over --max-body-mb (1 MiB here) much larger than the sockets' buffers, with a Content-Length and
+    chunked, from a client that asks for the connection to close after the answer: it gets the 413, not a
+    reset connection (which it got when the server answered without reading the rest), and the server goes on."""
+    url = f"{server.url}/v1/chat/completions"
+    big = json.dumps({"model": model, "messages": [{"role": "user", "content": "x" * (16 << 20)}]}).encode()
+    for body, headers in ((big, {"Content-Type": "application/json", "Connection": "close"}),
+                          ((big[i:i + (1 << 20)] for i in range(0, len(big), 1 << 20)), {"Connection": "close"})):
+        status, answer = raw_post(url, body, headers)
+        assert status == 413 and answer["error"]["code"] == "request_too_large", answer
+        assert "limit" in answer["error"]["message"]
+    assert post(url, json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}],
+                                 "max_tokens": 2}).encode())[0] == 200
+
+
+def test_a_deeply_nested_body_is_a_400(server):
+    for bomb in (b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 100_000 + b"1" + b"}" * 100_000):
+        status, body = post(f"{server.url}/v1/chat/completions", bomb)
+        assert status == 400 and "nested too deeply" in body["error"]["message"], body
+        assert body["error"]["type"] == "invalid_request_error"
+    assert get(f"{server.url}/health")[0] == 200
+
+
+def test_openapi_describes_chat_completions_and_the_answers_fit(server, model, images):
+    """/openapi.json names the request, reply, stream chunk and error models of /v1/chat/completions (every
+    reference resolves), /docs serves the page drawn from it, and real answers validate against the models."""
+    from qwen2vl_edge.server import openapi
+
+    status, _, text = get(f"{server.url}/openapi.json")
+    document = json.loads(text)
+    route = document["paths"]["/v1/chat/completions"]["post"]
+    schemas = document["components"]["schemas"]
+    refs = set(re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', text))
+    assert status == 200 and refs <= set(schemas), refs - set(schemas)
+    assert route["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/ChatRequest")
+    assert {"model", "messages", "max_tokens", "stream"} <= set(schemas["ChatRequest"]["properties"])
+    assert schemas["ChatRequest"]["additionalProperties"] is False  # unknown fields are refused
+    assert route["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/ChatCompletion")
+    assert "422" not in route["responses"]
+    assert all(route["responses"][s]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+               for s in ("400", "401", "404", "413", "503"))
+    status, headers, page = get(f"{server.url}/docs")
+    assert status == 200 and "swagger" in page.lower() and "/openapi.json" in page
+    messages = image_chat(data_uri(images["c"]), "Describe.")
+    url = f"{server.url}/v1/chat/completions"
+    status, reply = post(url, json.dumps({"model": model, "messages": messages, "max_tokens": 4}).encode())
+    assert status == 200
+    openapi.ChatCompletion.model_validate(reply)
+    request = urllib.request.Request(url, json.dumps({"model": model, "messages": messages, "max_tokens": 4,
+                                                      "stream": True, "stream_options": {"include_usage": True}}
+                                                     ).encode(),
+                                     {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(request, timeout=60) as r:
+        events = [line[len("data: "):] for line in r.read().decode().splitlines() if line]
+    assert events[-1] == "[DONE]" and len(events) > 3
+    for event in events[:-1]:
+        openapi.ChatCompletionChunk.model_validate_json(event)
+    openapi.ErrorResponse.model_validate(post(url, b"{}")[1])
 
 
 def test_clean_shutdown(tiny_artifact, workdir):
@@ -487,7 +538,7 @@ def test_kept_sessions_are_bounded_by_the_bytes_of_their_caches(pipe, images):
 
     def kept(max_session_bytes):
         async def answer():
-            prefix_key, starts = job_keys(conversation)
+            prefix_key, starts = job_keys(conversation, GenerationOptions(), pipe.tool_format)
             job = Job(conversation, GenerationOptions(max_new_tokens=MAX_TOKENS), asyncio.get_running_loop(),
                       stream=False, prefix_key=prefix_key, starts=starts)
             batcher.submit(job)
