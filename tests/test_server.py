@@ -393,7 +393,7 @@ def test_a_stop_while_ray_replicas_start_shuts_serve_down(monkeypatch):
     monkeypatch.setattr(artifact, "load_artifact", lambda *args, **kwargs: None)
     monkeypatch.setattr(ray_serve, "init_ray", init_ray)
     monkeypatch.setattr(ray_serve, "start", start)
-    monkeypatch.setattr(ray_serve, "stop", lambda: calls.append("stop"))
+    monkeypatch.setattr(ray_serve, "stop", lambda joined: calls.append("stop"))
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     settings = SimpleNamespace(artifact="unused", backend="onnxruntime", served_name="unused")
     try:
