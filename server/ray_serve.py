@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .app import create_app
+from .app import create_app, error_response
 from .errors import APIError
 from .settings import ServerSettings
 
@@ -104,7 +104,7 @@ class Forwarder:
             except RayActorError:
                 if progress.started:
                     break
-        await self._died(send, progress)
+        await self._died(scope, receive, send, progress)
 
     @staticmethod
     async def _relay(response, send, progress: Progress) -> None:
@@ -125,19 +125,16 @@ class Forwarder:
             raise
 
     @staticmethod
-    async def _died(send, progress: Progress) -> None:
+    async def _died(scope, receive, send, progress: Progress) -> None:
         if progress.sse:
             await send({"type": "http.response.body", "body": _sse_error(REPLICA_DIED), "more_body": False})
         elif progress.started:  # a JSON answer cut short: nothing sensible can follow
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         else:
-            body = json.dumps(REPLICA_DIED.body()).encode()
-            await send({"type": "http.response.start", "status": REPLICA_DIED.status,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body, "more_body": False})
+            await error_response(REPLICA_DIED)(scope, receive, send)
 
 
-def deployment(settings: ServerSettings, replicas: int, cpus_per_replica: float):
+def deployment(settings: ServerSettings, replicas: int, cpus_per_replica: float, gpus_per_replica: float = 0.0):
     from ray import serve
     from ray.serve.config import RequestRouterConfig
 
@@ -145,7 +142,8 @@ def deployment(settings: ServerSettings, replicas: int, cpus_per_replica: float)
 
     capacity = settings.limits.max_queue + settings.max_batch  # what one replica's batcher holds
 
-    @serve.deployment(name=MODEL, num_replicas=replicas, ray_actor_options={"num_cpus": cpus_per_replica},
+    @serve.deployment(name=MODEL, num_replicas=replicas,
+                      ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica},
                       max_ongoing_requests=capacity, **SHUTDOWN,
                       request_router_config=RequestRouterConfig(request_router_class=SessionAffinityRouter))
     class Replica:
@@ -182,13 +180,14 @@ def deployment(settings: ServerSettings, replicas: int, cpus_per_replica: float)
     return Front.bind(Replica.bind(settings), settings)
 
 
-def start(settings: ServerSettings, replicas: int, host: str, port: int, cpus_per_replica: float = 1.0) -> None:
+def start(settings: ServerSettings, replicas: int, host: str, port: int, cpus_per_replica: float = 1.0,
+          gpus_per_replica: float = 0.0) -> None:
     """Serve's HTTP proxy on host:port with the replicas, on the Ray that `init_ray` started or joined;
     returns once every replica is ready."""
     from ray import serve
 
     serve.start(http_options={"host": host, "port": port})
-    serve.run(deployment(settings, replicas, cpus_per_replica), name=APP, route_prefix="/")
+    serve.run(deployment(settings, replicas, cpus_per_replica, gpus_per_replica), name=APP, route_prefix="/")
 
 
 def init_ray(address: str | None) -> None:
@@ -232,7 +231,7 @@ RAY_START_FAILED = 3  # exit status of `serve --ray` when Ray itself cannot star
 
 
 def run_forever(settings: ServerSettings, replicas: int, host: str, port: int, address: str | None,
-                cpus_per_replica: float) -> None:
+                cpus_per_replica: float, gpus_per_replica: float = 0.0) -> None:
     from qwen2vl_edge.runtime.artifact import load_artifact
 
     load_artifact(settings.artifact, verify=False, backend=settings.backend)  # fails here, not in every replica
@@ -246,7 +245,7 @@ def run_forever(settings: ServerSettings, replicas: int, host: str, port: int, a
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.default_int_handler)
     try:
-        start(settings, replicas, host, port, cpus_per_replica)
+        start(settings, replicas, host, port, cpus_per_replica, gpus_per_replica)
         print(f"serving {settings.served_name} on http://{host}:{port}/v1 with {replicas} Ray Serve replicas",
               flush=True)
         while True:
