@@ -10,6 +10,7 @@ The tests run in file order: the last one stops the server.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -27,7 +28,7 @@ pytest.importorskip("fastapi", reason="the server tests need the [serve] extra")
 
 from qwen2vl_edge.benchmarks.ray_stop import alive, descendants  # noqa: E402
 from qwen2vl_edge.benchmarks.serve_bench import ServerProcess  # noqa: E402
-from test_server import KEY, client, data_uri, get, image_chat, model  # noqa: E402,F401 (fixtures on `server`)
+from test_server import KEY, client, data_uri, get, image_chat, media_dir, model  # noqa: E402,F401 (fixtures)
 
 pytestmark = [pytest.mark.ray,
               pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs the [ray] extra (ray[serve])")]
@@ -51,6 +52,38 @@ def test_in_a_loopback_only_network_namespace():
                             timeout=900)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert f"{INSIDE_TESTS} passed" in result.stdout, result.stdout[-3000:]  # ran, not skipped
+
+
+@pytest.mark.skipif(IN_NETNS, reason="needs no cluster: ran outside the namespace")
+def test_the_front_keys_a_follow_up_as_the_replica_keeps_its_session(images, media_dir, workdir):
+    """The routing key of a follow-up is the key its replica keeps the session under (the image as pixels,
+    however it was sent); nothing is decoded for a first turn, a client without the API key, or a body that
+    is no request."""
+    from PIL import Image
+
+    from qwen2vl_edge.server import Limits, ServerSettings
+    from qwen2vl_edge.server.routing import session_key
+    from qwen2vl_edge.server.sessions import conversation_key
+
+    settings = ServerSettings(artifact=workdir, api_key=KEY, allowed_media_dir=media_dir, limits=Limits())
+    scope = {"method": "POST", "path": "/v1/chat/completions",
+             "headers": [(b"authorization", f"Bearer {KEY}".encode())]}
+    history = [SYSTEM, {"role": "user", "content": "Look."}, {"role": "assistant", "content": "I see."}]
+
+    def body(image_url: str, messages: list[dict]) -> bytes:
+        first = image_chat(image_url, "Look.")
+        return json.dumps({"model": "m", "messages": [SYSTEM, *first, *messages]}).encode()
+
+    follow_up = [history[2], {"role": "user", "content": "Why?"}]
+    kept = conversation_key([SYSTEM, {"role": "user", "content": [{"type": "image", "image": Image.open(images["c"])},
+                                                                   {"type": "text", "text": "Look."}]}, history[2]])
+    assert session_key(scope, body(data_uri(images["c"]), follow_up), settings) == kept
+    assert session_key(scope, body(str(media_dir / "c.png"), follow_up), settings) == kept
+    assert session_key(scope, body(data_uri(images["b"]), follow_up), settings) not in (kept, None)
+    assert session_key(scope, body(data_uri(images["c"]), []), settings) is None  # a first turn
+    assert session_key(scope, b"{not json", settings) is None
+    stranger = {**scope, "headers": [(b"authorization", b"Bearer wrong")]}
+    assert session_key(stranger, body(data_uri(images["c"]), follow_up), settings) is None  # its images unread
 
 
 @pytest.fixture(scope="module")
