@@ -302,7 +302,8 @@ def _serve(args: argparse.Namespace) -> int:
             from qwen2vl_edge.server.ray_serve import run_forever
         except ImportError as e:
             raise SystemExit(f"serve --ray needs the [ray] extra: pip install 'qwen2vl-edge[ray]' ({e})") from None
-        run_forever(settings, args.replicas, args.host, args.port, args.ray_address, args.cpus_per_replica)
+        run_forever(settings, args.replicas, args.host, args.port, args.ray_address, args.cpus_per_replica,
+                    args.gpus_per_replica)
         return 0
     from qwen2vl_edge.server.app import run_uvicorn
 
@@ -352,6 +353,9 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--replicas", type=int, default=2, help="Ray Serve replicas, each with its own pipeline")
     p.add_argument("--ray-address", help="join this Ray cluster (e.g. 'auto' on a cluster node); default: start one")
     p.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray CPUs reserved by each replica")
+    p.add_argument("--gpus-per-replica", type=float, default=0.0,
+                   help="Ray GPUs reserved by each replica (1: one replica per GPU, which Ray makes its only "
+                        "visible one)")
     p.set_defaults(func=_serve)
 
     p = _command(sub, "bench-serve", "the server under 1/4/8 concurrent clients: one process vs Ray replicas")

@@ -140,6 +140,9 @@ class Batcher:
             for job in batch[1:]:
                 self._queue.remove(job)
             self.metrics.queue_depth.set(len(self._queue))
+            for job in batch:  # a follow-up finds its session here, or runs afresh
+                if job.prefix_key is not None:
+                    self.metrics.follow_ups.labels(session="found" if job is first and kept else "missed").inc()
             return [j for j in batch if not j.cancelled.is_set()], kept
 
     def _work(self) -> None:
@@ -156,7 +159,8 @@ class Batcher:
             if kept is not None or (len(batch) == 1 and batch[0].starts and self.sessions.capacity > 0):
                 self._turn(batch[0], kept)
             else:
-                self._generate(batch, self.pipe.steps([j.conversation for j in batch], batch_options(batch)))
+                self._answer(batch, self._generate(batch, self.pipe.steps([j.conversation for j in batch],
+                                                                          batch_options(batch))))
         except (InputError, APIError) as e:
             if self._free_kept(e):  # the request was refused for memory that kept sessions held: once more
                 self._run(batch)
@@ -199,10 +203,13 @@ class Batcher:
             results = self._generate([job], kept.session.steps(
                 content, opts, tool_results=[m for m in new if m["role"] == "tool"] or None))
         except InputError:
-            self._generate([job], self.pipe.steps([job.conversation], opts))
+            self._answer([job], self._generate([job], self.pipe.steps([job.conversation], opts)))
             return
-        if results is not None:  # the turn is complete: the cache holds the conversation and the reply
-            self._keep(kept, job, results[0], cached)
+        try:
+            if results is not None:  # the turn is complete: the cache holds the conversation and the reply
+                self._keep(kept, job, results[0], cached)
+        finally:
+            self._answer([job], results)  # after keeping: a follow-up sent on the answer finds its session kept
 
     def _keep(self, kept: Kept, job: Job, result, cached: int) -> None:
         """Keep the session under the conversation the client will send back, when its cache holds exactly
@@ -214,8 +221,8 @@ class Batcher:
             self.sessions.keep(key, Kept(kept.session, after, kept.session.cache_bytes))
 
     def _generate(self, batch: list[Job], steps) -> list | None:
-        """Run `steps` (a batch's, or a session turn's), posting to each row's job -> the results, or None
-        when the generation was stopped (shutdown, every client gone)."""
+        """Run `steps` (a batch's, or a session turn's), posting each row's text pieces to its job -> the
+        results (`_answer` posts them), or None when the generation was stopped (shutdown, every client gone)."""
         while True:
             try:
                 state = next(steps)
@@ -232,14 +239,17 @@ class Batcher:
                 # the loop's incremental text (complete characters only); a finished row's final text,
                 # cut at its stop string, comes with the result
                 self._deliver(job, "" if finished else text.text, plan)
-        for job, result in zip(batch, results):
+        return results
+
+    @staticmethod
+    def _answer(batch: list[Job], results: list | None) -> None:
+        for job, result in zip(batch, results or []):
             if job.stream and result.text.startswith(job.emitted) and len(result.text) > len(job.emitted):
                 job.post("delta", result.text[len(job.emitted):])  # held-back text, an incomplete last character
             if job.calls is not None:  # the arguments' held-back ends
                 for delta in job.calls.finish(result.tool_calls):
                     job.post("call", delta)
             job.post("done", result)
-        return results
 
     def _deliver(self, job: Job, text: str, plan) -> None:
         """Post a streamed job what its reply adds: text pieces (never a call's markup), tool call deltas."""

@@ -25,6 +25,9 @@ class Metrics:
         self.cached_prompt_tokens = Counter("qwen2vl_cached_prompt_tokens",
                                             "prompt tokens of finished completions read from a kept session's "
                                             "KV cache instead of being prefilled", registry=r)
+        self.follow_ups = Counter("qwen2vl_follow_ups", "requests continuing an earlier reply's conversation, by "
+                                  "whether they found its kept session (found) or ran afresh (missed)", ["session"],
+                                  registry=r)
         self.kept_sessions = Gauge("qwen2vl_kept_sessions", "chat sessions kept for a follow-up request",
                                    registry=r)
         self.kept_session_bytes = Gauge("qwen2vl_kept_session_bytes", "memory the kept sessions' KV caches hold",

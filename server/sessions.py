@@ -125,11 +125,12 @@ class Kept:
 class SessionStore:
     """At most `capacity` kept sessions whose KV caches hold at most `max_bytes` in all (None: no bound), least
     recently used evicted first; a session whose cache alone is over `max_bytes` is not kept. Used by the
-    batcher's worker thread only."""
+    batcher's worker thread only, but for `keys`, which any thread may read."""
 
     def __init__(self, capacity: int, max_bytes: int | None = None):
         self.capacity, self.max_bytes = capacity, max_bytes
         self._kept: OrderedDict[str, Kept] = OrderedDict()
+        self.keys: frozenset[str] = frozenset()  # the kept conversations, replaced (not changed) on each change
 
     def __len__(self) -> int:
         return len(self._kept)
@@ -142,12 +143,15 @@ class SessionStore:
         return key is not None and key in self._kept
 
     def take(self, key: str | None) -> Kept | None:
-        return self._kept.pop(key, None) if key is not None else None
+        kept = self._kept.pop(key, None) if key is not None else None
+        self.keys = frozenset(self._kept)
+        return kept
 
     def clear(self) -> int:
         """Drop every kept session (their caches go with them) -> how many there were."""
         count = len(self._kept)
         self._kept.clear()
+        self.keys = frozenset()
         return count
 
     def keep(self, key: str, kept: Kept) -> None:
@@ -156,3 +160,4 @@ class SessionStore:
         self._kept[key] = kept
         while len(self._kept) > self.capacity or (self.max_bytes is not None and self.nbytes > self.max_bytes):
             self._kept.popitem(last=False)
+        self.keys = frozenset(self._kept)
