@@ -28,7 +28,8 @@ pytest.importorskip("fastapi", reason="the server tests need the [serve] extra")
 
 from qwen2vl_edge.benchmarks.ray_stop import alive, descendants  # noqa: E402
 from qwen2vl_edge.benchmarks.serve_bench import ServerProcess  # noqa: E402
-from test_server import KEY, client, data_uri, get, image_chat, media_dir, model  # noqa: E402,F401 (fixtures)
+from conftest import SERVER_KEY as KEY  # noqa: E402
+from test_server import data_uri, get, image_chat  # noqa: E402
 
 pytestmark = [pytest.mark.ray,
               pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs the [ray] extra (ray[serve])")]
@@ -98,6 +99,17 @@ def server(tiny_artifact, workdir):
     assert srv.proc.poll() is None, srv.output()[-3000:]
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The official openai client of this module's Ray server (conftest's is the single process's)."""
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model(client) -> str:
+    return client.models.list().data[0].id
 
 
 def _ask(client, model, messages, **options):
