@@ -14,8 +14,8 @@ from qwen2vl_edge.runtime.backends.trt_profiles import MIN_TENSORRT, PRECISIONS
 def _make_tiny(args: argparse.Namespace) -> int:
     from qwen2vl_edge.export.tiny import make_tiny
 
-    out = make_tiny(args.dir, seed=args.seed, layout=args.layout, overrides=args.set)
-    print(f"tiny Qwen2-VL checkpoint written to {out}")
+    out = make_tiny(args.dir, seed=args.seed, layout=args.layout, overrides=args.set, family=args.family)
+    print(f"tiny {args.family} checkpoint written to {out}")
     return 0
 
 
@@ -331,8 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen2vl-edge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("make-tiny", help="write a tiny random Qwen2-VL checkpoint (needs [export])")
+    p = sub.add_parser("make-tiny", help="write a tiny random Qwen2-VL / Qwen2.5-VL checkpoint (needs [export])")
     p.add_argument("dir")
+    p.add_argument("--family", choices=["qwen2_vl", "qwen2_5_vl"], default="qwen2_vl")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layout", choices=["original", "v5"], default="original")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -19,7 +19,7 @@ from .generation import (GenerationOptions, GenerationResult, StepTimes, checkpo
                          run, sampling_options, stop_strings)
 from .grounding import parse_boxes
 from .processor import Processor, is_batch
-from .rope import IMAGE, VIDEO, runs, token_types, vision_rotary
+from .rope import IMAGE, VIDEO, runs, token_types, vision_inputs
 
 if TYPE_CHECKING:
     from .session import ChatSession
@@ -119,8 +119,8 @@ class Qwen2VLPipeline:
             for t, h, w in inputs.get(grid_key, np.zeros((0, 3), np.int64)):
                 n = int(t * h * w)
                 patches = inputs[pixels_key][offset:offset + n].reshape(int(t), int(h * w), -1)  # [F, S, D]
-                cos, sin = vision_rotary((int(t), int(h), int(w)), cfg.vision)
-                feats.append(self.backend.vision(patches, cos, sin).reshape(-1, cfg.text.hidden_size))
+                grid_inputs = vision_inputs((int(t), int(h), int(w)), cfg)
+                feats.append(self.backend.vision(patches, grid_inputs).reshape(-1, cfg.text.hidden_size))
                 offset += n
             per_kind[kind] = iter(feats)
         ordered = []

@@ -21,6 +21,7 @@ import numpy as np
 from . import chat
 from .errors import InputError
 from .generation import GenerationOptions, GenerationResult, StepTimes, drain, generation_kwargs, prefill, run
+from .processor import empty_segment
 
 if TYPE_CHECKING:
     from .pipeline import Qwen2VLPipeline
@@ -36,26 +37,23 @@ class _Entry:
     reply_ids: list[int] | None = None  # assistant messages: the ids generated (without a final eos)
 
 
-def _text_segment(ids: list[int]) -> dict:
-    return {"ids": list(ids), "pixels": {"image": [], "video": []}, "grids": {"image": [], "video": []},
-            "image_sizes": [], "video_timestamps": []}
-
-
 @dataclass
 class _Turn:
     """What one prefill adds: ids, the vision inputs of its placeholders, and per-item metadata."""
     ids: list[int]
     pixels: dict
     grids: dict
+    second_per_grid_ts: list
     image_sizes: list
     video_timestamps: list
 
     @classmethod
     def of(cls, segments: list[dict]) -> "_Turn":
         """Segments (Processor.segment's dicts) in order -> one turn."""
-        turn = cls([], {"image": [], "video": []}, {"image": [], "video": []}, [], [])
+        turn = cls([], {"image": [], "video": []}, {"image": [], "video": []}, [], [], [])
         for seg in segments:
             turn.ids += seg["ids"]
+            turn.second_per_grid_ts += seg["second_per_grid_ts"]
             turn.image_sizes += seg["image_sizes"]
             turn.video_timestamps += seg["video_timestamps"]
             for kind in ("image", "video"):
@@ -160,7 +158,8 @@ class ChatSession:
         """The arrays one prefill of `turn` needs: the processor's for one row, its positions continuing from
         the cache (M-RoPE positions shift as a whole) and its mask covering the cache too."""
         L, P = len(turn.ids), len(self._ids)
-        inputs = self.pipe.processor.arrays([turn.ids], [{"pixels": turn.pixels, "grids": turn.grids}])
+        inputs = self.pipe.processor.arrays([turn.ids], [{"pixels": turn.pixels, "grids": turn.grids,
+                                                          "second_per_grid_ts": turn.second_per_grid_ts}])
         inputs["attention_mask"] = np.ones((1, P + L), np.int64)
         inputs["position_ids"] = inputs["position_ids"] + self._next_position  # [3, 1, L]
         next_position = int(inputs["position_ids"].max()) + 1 if L else self._next_position
@@ -211,7 +210,7 @@ class ChatSession:
         segments, history = [], []
         for e, after in zip(entries, entries[1:] + [None]):
             if e.reply_ids is not None:
-                segments.append(_text_segment(e.reply_ids + self._end_of_turn(history)))
+                segments.append(empty_segment(e.reply_ids + self._end_of_turn(history)))
             elif e.message["role"] != "system":  # a reply follows its generation prompt
                 replied = after is not None and after.reply_ids is not None
                 segments.append(self._user_segment(history, e.message, replied, room))
@@ -260,7 +259,7 @@ class ChatSession:
         if not self._stale:
             seg = self._user_segment(self.history, message, generation_prompt, max(room, 0))
             if held + len(seg["ids"]) + max_new_tokens <= self.context:
-                return message, _Turn.of([_text_segment(self._pending), seg]), seg
+                return message, _Turn.of([empty_segment(self._pending), seg]), seg
             if self.overflow == "error":
                 self._check_room(len(seg["ids"]), max_new_tokens)
             new_tokens = len(seg["ids"])

@@ -21,8 +21,10 @@ class Backend(Protocol):
     def check_request(self, inputs: dict, max_new_tokens: int) -> None:
         """Raise InputError before running when the request exceeds what this backend was built for."""
 
-    def vision(self, pixel_values: np.ndarray, rotary_cos: np.ndarray, rotary_sin: np.ndarray) -> np.ndarray:
-        """[F, S, patch_dim], [S, hd], [S, hd] -> merged features [F, S / merge^2, hidden]."""
+    def vision(self, pixel_values: np.ndarray, grid_inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """[F, S, patch_dim] and the grid's other encoder inputs by name (runtime/rope.py: vision_inputs; rotary
+        tables [S, hd], and the window layout where the family has one) -> merged features [F, S / merge^2,
+        hidden]."""
 
     def merge(self, input_ids: np.ndarray, vision_embeds: np.ndarray) -> Any:
         """[B, L] ids + [M, hidden] features -> inputs_embeds [B, L, hidden] (backend-native)."""

@@ -262,10 +262,9 @@ class OrtBackend:
             self.sessions["vision_encoder"] = self._vision_session(bounded)
             self._vision_bounded = bounded
 
-    def vision(self, pixel_values, rotary_cos, rotary_sin):
+    def vision(self, pixel_values, grid_inputs):
         self._vision_for(int(np.prod(pixel_values.shape[:2])))  # [F, S, D]
-        return self._run("vision_encoder", {"pixel_values": pixel_values, "rotary_cos": rotary_cos,
-                                            "rotary_sin": rotary_sin})
+        return self._run("vision_encoder", {"pixel_values": pixel_values, **grid_inputs})
 
     def merge(self, input_ids, vision_embeds):
         return self._run("embedding_merger", {"input_ids": input_ids, "vision_embeds": vision_embeds})

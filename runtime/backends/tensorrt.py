@@ -233,13 +233,12 @@ class TrtBackend:
         check_request(self.limits, self.cfg, batch=inputs["input_ids"].shape[0],
                       prompt_len=inputs["input_ids"].shape[1], max_new_tokens=max_new_tokens, image_grids=grids)
 
-    def vision(self, pixel_values, rotary_cos, rotary_sin):
+    def vision(self, pixel_values, grid_inputs):
         F, S, _ = pixel_values.shape
         b = self.buf
-        feeds = {"pixel_values": pixel_values, "rotary_cos": rotary_cos, "rotary_sin": rotary_sin}
+        feeds = {"pixel_values": np.asarray(pixel_values, np.float32), **grid_inputs}
         self._run("vision_encoder", {k: v.shape for k, v in feeds.items()},
-                  {name: b[name].ptr for name in (*feeds, "image_embeds")},
-                  {k: np.asarray(v, np.float32) for k, v in feeds.items()})
+                  {name: b[name].ptr for name in (*feeds, "image_embeds")}, feeds)
         m2 = self.cfg.vision.spatial_merge_size ** 2
         return b["image_embeds"].download((F, S // m2, self.hidden_size), np.float32, self.stream)
 
