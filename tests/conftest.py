@@ -56,6 +56,49 @@ def tiny_ckpt_v5(workdir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_ckpt_25(workdir) -> Path:
+    """Qwen2.5-VL, original (flat, Qwen/Qwen2.5-VL-3B-Instruct) layout: window blocks 0 and 2 around full block 1."""
+    if not HAS_TORCH:
+        pytest.skip("building a tiny checkpoint needs the [export] extra")
+    from qwen2vl_edge.export.tiny import make_tiny
+
+    return make_tiny(workdir / "tiny-25-original", seed=2, layout="original", family="qwen2_5_vl")
+
+
+FAMILY_CKPTS = {"qwen2_vl": "tiny_ckpt", "qwen2_5_vl": "tiny_ckpt_25"}  # family -> its tiny checkpoint's fixture
+# target -> export options; tensorrt targets in fp32, run by ONNX Runtime (the very files TensorRT would be given)
+TARGET_OPTIONS = {"portable": {}, "ort-cpu": {"target": "ort-cpu"},
+                  "tensorrt-10.3": {"target": "tensorrt", "min_tensorrt": "10.3", "precision": "fp32"},
+                  "tensorrt-10.15": {"target": "tensorrt", "min_tensorrt": "10.15", "precision": "fp32"}}
+_FAMILY_PIPES: dict = {}
+
+
+@pytest.fixture
+def family_ckpt(request):
+    """family_ckpt("qwen2_5_vl") -> the family's tiny checkpoint (session fixtures, built once)."""
+    return lambda family: request.getfixturevalue(FAMILY_CKPTS[family])
+
+
+@pytest.fixture
+def family_pipe(request, family_ckpt, workdir):
+    """family_pipe(family, target) -> the pipeline of the family's tiny checkpoint as `target` (TARGET_OPTIONS)
+    exports it, made once per run. Qwen2-VL's are the fixtures the other tests share."""
+    from qwen2vl_edge.runtime import Qwen2VLPipeline
+
+    def load(family: str, target: str):
+        if family == "qwen2_vl":
+            if target in ("portable", "ort-cpu"):
+                return request.getfixturevalue({"portable": "pipe", "ort-cpu": "pipe_ort"}[target])
+            return request.getfixturevalue("trt_pipe")(min_tensorrt=TARGET_OPTIONS[target]["min_tensorrt"])
+        if (family, target) not in _FAMILY_PIPES:
+            art = export_artifact(family_ckpt(family), workdir / f"art-{family}-{target}", **TARGET_OPTIONS[target])
+            _FAMILY_PIPES[family, target] = Qwen2VLPipeline.load(art)
+        return _FAMILY_PIPES[family, target]
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def images(workdir) -> dict[str, Path]:
     """A few image files of different sizes, written once."""
     rng = np.random.default_rng(1234)
