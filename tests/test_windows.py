@@ -130,3 +130,19 @@ def test_padding_overhead_on_2b_like_grids():
     print({f"{w}x{h}": f"{o:.1%}" for (w, h), o in overheads.items()})
     assert overheads[448, 448] == 0 and overheads[1344, 1344] == 0
     assert 0 < overheads[1280, 720] < 0.25
+
+
+@pytest.mark.parametrize("grid", [(1, 2, 2), (1, 2, 640), (1, 640, 2), (1, 50, 50), (1, 36, 70), (4, 40, 64)])
+def test_engine_profiles_hold_every_window_layout_under_the_limits(grid):
+    """build-trt's vision profile of a windowed family takes the layout of any grid check_request lets through."""
+    from qwen2vl_edge.runtime.backends.trt_memory import io_buffers
+    from qwen2vl_edge.runtime.backends.trt_profiles import Limits, check_request, profiles_for
+
+    cfg, lim = parse_hf_config(FLAT_25), Limits(max_image_tokens=640, min_image_tokens=1, max_frames=8)
+    check_request(lim, cfg, batch=1, prompt_len=1, max_new_tokens=1, image_grids=[grid])
+    profile = profiles_for("vision_encoder", cfg, lim)[0]
+    buffers = io_buffers(cfg, lim)
+    for name, array in vision_windows(grid, cfg.vision).items():
+        lo, _, hi = profile[name]
+        assert all(a <= d <= b for a, d, b in zip(lo, array.shape, hi)), (name, array.shape, profile[name])
+        assert array.nbytes <= buffers[name]
