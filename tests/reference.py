@@ -61,21 +61,25 @@ def ref_video(ckpt: Path, item: dict) -> tuple[np.ndarray, np.ndarray]:
     return out["pixel_values_videos"], out["video_grid_thw"]
 
 
-def ref_inputs(ckpt: Path, conversations: list, add_vision_id: bool = False) -> dict:
-    """apply_chat_template + process_vision_info + processor, as the model cards do. The videos' metadata from
-    qwen-vl-utils goes to the processor (Qwen2.5-VL's second_per_grid_ts comes from its sampled fps; without it
-    transformers assumes 24 fps)."""
+def vision_info(conversations: list) -> dict:
+    """qwen-vl-utils' process_vision_info as the processor's keyword arguments: images, videos and the videos'
+    metadata (Qwen2.5-VL's second_per_grid_ts comes from its sampled fps; without it transformers assumes 24 fps)."""
     from qwen_vl_utils import process_vision_info
 
-    proc = hf_processor(str(ckpt))
-    texts = [proc.apply_chat_template(c, tokenize=False, add_generation_prompt=True, add_vision_id=add_vision_id)
-             for c in conversations]
     images, videos = process_vision_info(conversations, return_video_metadata=True)
     metadata = None
     if videos is not None:
         videos, metadata = (list(x) for x in zip(*videos))
-    out = proc(text=texts, images=images, videos=videos, video_metadata=metadata, padding=True, padding_side="left",
-               return_tensors="pt", videos_kwargs={"do_sample_frames": False, "cap_pixels_per_frame": True})
+    return {"images": images, "videos": videos, "video_metadata": metadata,
+            "videos_kwargs": {"do_sample_frames": False, "cap_pixels_per_frame": True}}
+
+
+def ref_inputs(ckpt: Path, conversations: list, add_vision_id: bool = False) -> dict:
+    """apply_chat_template + process_vision_info + processor, as the model cards do."""
+    proc = hf_processor(str(ckpt))
+    texts = [proc.apply_chat_template(c, tokenize=False, add_generation_prompt=True, add_vision_id=add_vision_id)
+             for c in conversations]
+    out = proc(text=texts, padding=True, padding_side="left", return_tensors="pt", **vision_info(conversations))
     return dict(out)
 
 
