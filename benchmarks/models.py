@@ -54,18 +54,24 @@ def bench_limits():
 
 
 def _current(art: Path, options: dict) -> bool:
-    """Whether a cached artifact has the block sizes an export with `options` writes now (int4 on ort-cpu went
-    from blocks of 32 to 128): a stale one would be measured silently in place of what export gives."""
+    """Whether a cached artifact has this runtime's format version and the block sizes an export with `options`
+    writes now (int4 on ort-cpu went from blocks of 32 to 128): a stale one would be measured silently in place
+    of what export gives, or refused by the runtime."""
     import json
 
     from qwen2vl_edge.export.quantize import default_block
+    from qwen2vl_edge.runtime.artifact import FORMAT_VERSION
+
+    manifest = json.loads((art / "manifest.json").read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        return False
 
     target, weights = options.get("target", "portable"), options.get("weights", "fp32")
     formats = {"decoder": weights, "vision_encoder": options.get("vision_weights") or (
         weights if target == "tensorrt" else "fp32")}
     want = {g: options.get("block_size") or default_block(target, f)[0] for g, f in formats.items()
             if f not in ("fp32", "int8-dynamic")}
-    have = json.loads((art / "manifest.json").read_text())["export"].get("block_size")
+    have = manifest["export"].get("block_size")
     if not isinstance(have, dict):  # written before block sizes were recorded per graph: one for all
         have = {g: have for g in want}
     return have == want
