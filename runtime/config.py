@@ -161,7 +161,7 @@ class ModelConfig:
                   "num_attention_heads must divide by num_key_value_heads"),
                  (2 * sum(t.mrope_section) == t.head_dim, "mrope_section must sum to head_dim / 2"),
                  (v.embed_dim % v.num_heads == 0, "vision embed_dim must divide by num_heads"),
-                 (not family.vision_mlp == "gated" or v.intermediate_size is not None,
+                 (family.vision_mlp != "gated" or v.intermediate_size is not None,
                   f"{self.model_type} needs vision intermediate_size"),
                  (not family.windowed or (v.window_size or 0) >= v.spatial_merge_size * v.patch_size,
                   f"{self.model_type} needs a vision window_size of at least spatial_merge_size * patch_size"),
