@@ -66,10 +66,10 @@ def tiny_ckpt_25(workdir) -> Path:
 
 
 FAMILY_CKPTS = {"qwen2_vl": "tiny_ckpt", "qwen2_5_vl": "tiny_ckpt_25"}  # family -> its tiny checkpoint's fixture
-# target -> export options; tensorrt targets in fp32, run by ONNX Runtime (the very files TensorRT would be given)
+# target -> export options; tensorrt targets run by ONNX Runtime (the very files TensorRT would be given)
 TARGET_OPTIONS = {"portable": {}, "ort-cpu": {"target": "ort-cpu"},
-                  "tensorrt-10.3": {"target": "tensorrt", "min_tensorrt": "10.3", "precision": "fp32"},
-                  "tensorrt-10.15": {"target": "tensorrt", "min_tensorrt": "10.15", "precision": "fp32"}}
+                  **{f"tensorrt-{v}{suffix}": {"target": "tensorrt", "min_tensorrt": v, "precision": precision}
+                     for v in ("10.3", "10.15") for suffix, precision in (("", "fp32"), ("-fp16", "fp16"))}}
 _FAMILY_PIPES: dict = {}
 
 
@@ -89,7 +89,9 @@ def family_pipe(request, family_ckpt, workdir):
         if family == "qwen2_vl":
             if target in ("portable", "ort-cpu"):
                 return request.getfixturevalue({"portable": "pipe", "ort-cpu": "pipe_ort"}[target])
-            return request.getfixturevalue("trt_pipe")(min_tensorrt=TARGET_OPTIONS[target]["min_tensorrt"])
+            options = TARGET_OPTIONS[target]
+            return request.getfixturevalue("trt_pipe")(min_tensorrt=options["min_tensorrt"],
+                                                       precision=options["precision"])
         if (family, target) not in _FAMILY_PIPES:
             art = export_artifact(family_ckpt(family), workdir / f"art-{family}-{target}", **TARGET_OPTIONS[target])
             _FAMILY_PIPES[family, target] = Qwen2VLPipeline.load(art)
