@@ -88,11 +88,19 @@ def norm(g: Graph, x: str, ckpt: Checkpoint, name: str) -> str:
     return rms_norm(g, x, g.weight(f"{name}.weight", lambda: ckpt.get(f"{name}.weight")), LN_EPS)
 
 
+def _blocks_divide(g: Graph, k: int) -> bool:
+    """Whether a linear of `k` input channels can take the graph's quantization blocks (QuantSpec.block: the
+    block, or with `fit` any power of two from 16). Qwen2.5-VL's vision MLP width (3420) divides by none: that
+    linear stays float, as the patch embedding does."""
+    q = g.quant
+    return q is None or q.dynamic or k % (16 if q.fit else q.block_size) == 0
+
+
 def _mlp(g: Graph, h: str, ckpt: Checkpoint, p: str) -> str:
     """fc2(act(fc1(h))) (Qwen2-VL) or down(act(gate(h)) * up(h)) with biases (Qwen2.5-VL)."""
     vc = ckpt.config.vision
-    lin = lambda x, name: g.linear(x, ckpt.get(f"{p}.{name}.weight"), ckpt.get(f"{p}.{name}.bias"),  # noqa: E731
-                                   f"{p}.{name}")
+    lin = lambda x, name: g.linear(x, w := ckpt.get(f"{p}.{name}.weight"), ckpt.get(f"{p}.{name}.bias"),  # noqa: E731
+                                   f"{p}.{name}", quantize=_blocks_divide(g, w.shape[1]))
     if ckpt.config.family.vision_mlp == "fc":
         return lin(activation(g, lin(h, "fc1"), vc.hidden_act), "fc2")
     return lin(g.op("Mul", activation(g, lin(h, "gate_proj"), vc.hidden_act), lin(h, "up_proj")), "down_proj")

@@ -69,7 +69,11 @@ FAMILY_CKPTS = {"qwen2_vl": "tiny_ckpt", "qwen2_5_vl": "tiny_ckpt_25"}  # family
 # target -> export options; tensorrt targets run by ONNX Runtime (the very files TensorRT would be given)
 TARGET_OPTIONS = {"portable": {}, "ort-cpu": {"target": "ort-cpu"},
                   **{f"tensorrt-{v}{suffix}": {"target": "tensorrt", "min_tensorrt": v, "precision": precision}
-                     for v in ("10.3", "10.15") for suffix, precision in (("", "fp32"), ("-fp16", "fp16"))}}
+                     for v in ("10.3", "10.15") for suffix, precision in (("", "fp32"), ("-fp16", "fp16"))},
+                  # weights quantized at export (Qwen2-VL's: test_quantized's own fixtures)
+                  "ort-cpu-int8": {"target": "ort-cpu", "weights": "int8"},
+                  "ort-cpu-int4": {"target": "ort-cpu", "weights": "int4", "vision_weights": "int8"},
+                  "ort-cpu-int8-dynamic-vision": {"target": "ort-cpu", "vision_weights": "int8-dynamic"}}
 _FAMILY_PIPES: dict = {}
 
 
@@ -86,14 +90,14 @@ def family_pipe(request, family_ckpt, workdir):
     from qwen2vl_edge.runtime import Qwen2VLPipeline
 
     def load(family: str, target: str):
-        if family == "qwen2_vl":
-            if target in ("portable", "ort-cpu"):
-                return request.getfixturevalue({"portable": "pipe", "ort-cpu": "pipe_ort"}[target])
-            options = TARGET_OPTIONS[target]
+        options = TARGET_OPTIONS[target]
+        if family == "qwen2_vl" and target in ("portable", "ort-cpu"):
+            return request.getfixturevalue({"portable": "pipe", "ort-cpu": "pipe_ort"}[target])
+        if family == "qwen2_vl" and "min_tensorrt" in options:
             return request.getfixturevalue("trt_pipe")(min_tensorrt=options["min_tensorrt"],
                                                        precision=options["precision"])
         if (family, target) not in _FAMILY_PIPES:
-            art = export_artifact(family_ckpt(family), workdir / f"art-{family}-{target}", **TARGET_OPTIONS[target])
+            art = export_artifact(family_ckpt(family), workdir / f"art-{family}-{target}", **options)
             _FAMILY_PIPES[family, target] = Qwen2VLPipeline.load(art)
         return _FAMILY_PIPES[family, target]
 
