@@ -118,9 +118,10 @@ def make_tiny(out: str | Path, *, seed: int = 0, layout: str = "original", overr
     t = {k: v for k, v in text.items() if k not in ("mrope_section", "rope_theta")}
     t["rope_parameters"] = {"rope_type": "default", "mrope_section": list(text["mrope_section"]),
                             "rope_theta": text["rope_theta"]}
-    cfg = getattr(transformers, config_class)(text_config={**t, "initializer_range": std}, vision_config={**vision, "initializer_range": std},
-                        tie_word_embeddings=top["tie_word_embeddings"], image_token_id=TOKEN_IDS["image_token_id"],
-                        video_token_id=TOKEN_IDS["video_token_id"])
+    cfg = getattr(transformers, config_class)(
+        text_config={**t, "initializer_range": std}, vision_config={**vision, "initializer_range": std},
+        tie_word_embeddings=top["tie_word_embeddings"], image_token_id=TOKEN_IDS["image_token_id"],
+        video_token_id=TOKEN_IDS["video_token_id"])
     torch.manual_seed(seed)
     model = getattr(transformers, model_class)(cfg).eval()
     with torch.no_grad():  # norms and biases too, so nothing sits at a degenerate 1 or 0

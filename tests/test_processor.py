@@ -97,7 +97,7 @@ def test_batch_left_padding_matches_reference(family_processor, images):
 
     tiny_ckpt, processor = family_processor
     cases = {name: conv for name, conv, _ in _conversations(images)}
-    batch = [cases["text-list"], cases["three-images"], cases["image-and-video"], cases["multi-turn"], cases["video-3fps"]]
+    batch = [cases[name] for name in ("text-list", "three-images", "image-and-video", "multi-turn", "video-3fps")]
     ours = processor(batch)
     assert ours["input_ids"].shape[0] == 5 and (ours["attention_mask"] == 0).any()
     _check(ours, ref_inputs(tiny_ckpt, batch), tiny_ckpt)

@@ -35,7 +35,8 @@ def test_flat_published_config_reads_the_vision_fields_under_their_qwen25_names(
     v = cfg.vision
     assert cfg.model_type == "qwen2_5_vl" and cfg.family.windowed and cfg.family.timed_video
     assert (v.embed_dim, v.hidden_size, v.mlp_dim, v.head_dim) == (1280, 2048, 3420, 80)
-    assert (v.window_size, v.window_merged, v.fullatt_block_indexes, v.tokens_per_second) == (112, 4, (7, 15, 23, 31), 2)
+    assert (v.window_size, v.window_merged, v.fullatt_block_indexes, v.tokens_per_second) == (
+        112, 4, (7, 15, 23, 31), 2)
     assert cfg.text.head_dim == 128 and cfg.tie_word_embeddings
 
 
@@ -50,9 +51,10 @@ def test_nested_text_config_layout_loads_the_same(tmp_path):
     assert load_config(tmp_path) == parse_hf_config(FLAT_25)
 
 
-@pytest.mark.parametrize("raw, named", [({"model_type": "qwen3_vl", "architectures": ["Qwen3VLForConditionalGeneration"]},
-                                         "'qwen3_vl'"),
-                                        ({"model_type": "llava"}, "'llava'")])
+QWEN3 = {"model_type": "qwen3_vl", "architectures": ["Qwen3VLForConditionalGeneration"]}
+
+
+@pytest.mark.parametrize("raw, named", [(QWEN3, "'qwen3_vl'"), ({"model_type": "llava"}, "'llava'")])
 def test_other_families_are_a_config_error_naming_the_supported_ones(raw, named):
     with pytest.raises(ConfigError, match=f"{named}.*supports 'qwen2_vl', 'qwen2_5_vl'"):
         parse_hf_config(raw)
