@@ -117,27 +117,38 @@ def test_preallocated_cache_is_scattered_in_place(trt_pipe, pipe):
     assert states["fused"].cache.capacity == 2 * (inputs["input_ids"].shape[1] + 2)
 
 
-def _concrete_vision(path, patches: int) -> onnx.ModelProto:
-    """The vision graph with concrete input shapes (1 frame of `patches` patches), shapes inferred."""
-    model = onnx.load(str(path), load_external_data=False)
+def _concrete_vision(art, grid: tuple[int, int, int]) -> onnx.ModelProto:
+    """The vision graph with the concrete input shapes of one frame of `grid` (its pixels and the grid's
+    other inputs, runtime/rope.py: vision_inputs), shapes inferred."""
+    from qwen2vl_edge.runtime.rope import vision_inputs
+
+    config = Qwen2VLPipeline.load(art).artifact.config
+    shapes = {name: a.shape for name, a in vision_inputs(grid, config).items()}
+    shapes["pixel_values"] = (1, grid[1] * grid[2], config.vision.patch_dim)
+    model = onnx.load(str(art / "vision_encoder.onnx"), load_external_data=False)
     for value in model.graph.input:
-        dims = value.type.tensor_type.shape.dim
-        for d, size in zip(dims, [1, patches] if value.name == "pixel_values" else [patches]):
+        for d, size in zip(value.type.tensor_type.shape.dim, shapes[value.name]):
             d.dim_value = size
     return onnx.shape_inference.infer_shapes(model)
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 @pytest.mark.parametrize("version", VERSIONS)
-def test_only_the_1015_vision_graph_has_no_patches_by_patches_tensor(trt_export, version):
-    patches = 100  # no other dimension of the tiny vision encoder is 100
-    model = _concrete_vision(trt_export(min_tensorrt=version, precision="fp16") / "vision_encoder.onnx", patches)
-    square = [v.name for v in model.graph.value_info
-              if [d.dim_value for d in v.type.tensor_type.shape.dim][-2:] == [patches, patches]]
+def test_only_the_1015_vision_graph_has_no_patches_by_patches_tensor(family_pipe, version, family):
+    """No tensor is ever [N, N] over the window layout's N slots (Qwen2.5-VL: 4 windows of 64 for 10 x 10 patches);
+    10.15's fused Attention leaves no [S, S] one either, window blocks only [64, 64] per window."""
+    patches, slots = 100, 256  # no other dimension of the tiny vision encoders is 100 or 256
+    model = _concrete_vision(family_pipe(family, f"tensorrt-{version}-fp16").artifact.dir, (1, 10, 10))
+    last2 = [[d.dim_value for d in v.type.tensor_type.shape.dim][-2:] for v in model.graph.value_info]
     attention = [n for n in model.graph.node if n.op_type == "Attention"]
+    depth = 2 if family == "qwen2_vl" else 3
+    assert [slots, slots] not in last2
     if version == "10.15":
-        assert not square and len(attention) == 2  # one fused Attention per block, no [.., S, S] anywhere
+        assert [patches, patches] not in last2 and len(attention) == depth  # one fused Attention per block
     else:
-        assert square and not attention  # explicit attention: the scores exist (what 10.15 removes)
+        assert [patches, patches] in last2 and not attention  # explicit attention: the scores exist
+    if family == "qwen2_5_vl":  # window blocks: [frames * windows, heads, 64, 64] scores or mask, per window
+        assert [64, 64] in last2
 
 
 @pytest.mark.parametrize("version", VERSIONS)
