@@ -1,4 +1,4 @@
-"""Benchmark models: the tiny checkpoint and Qwen2-VL-2B/7B's exact shapes with random weights.
+"""Benchmark models: the tiny checkpoint and Qwen2-VL-2B/7B's and Qwen2.5-VL-3B's exact shapes with random weights.
 
 Built once with their export and cached, since a 2B-shape checkpoint takes minutes to write.
 """
@@ -17,7 +17,14 @@ SHAPES = {
                  "text.num_attention_heads": 28, "text.num_key_value_heads": 4, "text.vocab_size": 152064,
                  "text.mrope_section": "16,24,24", "vision.depth": 32, "vision.embed_dim": 1280,
                  "vision.num_heads": 16, "vision.hidden_size": 3584, "tie_word_embeddings": "false"},
+    # Qwen/Qwen2.5-VL-3B-Instruct (its vision hidden_size is the ViT width, out_hidden_size the merger's)
+    "qwen25vl-3b-shape": {"text.hidden_size": 2048, "text.intermediate_size": 11008, "text.num_hidden_layers": 36,
+                          "text.num_attention_heads": 16, "text.num_key_value_heads": 2, "text.vocab_size": 151936,
+                          "text.mrope_section": "16,24,24", "vision.depth": 32, "vision.hidden_size": 1280,
+                          "vision.intermediate_size": 3420, "vision.num_heads": 16, "vision.out_hidden_size": 2048,
+                          "vision.fullatt_block_indexes": "7,15,23,31", "tie_word_embeddings": "true"},
 }
+SHAPE_FAMILY = {"qwen25vl-3b-shape": "qwen2_5_vl"}  # the others are Qwen2-VL
 # Random weights at this scale keep activations in a realistic range; speed does not depend on values.
 SHAPE_INIT_STD = "0.02"
 
@@ -53,18 +60,24 @@ def bench_limits():
 
 
 def _current(art: Path, options: dict) -> bool:
-    """Whether a cached artifact has the block sizes an export with `options` writes now (int4 on ort-cpu went
-    from blocks of 32 to 128): a stale one would be measured silently in place of what export gives."""
+    """Whether a cached artifact has this runtime's format version and the block sizes an export with `options`
+    writes now (int4 on ort-cpu went from blocks of 32 to 128): a stale one would be measured silently in place
+    of what export gives, or refused by the runtime."""
     import json
 
     from qwen2vl_edge.export.quantize import default_block
+    from qwen2vl_edge.runtime.artifact import FORMAT_VERSION
+
+    manifest = json.loads((art / "manifest.json").read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        return False
 
     target, weights = options.get("target", "portable"), options.get("weights", "fp32")
     formats = {"decoder": weights, "vision_encoder": options.get("vision_weights") or (
         weights if target == "tensorrt" else "fp32")}
     want = {g: options.get("block_size") or default_block(target, f)[0] for g, f in formats.items()
             if f not in ("fp32", "int8-dynamic")}
-    have = json.loads((art / "manifest.json").read_text())["export"].get("block_size")
+    have = manifest["export"].get("block_size")
     if not isinstance(have, dict):  # written before block sizes were recorded per graph: one for all
         have = {g: have for g in want}
     return have == want
@@ -95,7 +108,7 @@ def model_dirs(model: str, layers: int | None, cache: Path, variants=("fp32",),
             if layers:
                 overrides.append(f"text.num_hidden_layers={layers}")
             print(f"building {model} checkpoint in {ckpt} (once)")
-            make_tiny(ckpt, overrides=overrides)
+            make_tiny(ckpt, overrides=overrides, family=SHAPE_FAMILY.get(model, "qwen2_vl"))
     from qwen2vl_edge.runtime.artifact import FORMAT_VERSION
 
     artifacts = {}

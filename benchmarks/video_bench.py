@@ -27,7 +27,7 @@ from qwen2vl_edge.runtime.preprocess import process_video_timed
 path, options = sys.argv[1], json.loads(sys.argv[2])
 t0 = time.perf_counter()
 try:
-    patches, grid, stamps = process_video_timed(path, **options)
+    patches, grid, stamps, _ = process_video_timed(path, **options)
     outcome = {"grid": [int(g) for g in grid], "frames": len(stamps)}
 except InputError as e:
     outcome = {"error": str(e)[:160]}

@@ -29,12 +29,11 @@ def measure(artifact: Path, size: int, threads: int) -> dict:
     from qwen2vl_edge.runtime.artifact import load_artifact
     from qwen2vl_edge.runtime.backends.onnxruntime import _register_shared_cpu_arena
     from qwen2vl_edge.runtime.preprocess import process_image
-    from qwen2vl_edge.runtime.rope import vision_rotary
+    from qwen2vl_edge.runtime.rope import vision_inputs
 
     art = load_artifact(artifact, verify=False)
     image = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
     patches, grid = process_image(image, resized_height=size, resized_width=size)
-    cos, sin = vision_rotary(grid, art.config.vision)
     _register_shared_cpu_arena(ort)  # as the backend runs it
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -43,8 +42,8 @@ def measure(artifact: Path, size: int, threads: int) -> dict:
     session = ort.InferenceSession(str(art.graph_path("vision_encoder")), opts, providers=["CPUExecutionProvider"])
     after_load = peak_rss_bytes()
     started = time.perf_counter()
-    feats = session.run(None, {"pixel_values": patches.reshape(1, -1, patches.shape[-1]), "rotary_cos": cos,
-                               "rotary_sin": sin})[0]
+    feats = session.run(None, {"pixel_values": patches.reshape(1, -1, patches.shape[-1]),
+                               **vision_inputs(grid, art.config)})[0]
     return {"artifact": str(artifact),
             "export": {k: art.export.get(k) for k in ("target", "precision", "min_tensorrt")},
             "patches": int(patches.shape[0]), "features_finite": bool(np.isfinite(feats).all()),

@@ -15,8 +15,8 @@ from qwen2vl_edge.runtime.backends.trt_profiles import MIN_TENSORRT, PRECISIONS
 def _make_tiny(args: argparse.Namespace) -> int:
     from qwen2vl_edge.export.tiny import make_tiny
 
-    out = make_tiny(args.dir, seed=args.seed, layout=args.layout, overrides=args.set)
-    print(f"tiny Qwen2-VL checkpoint written to {out}")
+    out = make_tiny(args.dir, seed=args.seed, layout=args.layout, overrides=args.set, family=args.family)
+    print(f"tiny {args.family} checkpoint written to {out}")
     return 0
 
 
@@ -458,8 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = _command(sub, "make-tiny", "write a tiny random Qwen2-VL checkpoint (needs [export])")
+    p = _command(sub, "make-tiny", "write a tiny random Qwen2-VL / Qwen2.5-VL checkpoint (needs [export])")
     p.add_argument("dir", help="folder to write the checkpoint to")
+    p.add_argument("--family", choices=["qwen2_vl", "qwen2_5_vl"], default="qwen2_vl", help="model family")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--layout", choices=["original", "v5"], default="original",
                    help="config.json layout: Qwen2-VL-2B-Instruct's own, or transformers 5's")

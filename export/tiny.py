@@ -1,4 +1,4 @@
-"""Tiny random Qwen2-VL checkpoints in the Hugging Face layout, with the real Qwen2 vocabulary.
+"""Tiny random Qwen2-VL and Qwen2.5-VL checkpoints in the Hugging Face layout, with the real Qwen2 vocabulary.
 
 Built locally with transformers (no hub). The default init (std 0.02) makes greedy decoding repeat
 one token whatever the input, so `init_std` is larger: generated tokens vary and follow the image.
@@ -22,6 +22,15 @@ TINY_TEXT = dict(
 )
 TINY_VISION = dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=4, hidden_size=64, patch_size=14,
                    spatial_merge_size=2, temporal_patch_size=2)
+# Qwen2.5-VL: hidden_size is the ViT width, out_hidden_size the merger's; window blocks around one full block
+TINY_VISION_25 = dict(depth=3, hidden_size=32, num_heads=2, intermediate_size=48, out_hidden_size=64, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1],
+                      tokens_per_second=2, hidden_act="silu")
+# family -> (its tiny vision fields, transformers' config and model class names, the processor class it ships)
+FAMILY_CLASSES = {
+    "qwen2_vl": (TINY_VISION, "Qwen2VLConfig", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
+    "qwen2_5_vl": (TINY_VISION_25, "Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"),
+}
 TINY_TOP = dict(tie_word_embeddings=True, init_std=0.2)
 TOKEN_IDS = dict(bos_token_id=151643, eos_token_id=151645, vision_start_token_id=151652,
                  vision_end_token_id=151653, vision_token_id=151654, image_token_id=151655, video_token_id=151656)
@@ -40,9 +49,9 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def apply_overrides(overrides: list[str]) -> tuple[dict, dict, dict]:
+def apply_overrides(overrides: list[str], family: str = "qwen2_vl") -> tuple[dict, dict, dict]:
     """'text.num_hidden_layers=3', 'vision.depth=1', 'tie_word_embeddings=false' -> the three dicts."""
-    text, vision, top = dict(TINY_TEXT), dict(TINY_VISION), dict(TINY_TOP)
+    text, vision, top = dict(TINY_TEXT), dict(FAMILY_CLASSES[family][0]), dict(TINY_TOP)
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"--set expects key=value, got {item!r}")
@@ -56,25 +65,22 @@ def apply_overrides(overrides: list[str]) -> tuple[dict, dict, dict]:
     return text, vision, top
 
 
-def original_config(text: dict, vision: dict, top: dict) -> dict:
-    """config.json exactly as Qwen/Qwen2-VL-2B-Instruct ships it (transformers 4.4x layout)."""
+def original_config(text: dict, vision: dict, top: dict, family: str = "qwen2_vl") -> dict:
+    """config.json exactly as Qwen/Qwen2-VL-2B-Instruct (Qwen/Qwen2.5-VL-3B-Instruct) ships it: the flat
+    transformers 4.4x layout, the vision fields under their published names."""
     t = {k: v for k, v in text.items() if k not in ("mrope_section",)}
     return {
-        "architectures": ["Qwen2VLForConditionalGeneration"], "attention_dropout": 0.0, **TOKEN_IDS,
+        "architectures": [FAMILY_CLASSES[family][2]], "attention_dropout": 0.0, **TOKEN_IDS,
         "hidden_act": "silu", "initializer_range": 0.02, "max_window_layers": t["num_hidden_layers"],
-        "model_type": "qwen2_vl", "sliding_window": 32768, "tie_word_embeddings": top["tie_word_embeddings"],
+        "model_type": family, "sliding_window": 32768, "tie_word_embeddings": top["tie_word_embeddings"],
         "torch_dtype": "float32", "transformers_version": "4.41.2", "use_cache": True, "use_sliding_window": False,
         **t,
-        "vision_config": {"depth": vision["depth"], "embed_dim": vision["embed_dim"], "mlp_ratio": vision["mlp_ratio"],
-                          "num_heads": vision["num_heads"], "in_chans": 3, "hidden_size": vision["hidden_size"],
-                          "patch_size": vision["patch_size"], "spatial_merge_size": vision["spatial_merge_size"],
-                          "spatial_patch_size": vision["patch_size"],
-                          "temporal_patch_size": vision["temporal_patch_size"]},
+        "vision_config": {**vision, "in_chans": 3, "spatial_patch_size": vision["patch_size"]},
         "rope_scaling": {"type": "mrope", "mrope_section": list(text["mrope_section"])},
     }
 
 
-def write_processor_files(out: Path) -> None:
+def write_processor_files(out: Path, processor_class: str = "Qwen2VLProcessor") -> None:
     """Tokenizer, chat template and preprocessor settings as the real checkpoint ships them."""
     shutil.copyfile(vocab.tokenizer_json(), out / "tokenizer.json")
     added = {str(151643 + i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
@@ -91,28 +97,33 @@ def write_processor_files(out: Path) -> None:
         "temporal_patch_size": pp.temporal_patch_size, "merge_size": pp.merge_size,
         "image_mean": list(pp.image_mean), "image_std": list(pp.image_std), "rescale_factor": pp.rescale_factor,
         "do_rescale": True, "do_normalize": True, "do_resize": True, "do_convert_rgb": True, "resample": 3,
-        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor",
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": processor_class,
     }, indent=2))
     (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
 
 
-def make_tiny(out: str | Path, *, seed: int = 0, layout: str = "original", overrides: list[str] = ()) -> Path:
-    """Write a tiny random Qwen2-VL checkpoint to `out`; returns the directory."""
+def make_tiny(out: str | Path, *, seed: int = 0, layout: str = "original", overrides: list[str] = (),
+              family: str = "qwen2_vl") -> Path:
+    """Write a tiny random checkpoint of `family` (qwen2_vl, qwen2_5_vl) to `out`; returns the directory."""
     import torch
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    import transformers
 
     if layout not in ("original", "v5"):
         raise ValueError(f"layout must be 'original' or 'v5', got {layout!r}")
-    text, vision, top = apply_overrides(list(overrides))
+    if family not in FAMILY_CLASSES:
+        raise ValueError(f"family must be one of {', '.join(FAMILY_CLASSES)}, got {family!r}")
+    _, config_class, model_class, processor_class = FAMILY_CLASSES[family]
+    text, vision, top = apply_overrides(list(overrides), family)
     std = float(top["init_std"])
     t = {k: v for k, v in text.items() if k not in ("mrope_section", "rope_theta")}
     t["rope_parameters"] = {"rope_type": "default", "mrope_section": list(text["mrope_section"]),
                             "rope_theta": text["rope_theta"]}
-    cfg = Qwen2VLConfig(text_config={**t, "initializer_range": std}, vision_config={**vision, "initializer_range": std},
-                        tie_word_embeddings=top["tie_word_embeddings"], image_token_id=TOKEN_IDS["image_token_id"],
-                        video_token_id=TOKEN_IDS["video_token_id"])
+    cfg = getattr(transformers, config_class)(
+        text_config={**t, "initializer_range": std}, vision_config={**vision, "initializer_range": std},
+        tie_word_embeddings=top["tie_word_embeddings"], image_token_id=TOKEN_IDS["image_token_id"],
+        video_token_id=TOKEN_IDS["video_token_id"])
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    model = getattr(transformers, model_class)(cfg).eval()
     with torch.no_grad():  # norms and biases too, so nothing sits at a degenerate 1 or 0
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name or "ln_q" in name:
@@ -121,6 +132,6 @@ def make_tiny(out: str | Path, *, seed: int = 0, layout: str = "original", overr
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     if layout == "original":
-        (out / "config.json").write_text(json.dumps(original_config(text, vision, top), indent=2))
-    write_processor_files(out)
+        (out / "config.json").write_text(json.dumps(original_config(text, vision, top, family), indent=2))
+    write_processor_files(out, processor_class)
     return out

@@ -5,16 +5,26 @@ are a batch dimension: no N x N mask across images or frames ever exists. The ro
 patch grid is data-dependent and comes from the runtime (runtime/rope.py: vision_rotary). With the
 fused ops attention is one op per frame, no [F, heads, S, S] tensor: ONNX Attention (tensorrt from 10.15),
 ONNX Runtime's MultiHeadAttention (ort-cpu).
+
+The family (runtime/config.py: FAMILIES) picks the norm (LayerNorm / RMSNorm), the MLP (fc / gated) and
+whether blocks outside `fullatt_block_indexes` attend in windows (Qwen2.5-VL). A window block gathers its
+q, k, v from the frame's patches into W windows of P patch slots (host-fed `window_index`, runtime/rope.py:
+vision_windows), attends as [F * W, P] rows whose pad slots are masked as keys (`window_mask`), and gathers
+its output back into patch order (`window_inverse`): the residual stream, norms and MLPs stay on the S real
+patches, and no shape depends on the data.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .checkpoint import Checkpoint
-from .graph import FLOAT, Graph
+from .graph import BOOL, FLOAT, INT32, INT64, Graph
 
 LN_EPS = 1e-6
+MASK_MIN = float(np.finfo(np.float32).min)  # a pad slot's score: finite, so a softmax never sees inf - inf
 
 
 def activation(g: Graph, x: str, kind: str) -> str:
@@ -59,6 +69,87 @@ def layer_norm(g: Graph, x: str, ckpt: Checkpoint, name: str) -> str:
     return g.to_act(y)
 
 
+def rms_norm(g: Graph, x: str, weight: str, eps: float) -> str:
+    """weight * (x / rms(x)), the statistics in fp32 and the result cast back before the weight, as
+    transformers' Qwen2RMSNorm does; one RMSNormalization where the target has it."""
+    x = g.to_f32(x)
+    with g.fp32():
+        if g.target.llm_ops:
+            return g.to_act(g.op("RMSNormalization", x, g.to_f32(weight), axis=-1, epsilon=eps, stash_type=1))
+        var = g.reduce_mean(g.op("Mul", x, x), [-1])
+        inv = g.op("Reciprocal", g.op("Sqrt", g.op("Add", var, g.const(eps, np.float32))))
+        return g.op("Mul", weight, g.to_act(g.op("Mul", x, inv)))
+
+
+def norm(g: Graph, x: str, ckpt: Checkpoint, name: str) -> str:
+    """The family's vision norm: LayerNorm (Qwen2-VL) or RMSNorm (Qwen2.5-VL), eps 1e-6 in both."""
+    if ckpt.config.family.vision_norm == "layer":
+        return layer_norm(g, x, ckpt, name)
+    return rms_norm(g, x, g.weight(f"{name}.weight", lambda: ckpt.get(f"{name}.weight")), LN_EPS)
+
+
+def _blocks_divide(g: Graph, k: int) -> bool:
+    """Whether a linear of `k` input channels can take the graph's quantization blocks (QuantSpec.block: the
+    block, or with `fit` any power of two from 16). Qwen2.5-VL's vision MLP width (3420) divides by none: that
+    linear stays float, as the patch embedding does."""
+    q = g.quant
+    return q is None or q.dynamic or k % (16 if q.fit else q.block_size) == 0
+
+
+def _mlp(g: Graph, h: str, ckpt: Checkpoint, p: str) -> str:
+    """fc2(act(fc1(h))) (Qwen2-VL) or down(act(gate(h)) * up(h)) with biases (Qwen2.5-VL)."""
+    vc = ckpt.config.vision
+    lin = lambda x, name: g.linear(x, w := ckpt.get(f"{p}.{name}.weight"), ckpt.get(f"{p}.{name}.bias"),  # noqa: E731
+                                   f"{p}.{name}", quantize=_blocks_divide(g, w.shape[1]))
+    if ckpt.config.family.vision_mlp == "fc":
+        return lin(activation(g, lin(h, "fc1"), vc.hidden_act), "fc2")
+    return lin(g.op("Mul", activation(g, lin(h, "gate_proj"), vc.hidden_act), lin(h, "up_proj")), "down_proj")
+
+
+@dataclass(frozen=True)
+class Windows:
+    """The window layout's graph values (one set per graph): P patch slots a window, flat gather index [W * P],
+    inverse [S], the frame count [1], and the key mask of the [F * W, P] rows in the form the target's
+    attention takes."""
+
+    slots: int
+    index: str
+    inverse: str
+    frames: str
+    keys: str
+
+    @classmethod
+    def inputs(cls, g: Graph, ckpt: Checkpoint, frames: str) -> "Windows":
+        vc = ckpt.config.vision
+        slots = vc.window_merged ** 2 * vc.spatial_merge_size ** 2
+        index = g.input("window_index", INT64, ["windows", slots])
+        mask = g.input("window_mask", FLOAT, ["windows", slots])
+        inverse = g.input("window_inverse", INT64, ["patches"])
+        rows = g.op("Tile", mask, g.op("Concat", frames, g.const([1]), axis=0))  # [F * W, P]: frames share it
+        if g.target.contrib:  # MultiHeadAttention's key_padding_mask
+            keys = g.op("Cast", rows, to=INT32)
+        else:
+            keep = g.op("Unsqueeze", g.op("Cast", rows, to=BOOL), g.const([1, 2]))  # [F * W, 1, 1, P]
+            if g.target.llm_ops:  # ONNX Attention's mask spells out the query axis: [F * W, 1, P, P], per window
+                keys = g.op("Expand", keep, g.const([1, 1, slots, slots]))
+            else:
+                keys = g.op("Where", keep, g.const(0.0, np.float32), g.const(MASK_MIN, np.float32))
+        return cls(slots, g.op("Reshape", index, g.const([-1])), inverse, frames, keys)
+
+    def group(self, g: Graph, t: str, head_major: bool, nh: int, hd: int) -> str:
+        """q, k or v of the frame's patches -> the windows' rows: [F, S, nh, hd] -> [F * W, P, nh, hd], or head-major
+        [F, nh, S, hd] -> [F * W, nh, P, hd]."""
+        if not head_major:
+            return g.op("Reshape", g.op("Gather", t, self.index, axis=1), g.const([-1, self.slots, nh, hd]))
+        t = g.op("Reshape", g.op("Gather", t, self.index, axis=2), g.const([0, 0, -1, self.slots, hd]))
+        return g.op("Reshape", g.op("Transpose", t, perm=[0, 2, 1, 3, 4]), g.const([-1, nh, self.slots, hd]))
+
+    def ungroup(self, g: Graph, attn: str, E: int) -> str:
+        """[F * W, P, E] -> [F, W * P, E] -> the patches' rows [F, S, E] (pad slots are never read)."""
+        flat = g.op("Reshape", attn, g.op("Concat", self.frames, g.const([-1, E]), axis=0))
+        return g.op("Gather", flat, self.inverse, axis=1)
+
+
 def _rotate_vision(g: Graph, x: str, cos: str, sin: str, hd: int) -> str:
     """Rotary on [F, S, nh, hd] (cos/sin [S, 1, hd]) -> [F, nh, S, hd]; in fp32 like transformers' vision rotary.
     With the fused ops: one RotaryEmbedding on [F, nh, S, hd] (cos/sin [F, S, hd/2])."""
@@ -70,48 +161,60 @@ def _rotate_vision(g: Graph, x: str, cos: str, sin: str, hd: int) -> str:
     return g.to_act(x)
 
 
-def _multi_head_attention(g: Graph, q: str, k: str, v: str, nh: int, hd: int) -> str:
-    """ONNX Runtime's MultiHeadAttention on q, k, v [F, S, nh, hd] -> [F, S, E]. Without mask, bias, past or
+def _multi_head_attention(g: Graph, q: str, k: str, v: str, nh: int, hd: int, keys: str | None) -> str:
+    """ONNX Runtime's MultiHeadAttention on q, k, v [B, S, nh, hd] -> [B, S, E]. Without mask, bias, past or
     present its fp32 CPU kernel runs flash attention (MlasFlashAttention, tiles sized to the L2 cache): memory
-    linear in the patches."""
-    q, k, v = (g.op("Reshape", t, g.const([0, 0, nh * hd])) for t in (q, k, v))  # [F, S, E]: frames are the batch
-    return g.op("MultiHeadAttention", q, k, v, domain="com.microsoft", num_heads=nh, scale=float(hd ** -0.5))
+    linear in the patches. `keys`: a window block's key_padding_mask [B, S] (int32)."""
+    q, k, v = (g.op("Reshape", t, g.const([0, 0, nh * hd])) for t in (q, k, v))  # [B, S, E]: frames are the batch
+    masks = ("", keys) if keys else ()
+    return g.op("MultiHeadAttention", q, k, v, *masks, domain="com.microsoft", num_heads=nh,
+                scale=float(hd ** -0.5))
 
 
-def _block(g: Graph, x: str, ckpt: Checkpoint, i: int, cos: str, sin: str) -> str:
+def _attention(g: Graph, q: str, k: str, v: str, vc, cos: str, sin: str, windows: Windows | None) -> str:
+    """q, k, v [F, S, nh, hd] -> [F, S, E]: over each frame, or within each window when `windows` is given."""
+    E, nh, hd = vc.embed_dim, vc.num_heads, vc.head_dim
+    keys = windows.keys if windows else None
+    if g.target.typed:
+        q, k = _rotate_vision(g, q, cos, sin, hd), _rotate_vision(g, k, cos, sin, hd)  # [F, nh, S, hd]
+        v = g.op("Transpose", v, perm=[0, 2, 1, 3])
+        if windows:
+            q, k, v = (windows.group(g, t, True, nh, hd) for t in (q, k, v))  # [F * W, nh, P, hd]
+        if g.target.llm_ops:  # fused per frame or window: no [F, nh, S, S] tensor in the graph
+            masks = (keys,) if keys else ()
+            attn = g.op("Attention", q, k, v, *masks, scale=float(hd ** -0.5), softmax_precision=FLOAT)
+        else:
+            attn = attend(g, q, g.op("Transpose", k, perm=[0, 1, 3, 2]), v, hd ** -0.5, keys)
+    else:
+        q, k = rotate(g, q, cos, sin, hd // 2), rotate(g, k, cos, sin, hd // 2)
+        if windows:
+            q, k, v = (windows.group(g, t, False, nh, hd) for t in (q, k, v))  # [F * W, P, nh, hd]
+        if g.target.contrib:  # fused per frame or window (they are the batch): no [F, nh, S, S] tensor
+            attn = _multi_head_attention(g, q, k, v, nh, hd, keys)  # [B, S, E]
+        else:
+            q = g.op("Transpose", q, perm=[0, 2, 1, 3])  # [B, nh, S, hd]
+            k = g.op("Transpose", k, perm=[0, 2, 3, 1])  # [B, nh, hd, S]
+            v = g.op("Transpose", v, perm=[0, 2, 1, 3])
+            attn = attend(g, q, k, v, hd ** -0.5, keys)  # [B, nh, S, hd]
+    if not g.target.contrib:
+        attn = g.op("Reshape", g.op("Transpose", attn, perm=[0, 2, 1, 3]), g.const([0, 0, E]))  # [B, S, E]
+    return windows.ungroup(g, attn, E) if windows else attn
+
+
+def _block(g: Graph, x: str, ckpt: Checkpoint, i: int, cos: str, sin: str, windows: Windows | None) -> str:
     vc = ckpt.config.vision
     p = f"visual.blocks.{i}"
-    E, nh, hd = vc.embed_dim, vc.num_heads, vc.head_dim
-    h = layer_norm(g, x, ckpt, f"{p}.norm1")
+    nh, hd = vc.num_heads, vc.head_dim
+    h = norm(g, x, ckpt, f"{p}.norm1")
     qkv = g.linear(h, ckpt.get(f"{p}.attn.qkv.weight"), ckpt.get(f"{p}.attn.qkv.bias"), f"{p}.attn.qkv")
     qkv = g.op("Reshape", qkv, g.const([0, 0, 3, nh, hd]))  # [F, S, 3, nh, hd]
     q, k, v = (g.op("Squeeze", t, g.const([2]))
                for t in g.op("Split", qkv, g.const([1, 1, 1]), axis=2, n_out=3))  # [F, S, nh, hd]
-    if g.target.typed:
-        q, k = _rotate_vision(g, q, cos, sin, hd), _rotate_vision(g, k, cos, sin, hd)  # [F, nh, S, hd]
-        v = g.op("Transpose", v, perm=[0, 2, 1, 3])
-        if g.target.llm_ops:  # fused per frame: no [F, nh, S, S] tensor in the graph
-            attn = g.op("Attention", q, k, v, scale=float(hd ** -0.5), softmax_precision=FLOAT)
-        else:
-            attn = attend(g, q, g.op("Transpose", k, perm=[0, 1, 3, 2]), v, hd ** -0.5)
-    elif g.target.contrib:  # fused per frame (frames are the batch): no [F, nh, S, S] tensor
-        attn = _multi_head_attention(g, rotate(g, q, cos, sin, hd // 2), rotate(g, k, cos, sin, hd // 2), v,
-                                     nh, hd)  # [F, S, E]
-    else:
-        q, k = rotate(g, q, cos, sin, hd // 2), rotate(g, k, cos, sin, hd // 2)
-        q = g.op("Transpose", q, perm=[0, 2, 1, 3])  # [F, nh, S, hd]
-        k = g.op("Transpose", k, perm=[0, 2, 3, 1])  # [F, nh, hd, S]
-        v = g.op("Transpose", v, perm=[0, 2, 1, 3])
-        attn = attend(g, q, k, v, hd ** -0.5)  # [F, nh, S, hd]
-    if not g.target.contrib:
-        attn = g.op("Reshape", g.op("Transpose", attn, perm=[0, 2, 1, 3]), g.const([0, 0, E]))  # [F, S, E]
+    windowed = windows if windows and i not in vc.fullatt_block_indexes else None
+    attn = _attention(g, q, k, v, vc, cos, sin, windowed)
     x = g.op("Add", x, g.linear(attn, ckpt.get(f"{p}.attn.proj.weight"), ckpt.get(f"{p}.attn.proj.bias"),
                                  f"{p}.attn.proj"))
-    h = layer_norm(g, x, ckpt, f"{p}.norm2")
-    h = g.linear(h, ckpt.get(f"{p}.mlp.fc1.weight"), ckpt.get(f"{p}.mlp.fc1.bias"), f"{p}.mlp.fc1")
-    h = activation(g, h, vc.hidden_act)
-    h = g.linear(h, ckpt.get(f"{p}.mlp.fc2.weight"), ckpt.get(f"{p}.mlp.fc2.bias"), f"{p}.mlp.fc2")
-    return g.op("Add", x, h)
+    return g.op("Add", x, _mlp(g, norm(g, x, ckpt, f"{p}.norm2"), ckpt, f"{p}.mlp"))
 
 
 def build_vision_encoder(g: Graph, ckpt: Checkpoint, progress=None) -> None:
@@ -130,11 +233,12 @@ def build_vision_encoder(g: Graph, ckpt: Checkpoint, progress=None) -> None:
     w = ckpt.get("visual.patch_embed.proj.weight").reshape(vc.embed_dim, -1)
     # kept in float: 1176 input channels rarely divide a quantization block, and the layer is small
     x = g.linear(g.to_act(pixels), w, None, "visual.patch_embed.proj", quantize=False)  # [F, S, E]
+    windows = Windows.inputs(g, ckpt, g.shape_dim(pixels, 0)) if ckpt.config.family.windowed else None
     for i in range(vc.depth):
-        x = _block(g, x, ckpt, i, cos, sin)
+        x = _block(g, x, ckpt, i, cos, sin, windows)
         if progress:
             progress.update(1)
-    h = layer_norm(g, x, ckpt, "visual.merger.ln_q")
+    h = norm(g, x, ckpt, "visual.merger.ln_q")
     h = g.op("Reshape", h, g.const([0, -1, vc.embed_dim * m2]))  # [F, S/m^2, E*m^2]
     h = g.linear(h, ckpt.get("visual.merger.mlp.0.weight"), ckpt.get("visual.merger.mlp.0.bias"),
                  "visual.merger.mlp.0")

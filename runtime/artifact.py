@@ -16,11 +16,12 @@ from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .config import ConfigError, ModelConfig
+from .config import FAMILIES, ConfigError, ModelConfig
 from .errors import ArtifactError
 
 FORMAT = "qwen2vl-edge"
-FORMAT_VERSION = 2  # 2: export.max_context, the KV cache's static length of tensorrt graphs from 10.15
+FORMAT_VERSION = 2  # 2: export.max_context, the KV cache's static length of tensorrt graphs from 10.15; the family
+#                     (config.model_type) picks the vision encoder's inputs (Qwen2.5-VL's windows)
 MANIFEST = "manifest.json"
 GRAPHS = ("vision_encoder", "embedding_merger", "decoder")
 # side files read when they are present (runtime/processor.py, preprocess.py, generation.py); of the chat
@@ -74,7 +75,9 @@ ENGINE_ENTRY = {"file": PATH, "sidecar": PATH}
 MANIFEST_SCHEMA = {
     "format": (FORMAT,),
     "format_version": (FORMAT_VERSION,),
-    "config": dict,  # field by field in ModelConfig.from_dict
+    # the model family, which the runtime's front-end, position and vision-input rules follow; the other fields
+    # are checked field by field in ModelConfig.from_dict
+    "config": {"model_type": tuple(FAMILIES)},
     "export": {OptionalKey("kv_cache"): ("concat", "preallocated"), OptionalKey("target"): str,
                OptionalKey("max_context"): STATIC_LENGTH,
                "weights_file": PATH, OptionalKey("logits"): ("last", "all")},

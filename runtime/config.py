@@ -1,9 +1,10 @@
 """The model configuration the runtime needs, read once into typed dataclasses.
 
 Two config.json layouts exist in the wild and both load into the same object:
-- "original" (Qwen/Qwen2-VL-*-Instruct as published, transformers 4.4x): text fields
-  at the top level, `rope_scaling: {"type": "mrope", "mrope_section": [...]}`;
+- "original" (Qwen/Qwen2-VL-*-Instruct and Qwen2.5-VL-*-Instruct as published, transformers 4.4x): text
+  fields at the top level, `rope_scaling: {"type": "mrope", "mrope_section": [...]}`;
 - "v5" (what transformers 5 saves): a `text_config` dict with `rope_parameters`.
+The checkpoint's family (`model_type`, else `architectures`) picks how its vision_config reads (FAMILIES).
 An artifact directory carries the same object under manifest.json's "config".
 """
 
@@ -21,6 +22,43 @@ MODEL_TYPE = "qwen2_vl"
 
 
 @dataclass(frozen=True)
+class Family:
+    """What sets a model family apart, as data: the graph builder, the front-end and the position rules read it."""
+
+    model_type: str
+    architecture: str  # config.json's architectures[0]
+    vision_renames: dict  # vision_config key -> VisionConfig field
+    vision_norm: str  # "layer" (LayerNorm with bias) | "rms" (RMSNorm, weight only)
+    vision_mlp: str  # "fc" (fc1, act, fc2) | "gated" (down(act(gate) * up))
+    windowed: bool  # blocks outside fullatt_block_indexes attend within windows (runtime/rope.py: vision_windows)
+    timed_video: bool  # a video's temporal ids step by tokens_per_second * second_per_grid_ts, not by 1
+
+
+FAMILIES = {f.model_type: f for f in (
+    Family("qwen2_vl", "Qwen2VLForConditionalGeneration", {"in_chans": "in_channels"}, "layer", "fc", False, False),
+    # Qwen2.5-VL's vision hidden_size is the ViT width and out_hidden_size the merger's output
+    Family("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration",
+           {"in_chans": "in_channels", "hidden_size": "embed_dim", "out_hidden_size": "hidden_size"},
+           "rms", "gated", True, True),
+)}
+
+
+def family_of(raw: dict[str, Any]) -> Family:
+    """The family of a config.json: its model_type, else its first architecture; ConfigError naming the supported
+    ones otherwise."""
+    by_arch = {f.architecture: f for f in FAMILIES.values()}
+    arch = (raw.get("architectures") or [None])[0]
+    family = FAMILIES.get(raw.get("model_type")) or by_arch.get(arch)
+    if family is None:
+        raise ConfigError(
+            f"config.json has model_type={raw.get('model_type')!r} (architectures {raw.get('architectures')!r}); "
+            f"qwen2vl-edge supports {', '.join(map(repr, FAMILIES))} (Qwen2-VL 2B/7B/72B, Qwen2.5-VL 3B/7B/32B/72B). "
+            "Qwen3-VL and other models are not supported yet."
+        )
+    return family
+
+
+@dataclass(frozen=True)
 class VisionConfig:
     depth: int
     embed_dim: int
@@ -33,10 +71,23 @@ class VisionConfig:
     in_channels: int = 3
     hidden_act: str = "quick_gelu"
     rope_theta: float = 10000.0
+    intermediate_size: int | None = None  # Qwen2.5-VL's gated MLP; Qwen2-VL's is embed_dim * mlp_ratio
+    window_size: int | None = None  # pixels a window spans (Qwen2.5-VL: 112)
+    fullatt_block_indexes: tuple[int, ...] = ()  # blocks that attend over the whole frame; the others in windows
+    tokens_per_second: float | None = None  # temporal ids per second of video (Qwen2.5-VL)
 
     @property
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return self.intermediate_size or int(self.embed_dim * self.mlp_ratio)
+
+    @property
+    def window_merged(self) -> int:
+        """Side of a window in merged tokens (Qwen2.5-VL: 112 // 2 // 14 = 4)."""
+        return self.window_size // self.spatial_merge_size // self.patch_size
 
     @property
     def patch_dim(self) -> int:
@@ -75,10 +126,15 @@ class ModelConfig:
     model_type: str = MODEL_TYPE
     extra: dict = field(default_factory=dict, compare=False)
 
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.model_type]
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("extra")
         d["text"]["mrope_section"] = list(self.text.mrope_section)
+        d["vision"]["fullatt_block_indexes"] = list(self.vision.fullatt_block_indexes)
         return d
 
     @classmethod
@@ -87,19 +143,31 @@ class ModelConfig:
         top = _typed_fields(cls, d, "config", skip=("text", "vision", "extra"))
         text = _typed_fields(TextConfig, d["text"] if "text" in d else None, "config.text")
         text["mrope_section"] = tuple(text["mrope_section"])
-        cfg = cls(text=TextConfig(**text), vision=VisionConfig(**_typed_fields(VisionConfig, d.get("vision"),
-                                                                               "config.vision")), **top)
+        vision = _typed_fields(VisionConfig, d.get("vision"), "config.vision")
+        vision["fullatt_block_indexes"] = tuple(vision.get("fullatt_block_indexes", ()))
+        cfg = cls(text=TextConfig(**text), vision=VisionConfig(**vision), **top)
         cfg.validate()
         return cfg
 
     def validate(self) -> None:
-        """The shapes the graphs are built from must divide as Qwen2-VL's do."""
+        """The shapes the graphs are built from must divide as Qwen2-VL's do; the family's own fields are present."""
         t, v = self.text, self.vision
+        if self.model_type not in FAMILIES:
+            raise ConfigError(f"model_type {self.model_type!r} is not one of {', '.join(FAMILIES)}: re-export the "
+                              "artifact with this version of qwen2vl-edge")
+        family = self.family
         rules = ((t.hidden_size % t.num_attention_heads == 0, "text hidden_size must divide by num_attention_heads"),
                  (t.num_attention_heads % t.num_key_value_heads == 0,
                   "num_attention_heads must divide by num_key_value_heads"),
                  (2 * sum(t.mrope_section) == t.head_dim, "mrope_section must sum to head_dim / 2"),
-                 (v.embed_dim % v.num_heads == 0, "vision embed_dim must divide by num_heads"))
+                 (v.embed_dim % v.num_heads == 0, "vision embed_dim must divide by num_heads"),
+                 (family.vision_mlp != "gated" or v.intermediate_size is not None,
+                  f"{self.model_type} needs vision intermediate_size"),
+                 (not family.windowed or (v.window_size or 0) >= v.spatial_merge_size * v.patch_size,
+                  f"{self.model_type} needs a vision window_size of at least spatial_merge_size * patch_size"),
+                 (all(i < v.depth for i in v.fullatt_block_indexes), "fullatt_block_indexes must be below depth"),
+                 (not family.timed_video or v.tokens_per_second is not None,
+                  f"{self.model_type} needs vision tokens_per_second"))
         broken = [why for ok, why in rules if not ok]
         if broken:
             raise ConfigError(f"inconsistent model config: {'; '.join(broken)}")
@@ -122,8 +190,9 @@ def _typed_fields(cls, d: Any, where: str, skip: tuple[str, ...] = ()) -> dict:
                 raise ConfigError(f"{where}.{f.name} is missing")
             continue
         value, kind = d[f.name], str(f.type).split(" | ")[0]
-        if kind.startswith("tuple"):
-            ok = isinstance(value, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) and x > 0
+        if kind.startswith("tuple"):  # sizes are positive, indexes (fullatt_block_indexes) from 0
+            low = 0 if f.name.endswith("_indexes") else 1
+            ok = isinstance(value, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) and x >= low
                                                           for x in value)
         elif kind in _SCALARS:
             ok = (isinstance(value, _SCALARS[kind]) and (kind == "bool" or not isinstance(value, bool))
@@ -163,11 +232,7 @@ def _rope_fields(text_src: dict, top: dict) -> dict:
 
 def parse_hf_config(raw: dict[str, Any]) -> ModelConfig:
     """Parse a Hugging Face config.json dict of either layout."""
-    if raw.get("model_type") != MODEL_TYPE:
-        raise ConfigError(
-            f"config.json has model_type={raw.get('model_type')!r}; qwen2vl-edge supports {MODEL_TYPE!r} "
-            "(Qwen2-VL 2B/7B/72B). Qwen2.5-VL and other models are not supported."
-        )
+    family = family_of(raw)
     text_src = raw.get("text_config") or raw  # v5 nests, original is flat
     text_kwargs = _pick(text_src, TextConfig)
     text_kwargs.update(_rope_fields(text_src, raw))
@@ -179,8 +244,10 @@ def parse_hf_config(raw: dict[str, Any]) -> ModelConfig:
     vrope = vsrc.get("rope_parameters") or {}
     if "rope_theta" in vrope:
         vsrc["rope_theta"] = vrope["rope_theta"]
-    vision_kwargs = _pick(vsrc, VisionConfig, renames={"in_chans": "in_channels"})
-    vision = VisionConfig(**_typed_fields(VisionConfig, vision_kwargs, "config.json vision_config"))
+    vision_kwargs = _typed_fields(VisionConfig, _pick(vsrc, VisionConfig, renames=family.vision_renames),
+                                  "config.json vision_config")
+    vision_kwargs["fullatt_block_indexes"] = tuple(vision_kwargs.get("fullatt_block_indexes", ()))
+    vision = VisionConfig(**vision_kwargs)
 
     tie = raw.get("tie_word_embeddings")
     if tie is None:
@@ -188,6 +255,7 @@ def parse_hf_config(raw: dict[str, Any]) -> ModelConfig:
     top = _pick(raw, ModelConfig)
     for k in ("text", "vision", "tie_word_embeddings", "extra"):
         top.pop(k, None)
+    top["model_type"] = family.model_type
     missing = [k for k in REQUIRED_TOKEN_IDS if not isinstance(top.get(k), int)]
     if missing:
         raise ConfigError(f"config.json has no integer {', '.join(missing)}: the runtime reads the vision placeholder "

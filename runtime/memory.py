@@ -109,7 +109,7 @@ def vision_bytes(cfg: ModelConfig, target: str, grid: tuple[int, int, int]) -> i
     frames, patches = grid[0], grid[1] * grid[2]  # F temporal slices of S patches
     scores = _attention(target, "vision") * frames * v.num_heads * patches * patches
     rows, mlp_rows = VISION_WIDTHS[frames * patches >= BOUNDED_FROM]
-    widths = rows * v.embed_dim + mlp_rows * int(v.embed_dim * v.mlp_ratio)
+    widths = rows * v.embed_dim + mlp_rows * v.mlp_dim
     return F32 * (scores + frames * patches * widths)
 
 

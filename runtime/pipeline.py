@@ -20,8 +20,8 @@ from .generation import (GenerationOptions, GenerationResult, StepTimes, checkpo
                          run, sampling_options, stop_strings)
 from .grounding import parse_boxes
 from .processor import Processor, is_batch
+from .rope import IMAGE, VIDEO, runs, token_types, vision_inputs
 from .tools import ReplyPlan, ToolCall, new_call_id
-from .rope import IMAGE, VIDEO, runs, token_types, vision_rotary
 
 if TYPE_CHECKING:
     from .session import ChatSession
@@ -150,8 +150,8 @@ class Qwen2VLPipeline:
             for t, h, w in inputs.get(grid_key, np.zeros((0, 3), np.int64)):
                 n = int(t * h * w)
                 patches = inputs[pixels_key][offset:offset + n].reshape(int(t), int(h * w), -1)  # [F, S, D]
-                cos, sin = vision_rotary((int(t), int(h), int(w)), cfg.vision)
-                feats.append((n // m2, self.backend.vision(patches, cos, sin)))  # (tokens, [F, S / m2, hidden])
+                grid_inputs = vision_inputs((int(t), int(h), int(w)), cfg)
+                feats.append((n // m2, self.backend.vision(patches, grid_inputs)))  # (tokens, [F, S / m2, hidden])
                 offset += n
             per_kind[kind] = iter(feats)
         ordered = []

@@ -32,6 +32,7 @@ VIDEO_MIN_TOKENS, VIDEO_MAX_TOKENS = 128, 768
 VIDEO_CONTEXT_TOKENS = 128000  # qwen-vl-utils MODEL_SEQ_LEN: total_pixels default is 90 % of it
 FRAME_FACTOR = 2
 FPS, FPS_MIN_FRAMES, FPS_MAX_FRAMES = 2.0, 4, 768
+LIST_SAMPLE_FPS = 2.0  # qwen-vl-utils: the frames per second a list of frames stands for, unless sample_fps says
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -313,7 +314,7 @@ def _check_video(video: Any, fps: Any, nframes: Any, total_pixels: Any, video_st
 
 def process_video(video: str | Path | Sequence[Any], **options) -> tuple[np.ndarray, tuple[int, int, int]]:
     """A list of frames, or a video file (needs the [video] extra) -> patches [N, 1176], (t, h, w)."""
-    patches, grid, _ = process_video_timed(video, **options)
+    patches, grid, _, _ = process_video_timed(video, **options)
     return patches, grid
 
 
@@ -329,14 +330,18 @@ def process_video_timed(
     resized_width: int | None = None,
     video_start: float | None = None,
     video_end: float | None = None,
+    sample_fps: float | None = None,
     max_tokens: int | None = None,
     preprocessor: PreprocessorConfig = DEFAULT_PREPROCESSOR,
-) -> tuple[np.ndarray, tuple[int, int, int], list[float]]:
-    """-> patches, grid and the sampled frames' timestamps in seconds (files only; [] for a list of frames).
+) -> tuple[np.ndarray, tuple[int, int, int], list[float], float]:
+    """-> patches, grid, the sampled frames' timestamps in seconds (files only; [] for a list of frames) and the
+    frames kept per second (a list of frames: `sample_fps`, 2 if not given, as qwen-vl-utils assumes).
 
     A file is sized from its metadata first: more than `max_tokens` tokens fails before decoding."""
     pp = preprocessor
     _check_video(video, fps, nframes, total_pixels, video_start, video_end)
+    if sample_fps is not None:
+        checks.real("sample_fps", sample_fps, above=0)
     opts = PixelOptions.check(pp, min_pixels, max_pixels, resized_height, resized_width)
     size = lambda h, w, n: _video_size(h, w, n, pp, opts, total_pixels)  # noqa: E731
     timestamps: list[float] = []
@@ -352,7 +357,7 @@ def process_video_timed(
 
         sampled = read_video(video, lambda total, rate: smart_nframes(total, rate, fps, nframes), check,
                              video_start, video_end)
-        images, timestamps = sampled.frames, sampled.timestamps
+        images, timestamps, rate = sampled.frames, sampled.timestamps, sampled.sampled_fps
     else:
         if len(video) == 0:
             raise InputError("video has zero frames: pass at least one frame")
@@ -363,9 +368,13 @@ def process_video_timed(
         if len({im.size for im in images}) > 1:
             raise InputError("video frames differ in size after resizing: give frames of one size")
         images += [images[-1]] * (-len(images) % FRAME_FACTOR)
+        # qwen-vl-utils' made-up metadata (fps = sample_fps, total_num_frames = n / sample_fps * fps), read
+        # back by transformers' VideoMetadata.sampled_fps with its very float operations
+        rate = LIST_SAMPLE_FPS if sample_fps is None else float(sample_fps)
+        rate = len(images) / (len(images) / rate * rate) * rate
     h, w = size(images[0].height, images[0].width, len(images))
     frames = np.stack([_to_chw(_resize(im, h, w)) for im in images])  # [T, C, H, W] uint8
     del images
     frames = np.concatenate([frames, np.repeat(frames[-1:], -len(frames) % pp.temporal_patch_size, axis=0)])
     patches, grid = patchify(frames, pp, fused=True)
-    return patches, grid, timestamps
+    return patches, grid, timestamps, rate

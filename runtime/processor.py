@@ -18,7 +18,7 @@ from .preprocess import PreprocessorConfig, process_image, process_video_timed
 from .rope import get_rope_index, token_types
 
 IMAGE_OPTIONS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
-VIDEO_OPTIONS = IMAGE_OPTIONS + ("fps", "nframes", "total_pixels", "video_start", "video_end")
+VIDEO_OPTIONS = IMAGE_OPTIONS + ("fps", "nframes", "total_pixels", "video_start", "video_end", "sample_fps")
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,12 @@ def _special_tokens(tokenizer: Tokenizer, directory: Path, config: ModelConfig) 
         pad = pad.get("content") if isinstance(pad, dict) else pad
         pad_id = tokenizer.token_to_id(pad) if isinstance(pad, str) and pad else None
     return SpecialTokens(image_pad, video_pad, pad_id)
+
+
+def empty_segment(ids: list[int] | None = None) -> dict:
+    """A segment (Processor.segment's dict) with no vision items."""
+    return {"ids": list(ids or []), "pixels": {"image": [], "video": []}, "grids": {"image": [], "video": []},
+            "second_per_grid_ts": [], "image_sizes": [], "video_timestamps": []}
 
 
 def is_batch(conversations: Any) -> bool:
@@ -93,11 +99,12 @@ class Processor:
 
     def _video(self, item: dict, out: dict, max_tokens: int) -> None:
         opts = {k: item[k] for k in VIDEO_OPTIONS if k in item}
-        patches, grid, timestamps = process_video_timed(item["video"], preprocessor=self.preprocessor,
-                                                        max_tokens=max_tokens, **opts)
+        patches, grid, timestamps, rate = process_video_timed(item["video"], preprocessor=self.preprocessor,
+                                                              max_tokens=max_tokens, **opts)
         out["pixels"]["video"].append(patches)
         out["grids"]["video"].append(grid)
         out["video_timestamps"].append(timestamps)
+        out["second_per_grid_ts"].append(self.preprocessor.temporal_patch_size / rate)  # as transformers' processor
 
     # -- text ---------------------------------------------------------------------------------
 
@@ -124,11 +131,11 @@ class Processor:
 
     def segment(self, text: str, items: list[tuple[str, dict]], max_tokens: int | None = None) -> dict:
         """Rendered text + its vision items in order -> {"ids": [int], "pixels": {kind: [patches]},
-        "grids": {kind: [(t, h, w)]}, "image_sizes": [(w, h)], "video_timestamps": [[s]]}.
+        "grids": {kind: [(t, h, w)]}, "second_per_grid_ts": [s] (per video), "image_sizes": [(w, h)],
+        "video_timestamps": [[s]]}.
         `max_tokens`: a video file whose token count (read from its metadata) exceeds it fails before decoding."""
         limit = self.config.text.max_position_embeddings if max_tokens is None else max_tokens
-        out = {"pixels": {"image": [], "video": []}, "grids": {"image": [], "video": []}, "image_sizes": [],
-               "video_timestamps": []}
+        out = empty_segment()
         for kind, item in items:
             self._image(item, out) if kind == "image" else self._video(item, out, limit)
         for kind in ("image", "video"):
@@ -154,9 +161,13 @@ class Processor:
             if pixels:
                 out[pixels_key] = np.concatenate(pixels)
                 out[grid_key] = np.asarray([g for seg in segments for g in seg["grids"][kind]], np.int64)
+        if "video_grid_thw" in out:
+            out["second_per_grid_ts"] = np.asarray([s for seg in segments for s in seg["second_per_grid_ts"]],
+                                                   np.float32)
         out["mm_token_type_ids"] = token_types(input_ids, self.config)
         out["position_ids"], out["rope_deltas"] = get_rope_index(
-            input_ids, attention_mask, out.get("image_grid_thw"), out.get("video_grid_thw"), self.config)
+            input_ids, attention_mask, out.get("image_grid_thw"), out.get("video_grid_thw"), self.config,
+            out.get("second_per_grid_ts"))
         return out
 
     def encode(self, conversations: Any, add_vision_id: bool = False,

@@ -1,4 +1,5 @@
-"""Qwen2-VL rotary positions in NumPy: 3-D M-RoPE ids for the decoder, 2-D tables for the vision encoder."""
+"""Qwen2-VL rotary positions in NumPy: 3-D M-RoPE ids for the decoder, 2-D tables for the vision encoder, and
+the window layout of Qwen2.5-VL's vision encoder: whatever follows from a grid is computed here, on the host."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from .config import ModelConfig, VisionConfig
 from .errors import InputError
 
 TEXT, IMAGE, VIDEO = 0, 1, 2
+SECONDS = "second_per_grid_ts"  # the grids' iterator of each video's seconds per temporal group
 
 
 def token_types(input_ids: np.ndarray, config: ModelConfig) -> np.ndarray:
@@ -26,11 +28,23 @@ def runs(types: np.ndarray) -> list[tuple[int, int, int]]:
     return [(int(types[s]), int(s), int(e)) for s, e in zip(starts, ends)]
 
 
-def _vision_positions(start: int, grid: np.ndarray, merge: int) -> np.ndarray:
-    """[3, t*h*w/merge^2]: temporal, height, width ids of one image/video, offset by `start`."""
+def _vision_positions(start: int, grid: np.ndarray, merge: int, interval: np.float32 | None = None) -> np.ndarray:
+    """[3, t*h*w/merge^2]: temporal, height, width ids of one image/video, offset by `start`. `interval`: the
+    temporal id step of a timed video (Qwen2.5-VL), floor(k * interval) computed in float32 as transformers
+    does; None: one per frame group."""
     t, h, w = int(grid[0]), int(grid[1]) // merge, int(grid[2]) // merge
-    tt, hh, ww = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
+    temporal = np.arange(t) if interval is None else (np.arange(t, dtype=np.float32) * interval).astype(np.int64)
+    tt, hh, ww = np.meshgrid(temporal, np.arange(h), np.arange(w), indexing="ij")
     return np.stack([tt.ravel(), hh.ravel(), ww.ravel()]) + start
+
+
+def video_interval(config: ModelConfig, second_per_grid_t: float) -> np.float32 | None:
+    """Temporal id step of a video whose frame groups are `second_per_grid_t` seconds apart: tokens_per_second *
+    second_per_grid_t in float32 (transformers multiplies the processor's float32 tensor); None where the family
+    steps one id per group (Qwen2-VL)."""
+    if not config.family.timed_video:
+        return None
+    return np.float32(config.vision.tokens_per_second) * np.float32(second_per_grid_t)
 
 
 def segment_positions(ids: np.ndarray, grids: dict, config: ModelConfig, start: int = 0) -> np.ndarray:
@@ -39,7 +53,8 @@ def segment_positions(ids: np.ndarray, grids: dict, config: ModelConfig, start: 
     Text advances all three rows by one per token; an image/video of grid (t, h, w) takes
     t*h*w/merge^2 tokens laid out on its (t, h/merge, w/merge) grid, and the text after it
     resumes at start + max(h, w)/merge (transformers' rule). `grids`: {IMAGE: iterator, VIDEO: iterator}
-    of (t, h, w), consumed in order. A later chat turn continues at the cache's next position.
+    of (t, h, w) and, for videos, {SECONDS: iterator} of second_per_grid_ts, consumed in order. A later chat
+    turn continues at the cache's next position.
     """
     merge = config.vision.spatial_merge_size
     names = {IMAGE: "image", VIDEO: "video"}
@@ -52,7 +67,8 @@ def segment_positions(ids: np.ndarray, grids: dict, config: ModelConfig, start: 
         grid = next(grids[kind], None)
         if grid is None:
             raise InputError(f"more {names[kind]} placeholder runs in input_ids than {names[kind]} grids")
-        p = _vision_positions(pos, grid, merge)
+        interval = video_interval(config, next(grids[SECONDS])) if kind == VIDEO else None
+        p = _vision_positions(pos, grid, merge, interval)
         if p.shape[1] != e - s:
             raise InputError(
                 f"{names[kind]} grid {tuple(int(g) for g in grid)} needs {p.shape[1]} placeholder tokens, "
@@ -63,9 +79,13 @@ def segment_positions(ids: np.ndarray, grids: dict, config: ModelConfig, start: 
     return np.concatenate(pieces, axis=1).astype(np.int64) if pieces else np.zeros((3, 0), np.int64)
 
 
-def grid_iterators(image_grid_thw: np.ndarray | None, video_grid_thw: np.ndarray | None) -> dict:
+def grid_iterators(image_grid_thw: np.ndarray | None, video_grid_thw: np.ndarray | None,
+                   second_per_grid_ts: np.ndarray | None = None) -> dict:
+    """Without second_per_grid_ts a video's groups are a second apart (transformers' get_rope_index default)."""
+    videos = np.zeros((0, 3)) if video_grid_thw is None else np.asarray(video_grid_thw)
+    seconds = np.ones(len(videos)) if second_per_grid_ts is None else np.asarray(second_per_grid_ts)
     return {IMAGE: iter(np.zeros((0, 3)) if image_grid_thw is None else np.asarray(image_grid_thw)),
-            VIDEO: iter(np.zeros((0, 3)) if video_grid_thw is None else np.asarray(video_grid_thw))}
+            VIDEO: iter(videos), SECONDS: iter(seconds)}
 
 
 def get_rope_index(
@@ -74,6 +94,7 @@ def get_rope_index(
     image_grid_thw: np.ndarray | None,
     video_grid_thw: np.ndarray | None,
     config: ModelConfig,
+    second_per_grid_ts: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """input_ids [B, L] -> position_ids int64 [3, B, L], rope_deltas int64 [B, 1].
 
@@ -82,7 +103,7 @@ def get_rope_index(
     input_ids = np.asarray(input_ids)
     B, L = input_ids.shape
     mask = np.ones((B, L), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-    grids = grid_iterators(image_grid_thw, video_grid_thw)
+    grids = grid_iterators(image_grid_thw, video_grid_thw, second_per_grid_ts)
     position_ids = np.zeros((3, B, L), np.int64)
     deltas = np.zeros((B, 1), np.int64)
     for b in range(B):
@@ -115,3 +136,39 @@ def vision_rotary(grid_thw: tuple[int, int, int], vision: VisionConfig) -> tuple
                            axis=1)
     emb = np.concatenate([freqs, freqs], axis=1)
     return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
+
+
+def vision_windows(grid_thw: tuple[int, int, int], vision: VisionConfig) -> dict[str, np.ndarray]:
+    """Qwen2.5-VL's window layout of one frame of a grid, as the encoder's gathers take it:
+
+    window_index int64 [W, P]: the patch (patch order, as vision_rotary's) in each window slot; a slot past the
+        grid's edge holds patch 0 and is never a key nor read out;
+    window_mask float32 [W, P]: 1 for a patch, 0 for such a pad slot (the key mask of every block);
+    window_inverse int64 [h*w]: where each patch sits in the flattened [W * P] layout (the gather back).
+
+    A window is window_merged x window_merged merged tokens, P = window_merged^2 * merge^2 patches, merge blocks
+    kept whole. Windows tile the merged grid from its top-left corner, the last row and column cut by its edge;
+    transformers' get_window_index orders the same windows the same way (its extra all-pad window when a side
+    divides evenly has no patch and is not made here). Frames of a video share the layout.
+    """
+    _, h, w = grid_thw
+    m, ws = vision.spatial_merge_size, vision.window_merged
+    hm, wm = h // m, w // m
+    nh, nw = -(-hm // ws), -(-wm // ws)
+    merged = np.full((nh * ws, nw * ws), -1, np.int64)
+    merged[:hm, :wm] = np.arange(hm * wm).reshape(hm, wm)
+    merged = merged.reshape(nh, ws, nw, ws).transpose(0, 2, 1, 3).reshape(nh * nw, ws * ws)  # [W, ws^2]
+    valid = np.repeat(merged >= 0, m * m, axis=1)  # [W, P]: a merge block's patches are adjacent
+    index = np.where(valid, np.repeat(merged, m * m, axis=1) * m * m + np.tile(np.arange(m * m), ws * ws), 0)
+    inverse = np.empty(h * w, np.int64)
+    inverse[index[valid]] = np.flatnonzero(valid)
+    return {"window_index": index, "window_mask": valid.astype(np.float32), "window_inverse": inverse}
+
+
+def vision_inputs(grid_thw: tuple[int, int, int], config: ModelConfig) -> dict[str, np.ndarray]:
+    """Everything the vision encoder takes besides the pixels for one grid, by graph input name."""
+    cos, sin = vision_rotary(grid_thw, config.vision)
+    feeds = {"rotary_cos": cos, "rotary_sin": sin}
+    if config.family.windowed:
+        feeds.update(vision_windows(grid_thw, config.vision))
+    return feeds

@@ -21,6 +21,7 @@ import numpy as np
 from . import chat, tools
 from .errors import InputError
 from .generation import GenerationOptions, GenerationResult, StepTimes, drain, generation_kwargs, prefill, run
+from .processor import empty_segment
 
 if TYPE_CHECKING:
     from .pipeline import Qwen2VLPipeline
@@ -46,26 +47,23 @@ class _Entry:
                                                         for m in self.messages]
 
 
-def _text_segment(ids: list[int]) -> dict:
-    return {"ids": list(ids), "pixels": {"image": [], "video": []}, "grids": {"image": [], "video": []},
-            "image_sizes": [], "video_timestamps": []}
-
-
 @dataclass
 class _Turn:
     """What one prefill adds: ids, the vision inputs of its placeholders, and per-item metadata."""
     ids: list[int]
     pixels: dict
     grids: dict
+    second_per_grid_ts: list
     image_sizes: list
     video_timestamps: list
 
     @classmethod
     def of(cls, segments: list[dict]) -> "_Turn":
         """Segments (Processor.segment's dicts) in order -> one turn."""
-        turn = cls([], {"image": [], "video": []}, {"image": [], "video": []}, [], [])
+        turn = cls([], {"image": [], "video": []}, {"image": [], "video": []}, [], [], [])
         for seg in segments:
             turn.ids += seg["ids"]
+            turn.second_per_grid_ts += seg["second_per_grid_ts"]
             turn.image_sizes += seg["image_sizes"]
             turn.video_timestamps += seg["video_timestamps"]
             for kind in ("image", "video"):
@@ -218,7 +216,8 @@ class ChatSession:
         """The arrays one prefill of `turn` needs: the processor's for one row, its positions continuing from
         the cache (M-RoPE positions shift as a whole) and its mask covering the cache too."""
         L, P = len(turn.ids), len(self._ids)
-        inputs = self.pipe.processor.arrays([turn.ids], [{"pixels": turn.pixels, "grids": turn.grids}])
+        inputs = self.pipe.processor.arrays([turn.ids], [{"pixels": turn.pixels, "grids": turn.grids,
+                                                          "second_per_grid_ts": turn.second_per_grid_ts}])
         inputs["attention_mask"] = np.ones((1, P + L), np.int64)
         inputs["position_ids"] = inputs["position_ids"] + self._next_position  # [3, 1, L]
         next_position = int(inputs["position_ids"].max()) + 1 if L else self._next_position
@@ -269,13 +268,13 @@ class ChatSession:
         segments, history = [], []
         for e, after in zip(entries, entries[1:] + [None]):
             if e.reply_ids is not None:
-                segments.append(_text_segment(e.reply_ids + self._end_of_turn(history)))
+                segments.append(empty_segment(e.reply_ids + self._end_of_turn(history)))
                 reply_ids = e.reply_ids
             elif e.role != "system":  # a reply follows its generation prompt
                 replied = after is not None and after.reply_ids is not None
                 seg = self._user_segment(history, e.messages, replied, room)
                 if seg["reopened"]:  # results continue the reply: no end of turn after it
-                    segments[-1] = _text_segment(reply_ids)
+                    segments[-1] = empty_segment(reply_ids)
                 segments.append(seg)
             history += e.messages
         return segments
@@ -299,7 +298,7 @@ class ChatSession:
             history = [m for e in system + kept for m in e.messages]
             seg = self._user_segment(history, new, generation_prompt, self.context)
             if seg["reopened"]:
-                segments[-1] = _text_segment(kept[-1].reply_ids)
+                segments[-1] = empty_segment(kept[-1].reply_ids)
             total = sum(len(s["ids"]) for s in segments) + len(seg["ids"]) + max_new_tokens
             if total <= self.context or not kept or self.overflow == "error":
                 break
@@ -325,7 +324,7 @@ class ChatSession:
             seg = self._user_segment(self._messages, new, generation_prompt, max(room, 0))
             if held + len(seg["ids"]) + max_new_tokens <= self.context:
                 pending = self._pending[:len(self._pending) - self._pending_end] if seg["reopened"] else self._pending
-                return _Turn.of([_text_segment(pending), seg]), seg
+                return _Turn.of([empty_segment(pending), seg]), seg
             if self.overflow == "error":
                 self._check_room(len(seg["ids"]), max_new_tokens)
             new_tokens = len(seg["ids"])

@@ -108,6 +108,7 @@ class SampledVideo:
     frames: list[Image.Image]  # RGB, at the sampled indices
     timestamps: list[float]  # seconds from the stream's start
     decoded: int  # frames the decoder produced to reach them (seeking skips the rest)
+    sampled_fps: float  # frames kept per second of the clip (transformers' VideoMetadata.sampled_fps)
 
 
 def _decode_at(container, stream, indices: np.ndarray, fps: float) -> tuple[list[Image.Image], int]:
@@ -157,4 +158,4 @@ def read_video(source: str | Path, choose_nframes: Callable[[int, float], int],
                 frames, decoded = _decode_at(container, stream, indices, info.fps)
         except av.error.FFmpegError as e:
             raise InputError(f"could not decode video {source}: {e}") from None
-    return SampledVideo(frames, [float(i / info.fps) for i in indices], decoded)
+    return SampledVideo(frames, [float(i / info.fps) for i in indices], decoded, n / (end - start + 1) * info.fps)

@@ -56,6 +56,55 @@ def tiny_ckpt_v5(workdir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_ckpt_25(workdir) -> Path:
+    """Qwen2.5-VL, original (flat, Qwen/Qwen2.5-VL-3B-Instruct) layout: window blocks 0 and 2 around full block 1."""
+    if not HAS_TORCH:
+        pytest.skip("building a tiny checkpoint needs the [export] extra")
+    from qwen2vl_edge.export.tiny import make_tiny
+
+    return make_tiny(workdir / "tiny-25-original", seed=2, layout="original", family="qwen2_5_vl")
+
+
+FAMILY_CKPTS = {"qwen2_vl": "tiny_ckpt", "qwen2_5_vl": "tiny_ckpt_25"}  # family -> its tiny checkpoint's fixture
+# target -> export options; tensorrt targets run by ONNX Runtime (the very files TensorRT would be given)
+TARGET_OPTIONS = {"portable": {}, "ort-cpu": {"target": "ort-cpu"},
+                  **{f"tensorrt-{v}{suffix}": {"target": "tensorrt", "min_tensorrt": v, "precision": precision}
+                     for v in ("10.3", "10.15") for suffix, precision in (("", "fp32"), ("-fp16", "fp16"))},
+                  # weights quantized at export (Qwen2-VL's: test_quantized's own fixtures)
+                  "ort-cpu-int8": {"target": "ort-cpu", "weights": "int8"},
+                  "ort-cpu-int4": {"target": "ort-cpu", "weights": "int4", "vision_weights": "int8"},
+                  "ort-cpu-int8-dynamic-vision": {"target": "ort-cpu", "vision_weights": "int8-dynamic"}}
+_FAMILY_PIPES: dict = {}
+
+
+@pytest.fixture
+def family_ckpt(request):
+    """family_ckpt("qwen2_5_vl") -> the family's tiny checkpoint (session fixtures, built once)."""
+    return lambda family: request.getfixturevalue(FAMILY_CKPTS[family])
+
+
+@pytest.fixture
+def family_pipe(request, family_ckpt, workdir):
+    """family_pipe(family, target) -> the pipeline of the family's tiny checkpoint as `target` (TARGET_OPTIONS)
+    exports it, made once per run. Qwen2-VL's are the fixtures the other tests share."""
+    from qwen2vl_edge.runtime import Qwen2VLPipeline
+
+    def load(family: str, target: str):
+        options = TARGET_OPTIONS[target]
+        if family == "qwen2_vl" and target in ("portable", "ort-cpu"):
+            return request.getfixturevalue({"portable": "pipe", "ort-cpu": "pipe_ort"}[target])
+        if family == "qwen2_vl" and "min_tensorrt" in options:
+            return request.getfixturevalue("trt_pipe")(min_tensorrt=options["min_tensorrt"],
+                                                       precision=options["precision"])
+        if (family, target) not in _FAMILY_PIPES:
+            art = export_artifact(family_ckpt(family), workdir / f"art-{family}-{target}", **options)
+            _FAMILY_PIPES[family, target] = Qwen2VLPipeline.load(art)
+        return _FAMILY_PIPES[family, target]
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def images(workdir) -> dict[str, Path]:
     """A few image files of different sizes, written once."""
     rng = np.random.default_rng(1234)

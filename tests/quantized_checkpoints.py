@@ -37,12 +37,15 @@ class Variant:
     desc_act: bool = False
     fmt: str = "gptq"  # GPTQ checkpoint_format; AWQ: "gemm"
     float_layers: tuple[str, ...] = ()  # left unquantized, e.g. ("self_attn.v_proj",)
+    family: str = "qwen2_vl"  # whose tiny checkpoint is quantized (conftest.FAMILY_CKPTS)
 
     @property
     def name(self) -> str:
         act = "-act" if self.desc_act else ""
         partial = "-partial" if self.float_layers else ""
-        return f"{self.method}{self.bits}-g{self.group_size}-{'sym' if self.sym else 'asym'}{act}{partial}-{self.fmt}"
+        family = "" if self.family == "qwen2_vl" else f"-{self.family}"
+        return (f"{self.method}{self.bits}-g{self.group_size}-{'sym' if self.sym else 'asym'}{act}{partial}-{self.fmt}"
+                f"{family}")
 
 
 def rtn(w: np.ndarray, bits: int, g_idx: np.ndarray, sym: bool, min_zero: int) -> tuple:

@@ -1,4 +1,5 @@
-"""The seed pipeline the runtime must reproduce: qwen-vl-utils, then transformers' Qwen2-VL processors.
+"""The seed pipeline the runtime must reproduce: qwen-vl-utils, then transformers' Qwen2-VL / Qwen2.5-VL processors
+and models (the class the checkpoint's config.json names).
 
 Imported only by tests that need torch; everything here is the reference, nothing is ours.
 """
@@ -6,6 +7,7 @@ Imported only by tests that need torch; everything here is the reference, nothin
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +36,10 @@ def hf_video_processor(ckpt: str):
 
 @functools.lru_cache(maxsize=None)
 def hf_model(ckpt: str):
-    from transformers import Qwen2VLForConditionalGeneration
+    import transformers
 
-    return Qwen2VLForConditionalGeneration.from_pretrained(ckpt).eval()
+    architecture = json.loads((Path(ckpt) / "config.json").read_text())["architectures"][0]
+    return getattr(transformers, architecture).from_pretrained(ckpt).eval()
 
 
 def ref_image(ckpt: Path, item: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -58,16 +61,25 @@ def ref_video(ckpt: Path, item: dict) -> tuple[np.ndarray, np.ndarray]:
     return out["pixel_values_videos"], out["video_grid_thw"]
 
 
-def ref_inputs(ckpt: Path, conversations: list, add_vision_id: bool = False) -> dict:
-    """apply_chat_template + process_vision_info + processor, as the Qwen2-VL model card does."""
+def vision_info(conversations: list) -> dict:
+    """qwen-vl-utils' process_vision_info as the processor's keyword arguments: images, videos and the videos'
+    metadata (Qwen2.5-VL's second_per_grid_ts comes from its sampled fps; without it transformers assumes 24 fps)."""
     from qwen_vl_utils import process_vision_info
 
+    images, videos = process_vision_info(conversations, return_video_metadata=True)
+    metadata = None
+    if videos is not None:
+        videos, metadata = (list(x) for x in zip(*videos))
+    return {"images": images, "videos": videos, "video_metadata": metadata,
+            "videos_kwargs": {"do_sample_frames": False, "cap_pixels_per_frame": True}}
+
+
+def ref_inputs(ckpt: Path, conversations: list, add_vision_id: bool = False) -> dict:
+    """apply_chat_template + process_vision_info + processor, as the model cards do."""
     proc = hf_processor(str(ckpt))
     texts = [proc.apply_chat_template(c, tokenize=False, add_generation_prompt=True, add_vision_id=add_vision_id)
              for c in conversations]
-    images, videos = process_vision_info(conversations)
-    out = proc(text=texts, images=images, videos=videos, padding=True, padding_side="left", return_tensors="pt",
-               videos_kwargs={"do_sample_frames": False, "cap_pixels_per_frame": True})
+    out = proc(text=texts, padding=True, padding_side="left", return_tensors="pt", **vision_info(conversations))
     return dict(out)
 
 
@@ -76,5 +88,5 @@ def ref_rope_index(ckpt: Path, inputs: dict) -> tuple[np.ndarray, np.ndarray]:
     pos, deltas = model.model.get_rope_index(
         inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
         image_grid_thw=inputs.get("image_grid_thw"), video_grid_thw=inputs.get("video_grid_thw"),
-        attention_mask=inputs["attention_mask"])
+        second_per_grid_ts=inputs.get("second_per_grid_ts"), attention_mask=inputs["attention_mask"])
     return pos.numpy(), deltas.numpy()

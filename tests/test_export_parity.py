@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import assert_varied, random_image, requires_torch
+from conftest import TARGET_OPTIONS, assert_varied, random_image, requires_torch
 
 pytestmark = requires_torch
 
@@ -18,8 +18,8 @@ def _img(x):
     return {"type": "image", "image": x}
 
 
-def _video(frames):
-    return {"type": "video", "video": frames}
+def _video(frames, **options):
+    return {"type": "video", "video": frames, **options}
 
 
 def _text(t):
@@ -29,10 +29,14 @@ def _text(t):
 @pytest.fixture(scope="module")
 def convs():
     """Videos use 336x336 frames: multiples of 56 inside the video budget, so no resampling and the
-    reference's torchvision pixels equal ours exactly (resampled frames are covered in test_preprocess)."""
+    reference's torchvision pixels equal ours exactly (resampled frames are covered in test_preprocess).
+    The 8-frame videos (four temporal groups of 12 x 14 merged tokens, partial windows) stand for 2, 4 and 3 fps:
+    Qwen2.5-VL's temporal ids step by tokens_per_second * 1, 0.5 and 2/3 seconds."""
     rng = np.random.default_rng(11)
     im = lambda w, h: random_image(rng, w, h)  # noqa: E731
     frames = lambda n: [random_image(rng, 336, 336) for _ in range(n)]  # noqa: E731
+    rng8 = np.random.default_rng(12)
+    frames8 = [random_image(rng8, 392, 336) for _ in range(8)]  # one clip at three frame rates
     return {
         "text": _user(_text("Tell me a story about a robot.")),
         "one-image": _user(_img(im(320, 240)), _text("Describe this image.")),
@@ -41,6 +45,9 @@ def convs():
         "video": _user(_video(frames(4)), _text("What happens?")),
         "image-video": _user(_img(im(280, 210)), _video(frames(2)), _text("Relate them.")),
         "other-image": _user(_img(im(320, 240)), _text("Describe this image.")),
+        "video-spg-1": _user(_video(frames8, sample_fps=2.0), _text("What happens?")),
+        "video-spg-half": _user(_video(frames8, sample_fps=4.0), _text("What happens?")),
+        "video-spg-two-thirds": _user(_video(frames8, sample_fps=3.0), _text("What happens?")),
     }
 
 
@@ -54,20 +61,29 @@ def _vision_reference(ckpt, pixel_values, grid):
     return out.pooler_output.numpy()
 
 
-@pytest.mark.parametrize("case", ["one-image", "three-images", "video6"])
-def test_vision_features_match(tiny_ckpt, pipe, case):
+VISION_CASES = [("qwen2_vl", case, "portable") for case in ("one-image", "three-images", "video6")] + [
+    ("qwen2_5_vl", case, target) for case in ("merged-5x6", "merged-4x8", "three-images", "video6")
+    for target in ("portable", "ort-cpu", "tensorrt-10.3", "tensorrt-10.15")]  # the fp32 graphs
+VISION_IMAGES = {"one-image": [(333, 250)], "three-images": [(100, 80), (420, 300), (56, 300)],
+                 # Qwen2.5-VL's windows (4 x 4 merged tokens): cut by the grid's edge, and dividing it evenly
+                 "merged-5x6": [(168, 140)], "merged-4x8": [(224, 112)]}
+
+
+@pytest.mark.parametrize("family, case, target", VISION_CASES)
+def test_vision_features_match(family_ckpt, family_pipe, family, case, target):
     rng = np.random.default_rng(5)
     if case == "video6":
         conv = _user(_video([random_image(rng, 168, 112) for _ in range(6)]), _text("?"))
-    elif case == "one-image":
-        conv = _user(_img(random_image(rng, 333, 250)))
     else:
-        conv = _user(*[_img(random_image(rng, w, h)) for w, h in [(100, 80), (420, 300), (56, 300)]])
+        conv = _user(*[_img(random_image(rng, w, h)) for w, h in VISION_IMAGES[case]])
+    pipe = family_pipe(family, target)
     inputs = pipe.processor(conv)
     key, grid_key = ("pixel_values_videos", "video_grid_thw") if case == "video6" else ("pixel_values",
                                                                                         "image_grid_thw")
+    if case.startswith("merged"):
+        assert [tuple(g[1:] // 2) for g in inputs[grid_key]] == [tuple(map(int, case[7:].split("x")))]
     ours = pipe.vision_features(inputs)
-    ref = _vision_reference(tiny_ckpt, inputs[key], inputs[grid_key])
+    ref = _vision_reference(family_ckpt(family), inputs[key], inputs[grid_key])
     assert ours.shape == ref.shape
     assert np.abs(np.diff(ref, axis=0)).max(axis=1).min() > 1e-3, "reference features degenerate: rows repeat"
     rel = np.abs(ours - ref).max() / np.abs(ref).max()
@@ -126,31 +142,37 @@ def _reference_generate(ckpt, conversations, n, key=None):
 
 N_NEW = 32
 # the graphs under test: portable, and the tensorrt target's fp32 graphs for each TensorRT floor, run by
-# ONNX Runtime (the very files TensorRT would be given)
+# ONNX Runtime (the very files TensorRT would be given); Qwen2-VL's ort-cpu generation is test_quantized's
 TARGETS = ["portable", "tensorrt-10.3", "tensorrt-10.15"]
+FAMILY_TARGETS = {"qwen2_vl": TARGETS, "qwen2_5_vl": ["portable", "ort-cpu", "tensorrt-10.3", "tensorrt-10.15"]}
+assert all(t in TARGET_OPTIONS for targets in FAMILY_TARGETS.values() for t in targets)
+CASES = ["text", "one-image", "three-images", "video", "image-video"]
+FAMILY_CASES = {"qwen2_vl": CASES, "qwen2_5_vl": CASES + ["video-spg-1", "video-spg-half", "video-spg-two-thirds"]}
 
 
-@pytest.fixture
-def target_pipe(pipe, trt_pipe):
-    """The pipeline of the tiny original checkpoint as a target of TARGETS exports it."""
-    return lambda target: pipe if target == "portable" else trt_pipe(min_tensorrt=target.split("-")[1])
-
-
-@pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("name", ["text", "one-image", "three-images", "video", "image-video"])
-def test_greedy_generation_token_identical(tiny_ckpt, target_pipe, convs, name, target):
-    ours = target_pipe(target).generate(convs[name], max_new_tokens=N_NEW, min_new_tokens=N_NEW)
-    ref = _reference_generate(tiny_ckpt, [convs[name]], N_NEW, key=name)[0]
+@pytest.mark.parametrize("family, target, name", [(f, t, n) for f, targets in FAMILY_TARGETS.items()
+                                                  for t in targets for n in FAMILY_CASES[f]])
+def test_greedy_generation_token_identical(family_ckpt, family_pipe, convs, family, name, target):
+    ours = family_pipe(family, target).generate(convs[name], max_new_tokens=N_NEW, min_new_tokens=N_NEW)
+    ref = _reference_generate(family_ckpt(family), [convs[name]], N_NEW, key=name)[0]
     assert_varied(ref)
     assert ours.token_ids == ref
     assert ours.finish_reason == "length" and ours.usage["completion_tokens"] == N_NEW
 
 
-@pytest.mark.parametrize("target", TARGETS)
-def test_batch_with_left_padding_token_identical(tiny_ckpt, target_pipe, convs, target):
+def test_qwen25_video_reply_follows_its_frame_rate(tiny_ckpt_25, convs):
+    """One clip at 2, 4 and 3 fps: only the temporal ids differ, and transformers' replies differ with them, so
+    the parity cases above tell timed positions from Qwen2-VL's one-id-per-group."""
+    replies = [tuple(_reference_generate(tiny_ckpt_25, [convs[name]], N_NEW, key=name)[0])
+               for name in ("video-spg-1", "video-spg-half", "video-spg-two-thirds")]
+    assert len(set(replies)) == 3
+
+
+@pytest.mark.parametrize("family, target", [(f, t) for f, targets in FAMILY_TARGETS.items() for t in targets])
+def test_batch_with_left_padding_token_identical(family_ckpt, family_pipe, convs, family, target):
     batch = [convs["text"], convs["three-images"], convs["image-video"]]
-    ours = target_pipe(target).generate(batch, max_new_tokens=N_NEW, min_new_tokens=N_NEW)
-    ref = _reference_generate(tiny_ckpt, batch, N_NEW, key="batch")
+    ours = family_pipe(family, target).generate(batch, max_new_tokens=N_NEW, min_new_tokens=N_NEW)
+    ref = _reference_generate(family_ckpt(family), batch, N_NEW, key="batch")
     for row in ref:
         assert_varied(row)
     assert [r.token_ids for r in ours] == ref

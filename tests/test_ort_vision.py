@@ -10,15 +10,21 @@ from conftest import random_image
 from test_tensorrt_target import _concrete_vision
 
 
-def test_ort_cpu_vision_graph_has_no_patches_by_patches_tensor(tiny_artifact, tiny_artifact_ort):
-    patches = 100  # no other dimension of the tiny vision encoder is 100
-    for art, fused in ((tiny_artifact_ort, True), (tiny_artifact, False)):
-        model = _concrete_vision(art / "vision_encoder.onnx", patches)
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_ort_cpu_vision_graph_has_no_patches_by_patches_tensor(family_pipe, family):
+    """Qwen2.5-VL's window blocks pass a key_padding_mask over 64 slots; its full block, as Qwen2-VL's blocks,
+    nothing but q, k, v (a mask or bias would leave the flash path)."""
+    patches = 100  # no other dimension of the tiny vision encoders is 100
+    for target, fused in (("ort-cpu", True), ("portable", False)):
+        pipe = family_pipe(family, target)
+        model = _concrete_vision(pipe.artifact.dir, (1, 10, 10))
         square = [v.name for v in model.graph.value_info
                   if [d.dim_value for d in v.type.tensor_type.shape.dim][-2:] == [patches, patches]]
         mha = [n for n in model.graph.node if n.op_type == "MultiHeadAttention" and n.domain == "com.microsoft"]
-        if fused:  # one per block, nothing passed but q, k, v (a mask or bias would leave the flash path)
-            assert not square and len(mha) == 2 and all(len(n.input) == 3 for n in mha)
+        vc = pipe.artifact.config.vision
+        full = vc.depth if family == "qwen2_vl" else len(vc.fullatt_block_indexes)
+        if fused:  # one per block
+            assert not square and len(mha) == vc.depth and sum(len(n.input) == 3 for n in mha) == full
         else:  # explicit attention: the scores exist (what ort-cpu removes)
             assert square and not mha
 

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from conftest import export_artifact, random_image, requires_torch
+from conftest import FAMILY_CKPTS, export_artifact, random_image, requires_torch
 from quantized_checkpoints import Variant, pack_awq, pack_gptq, quantize_layer
 from qwen2vl_edge.export.prequantized import QuantizedWeight, read_scheme, unpack
 from qwen2vl_edge.runtime.config import ConfigError
@@ -119,17 +119,18 @@ CHECKPOINTS = [Variant("gptq", 4, 32, sym=True),  # the published Qwen2-VL GPTQ-
                # act order, one permutation per projection, v_proj left float: qkv as three kernels
                Variant("gptq", 4, 16, desc_act=True, float_layers=("self_attn.v_proj",)),
                Variant("gptq", 8, 32, sym=True, desc_act=True),
-               Variant("awq", 4, 32, fmt="gemm")]
+               Variant("awq", 4, 32, fmt="gemm"),
+               Variant("awq", 4, 32, fmt="gemm", family="qwen2_5_vl")]  # Qwen2.5-VL-*-AWQ's layout
 N_NEW = 24  # against transformers
 N_ORT = 16  # ort-cpu against portable, two conversations
 
 
 @pytest.fixture(scope="module", params=CHECKPOINTS, ids=lambda v: v.name)
-def ckpt(request, tiny_ckpt, workdir):
+def ckpt(request, workdir):
     from quantized_checkpoints import write_pair
 
     v = request.param
-    quant, dequant, reference = write_pair(tiny_ckpt, workdir / "prequantized", v)
+    quant, dequant, reference = write_pair(request.getfixturevalue(FAMILY_CKPTS[v.family]), workdir / "prequantized", v)
     return SimpleNamespace(
         variant=v, quant=quant, dequant=dequant, reference=reference,
         portable=export_artifact(quant, workdir / f"art-{v.name}"),

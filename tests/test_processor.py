@@ -1,11 +1,12 @@
-"""input_ids, pixel values and M-RoPE positions vs transformers' Qwen2VLProcessor + get_rope_index."""
+"""input_ids, pixel values and M-RoPE positions vs transformers' Qwen2VLProcessor / Qwen2_5_VLProcessor +
+get_rope_index, for each family's tiny checkpoint."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from conftest import random_image, requires_torch
+from conftest import FAMILY_CKPTS, random_image, requires_torch
 from qwen2vl_edge.runtime.preprocess import CLIP_STD
 from qwen2vl_edge.runtime.processor import Processor
 
@@ -35,6 +36,9 @@ def _conversations(images) -> list[tuple[str, list, bool]]:
         ("image-resized", [user(image(img(300, 300), resized_height=200, resized_width=120), text("y"))], False),
         ("video-frames", [user(video(frames(4, 112, 84)), text("What happens?"))], False),
         ("video-odd-frames", [user(video(frames(3, 140, 100)), text("Summarise."))], False),
+        # Qwen2.5-VL: temporal ids step by tokens_per_second * 2 / sample_fps (0.5 and 2/3 s a group here)
+        ("video-4fps", [user(video(frames(8, 112, 84), sample_fps=4.0), text("Fast?"))], False),
+        ("video-3fps", [user(video(frames(8, 112, 84), sample_fps=3.0), text("Slow?"))], False),
         ("image-and-video", [user(image(c), video(frames(2, 90, 120)), text("Both?"))], False),
         ("video-then-image", [user(video(frames(2, 100, 100)), text("then"), image(a))], False),
         ("multi-turn-images", [user(image(a), text("One")), {"role": "assistant", "content": "A cat."},
@@ -47,9 +51,11 @@ def _conversations(images) -> list[tuple[str, list, bool]]:
     ]
 
 
-@pytest.fixture(scope="module")
-def processor(tiny_ckpt):
-    return Processor.from_pretrained(tiny_ckpt)
+@pytest.fixture(scope="module", params=list(FAMILY_CKPTS))
+def family_processor(request):
+    """(the family's tiny checkpoint, our Processor of it)."""
+    ckpt = request.getfixturevalue(FAMILY_CKPTS[request.param])
+    return ckpt, Processor.from_pretrained(ckpt)
 
 
 def _check(ours: dict, ref: dict, ckpt):
@@ -66,14 +72,17 @@ def _check(ours: dict, ref: dict, ckpt):
             atol = 1e-6 if key == "pixel_values" else 8 / 255 / min(CLIP_STD)
             np.testing.assert_allclose(ours[key], ref[key].numpy(), atol=atol, rtol=0)
     np.testing.assert_array_equal(ours["mm_token_type_ids"], ref["mm_token_type_ids"].numpy())
+    if "second_per_grid_ts" in ref:  # Qwen2.5-VL's processor
+        np.testing.assert_array_equal(ours["second_per_grid_ts"], ref["second_per_grid_ts"].numpy())
     pos, deltas = ref_rope_index(ckpt, ref)
     np.testing.assert_array_equal(ours["position_ids"], pos)
     np.testing.assert_array_equal(ours["rope_deltas"], deltas)
 
 
-def test_conversations_match_reference(tiny_ckpt, processor, images):
+def test_conversations_match_reference(family_processor, images):
     from reference import ref_inputs
 
+    tiny_ckpt, processor = family_processor
     cases = _conversations(images)
     assert len(cases) >= 20
     for name, conv, vid in cases:
@@ -83,13 +92,14 @@ def test_conversations_match_reference(tiny_ckpt, processor, images):
             raise AssertionError(f"conversation {name!r}: {e}") from None
 
 
-def test_batch_left_padding_matches_reference(tiny_ckpt, processor, images):
+def test_batch_left_padding_matches_reference(family_processor, images):
     from reference import ref_inputs
 
+    tiny_ckpt, processor = family_processor
     cases = {name: conv for name, conv, _ in _conversations(images)}
-    batch = [cases["text-list"], cases["three-images"], cases["image-and-video"], cases["multi-turn"]]
+    batch = [cases[name] for name in ("text-list", "three-images", "image-and-video", "multi-turn", "video-3fps")]
     ours = processor(batch)
-    assert ours["input_ids"].shape[0] == 4 and (ours["attention_mask"] == 0).any()
+    assert ours["input_ids"].shape[0] == 5 and (ours["attention_mask"] == 0).any()
     _check(ours, ref_inputs(tiny_ckpt, batch), tiny_ckpt)
 
 

@@ -16,16 +16,12 @@ REPLY = "<|quad_start|>"  # a special token that stands for a reply in the refer
 
 def _reference_ids(ckpt, messages, replies, generation_prompt):
     """transformers' processor on the conversation with each reply replaced by its generated ids."""
-    from qwen_vl_utils import process_vision_info
-
-    from reference import hf_processor
+    from reference import hf_processor, vision_info
 
     proc = hf_processor(str(ckpt))
     shown = [m if m["role"] != "assistant" else {"role": "assistant", "content": REPLY} for m in messages]
     text = proc.apply_chat_template(shown, tokenize=False, add_generation_prompt=generation_prompt)
-    images, videos = process_vision_info(shown)
-    out = proc(text=[text], images=images, videos=videos, return_tensors="pt",
-               videos_kwargs={"do_sample_frames": False, "cap_pixels_per_frame": True})
+    out = proc(text=[text], return_tensors="pt", **vision_info(shown))
     marker = proc.tokenizer.convert_tokens_to_ids(REPLY)
     ids, k = [], 0
     for t in out["input_ids"][0].tolist():
@@ -44,8 +40,8 @@ def _with_ids(model, ids, out):
     input_ids = torch.tensor([ids])
     cfg = model.config
     types = (input_ids == cfg.image_token_id).long() + 2 * (input_ids == cfg.video_token_id).long()
-    kwargs = {k: out[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
-              if k in out}
+    kwargs = {k: out[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
+                                  "second_per_grid_ts") if k in out}
     return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), mm_token_type_ids=types, **kwargs)
 
 
@@ -63,18 +59,20 @@ def turns():
     return [
         ("send", [{"type": "image", "image": random_image(rng, 320, 240)}, {"type": "text", "text": "What is it?"}]),
         ("send", "Tell me more about the colours."),
-        ("append", [{"type": "video", "video": [random_image(rng, 336, 336) for _ in range(4)]}]),
+        ("append", [{"type": "video", "video": [random_image(rng, 336, 336) for _ in range(4)], "sample_fps": 4.0}]),
         ("append", [{"type": "video", "video": [random_image(rng, 336, 336) for _ in range(2)]}]),  # camera chunks
         ("send", [{"type": "image", "image": random_image(rng, 200, 300)},
                   {"type": "text", "text": "Compare the picture with the clip."}]),
     ]
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 @pytest.mark.parametrize("cache_kind", ["growing", "preallocated"])
-def test_session_turns_match_transformers(tiny_ckpt, pipe, pipe_ort, turns, cache_kind, monkeypatch):
+def test_session_turns_match_transformers(family_ckpt, family_pipe, turns, cache_kind, family, monkeypatch):
     from reference import hf_model
 
-    p = pipe if cache_kind == "growing" else pipe_ort
+    tiny_ckpt = family_ckpt(family)
+    p = family_pipe(family, "portable" if cache_kind == "growing" else "ort-cpu")
     fed = []  # position ids of every decoder run, to check M-RoPE over the whole conversation
     decode = p.backend.decode
     monkeypatch.setattr(p.backend, "decode", lambda e, m, pos, c: (fed.append(pos), decode(e, m, pos, c))[1])

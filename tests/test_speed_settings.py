@@ -100,10 +100,14 @@ def test_bench_re_exports_a_cached_artifact_with_old_block_sizes(tmp_path):
     import json
 
     from qwen2vl_edge.benchmarks.models import VARIANTS, _current
+    from qwen2vl_edge.runtime.artifact import FORMAT_VERSION
 
-    def cached(block_size):
-        (tmp_path / "manifest.json").write_text(json.dumps({"export": {"block_size": block_size}}))
+    def cached(block_size, version=FORMAT_VERSION):
+        (tmp_path / "manifest.json").write_text(json.dumps({"format_version": version,
+                                                            "export": {"block_size": block_size}}))
         return tmp_path
+
+    assert not _current(cached(None, version=FORMAT_VERSION - 1), VARIANTS["fp32"])  # the runtime would refuse it
 
     assert not _current(cached(32), VARIANTS["int4"])  # written when int4 blocks were 32
     assert _current(cached({"decoder": 128, "vision_encoder": 32}), VARIANTS["int4"])

@@ -40,16 +40,19 @@ def _agreement(pipe, reference_pipe, prompts) -> dict[str, float]:
 
 
 # Teacher-forced top-1 agreement with the fp32 graphs over 32 tokens, measured 2026-11-26 on the tiny
-# checkpoint (printed by the tests): fp16 100 % on text and image for both versions. The floor leaves room
+# checkpoint (printed by the tests): fp16 100 % on text and image for both versions (Qwen2.5-VL's tiny checkpoint:
+# 100 % too, 2026-12-06). The floor leaves room
 # for kernels that round differently; a wrong cast or mask scores far below it.
 FP16_TOP1 = 0.9
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 @pytest.mark.parametrize("version", VERSIONS)
-def test_fp16_agrees_with_fp32(trt_pipe, pipe, prompts, version):
-    half = trt_pipe(min_tensorrt=version, precision="fp16")
-    top1 = _agreement(half, pipe, prompts)
-    _report(f"tensorrt {version} fp16", top1)
+def test_fp16_agrees_with_fp32(family_pipe, prompts, version, family):
+    """Qwen2.5-VL's image (320 x 240: 8 x 11 merged tokens) fills its windows partly: pad slots in fp16 too."""
+    half = family_pipe(family, f"tensorrt-{version}-fp16")
+    top1 = _agreement(half, family_pipe(family, "portable"), prompts)
+    _report(f"{family} tensorrt {version} fp16", top1)
     assert min(top1.values()) >= FP16_TOP1
 
 
@@ -128,27 +131,38 @@ def test_preallocated_cache_is_scattered_in_place(trt_pipe, pipe):
         fused.generate(conv, max_new_tokens=TRT_MAX_CONTEXT)
 
 
-def _concrete_vision(path, patches: int) -> onnx.ModelProto:
-    """The vision graph with concrete input shapes (1 frame of `patches` patches), shapes inferred."""
-    model = onnx.load(str(path), load_external_data=False)
+def _concrete_vision(art, grid: tuple[int, int, int]) -> onnx.ModelProto:
+    """The vision graph with the concrete input shapes of one frame of `grid` (its pixels and the grid's
+    other inputs, runtime/rope.py: vision_inputs), shapes inferred."""
+    from qwen2vl_edge.runtime.rope import vision_inputs
+
+    config = Qwen2VLPipeline.load(art).artifact.config
+    shapes = {name: a.shape for name, a in vision_inputs(grid, config).items()}
+    shapes["pixel_values"] = (1, grid[1] * grid[2], config.vision.patch_dim)
+    model = onnx.load(str(art / "vision_encoder.onnx"), load_external_data=False)
     for value in model.graph.input:
-        dims = value.type.tensor_type.shape.dim
-        for d, size in zip(dims, [1, patches] if value.name == "pixel_values" else [patches]):
+        for d, size in zip(value.type.tensor_type.shape.dim, shapes[value.name]):
             d.dim_value = size
     return onnx.shape_inference.infer_shapes(model)
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 @pytest.mark.parametrize("version", VERSIONS)
-def test_only_the_1015_vision_graph_has_no_patches_by_patches_tensor(trt_export, version):
-    patches = 100  # no other dimension of the tiny vision encoder is 100
-    model = _concrete_vision(trt_export(min_tensorrt=version, precision="fp16") / "vision_encoder.onnx", patches)
-    square = [v.name for v in model.graph.value_info
-              if [d.dim_value for d in v.type.tensor_type.shape.dim][-2:] == [patches, patches]]
+def test_only_the_1015_vision_graph_has_no_patches_by_patches_tensor(family_pipe, version, family):
+    """No tensor is ever [N, N] over the window layout's N slots (Qwen2.5-VL: 4 windows of 64 for 10 x 10 patches);
+    10.15's fused Attention leaves no [S, S] one either, window blocks only [64, 64] per window."""
+    patches, slots = 100, 256  # no other dimension of the tiny vision encoders is 100 or 256
+    model = _concrete_vision(family_pipe(family, f"tensorrt-{version}-fp16").artifact.dir, (1, 10, 10))
+    last2 = [[d.dim_value for d in v.type.tensor_type.shape.dim][-2:] for v in model.graph.value_info]
     attention = [n for n in model.graph.node if n.op_type == "Attention"]
+    depth = 2 if family == "qwen2_vl" else 3
+    assert [slots, slots] not in last2
     if version == "10.15":
-        assert not square and len(attention) == 2  # one fused Attention per block, no [.., S, S] anywhere
+        assert [patches, patches] not in last2 and len(attention) == depth  # one fused Attention per block
     else:
-        assert square and not attention  # explicit attention: the scores exist (what 10.15 removes)
+        assert [patches, patches] in last2 and not attention  # explicit attention: the scores exist
+    if family == "qwen2_5_vl":  # window blocks: [frames * windows, heads, 64, 64] scores or mask, per window
+        assert [64, 64] in last2
 
 
 @pytest.mark.parametrize("version", VERSIONS)

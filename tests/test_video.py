@@ -60,6 +60,7 @@ def test_sampled_frames_follow_qwen_vl_utils_and_only_they_are_decoded(clip, opt
                          lambda info, n: None, opts.get("video_start"), opts.get("video_end"))
     assert [frame_index(f) for f in sampled.frames] == expected
     assert sampled.timestamps == pytest.approx([i / 12 for i in expected])
+    assert sampled.sampled_fps == n / count * 12.0  # qwen-vl-utils' sample_fps: Qwen2.5-VL's second_per_grid_ts
     span = expected[-1] - expected[0] + 1
     if len(expected) * 24 < span:  # sparse: seeks land on the keyframe before each sampled frame
         assert sampled.decoded <= len(expected) * 12

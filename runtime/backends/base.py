@@ -21,9 +21,10 @@ class Backend(Protocol):
     def check_request(self, inputs: dict, max_new_tokens: int) -> None:
         """Raise InputError before running when the request exceeds what this backend was built for."""
 
-    def vision(self, pixel_values: np.ndarray, rotary_cos: np.ndarray, rotary_sin: np.ndarray) -> Any:
-        """[F, S, patch_dim], [S, hd], [S, hd] -> merged features [F, S / merge^2, hidden] (backend-native:
-        a host array, or device memory)."""
+    def vision(self, pixel_values: np.ndarray, grid_inputs: dict[str, np.ndarray]) -> Any:
+        """[F, S, patch_dim] and the grid's other encoder inputs by name (runtime/rope.py: vision_inputs; rotary
+        tables [S, hd], and the window layout where the family has one) -> merged features [F, S / merge^2,
+        hidden] (backend-native: a host array, or device memory)."""
 
     def join(self, features: list) -> Any:
         """What `vision` returned per image / video, in prompt order -> the merger's [M, hidden] input

@@ -263,10 +263,9 @@ class OrtBackend:
             self.sessions["vision_encoder"] = self._vision_session(bounded)
             self._vision_bounded = bounded
 
-    def vision(self, pixel_values, rotary_cos, rotary_sin):
+    def vision(self, pixel_values, grid_inputs):
         self._vision_for(int(np.prod(pixel_values.shape[:2])))  # [F, S, D]
-        return self._run("vision_encoder", {"pixel_values": pixel_values, "rotary_cos": rotary_cos,
-                                            "rotary_sin": rotary_sin})
+        return self._run("vision_encoder", {"pixel_values": pixel_values, **grid_inputs})
 
     def join(self, features: list[np.ndarray]) -> np.ndarray:
         flat = [f.reshape(-1, self.hidden_size) for f in features]  # [F * S / merge^2, hidden] each

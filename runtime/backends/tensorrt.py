@@ -290,17 +290,16 @@ class TrtBackend:
         check_request(self.limits, self.cfg, batch=inputs["input_ids"].shape[0],
                       prompt_len=inputs["input_ids"].shape[1], max_new_tokens=max_new_tokens, image_grids=grids)
 
-    def vision(self, pixel_values, rotary_cos, rotary_sin) -> VisionFeatures:
+    def vision(self, pixel_values, grid_inputs) -> VisionFeatures:
         """The encoder's features, left on the device in a buffer of their own."""
         F, S, _ = pixel_values.shape
         b, m2 = self.buf, self.cfg.vision.spatial_merge_size ** 2
         shape = (F, S // m2, self.hidden_size)  # [F, S / merge^2, hidden]
         out = VisionFeatures(DeviceBuffer.alloc(int(np.prod(shape)) * 4, "image_embeds"), shape)
         self._caches.add(out)
-        feeds = {"pixel_values": pixel_values, "rotary_cos": rotary_cos, "rotary_sin": rotary_sin}
+        feeds = {"pixel_values": np.asarray(pixel_values, np.float32), **grid_inputs}
         self._run("vision_encoder", {k: v.shape for k, v in feeds.items()},
-                  {**{name: b[name].ptr for name in feeds}, "image_embeds": out.buf.ptr},
-                  {k: np.asarray(v, np.float32) for k, v in feeds.items()})
+                  {**{name: b[name].ptr for name in feeds}, "image_embeds": out.buf.ptr}, feeds)
         return out
 
     def join(self, features: list[VisionFeatures]) -> JoinedFeatures | np.ndarray:

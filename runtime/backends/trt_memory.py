@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import ModelConfig
-from .trt_profiles import CONCAT, JETSON_8GB, PREALLOCATED, Limits
+from .trt_profiles import CONCAT, JETSON_8GB, PREALLOCATED, Limits, window_limit
 
 # Engine limits proposed per Jetson memory size (GB, shared by CPU and GPU) for the static-cache table; 8 GB is
 # JETSON_8GB. Proposals from memory_plan, not measured on a board.
@@ -41,10 +41,15 @@ def io_buffers(cfg: ModelConfig, lim: Limits) -> dict[str, int]:
     t, v = cfg.text, cfg.vision
     B, F, m2 = lim.max_batch, lim.frames(cfg), v.spatial_merge_size ** 2
     patches = lim.max_image_tokens * m2
+    windows = {}
+    if cfg.family.windowed:  # [W, P] slots of the window layout, [S] its inverse
+        slots = window_limit(cfg, lim)[2] * v.window_merged ** 2 * m2
+        windows = {"window_index": slots * I64, "window_mask": slots * F32, "window_inverse": patches * I64}
     return {
         "pixel_values": F * patches * v.patch_dim * F32,  # [F, S, patch_dim]
         "rotary_cos": patches * v.head_dim * F32,  # [S, vision head_dim]
         "rotary_sin": patches * v.head_dim * F32,
+        **windows,
         "image_embeds": F * lim.max_image_tokens * t.hidden_size * F32,  # [F, S / merge^2, hidden]
         "input_ids": B * lim.max_prompt * I64,  # [B, L]
         "vision_embeds": B * lim.max_prompt * t.hidden_size * F32,  # [M, hidden], M <= B * L
@@ -58,11 +63,12 @@ def io_buffers(cfg: ModelConfig, lim: Limits) -> dict[str, int]:
 def _weight_params(cfg: ModelConfig) -> tuple[int, int]:
     """(parameters in matrices, parameters in vectors) of the three graphs, the tied embedding once."""
     t, v = cfg.text, cfg.vision
-    E, mlp, m2 = v.embed_dim, int(v.embed_dim * v.mlp_ratio), v.spatial_merge_size ** 2
+    E, mlp, m2 = v.embed_dim, v.mlp_dim, v.spatial_merge_size ** 2
+    mlps = 3 if cfg.family.vision_mlp == "gated" else 2  # gate, up, down / fc1, fc2
     kvd = t.num_key_value_heads * t.head_dim
     H, I = t.hidden_size, t.intermediate_size
-    vision_m = v.patch_dim * E + v.depth * (4 * E * E + 2 * E * mlp) + (E * m2) ** 2 + E * m2 * H
-    vision_v = v.depth * (4 * E + 4 * E + mlp + E) + 2 * E + E * m2 + H
+    vision_m = v.patch_dim * E + v.depth * (4 * E * E + mlps * E * mlp) + (E * m2) ** 2 + E * m2 * H
+    vision_v = v.depth * (4 * E + 4 * E + (mlps - 1) * mlp + E) + 2 * E + E * m2 + H
     text_m = t.num_hidden_layers * (2 * H * H + 2 * H * kvd + 3 * H * I) + t.vocab_size * H
     text_m += 0 if cfg.tie_word_embeddings else t.vocab_size * H
     text_v = t.num_hidden_layers * (H + 2 * kvd + 2 * H) + H
@@ -88,7 +94,7 @@ def activation_bytes(cfg: ModelConfig, lim: Limits, precision: str, min_tensorrt
     a = DTYPE_BYTES[precision]
     explicit = min_tensorrt == "10.3"
     F, S = lim.frames(cfg), lim.max_image_tokens * v.spatial_merge_size ** 2
-    vision = F * S * (4 * v.embed_dim + int(v.embed_dim * v.mlp_ratio)) * a
+    vision = F * S * (4 * v.embed_dim + v.mlp_dim) * a
     vision += 2 * F * v.num_heads * S * S * F32 if explicit else 0
     B, L = lim.max_batch, lim.max_prompt
     kvd = t.num_key_value_heads * t.head_dim

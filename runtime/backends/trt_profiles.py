@@ -78,11 +78,22 @@ def vision_profiles(cfg: ModelConfig, lim: Limits) -> list[Profile]:
     m2 = v.spatial_merge_size ** 2
     frames = _span(1, lim.frames(cfg), 1)
     patches = _span(lim.min_image_tokens * m2, lim.max_image_tokens * m2)
-    return [{
+    profile = {
         "pixel_values": _shapes(frames, patches, _fixed(v.patch_dim)),
         "rotary_cos": _shapes(patches, _fixed(v.head_dim)),
         "rotary_sin": _shapes(patches, _fixed(v.head_dim)),
-    }]
+    }
+    if cfg.family.windowed:  # Qwen2.5-VL's window layout (runtime/rope.py: vision_windows)
+        windows, slots = window_limit(cfg, lim), _fixed(v.window_merged ** 2 * m2)
+        profile.update(window_index=_shapes(windows, slots), window_mask=_shapes(windows, slots),
+                       window_inverse=_shapes(patches))
+    return [profile]
+
+
+def window_limit(cfg: ModelConfig, lim: Limits) -> tuple[int, int, int]:
+    """Windows of one frame: at least one, at most one a merged token (a window holds one at least); a square
+    image at the max fills whole windows."""
+    return _span(1, lim.max_image_tokens, -(-lim.max_image_tokens // cfg.vision.window_merged ** 2))
 
 
 def merger_profiles(cfg: ModelConfig, lim: Limits) -> list[Profile]:
@@ -150,6 +161,8 @@ _BATCH, _PROMPT, _CONTEXT = "--max-batch", "--max-prompt", "--max-context"
 _DIM_FLAGS = {  # input name (past_* share one entry) -> flag per dimension (None: fixed by the model)
     "pixel_values": ("--max-frames", "--max-image-tokens", None),
     "rotary_cos": ("--max-image-tokens", None), "rotary_sin": ("--max-image-tokens", None),
+    "window_index": ("--max-image-tokens", None), "window_mask": ("--max-image-tokens", None),
+    "window_inverse": ("--max-image-tokens",),
     "input_ids": (_BATCH, _PROMPT), "vision_embeds": (_PROMPT, None),
     "inputs_embeds": (_BATCH, _PROMPT, None), "attention_mask": (_BATCH, _CONTEXT),
     "position_ids": (None, _BATCH, _PROMPT), "past_key_values": (_BATCH, None, _CONTEXT, None),
