@@ -26,7 +26,7 @@ from .checkpoint import Checkpoint
 from .graph import BOOL, FLOAT, INT32, INT64, Graph
 from .prequantized import join_outputs
 from .quantize import matmul_nbits
-from .vision import activation, attend, rotate
+from .vision import activation, attend, rms_norm, rotate
 
 MASK_MIN = float(np.finfo(np.float32).min)  # finite: a fully padded row stays NaN-free
 
@@ -40,18 +40,6 @@ def inv_freq(theta: float, head_dim: int) -> np.ndarray:
     return np.float32(1.0) / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
 
 
-def _rms_norm(g: Graph, x: str, weight: str, eps: float) -> str:
-    """weight * (x / rms(x)), the statistics in fp32 and the result cast back before the weight, as
-    transformers' Qwen2RMSNorm does; one RMSNormalization where the target has it."""
-    x = g.to_f32(x)
-    with g.fp32():
-        if g.target.llm_ops:
-            return g.to_act(g.op("RMSNormalization", x, g.to_f32(weight), axis=-1, epsilon=eps, stash_type=1))
-        var = g.reduce_mean(g.op("Mul", x, x), [-1])
-        inv = g.op("Reciprocal", g.op("Sqrt", g.op("Add", var, g.const(eps, np.float32))))
-        return g.op("Mul", weight, g.to_act(g.op("Mul", x, inv)))
-
-
 def _residual_norm(g: Graph, delta: str, residual: str, weight: str, eps: float) -> tuple[str, str]:
     """(RMSNorm(residual + delta), residual + delta): one SkipSimplifiedLayerNormalization when fused."""
     if g.fused:
@@ -59,7 +47,7 @@ def _residual_norm(g: Graph, delta: str, residual: str, weight: str, eps: float)
                                    domain="com.microsoft", epsilon=eps)
         return normed, total
     total = g.op("Add", residual, delta)
-    return _rms_norm(g, total, weight, eps), total
+    return rms_norm(g, total, weight, eps), total
 
 
 def _split_last(g: Graph, y: str, sizes: list[int]) -> list[str]:
@@ -304,7 +292,7 @@ def build_decoder(g: Graph, ckpt: Checkpoint, all_logits: bool = False, progress
     norm = lambda name: g.weight(name, ckpt.get(name))  # noqa: E731
     eps, last = tc.rms_norm_eps, tc.num_hidden_layers - 1
     # x is the residual stream; each block's output joins it in the next norm (fused there on ort-cpu)
-    h = _rms_norm(g, x, norm("model.layers.0.input_layernorm.weight"), eps)
+    h = rms_norm(g, x, norm("model.layers.0.input_layernorm.weight"), eps)
     for i in range(tc.num_hidden_layers):
         attn, present_k, present_v = attention(h, i)
         h, x = _residual_norm(g, attn, x, norm(f"model.layers.{i}.post_attention_layernorm.weight"), eps)

@@ -232,7 +232,7 @@ def server(tiny_artifact, media_dir, workdir):
     srv.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # module: a test module with a `server` of its own (test_ray.py) gets its client
 def client(server):
     """The official openai client of `server`."""
     import openai
@@ -240,6 +240,6 @@ def client(server):
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key=SERVER_KEY, max_retries=0, timeout=120)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def model(client) -> str:
     return client.models.list().data[0].id

@@ -101,17 +101,6 @@ def server(tiny_artifact, workdir):
     srv.stop()
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    """The official openai client of this module's Ray server (conftest's is the single process's)."""
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def model(client) -> str:
-    return client.models.list().data[0].id
-
-
 def _ask(client, model, messages, **options):
     """-> (reply, the replica that answered, cached prompt tokens)."""
     raw = client.chat.completions.with_raw_response.create(model=model, messages=messages,
