@@ -44,7 +44,8 @@ def _gpu_trt_missing() -> str | None:
     """Why the GPU suite cannot run here (the exact cause, for the skip reason), or None when it can.
     Only the failures that mean "not this machine" are caught; anything else fails the collection."""
     if importlib.util.find_spec("tensorrt") is None:
-        return "needs TensorRT: not installed here (pip install 'qwen2vl-edge[trt]' on a machine with an NVIDIA GPU)"
+        return ("needs TensorRT: not installed here (pip install 'tensorrt>=10.3,<12', the [trt] extra, on a machine "
+                "with an NVIDIA GPU)")
     from qwen2vl_edge.runtime.backends.cuda import CudaError, gpu_identity
 
     try:
