@@ -118,8 +118,8 @@ def _check_graphs_are_the_manifests(artifact: Artifact, sessions: dict) -> None:
 # work on the machine, a spinning thread takes the core its own session's other thread needs: 2B shape int4,
 # 2 threads, on the 2-core build machine under a load of 8-12, decode ran 12.7 tok/s (median of 5 fresh
 # processes) against 5.9 with spinning, faster in every one of 5 interleaved rounds
-# (benchmarks/decode_spread.py; docs/benchmarks.md, "Decode from one process to the next"). On the idle machine spinning
-# was 7 % faster (44.2 against 41.3 tok/s): a small loss there against a collapse under load.
+# (benchmarks/decode_spread.py; docs/benchmarks.md, "Decode from one process to the next"). On the idle machine
+# spinning was 7 % faster (44.2 against 41.3 tok/s): a small loss there against a collapse under load.
 DEFAULT_SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
 
 
