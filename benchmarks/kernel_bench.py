@@ -33,7 +33,7 @@ MS = (1, 16, 64, 274, 512, 1024, 2048)
 KERNELS = {
     **{f"int4-b{b}-acc{a}": ("int4", b, a) for b in (32, 64, 128) for a in (4, 1)},
     "int4-b256-acc4": ("int4", 256, 4),
-    # fp16 / bf16 math: MLAS has no such int4 path on x86, so these run at the fp32 rate (README)
+    # fp16 / bf16 math: MLAS has no such int4 path on x86, so these run at the fp32 rate (docs/benchmarks.md)
     "int4-b128-acc2": ("int4", 128, 2),
     "int4-b128-acc3": ("int4", 128, 3),
     "int8-b32-acc4": ("int8", 32, 4),

@@ -282,7 +282,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         from qwen2vl_edge.server import Limits, ServerSettings
     except ImportError as e:
-        raise SystemExit(f"serve needs the [serve] extra: pip install 'qwen2vl-edge[serve]' ({e})") from None
+        raise SystemExit(f"serve needs the [serve] extra: pip install '.[serve]' in a clone of the repository "
+                         f"(or the wheel with [serve]) ({e})") from None
 
     if args.max_sessions < 0:
         raise UsageError(f"--max-sessions must be 0 (keep none) or more, got {args.max_sessions}")
@@ -301,7 +302,8 @@ def _serve(args: argparse.Namespace) -> int:
         try:
             from qwen2vl_edge.server.ray_serve import run_forever
         except ImportError as e:
-            raise SystemExit(f"serve --ray needs the [ray] extra: pip install 'qwen2vl-edge[ray]' ({e})") from None
+            raise SystemExit(f"serve --ray needs the [ray] extra: pip install '.[ray]' in a clone of the "
+                             f"repository (or the wheel with [ray]) ({e})") from None
         run_forever(settings, args.replicas, args.host, args.port, args.ray_address, args.cpus_per_replica,
                     args.gpus_per_replica)
         return 0

@@ -56,7 +56,7 @@ VISION_WEIGHTS = WEIGHTS + ("int8-dynamic",)  # the decoder's table is shared bl
 # supported"), 1.22 runs it; GatherBlockQuantized on packed uint8 takes `bits` from 1.23 (1.22:
 # "Unrecognized attribute: bits"); GroupQueryAttention with attention_bias (our left padding) from 1.22.
 # MultiHeadAttention (the vision encoder) takes its CPU flash-attention path (onnxruntime PR 20805, 1.19) on
-# 1.20: peak memory linear in the patches there as on 1.32 (README).
+# 1.20: peak memory linear in the patches there as on 1.32 (docs/export.md).
 CONTRIB_MIN_ONNXRUNTIME = {("SkipSimplifiedLayerNormalization", 0): (1, 20), ("GroupQueryAttention", 0): (1, 22),
                            ("MultiHeadAttention", 0): (1, 20),
                            ("DynamicQuantizeMatMul", 0): (1, 20),

@@ -69,7 +69,7 @@ def check_buildable(art: Artifact, trt_version: str) -> None:
     floor = version_tuple(str(export.get("min_tensorrt", "10.3")))
     version = version_tuple(trt_version)
     _require(SUPPORTED[0] <= version < SUPPORTED[1],
-             f"TensorRT {trt_version} is not supported: pip install 'qwen2vl-edge[trt]' (tensorrt>=10.3,<12)")
+             f"TensorRT {trt_version} is not supported: pip install 'tensorrt>=10.3,<12' (the [trt] extra)")
     _require(version >= floor, f"these graphs need TensorRT >= {export['min_tensorrt']} (they use its fused ops), "
                                f"this is {trt_version}: upgrade, or re-export with --min-tensorrt 10.3")
 
@@ -208,8 +208,8 @@ def build_trt(artifact_dir: str | Path, *, limits: Limits = Limits(), workspace_
     try:
         import tensorrt as trt
     except ImportError:
-        raise BuildError("building engines needs TensorRT: pip install 'qwen2vl-edge[trt]' on the target device "
-                         "(JetPack ships it on Jetson)") from None
+        raise BuildError("building engines needs TensorRT: pip install 'tensorrt>=10.3,<12' (the [trt] extra) "
+                         "on the target device (JetPack ships it on Jetson)") from None
     limits.validate()
     art = load_artifact(artifact_dir, verify=verify)
     version = tensorrt_version(trt)

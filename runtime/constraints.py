@@ -31,7 +31,7 @@ def llguidance():
         import llguidance.numpy  # noqa: F401 - the bitmask helpers
     except ImportError:
         raise ConfigError(f"constrained decoding (response_format, regex, grammar, tools) needs llguidance: "
-                          f"pip install 'qwen2vl-edge[{EXTRA}]'") from None
+                          f"pip install 'llguidance>=1.9' (the [{EXTRA}] extra)") from None
     return llg
 
 

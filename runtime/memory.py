@@ -31,7 +31,7 @@ F32 = 4
 GB = 1e9
 
 # fp32 [rows, heads, queries, keys] tensors alive at the peak of one attention. Measured with onnxruntime 1.32
-# (benchmarks/memory_estimate.py, README): the vision encoder's MatMul -> Mul -> Softmax peaked at 1.3 of them,
+# (benchmarks/memory_estimate.py, docs/cpu.md): the vision encoder's MatMul -> Mul -> Softmax peaked at 1.3 of them,
 # the portable decoder's MatMul -> Mul -> Add(mask) -> Softmax at 2.7, GroupQueryAttention at none (its mask
 # bias is counted apart). Each kind is rounded up.
 SOFTMAX = 2  # scores and probabilities
@@ -42,7 +42,7 @@ ATTENTION = {  # target -> graph -> how its attention holds the scores (export/v
     "ort-cpu": {"vision": FUSED, "decoder": FUSED},
     # run by ONNX Runtime: 10.3's explicit attention as portable's; 10.15's ONNX Attention still allocates every
     # head's scores inside ONNX Runtime's CPU kernel (2B-shape vision, 9,216 patches, fp16: 7.6 GB above the
-    # weights, 1.4 fp32 score tensors; benchmarks/vision_memory.py, README)
+    # weights, 1.4 fp32 score tensors; benchmarks/vision_memory.py, docs/benchmarks.md)
     "tensorrt": {"vision": SOFTMAX, "decoder": MASKED_SOFTMAX},
 }
 # target -> how its decoder keeps the cache (tensorrt: concat for 10.3, the default; preallocated from 10.15)
@@ -50,7 +50,7 @@ KV_CACHE = {"portable": CONCAT, "ort-cpu": PREALLOCATED, "tensorrt": CONCAT}
 # fp32 activations alive besides attention, in units of one [tokens, width] row set: the residual stream,
 # the norm output, q/k/v and their rotations; the MLP's hidden width counted separately (fc1 / gate, up,
 # the activation's intermediates). The vision encoder's, measured at Qwen2-VL-2B's widths (MLP 4 widths of
-# embed_dim; 2026-11-26, onnxruntime 1.32; README, benchmarks/results/vision-memory-photo.json): 26-30 a patch
+# embed_dim; 2026-11-26, onnxruntime 1.32; docs/cpu.md, benchmarks/results/vision-memory-photo.json): 26-30 a patch
 # in the shared arena with buffer reuse (images under BOUNDED_FROM patches), 11 + 6 x 4 = 35; 8.9-11.3 in the
 # session large images get, without either (backends/onnxruntime.py), 4 + 2 x 4 = 12.
 VISION_WIDTHS = {False: (11, 6), True: (4, 2)}  # bounded session? -> (widths, MLP widths)

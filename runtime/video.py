@@ -43,7 +43,7 @@ def _av():
     try:
         import av
     except ImportError:
-        raise InputError("reading video files needs PyAV: pip install 'qwen2vl-edge[video]'") from None
+        raise InputError("reading video files needs PyAV: pip install 'av>=18.1' (the [video] extra)") from None
     return av
 
 

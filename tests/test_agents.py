@@ -143,7 +143,7 @@ def test_what_cannot_be_enforced_is_refused_by_name(pipe):
 def test_without_llguidance_the_runtime_runs_and_constraints_name_the_extra(pipe, monkeypatch):
     monkeypatch.setitem(sys.modules, "llguidance", None)  # import llguidance now fails
     assert pipe.generate(_conv("hi"), 3).finish_reason == "length"
-    with pytest.raises(ConfigError, match=r"qwen2vl-edge\[agents\]"):
+    with pytest.raises(ConfigError, match=r"pip install .llguidance>=1.9. \(the \[agents\] extra\)"):
         pipe.generate(_conv("hi"), 3, regex="[0-9]+")
 
 

@@ -217,7 +217,7 @@ def test_pipeline_refuses_a_prompt_at_the_context_limit(pipe, only_the_limit):
 
 # Measured 2026-11-26 (2-core AMD EPYC, shared; onnxruntime 1.32), estimate / measured peak RSS growth: 1.77
 # (image 1200x900, vision), 1.22 (4,359-token prompt, portable prefill in chunks of 2,048), 2.08 (13,049 tokens
-# on ort-cpu), 1.47 for an 896x896 image at Qwen2-VL-2B's vision widths (README). The asserted band leaves room
+# on ort-cpu), 1.47 for an 896x896 image at Qwen2-VL-2B's vision widths (docs/cpu.md). The asserted band leaves room
 # on both sides. Held after the request: 0.00-0.06 of the peak growth with the arena shrunk after each prefill
 # run and malloc's heap trimmed after the request, 0.11-0.27 without the trim, all of it without either.
 FACTOR = 2.5

@@ -227,7 +227,7 @@ def test_default_accuracy_level_int8_activations_against_portable(ckpt, convs, w
     from test_quantized import _teacher_forced
     from qwen2vl_edge.runtime import Qwen2VLPipeline
 
-    # as the README exports a published checkpoint: the float lm_head (tied embedding) quantized to int8 too
+    # as docs/export.md exports a published checkpoint: the float lm_head (tied embedding) quantized to int8 too
     art = export_artifact(ckpt.quant, workdir / f"art-{ckpt.variant.name}-ort4", target="ort-cpu", weights="int8")
     fast, portable = Qwen2VLPipeline.load(art), Qwen2VLPipeline.load(ckpt.portable)
     assert fast.artifact.export["accuracy_level"] == 4

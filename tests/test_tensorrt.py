@@ -44,7 +44,8 @@ def _gpu_trt_missing() -> str | None:
     """Why the GPU suite cannot run here (the exact cause, for the skip reason), or None when it can.
     Only the failures that mean "not this machine" are caught; anything else fails the collection."""
     if importlib.util.find_spec("tensorrt") is None:
-        return "needs TensorRT: not installed here (pip install 'qwen2vl-edge[trt]' on a machine with an NVIDIA GPU)"
+        return ("needs TensorRT: not installed here (pip install 'tensorrt>=10.3,<12', the [trt] extra, on a machine "
+                "with an NVIDIA GPU)")
     from qwen2vl_edge.runtime.backends.cuda import CudaError, gpu_identity
 
     try:
@@ -142,7 +143,7 @@ def test_shape_outside_profile_names_tensor_shape_and_flag():
 def test_docs_jetson_tables_are_the_memory_plan():
     """The docs' Jetson numbers are memory_table() of the 2B config and static_cache_table() of the 2B and 7B ones,
     from the functions the backend allocates with; no int8 row (TensorRT documents no weight-only int8)."""
-    docs = (Path(__file__).parents[1] / "docs" / "tensorrt-export-notes.md").read_text()
+    docs = (Path(__file__).parents[1] / "docs" / "tensorrt.md").read_text()
     assert memory_table(CFG_2B) in docs and "| int8 |" not in memory_table(CFG_2B)
     assert static_cache_table({"2B": CFG_2B, "7B": CFG_7B}) in docs
 

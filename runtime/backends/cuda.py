@@ -18,7 +18,8 @@ def cudart():
     try:
         from cuda.bindings import runtime  # cuda-python >= 12.8 (the [trt] extra's floor)
     except ImportError:
-        raise ImportError("the TensorRT backend needs cuda-python >= 12.8: pip install 'qwen2vl-edge[trt]'") from None
+        raise ImportError("the TensorRT backend needs cuda-python >= 12.8: pip install 'cuda-python>=12.8,<14' "
+                          "(the [trt] extra)") from None
     return runtime
 
 

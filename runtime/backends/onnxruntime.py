@@ -96,7 +96,7 @@ def _prefill_run_options(ort):
     CPU arena hands its free regions back to the system when the run ends. Without it the arena keeps its
     largest size for the life of the process and grows again over fragments: the 2B int4 export, 6,409-token
     prompts, held 3.2 GB of RSS after the first request and 4.7 GB after the second and third, 2.5 GB with it
-    (1.98 GB with the heap trimmed as well, pipeline._steps), at the same speed (README, "What a request leaves
+    (1.98 GB with the heap trimmed as well, pipeline._steps), at the same speed (docs/cpu.md, "What a request leaves
     behind"). Decode steps allocate little and keep it."""
     options = ort.RunOptions()
     options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
@@ -118,8 +118,8 @@ def _check_graphs_are_the_manifests(artifact: Artifact, sessions: dict) -> None:
 # work on the machine, a spinning thread takes the core its own session's other thread needs: 2B shape int4,
 # 2 threads, on the 2-core build machine under a load of 8-12, decode ran 12.7 tok/s (median of 5 fresh
 # processes) against 5.9 with spinning, faster in every one of 5 interleaved rounds
-# (benchmarks/decode_spread.py; README, "Prefill and decode speed"). On the idle machine spinning was 7 %
-# faster (44.2 against 41.3 tok/s): a small loss there against a collapse under load.
+# (benchmarks/decode_spread.py; docs/benchmarks.md, "Decode from one process to the next"). On the idle machine
+# spinning was 7 % faster (44.2 against 41.3 tok/s): a small loss there against a collapse under load.
 DEFAULT_SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
 
 

@@ -165,7 +165,8 @@ class TrtBackend:
         try:
             import tensorrt as trt
         except ImportError:
-            raise ArtifactError("backend='tensorrt' needs TensorRT: pip install 'qwen2vl-edge[trt]'") from None
+            raise ArtifactError("backend='tensorrt' needs TensorRT: pip install 'tensorrt>=10.3,<12' "
+                                "'cuda-python>=12.8,<14' (the [trt] extra)") from None
         self._trt, self.cfg = trt, artifact.config
         self.kv_pairs = kv_names(self.cfg)  # (past input, present output) per layer and kind, bound every step
         self.hidden_size = self.cfg.text.hidden_size

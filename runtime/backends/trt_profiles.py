@@ -48,7 +48,7 @@ class Limits:
         return max(1, self.max_frames // cfg.vision.temporal_patch_size)
 
 
-# What 8 GB Jetson boards (Orin Nano / NX 8 GB) should build with; the README's table uses it.
+# What 8 GB Jetson boards (Orin Nano / NX 8 GB) should build with; docs/tensorrt.md's Jetson table uses it.
 JETSON_8GB = Limits(max_image_tokens=512, max_frames=4, max_prompt=1536, max_context=2048, max_batch=1)
 
 Shape = tuple[int, ...]
