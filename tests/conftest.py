@@ -70,6 +70,8 @@ FAMILY_CKPTS = {"qwen2_vl": "tiny_ckpt", "qwen2_5_vl": "tiny_ckpt_25"}  # family
 TARGET_OPTIONS = {"portable": {}, "ort-cpu": {"target": "ort-cpu"},
                   **{f"tensorrt-{v}{suffix}": {"target": "tensorrt", "min_tensorrt": v, "precision": precision}
                      for v in ("10.3", "10.15") for suffix, precision in (("", "fp32"), ("-fp16", "fp16"))},
+                  "tensorrt-10.15-fp16-int4": {"target": "tensorrt", "min_tensorrt": "10.15", "precision": "fp16",
+                                               "weights": "int4"},
                   # weights quantized at export (Qwen2-VL's: test_quantized's own fixtures)
                   "ort-cpu-int8": {"target": "ort-cpu", "weights": "int8"},
                   "ort-cpu-int4": {"target": "ort-cpu", "weights": "int4", "vision_weights": "int8"},
@@ -94,8 +96,7 @@ def family_pipe(request, family_ckpt, workdir):
         if family == "qwen2_vl" and target in ("portable", "ort-cpu"):
             return request.getfixturevalue({"portable": "pipe", "ort-cpu": "pipe_ort"}[target])
         if family == "qwen2_vl" and "min_tensorrt" in options:
-            return request.getfixturevalue("trt_pipe")(min_tensorrt=options["min_tensorrt"],
-                                                       precision=options["precision"])
+            return request.getfixturevalue("trt_pipe")(**{k: v for k, v in options.items() if k != "target"})
         if (family, target) not in _FAMILY_PIPES:
             art = export_artifact(family_ckpt(family), workdir / f"art-{family}-{target}", **options)
             _FAMILY_PIPES[family, target] = Qwen2VLPipeline.load(art)
