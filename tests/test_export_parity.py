@@ -246,12 +246,13 @@ def test_fp16_export_runs_without_nan(tiny_ckpt, workdir, pipe, convs):
         workdir / "art-original" / "weights.data").stat().st_size
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 @pytest.mark.parametrize("which", ["portable", "ort-cpu"])
-def test_prefill_in_chunks_token_identical(tiny_ckpt, pipe, pipe_ort, convs, which, monkeypatch):
+def test_prefill_in_chunks_token_identical(family_ckpt, family_pipe, convs, which, family, monkeypatch):
     """The prompt run through the decoder 7 positions at a time (generation.prefill_chunks): transformers'
     tokens, as one run gives them. Portable: a batch whose left padding fills whole chunks of its shortest
     row; ort-cpu: one row (GroupQueryAttention takes a batch's prompt in one run)."""
-    p = pipe if which == "portable" else pipe_ort
+    p = family_pipe(family, which)
     batch = [convs["text"], convs["three-images"], convs["image-video"]] if which == "portable" else \
         [convs["three-images"]]
     assert p.backend.prefill_chunk(len(batch)) is not None, "chunked on this backend as it is"
@@ -260,7 +261,7 @@ def test_prefill_in_chunks_token_identical(tiny_ckpt, pipe, pipe_ort, convs, whi
     monkeypatch.setattr(p.backend, "prefill_chunk", lambda batch: 7)
     monkeypatch.setattr(p.backend, "decode", lambda embeds, *a: runs.append(embeds.shape[1]) or decode(embeds, *a))
     ours = p.generate(batch, max_new_tokens=N_NEW, min_new_tokens=N_NEW)
-    ref = _reference_generate(tiny_ckpt, batch, N_NEW, key="batch" if len(batch) > 1 else "three-images")
+    ref = _reference_generate(family_ckpt(family), batch, N_NEW, key="batch" if len(batch) > 1 else "three-images")
     lengths = [r.usage["prompt_tokens"] for r in ours]
     assert runs[:-(N_NEW - 1)] == [7] * (max(lengths) // 7) + [max(lengths) % 7] * (max(lengths) % 7 > 0)
     assert len(batch) == 1 or max(lengths) - min(lengths) > 7, "a chunk of padding only"
