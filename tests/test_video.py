@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
+from conftest import assert_varied
 from qwen2vl_edge.runtime import InputError, media
 from qwen2vl_edge.runtime.preprocess import process_video_timed, smart_nframes
 from qwen2vl_edge.runtime.video import read_video
@@ -18,15 +19,16 @@ av = pytest.importorskip("av")
 W, H = 64, 48
 
 
-def write_video(path, n: int, fps: int, gop: int = 12, faststart: bool = False):
+def write_video(path, n: int, fps: int, gop: int = 12, faststart: bool = False, size: tuple[int, int] = (W, H)):
     """Grey frames whose index is written in the picture: left half (i // 16) * 16, right half (i % 16) * 16."""
+    width, height = size
     with av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {}) as out:
         stream = out.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"g": str(gop), "crf": "0"}
         for i in range(n):
-            arr = np.empty((H, W, 3), np.uint8)
-            arr[:, :W // 2], arr[:, W // 2:] = (i // 16) * 16, (i % 16) * 16
+            arr = np.empty((height, width, 3), np.uint8)
+            arr[:, :width // 2], arr[:, width // 2:] = (i // 16) * 16, (i % 16) * 16
             for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
                 out.mux(packet)
         for packet in stream.encode():
@@ -119,3 +121,44 @@ def test_timestamps_come_with_the_result(pipe, clip):
                                          {"type": "text", "text": "What happens?"}]}]
     result = pipe.generate(conv, max_new_tokens=2)
     assert result.video_timestamps == [pytest.approx([0.0, 80 / 12, 159 / 12, 239 / 12])]  # linspace(0, 239, 4)
+
+
+def _read_whole_video(path, start_pts=0.0, end_pts=None, pts_unit="sec", output_format="TCHW"):
+    """torchvision.io.read_video as torchvision 0.21 had it (PyAV, every frame; gone from later torchvision): the
+    reader qwen-vl-utils' torchvision backend calls. Whole files only."""
+    import torch
+
+    assert (start_pts, end_pts, pts_unit, output_format) == (0.0, None, "sec", "TCHW")
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [torch.from_numpy(f.to_ndarray(format="rgb24")) for f in container.decode(stream)]
+        fps = float(stream.average_rate)
+    return torch.stack(frames).permute(0, 3, 1, 2), torch.empty(1, 0), {"video_fps": fps}
+
+
+@pytest.fixture(scope="module")
+def clip_336(tmp_path_factory):
+    """4 s at 12 fps, 336 x 336: frames inside the video pixel budget, so neither side resamples them."""
+    return write_video(tmp_path_factory.mktemp("video") / "clip336.mp4", 48, 12, size=(336, 336))
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_a_video_file_generates_as_transformers(family_ckpt, family_pipe, clip_336, family, monkeypatch):
+    """4 of the file's 48 frames, sampled at 1 fps: Qwen2.5-VL's temporal groups sit 2 s apart
+    (second_per_grid_ts 2, not a list of frames' 1 s nor the 1/12 s transformers assumes without metadata). The
+    reference reads the file with qwen-vl-utils and passes its metadata to transformers."""
+    torchvision = pytest.importorskip("torchvision")
+    from reference import ref_inputs
+    from test_export_parity import N_NEW, _reference_generate
+
+    monkeypatch.setattr(torchvision.io, "read_video", _read_whole_video, raising=False)
+    conv = [{"role": "user", "content": [{"type": "video", "video": str(clip_336), "nframes": 4},
+                                         {"type": "text", "text": "What happens?"}]}]
+    pipe = family_pipe(family, "portable")
+    assert pipe.processor(conv)["second_per_grid_ts"].tolist() == [2.0]  # 2 frames a group, at 1 fps
+    if family == "qwen2_5_vl":  # the reference's, from qwen-vl-utils' metadata
+        assert ref_inputs(family_ckpt(family), [conv])["second_per_grid_ts"].tolist() == [2.0]
+    ours = pipe.generate(conv, max_new_tokens=N_NEW, min_new_tokens=N_NEW)
+    ref = _reference_generate(family_ckpt(family), [conv], N_NEW)[0]
+    assert_varied(ref)
+    assert ours.token_ids == ref
