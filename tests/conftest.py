@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -231,6 +234,24 @@ def server(tiny_artifact, media_dir, workdir):
     assert srv.proc.poll() is None, srv.output()
     yield srv
     srv.stop()
+
+
+@contextmanager
+def in_process_server(app) -> Iterator[str]:
+    """`app` on a uvicorn of its own in this process, on a free port of 127.0.0.1 -> its base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started and thread.is_alive():
+        thread.join(0.05)
+    assert server.started, "the in-process server did not start (see its log above)"
+    try:
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
 
 
 @pytest.fixture(scope="module")  # module: a test module with a `server` of its own (test_ray.py) gets its client

@@ -2,7 +2,7 @@
 
 One server process (conftest's `server`, shared with test_server_agents.py; with an API key and small limits,
 so each limit can be hit) serves the whole module; its answers are compared with the in-process pipeline on
-the same tiny artifact.
+the same tiny artifact. Qwen2.5-VL's image chat is served by an app in this process (`family_server`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ openai = pytest.importorskip("openai", reason="the server tests need the [test] 
 pytest.importorskip("fastapi", reason="the server tests need the [serve] extra")
 
 from conftest import SERVER_KEY as KEY  # noqa: E402
+from conftest import in_process_server  # noqa: E402
 from qwen2vl_edge.benchmarks.serve_bench import ServerProcess  # noqa: E402
 
 MAX_TOKENS = 16
@@ -68,7 +69,26 @@ def metric(text: str, name: str) -> float:
     return float(found.group(1))
 
 
-def test_image_chat_equals_pipeline(client, model, pipe, images, media_dir):
+@pytest.fixture
+def family_server(request, family, family_pipe, media_dir):
+    """-> (client, model, the pipeline it serves): Qwen2-VL's is conftest's `server` process; another family's
+    portable pipeline is served by an app of its own in this process (its local files: `media_dir` too)."""
+    if family == "qwen2_vl":
+        yield request.getfixturevalue("client"), request.getfixturevalue("model"), request.getfixturevalue("pipe")
+        return
+    from qwen2vl_edge.server.app import create_app
+    from qwen2vl_edge.server.settings import ServerSettings
+
+    served = family_pipe(family, "portable")
+    settings = ServerSettings(served.artifact.dir, allowed_media_dir=media_dir)
+    with in_process_server(create_app(settings, served)) as url:
+        yield (openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120),
+               settings.served_name, served)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_image_chat_equals_pipeline(family_server, images, media_dir, family):
+    client, model, pipe = family_server
     messages = image_chat(data_uri(images["c"]), "Describe this image.")
     reply = client.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0)
     expected = pipe.generate(as_runtime(messages, images["c"]), max_new_tokens=MAX_TOKENS)

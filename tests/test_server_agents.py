@@ -22,7 +22,7 @@ pytest.importorskip("llguidance", reason="constraints need the [agents] extra")
 
 from pydantic import BaseModel, Field  # noqa: E402
 
-from conftest import SERVER_KEY  # noqa: E402
+from conftest import in_process_server  # noqa: E402
 from qwen2vl_edge.runtime import tools as formats  # noqa: E402
 from qwen2vl_edge.server import openapi  # noqa: E402
 
@@ -183,23 +183,13 @@ def test_what_cannot_be_enforced_or_mapped_is_a_400(client, model):
 @pytest.fixture(scope="module")
 def hermes_client(pipe, tiny_artifact):
     """The app over `pipe`'s graphs with tool_format="hermes", on a uvicorn of its own in this process."""
-    import uvicorn
-
     from qwen2vl_edge.runtime import Qwen2VLPipeline
     from qwen2vl_edge.server.app import create_app
     from qwen2vl_edge.server.settings import ServerSettings
 
     hermes = Qwen2VLPipeline(pipe.artifact, pipe.processor, pipe.backend, "hermes")
-    server = uvicorn.Server(uvicorn.Config(create_app(ServerSettings(tiny_artifact, tool_format="hermes"), hermes),
-                                           host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        thread.join(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield hermes, openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
-    server.should_exit = True
-    thread.join(30)
+    with in_process_server(create_app(ServerSettings(tiny_artifact, tool_format="hermes"), hermes)) as url:
+        yield hermes, openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
 
 
 def test_the_server_builds_llguidances_tokenizer_before_any_request(hermes_client):
