@@ -25,7 +25,7 @@ from .backends.trt_memory import kv_cache_bytes
 from .backends.trt_profiles import CONCAT, PREALLOCATED
 from . import checks
 from .config import ModelConfig
-from .errors import ConfigError, InputError, MemoryShortage
+from .errors import ConfigError, MemoryShortage
 
 F32 = 4
 GB = 1e9
