@@ -4,11 +4,12 @@ raylet and agents listen on every interface whatever node address they are given
 a test's cluster must be reachable from this machine only.
 
 The first test re-runs this module inside such a namespace, where the others run (outside it they skip).
-The tests run in file order: the last one stops the server.
+The tests run in file order: the fourth stops the server; the last joins a cluster of its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -17,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +29,7 @@ openai = pytest.importorskip("openai", reason="the server tests need the [test] 
 pytest.importorskip("fastapi", reason="the server tests need the [serve] extra")
 
 from qwen2vl_edge.benchmarks.ray_stop import alive, descendants  # noqa: E402
-from qwen2vl_edge.benchmarks.serve_bench import ServerProcess  # noqa: E402
+from qwen2vl_edge.benchmarks.serve_bench import ServerProcess, free_port  # noqa: E402
 from conftest import SERVER_KEY as KEY  # noqa: E402
 from test_server import data_uri, get, image_chat  # noqa: E402
 
@@ -35,7 +37,7 @@ pytestmark = [pytest.mark.ray,
               pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs the [ray] extra (ray[serve])")]
 IN_NETNS = os.environ.get("QWEN2VL_EDGE_TEST_NETNS") == "1"
 inside = pytest.mark.skipif(not IN_NETNS, reason="runs within test_in_a_loopback_only_network_namespace")
-INSIDE_TESTS = 4
+INSIDE_TESTS = 5
 SYSTEM = {"role": "system", "content": "You look at pictures."}
 # Replies of the tiny random model are random tokens, which often do not re-tokenise to themselves; a session
 # is kept only when they do (server/sessions.py). These conversations' replies do, on one process.
@@ -252,3 +254,65 @@ def test_sigterm_answers_the_stream_and_stops_serve_and_ray(server, client, mode
         time.sleep(0.1)
     assert not [p for p in started if alive(p)]
     assert "Traceback" not in server.output()
+
+
+# on a joined cluster after the server stopped: its Serve apps, and its Serve's HTTP proxies (Serve still up)
+SERVE_LEFT = ("import json, sys, ray; from ray import serve; ray.init(address=sys.argv[1]); s = serve.status(); "
+              "print(json.dumps([sorted(s.applications), len(s.proxies)]))")
+
+
+@pytest.fixture
+def ray_cluster(monkeypatch, workdir):
+    """A Ray head of its own (`ray start --block`, so that its processes are this test's children), on
+    127.0.0.1 with a temp dir of its own -> its address. Token auth is off: the cluster is reachable from
+    this namespace only, and a token in ~/.ray belongs to whoever made it. Stopped by its pids (never
+    `ray stop`, which stops every Ray of the user on the machine)."""
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # for the head, the server and the check alike
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's unix sockets live under it
+    address, log = f"127.0.0.1:{free_port()}", workdir / "ray-head.log"
+    # this interpreter, not a `ray` script elsewhere: the workers run the same Python, with this package
+    head = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+                             "--node-ip-address", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
+                             "--include-dashboard=false", "--num-cpus", "2", "--disable-usage-stats",
+                             "--temp-dir", temp], stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180  # a hang guard: the head writes its address once it is up
+        while not os.path.exists(os.path.join(temp, "ray_current_cluster")):
+            assert head.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the Ray head did not come up"
+            time.sleep(0.5)
+        yield address, head
+    finally:
+        started = descendants(head.pid)
+        head.send_signal(signal.SIGTERM)  # the head stops what it started
+        try:
+            head.wait(60)
+        finally:
+            head.kill()  # no-op once it exited
+            for pid in (p for p in started if alive(p)):
+                with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+                    os.kill(pid, signal.SIGKILL)
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+@inside
+def test_sigterm_leaves_a_joined_cluster_running(ray_cluster, tiny_artifact, workdir):
+    """`serve --ray --ray-address`: SIGTERM deletes this app only; the cluster it joined keeps running, and
+    its Serve has no app left."""
+    address, head = ray_cluster
+    srv = ServerProcess([str(tiny_artifact), "--ray", "--ray-address", address, "--replicas", "1",
+                         "--threads", "1", "--api-key", KEY], workdir / "ray-joined.log", ready_timeout=300)
+    try:
+        assert srv.proc.poll() is None, srv.output()[-3000:]
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+        reply = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=4,
+                                               messages=[{"role": "user", "content": "Hi."}])
+        assert reply.usage.completion_tokens > 0
+    finally:
+        status = srv.stop(timeout=120)  # SIGTERM; the same hang guard as the stop of the server it started
+    assert status == 0, srv.output()[-3000:]
+    assert "Traceback" not in srv.output()
+    left = subprocess.run([sys.executable, "-c", SERVE_LEFT, address], capture_output=True, text=True, timeout=120)
+    assert left.returncode == 0, left.stderr[-3000:]
+    assert json.loads(left.stdout.splitlines()[-1]) == [[], 1]  # no app, and Serve for the cluster's other apps
+    assert head.poll() is None  # `ray start --block` exits when one of the head's processes fails
