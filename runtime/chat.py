@@ -16,6 +16,10 @@ from .errors import InputError
 
 VISION_KEYS = {"image": ("image", "image_url"), "video": ("video",)}
 CUT = "\x00qwen2vl-edge-cut\x00"  # marks where a continued assistant message is cut
+# marks where the rendered text is tokenised apart: between a reply's text and the tool results that continue its
+# message (the qwen format), so that a fresh run prefills the ids a session holds (the reply as generated, then
+# the results) and no merge crosses from the reply into the results (`}` `\n` against `}\n`)
+BOUNDARY = "\x00qwen2vl-edge-boundary\x00"
 CONTENT_TYPES = ("text", "image", "image_url", "video")
 
 

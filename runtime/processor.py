@@ -130,7 +130,8 @@ class Processor:
                            add_generation_prompt=add_generation_prompt)
 
     def segment(self, text: str, items: list[tuple[str, dict]], max_tokens: int | None = None) -> dict:
-        """Rendered text + its vision items in order -> {"ids": [int], "pixels": {kind: [patches]},
+        """Rendered text + its vision items in order -> {"ids": [int] (the pieces between chat.BOUNDARY marks
+        tokenised apart), "pixels": {kind: [patches]},
         "grids": {kind: [(t, h, w)]}, "second_per_grid_ts": [s] (per video), "image_sizes": [(w, h)],
         "video_timestamps": [[s]]}.
         `max_tokens`: a video file whose token count (read from its metadata) exceeds it fails before decoding."""
@@ -140,7 +141,7 @@ class Processor:
             self._image(item, out) if kind == "image" else self._video(item, out, limit)
         for kind in ("image", "video"):
             text = self._expand(text, kind, out["grids"][kind])
-        out["ids"] = self.tokenizer.encode(text).ids
+        out["ids"] = [i for piece in text.split(chat.BOUNDARY) for i in self.tokenizer.encode(piece).ids]
         return out
 
     def arrays(self, ids: list[list[int]], segments: list[dict]) -> dict[str, np.ndarray]:

@@ -23,6 +23,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from . import chat
 from .constraints import json_lark
 from .errors import InputError
 
@@ -317,17 +318,16 @@ def prepare(conversation: list[dict], fmt: ToolFormat, fns: list[dict] | None, c
             continue
         answered = bool(results)
         if results:
-            fmt.results(out, results)
+            _results(out, results, fmt)
             results = []
         if role != "assistant":
             out.append(message)
             continue
         text = assistant_text(fmt, message.get("content"), message.get("tool_calls") or [])
         if answered and fmt.results_continue:  # the reply to results continues the message that called
-            if message.get(RAW):
-                _continue(out[-1], text, fmt.trim)
-            else:  # Qwen-Agent puts a newline before a call that continues a message
-                _continue(out[-1], text if _text(message.get("content")) else "\n" + text, "")
+            if not message.get(RAW):  # as generated: the lead, and Qwen-Agent's newline before a lone call
+                text = fmt.lead + (text if _text(message.get("content")) else "\n" + text)
+            _continue(out[-1], text, fmt.trim)
             if message.get("prefix"):  # the merged message is the one left open
                 out[-1] = {**out[-1], "prefix": True}
         elif message.get("tool_calls"):
@@ -335,25 +335,37 @@ def prepare(conversation: list[dict], fmt: ToolFormat, fns: list[dict] | None, c
         else:
             out.append(message)
     if results:
-        fmt.results(out, results)
+        _results(out, results, fmt)
     continued = bool(results) and fmt.results_continue
-    if continued:
+    if continued:  # the reply is generated after the results: tokenised apart from them
         items = out[-1]["content"]
         if fmt.trim:
             items[-1] = {"type": "text", "text": items[-1]["text"][:-len(fmt.trim)]}
-        out[-1] = {**out[-1], "prefix": True}
+        out[-1] = {**out[-1], "content": [*items, _BOUNDARY], "prefix": True}
     if fns and choice != "none":
         out = _with_system(out, fmt.system(fns, parallel))
     return out, continued
 
 
+_BOUNDARY = {"type": "text", "text": chat.BOUNDARY}
+
+
+def _results(out: list[dict], results: list[dict], fmt: ToolFormat) -> None:
+    """Tool messages after the reply that called; results that continue its message are tokenised apart from
+    its text, as a session holds them after the reply's ids."""
+    if fmt.results_continue and out and out[-1]["role"] == "assistant":
+        out[-1] = {**out[-1], "content": [*_content_items(out[-1]["content"]), _BOUNDARY]}
+    fmt.results(out, results)
+
+
 def _continue(message: dict, text: str, trim: str) -> None:
-    """Append a reply to the assistant message it continues; a raw reply (as generated) brings its own start,
-    so the `trim` the prompt dropped from the message's end goes first."""
+    """Append a reply (its text as generated: it brings its own start) to the assistant message it continues,
+    tokenised apart from the results before it; the `trim` the prompt dropped from the message's end goes
+    first."""
     items = message["content"]
     if trim and items[-1]["text"].endswith(trim):
         items[-1] = {"type": "text", "text": items[-1]["text"][:-len(trim)]}
-    items.append({"type": "text", "text": text})
+    items += [_BOUNDARY, {"type": "text", "text": text}]
 
 
 def _with_system(messages: list[dict], tools_text: str) -> list[dict]:

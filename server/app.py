@@ -256,7 +256,7 @@ def create_app(settings: ServerSettings, pipe: Qwen2VLPipeline | None = None) ->
             pipe.matchers([plan])
         except InputError as e:
             raise bad_request(str(e), protocol.constraint_param(req)) from None
-        keys = job_keys(conversation, opts, app.state.pipe.tool_format) if settings.max_sessions else (None, False)
+        keys = job_keys(conversation, opts) if settings.max_sessions else (None, False)
         return conversation, keys
 
     async def new_job(req: protocol.ChatRequest) -> Job:

@@ -217,7 +217,7 @@ class Batcher:
         after = job.conversation + [reply_message(result)]
         tools = prompt_tools(job.options)
         key = conversation_key(after, tools)
-        if key is not None and encodes_as(self.pipe, kept.messages, after, kept.session.token_ids[cached:], tools):
+        if key is not None and encodes_as(self.pipe, kept.messages, after, kept.session.token_ids, cached, tools):
             self.sessions.keep(key, Kept(kept.session, after, kept.session.cache_bytes))
 
     def _generate(self, batch: list[Job], steps) -> list | None:

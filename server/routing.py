@@ -28,7 +28,6 @@ from .sessions import job_keys
 from .settings import ServerSettings
 from . import protocol
 
-from qwen2vl_edge.runtime import tools
 from qwen2vl_edge.runtime.errors import InputError
 
 SESSION_ARG = "session"  # the keyword argument of a replica call that carries the request's session key
@@ -54,7 +53,7 @@ def session_key(scope: dict, body: bytes, settings: ServerSettings) -> str | Non
         conversation = protocol.conversation(req, settings.limits, settings.allowed_media_dir)
         # only the tools the options hold enter the key: the replica checks max_tokens against its model's context
         opts = protocol.generation_options(req, settings.limits, context=sys.maxsize)
-        return job_keys(conversation, opts, tools.tool_format(settings.tool_format))[0]
+        return job_keys(conversation, opts)[0]
     except (APIError, InputError):  # the replica gives the client this error
         return None
 

@@ -74,45 +74,49 @@ def reply_message(result) -> dict:
     return message
 
 
-def job_keys(messages: list[dict], opts: GenerationOptions, fmt: tools.ToolFormat) -> tuple[str | None, bool]:
+def job_keys(messages: list[dict], opts: GenerationOptions) -> tuple[str | None, bool]:
     """-> (the key of the conversation the messages after the last reply continue: tool results and / or one
     user message, or None; whether a new session can run the messages: an optional system message, then one
-    user message). No session serves
-    - a request whose tools are left out of its prompt (tool_choice "none"): a session keeps its tools in the
-      cached prompt;
-    - tool results that continue the reply that called (`fmt.results_continue`, the qwen format): the session
-      tokenises them apart from the reply's ids, where a fresh run tokenises the message at once (`}` then
-      `\n` against `}\n`), so its reply could differ from the fresh run's."""
+    user message). No session serves a request whose tools are left out of its prompt (tool_choice "none"): a
+    session keeps its tools in the cached prompt."""
     if opts.tools and opts.tool_choice == "none":
         return None, False
     roles = [m["role"] for m in messages]
     last_reply = max((i for i, role in enumerate(roles) if role == "assistant"), default=0)
     new = roles[last_reply + 1:]
-    continues = (last_reply > 0 and bool(new) and set(new) <= {"tool", "user"} and "user" not in new[:-1]
-                 and not (new[0] == "tool" and fmt.results_continue))
+    continues = last_reply > 0 and bool(new) and set(new) <= {"tool", "user"} and "user" not in new[:-1]
     return ((conversation_key(messages[:last_reply + 1], prompt_tools(opts)) if continues else None),
             roles in (["user"], ["system", "user"]))
 
 
-def encodes_as(pipe, before: list[dict], after: list[dict], ids: list[int], prompt: list | None) -> bool:
-    """Whether `ids` (the cache's ids past the fresh encoding of `before`) are what a fresh run prefills for
-    the messages `after` adds, ending with the template's end of turn; `prompt`: the tools in the system prompt
-    (prompt_tools). The text is tokenised from the start of the first added message, a special token, where
-    tokenising in pieces and at once agree."""
+def encodes_as(pipe, before: list[dict], after: list[dict], ids: list[int], held: int, prompt: list | None) -> bool:
+    """Whether the cache's `ids` past the fresh encoding of `before` (its first `held`) are what a fresh run
+    prefills for the messages `after` adds, ending with the template's end of turn; `prompt`: the tools in the
+    system prompt (prompt_tools). Tool results that continue `before`'s last reply (the qwen format) reopen it:
+    its end of turn is then not in the cache. The text is tokenised from the start of the first added message,
+    a special token or a chat.BOUNDARY, where tokenising in pieces and at once agree."""
     fns = tools.functions(prompt[0]) if prompt else None
 
-    def render(messages: list[dict]) -> str:  # as pipe.plan renders a conversation; nothing for none
+    def render(messages: list[dict], reopen: bool = False) -> str:  # as pipe.plan renders them; nothing for none
         if not messages:
             return ""
         plain, _ = tools.prepare(messages, pipe.tool_format, fns, "auto" if fns else "none",
                                  prompt is None or prompt[1])
+        if reopen:
+            plain[-1] = {**plain[-1], "prefix": True}
         return pipe.processor.prompt(plain, False, False)
 
     start, whole = render(before), render(after)
+    if not whole.startswith(start) and before and before[-1]["role"] == "assistant":
+        reopened = render(before, reopen=True)
+        if not start.startswith(reopened):
+            return False
+        held -= len(pipe.processor.segment(start[len(reopened):], [])["ids"])  # the end of turn it drops
+        start = reopened
     if not whole.startswith(start):
         return False
     added = after[len(before):]
-    return pipe.processor.segment(whole[len(start):], chat.vision_items(added))["ids"] == ids
+    return pipe.processor.segment(whole[len(start):], chat.vision_items(added))["ids"] == ids[held:]
 
 
 @dataclass

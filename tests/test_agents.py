@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from qwen2vl_edge.runtime import ConfigError, InputError, Qwen2VLPipeline
-from qwen2vl_edge.runtime import constraints
+from qwen2vl_edge.runtime import chat, constraints
 from qwen2vl_edge.runtime import tools as tool_formats
 from qwen2vl_edge.runtime.sampling import SamplingOptions, constrained_pick, distribution
 
@@ -228,7 +228,7 @@ def test_a_tool_result_turn_reuses_the_session_cache(agent):
     assert second.usage["prompt_tokens"] - cached <= 24  # only the result and its framing are prefilled
     # the cache holds exactly what the conversation renders to, the forced separators included
     rendered = session._render(session._messages, False)
-    assert agent.processor.decode(session.token_ids, skip_special_tokens=False) == rendered
+    assert agent.processor.decode(session.token_ids, skip_special_tokens=False) == rendered.replace(chat.BOUNDARY, "")
     shown, _ = tool_formats.prepare(session.history, agent.tool_format, tool_formats.functions(TOOLS), "auto", True)
     assert agent.processor.prompt(shown, add_generation_prompt=False) == rendered  # history in OpenAI's shape
     assert [m["role"] for m in session.history] == ["system", "user", "assistant", "tool", "assistant"]
@@ -241,13 +241,32 @@ def test_a_tool_result_turn_reuses_the_session_cache(agent):
         reply = session.send(**turn)
         assert reply.usage["cached_prompt_tokens"] == last.usage["prompt_tokens"] + len(last.token_ids) - 1
         last = reply
-    assert agent.processor.decode(session.token_ids, skip_special_tokens=False) == \
-        session._render(session._messages, False)
+    rendered = session._render(session._messages, False).replace(chat.BOUNDARY, "")
+    assert agent.processor.decode(session.token_ids, skip_special_tokens=False) == rendered
     held = list(session.token_ids)
     for _ in session.stream("Count.", max_new_tokens=8, min_new_tokens=8):
         break  # walked away: the cache is rebuilt at the next turn, the tool turns replayed as they were
     rebuilt = session.send("Again.", max_new_tokens=2)
     assert rebuilt.usage["cached_prompt_tokens"] == 0 and session.token_ids[:len(held)] == held
+
+
+def test_a_qwen_session_tool_result_turn_equals_a_fresh_run(pipe):
+    """qwen: the results continue the calling message, tokenised apart from the call's text in a fresh run as in a
+    session, so the cache after a tool result holds the ids a fresh run of the whole conversation prefills, and
+    the session's reply is the fresh run's, token for token (when the call's ids re-tokenise alike, as here)."""
+    opts = {"tools": TOOLS, "parallel_tool_calls": False}
+    session = pipe.chat(system="You drive a robot arm.", max_new_tokens=40, **opts)
+    first = session.send("Pick up the cube.", tool_choice="required")
+    _check_calls(first)
+    second = session.send(tool_results=[{"tool_call_id": first.tool_calls[0].id, "content": "done"}],
+                          max_new_tokens=12)
+    conversation = session.history[:4]
+    fresh = pipe.generate(conversation, 12, **opts)
+    assert second.usage["cached_prompt_tokens"] == first.usage["prompt_tokens"] + len(first.token_ids) - 1
+    plain, _ = pipe.plan(conversation, pipe._options(12, **opts))
+    prompt = pipe.processor.encode(plain)[0]["input_ids"][0].tolist()
+    assert session.token_ids[:second.usage["prompt_tokens"]] == prompt
+    assert second.token_ids == fresh.token_ids and second.text == fresh.text
 
 
 def test_a_tool_result_may_carry_an_image(agent, images):

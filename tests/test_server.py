@@ -499,7 +499,7 @@ def test_kept_sessions_are_bounded_by_the_bytes_of_their_caches(pipe, images):
 
     def kept(max_session_bytes):
         async def answer():
-            prefix_key, starts = job_keys(conversation, GenerationOptions(), pipe.tool_format)
+            prefix_key, starts = job_keys(conversation, GenerationOptions())
             job = Job(conversation, GenerationOptions(max_new_tokens=MAX_TOKENS), asyncio.get_running_loop(),
                       stream=False, prefix_key=prefix_key, starts=starts)
             batcher.submit(job)

@@ -2,8 +2,9 @@
 output (`.parse()` with pydantic, json_object, json_schema), what is refused with a 400, and kept sessions across
 a tool turn.
 
-conftest's `server` (the default qwen tool format, shared with test_server.py) serves most of it; the kept-session
-test runs a second app in this process on a uvicorn of its own, in the hermes format, over the same graphs.
+conftest's `server` (the default qwen tool format, shared with test_server.py) serves most of it; the hermes
+kept-session test runs a second app in this process on a uvicorn of its own, in the hermes format, over the same
+graphs.
 Replies of the tiny random-weight model are random tokens: only the constraint makes them parse.
 """
 
@@ -227,9 +228,9 @@ def test_a_kept_session_serves_the_turn_after_a_tool_result(hermes_client, tiny_
     assert fresh.text and formats.HERMES_CALL not in fresh.text
 
 
-def test_qwen_tool_results_run_afresh(client, model, pipe):
-    """qwen: results continue the message that called, which a session tokenises apart from the reply's ids; the
-    server runs that turn afresh (no cached tokens) and answers as the pipeline does."""
+def test_a_kept_session_serves_a_qwen_tool_result(client, model, pipe):
+    """qwen: the result continues the message that called; a fresh run tokenises it apart from the call's text,
+    as the session holds it, so the result's turn reuses the kept session's cache and gets the fresh run's reply."""
     look = {"type": "function", "function": {"name": "look", "parameters": {
         "type": "object", "properties": {"shelf": {"type": "integer", "minimum": 0, "maximum": 9}},
         "required": ["shelf"], "additionalProperties": False}}}
@@ -238,13 +239,21 @@ def test_qwen_tool_results_run_afresh(client, model, pipe):
                                            parallel_tool_calls=False, temperature=0)  # kept: re-tokenises alike
     call = first.choices[0].message.tool_calls[0]
     conversation = ASK + [first.choices[0].message, {"role": "tool", "tool_call_id": call.id, "content": "a cup"}]
-    reply = client.chat.completions.create(model=model, messages=conversation, tools=[look], max_tokens=16,
-                                           parallel_tool_calls=False, temperature=0)
-    details = reply.usage.prompt_tokens_details
-    assert details is None or not details.cached_tokens
+    ask = dict(model=model, tools=[look], max_tokens=NEW_TOKENS, parallel_tool_calls=False, temperature=0,
+               tool_choice="required")
+    reply = client.chat.completions.create(messages=conversation, **ask)
+    assert reply.usage.prompt_tokens_details.cached_tokens > first.usage.prompt_tokens
     fresh = pipe.generate(ASK + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
-                                 conversation[-1]], max_new_tokens=16, tools=[look], parallel_tool_calls=False)
-    assert reply.choices[0].message.content == fresh.text and reply.usage.prompt_tokens == fresh.usage["prompt_tokens"]
+                                 conversation[-1]], max_new_tokens=NEW_TOKENS, tools=[look], tool_choice="required",
+                          parallel_tool_calls=False)
+    again = reply.choices[0].message
+    assert (again.content or "") == fresh.text and reply.choices[0].finish_reason == fresh.finish_reason == "tool_calls"
+    assert _calls(again) == [(c.name, c.arguments) for c in fresh.tool_calls]
+    assert reply.usage.prompt_tokens == fresh.usage["prompt_tokens"]
+    # kept again (the cache holds the reopened message): the next result continues it once more
+    conversation += [again, {"role": "tool", "tool_call_id": again.tool_calls[0].id, "content": "a box"}]
+    last = client.chat.completions.create(messages=conversation, **{**ask, "tool_choice": "auto", "max_tokens": 4})
+    assert last.usage.prompt_tokens_details.cached_tokens > reply.usage.prompt_tokens
 
 
 def test_requests_with_different_constraints_share_a_batch(pipe):

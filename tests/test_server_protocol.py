@@ -150,10 +150,10 @@ def test_conversation_keys_compare_images_by_pixels():
         [{"role": "user", "content": [{"type": "text", "text": "hi"}]}])  # rendered alike, kept apart all the same
     assert conversation_key([{"role": "user", "content": [{"type": "video", "video": "clip.mp4"}]}]) is None
     follow_up = chat("red") + [{"role": "user", "content": "And?"}]
-    plain, fmt = GenerationOptions(), tools.FORMATS["qwen"]
-    assert job_keys(follow_up, plain, fmt) == (conversation_key(chat("red")), False)
-    assert job_keys(chat("red")[:1], plain, fmt) == (None, True)
-    assert job_keys([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}], plain, fmt) == (
+    plain = GenerationOptions()
+    assert job_keys(follow_up, plain) == (conversation_key(chat("red")), False)
+    assert job_keys(chat("red")[:1], plain) == (None, True)
+    assert job_keys([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}], plain) == (
         None, True)
 
 
@@ -226,7 +226,7 @@ def test_streamed_calls_are_read_from_the_text_as_it_grows(fmt):
     assert len([d for d in deltas if d["index"] == 0]) > 3  # in pieces, as the text grew
 
 
-def test_sessions_with_tools_are_keyed_by_them_and_skip_what_a_fresh_run_would_tokenise_otherwise():
+def test_sessions_with_tools_are_keyed_by_them_in_either_format():
     from qwen2vl_edge.server.sessions import conversation_key, job_keys
 
     tool = {"type": "function", "function": {"name": "f"}}
@@ -235,18 +235,16 @@ def test_sessions_with_tools_are_keyed_by_them_and_skip_what_a_fresh_run_would_t
     result = [{"role": "tool", "tool_call_id": "call_1", "content": "done"}]
     with_tools = GenerationOptions(tools=[tool])
     key = conversation_key(history, [[tool], True])
-    assert job_keys(history + result, with_tools, tools.FORMATS["hermes"]) == (key, False)
-    assert job_keys(history + result + [{"role": "user", "content": "And?"}], with_tools,
-                    tools.FORMATS["hermes"]) == (key, False)
-    assert job_keys(history + result, with_tools, tools.FORMATS["qwen"]) == (None, False)  # results reopen the reply
-    assert job_keys(history + [{"role": "user", "content": "And?"}], with_tools, tools.FORMATS["qwen"]) == (key, False)
+    assert job_keys(history + result, with_tools) == (key, False)
+    assert job_keys(history + result + [{"role": "user", "content": "And?"}], with_tools) == (key, False)
+    assert job_keys(history + [{"role": "user", "content": "And?"}], with_tools) == (key, False)
     assert key != conversation_key(history, [[tool], False]) != conversation_key(history)  # the prompt differs
     other_call = [*history[:1], {**history[1], "tool_calls": [{**call, "function": {"name": "f", "arguments": "{ }"}}]}]
     assert conversation_key(other_call, [[tool], True]) != key
     renamed = [*history[:1], {**history[1], "tool_calls": [{**call, "id": "call_2"}]}]
     assert conversation_key(renamed, [[tool], True]) == key  # ids are not rendered
-    assert job_keys(history[:1], GenerationOptions(tools=[tool], tool_choice="none"), tools.FORMATS["hermes"]) == (
-        None, False)  # tools left out of the prompt: no session
+    # tools left out of the prompt: no session
+    assert job_keys(history[:1], GenerationOptions(tools=[tool], tool_choice="none")) == (None, False)
 
 
 def test_a_batch_takes_a_constraint_per_row():
