@@ -61,10 +61,13 @@ class CallStream:
     fmt: ToolFormat
     sent: list[str] = field(default_factory=list)  # per call announced: the arguments sent so far
 
+    def __post_init__(self):
+        self.shape = CallShape.of(self.fmt)  # read at every token: split out of the format once
+
     def update(self, text: str) -> list[dict]:
         """The reply's text so far (as generated) -> the deltas it adds."""
         at = text.find(self.fmt.marker)
-        return [] if at < 0 else self._deltas(CallShape.of(self.fmt).read(text[at:]))
+        return [] if at < 0 else self._deltas(self.shape.read(text[at:]))
 
     def finish(self, calls: list[ToolCall]) -> list[dict]:
         """The final result's calls -> the deltas still to send (the held-back ends of the arguments)."""
