@@ -1,4 +1,4 @@
-"""Tiny random Qwen2-VL and Qwen2.5-VL checkpoints in the Hugging Face layout, with the real Qwen2 vocabulary.
+"""Tiny random Qwen2-VL, Qwen2.5-VL and Qwen3-VL checkpoints in the Hugging Face layout, with the real Qwen2 vocabulary.
 
 Built locally with transformers (no hub). The default init (std 0.02) makes greedy decoding repeat
 one token whatever the input, so `init_std` is larger: generated tokens vary and follow the image.
@@ -26,10 +26,17 @@ TINY_VISION = dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=4, hidden_size=
 TINY_VISION_25 = dict(depth=3, hidden_size=32, num_heads=2, intermediate_size=48, out_hidden_size=64, patch_size=14,
                       spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1],
                       tokens_per_second=2, hidden_act="silu")
+# Qwen3-VL: patch 16, a perfect-square position table, DeepStack taps inside the depth (blocks 0 and 2 of 3)
+TINY_VISION_3 = dict(depth=3, hidden_size=32, num_heads=2, intermediate_size=48, out_hidden_size=64, patch_size=16,
+                     spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                     deepstack_visual_indexes=[0, 2], hidden_act="gelu_pytorch_tanh")
+# Qwen3's decoder states head_dim: 32 here, not hidden / heads = 16, with a small interleaved section summing to 16
+TINY_TEXT_3 = dict(TINY_TEXT, num_hidden_layers=3, head_dim=32, mrope_section=[6, 5, 5], rope_theta=5000000.0)
 # family -> (its tiny vision fields, transformers' config and model class names, the processor class it ships)
 FAMILY_CLASSES = {
     "qwen2_vl": (TINY_VISION, "Qwen2VLConfig", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
     "qwen2_5_vl": (TINY_VISION_25, "Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"),
+    "qwen3_vl": (TINY_VISION_3, "Qwen3VLConfig", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor"),
 }
 TINY_TOP = dict(tie_word_embeddings=True, init_std=0.2)
 TOKEN_IDS = dict(bos_token_id=151643, eos_token_id=151645, vision_start_token_id=151652,
@@ -51,7 +58,8 @@ def _parse_value(text: str) -> Any:
 
 def apply_overrides(overrides: list[str], family: str = "qwen2_vl") -> tuple[dict, dict, dict]:
     """'text.num_hidden_layers=3', 'vision.depth=1', 'tie_word_embeddings=false' -> the three dicts."""
-    text, vision, top = dict(TINY_TEXT), dict(FAMILY_CLASSES[family][0]), dict(TINY_TOP)
+    text = dict(TINY_TEXT_3 if family == "qwen3_vl" else TINY_TEXT)
+    vision, top = dict(FAMILY_CLASSES[family][0]), dict(TINY_TOP)
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"--set expects key=value, got {item!r}")
@@ -67,8 +75,10 @@ def apply_overrides(overrides: list[str], family: str = "qwen2_vl") -> tuple[dic
 
 def original_config(text: dict, vision: dict, top: dict, family: str = "qwen2_vl") -> dict:
     """config.json exactly as Qwen/Qwen2-VL-2B-Instruct (Qwen/Qwen2.5-VL-3B-Instruct) ships it: the flat
-    transformers 4.4x layout, the vision fields under their published names."""
+    transformers 4.4x layout, the vision fields under their published names. Qwen3-VL ships nested."""
     t = {k: v for k, v in text.items() if k not in ("mrope_section",)}
+    if family == "qwen3_vl":
+        return qwen3_config(t, text["mrope_section"], vision, top)
     return {
         "architectures": [FAMILY_CLASSES[family][2]], "attention_dropout": 0.0, **TOKEN_IDS,
         "hidden_act": "silu", "initializer_range": 0.02, "max_window_layers": t["num_hidden_layers"],
@@ -77,6 +87,25 @@ def original_config(text: dict, vision: dict, top: dict, family: str = "qwen2_vl
         **t,
         "vision_config": {**vision, "in_chans": 3, "spatial_patch_size": vision["patch_size"]},
         "rope_scaling": {"type": "mrope", "mrope_section": list(text["mrope_section"])},
+    }
+
+
+def qwen3_config(text: dict, mrope_section: list[int], vision: dict, top: dict) -> dict:
+    """config.json as Qwen/Qwen3-VL-2B-Instruct ships it (transformers 4.57): text fields nested under text_config
+    with rope_scaling, the vision fields under their published names."""
+    return {
+        "architectures": [FAMILY_CLASSES["qwen3_vl"][2]], "model_type": "qwen3_vl",
+        "image_token_id": TOKEN_IDS["image_token_id"], "video_token_id": TOKEN_IDS["video_token_id"],
+        "vision_start_token_id": TOKEN_IDS["vision_start_token_id"],
+        "vision_end_token_id": TOKEN_IDS["vision_end_token_id"],
+        "tie_word_embeddings": top["tie_word_embeddings"], "transformers_version": "4.57.0.dev0",
+        "text_config": {**text, "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643,
+                        "eos_token_id": 151645, "hidden_act": "silu", "initializer_range": 0.02,
+                        "model_type": "qwen3_vl_text", "dtype": "float32", "use_cache": True,
+                        "tie_word_embeddings": top["tie_word_embeddings"],
+                        "rope_scaling": {"mrope_interleaved": True, "mrope_section": list(mrope_section),
+                                         "rope_type": "default"}},
+        "vision_config": {**vision, "in_channels": 3, "initializer_range": 0.02, "model_type": "qwen3_vl"},
     }
 
 
@@ -104,7 +133,7 @@ def write_processor_files(out: Path, processor_class: str = "Qwen2VLProcessor") 
 
 def make_tiny(out: str | Path, *, seed: int = 0, layout: str = "original", overrides: list[str] = (),
               family: str = "qwen2_vl") -> Path:
-    """Write a tiny random checkpoint of `family` (qwen2_vl, qwen2_5_vl) to `out`; returns the directory."""
+    """Write a tiny random checkpoint of `family` (qwen2_vl, qwen2_5_vl, qwen3_vl) to `out`; returns the directory."""
     import torch
     import transformers
 
@@ -126,7 +155,7 @@ def make_tiny(out: str | Path, *, seed: int = 0, layout: str = "original", overr
     model = getattr(transformers, model_class)(cfg).eval()
     with torch.no_grad():  # norms and biases too, so nothing sits at a degenerate 1 or 0
         for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name or "ln_q" in name:
+            if name.endswith("bias") or "norm" in name or "ln_q" in name or "pos_embed" in name:
                 p.copy_(torch.randn_like(p) * 0.1 + (1.0 if name.endswith("weight") else 0.0))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,8 @@
 Two config.json layouts exist in the wild and both load into the same object:
 - "original" (Qwen/Qwen2-VL-*-Instruct and Qwen2.5-VL-*-Instruct as published, transformers 4.4x): text
   fields at the top level, `rope_scaling: {"type": "mrope", "mrope_section": [...]}`;
-- "v5" (what transformers 5 saves): a `text_config` dict with `rope_parameters`.
+- "v5" (what transformers 5 saves, and how every Qwen3-VL config.json nests): a `text_config` dict with
+  `rope_parameters` (or `rope_scaling`).
 The checkpoint's family (`model_type`, else `architectures`) picks how its vision_config reads (FAMILIES).
 An artifact directory carries the same object under manifest.json's "config".
 """
@@ -32,6 +33,15 @@ class Family:
     vision_mlp: str  # "fc" (fc1, act, fc2) | "gated" (down(act(gate) * up))
     windowed: bool  # blocks outside fullatt_block_indexes attend within windows (runtime/rope.py: vision_windows)
     timed_video: bool  # a video's temporal ids step by tokens_per_second * second_per_grid_ts, not by 1
+    # Qwen3-VL: a learned square position table resampled to each grid (the host feeds 4 indices and weights a
+    # patch); a video is one-frame grids, each after a "<t seconds>" timestamp; M-RoPE sections interleaved over
+    # the frequencies (t h w t h w ...); the decoder normalises q and k per head (RMSNorm) before the rotary.
+    # DeepStack (features of some vision blocks added after the first decoder layers) follows the vision config's
+    # deepstack_visual_indexes, not the family.
+    pos_table: bool = False
+    frame_timestamps: bool = False
+    mrope_interleaved: bool = False
+    qk_norm: bool = False
 
 
 FAMILIES = {f.model_type: f for f in (
@@ -40,7 +50,15 @@ FAMILIES = {f.model_type: f for f in (
     Family("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration",
            {"in_chans": "in_channels", "hidden_size": "embed_dim", "out_hidden_size": "hidden_size"},
            "rms", "gated", True, True),
+    Family("qwen3_vl", "Qwen3VLForConditionalGeneration", {"hidden_size": "embed_dim", "out_hidden_size": "hidden_size"},
+           "layer", "fc", False, False, pos_table=True, frame_timestamps=True, mrope_interleaved=True, qk_norm=True),
 )}
+# Known and refused with their own reason (family_of).
+OUT_OF_SCOPE = {
+    "qwen3_vl_moe": "the Qwen3-VL mixture-of-experts models (30B-A3B, 235B-A22B) are out of scope for edge devices: "
+                    "use a dense Qwen3-VL (2B, 4B, 8B, 32B)",
+}
+OUT_OF_SCOPE_ARCHITECTURES = {"Qwen3VLMoeForConditionalGeneration": "qwen3_vl_moe"}
 
 
 def family_of(raw: dict[str, Any]) -> Family:
@@ -48,12 +66,15 @@ def family_of(raw: dict[str, Any]) -> Family:
     ones otherwise."""
     by_arch = {f.architecture: f for f in FAMILIES.values()}
     arch = (raw.get("architectures") or [None])[0]
+    refused = raw.get("model_type") if raw.get("model_type") in OUT_OF_SCOPE else OUT_OF_SCOPE_ARCHITECTURES.get(arch)
+    if refused:
+        raise ConfigError(f"config.json is a {refused} checkpoint: {OUT_OF_SCOPE[refused]}")
     family = FAMILIES.get(raw.get("model_type")) or by_arch.get(arch)
     if family is None:
         raise ConfigError(
             f"config.json has model_type={raw.get('model_type')!r} (architectures {raw.get('architectures')!r}); "
-            f"qwen2vl-edge supports {', '.join(map(repr, FAMILIES))} (Qwen2-VL 2B/7B/72B, Qwen2.5-VL 3B/7B/32B/72B). "
-            "Qwen3-VL and other models are not supported yet."
+            f"qwen2vl-edge supports {', '.join(map(repr, FAMILIES))} (Qwen2-VL 2B/7B/72B, Qwen2.5-VL 3B/7B/32B/72B, "
+            "Qwen3-VL 2B/4B/8B/32B). Other models are not supported."
         )
     return family
 
@@ -75,6 +96,12 @@ class VisionConfig:
     window_size: int | None = None  # pixels a window spans (Qwen2.5-VL: 112)
     fullatt_block_indexes: tuple[int, ...] = ()  # blocks that attend over the whole frame; the others in windows
     tokens_per_second: float | None = None  # temporal ids per second of video (Qwen2.5-VL)
+    num_position_embeddings: int | None = None  # entries of the learned square position table (Qwen3-VL: 48 x 48)
+    deepstack_visual_indexes: tuple[int, ...] = ()  # blocks whose merged outputs the decoder adds (Qwen3-VL)
+
+    @property
+    def pos_table_side(self) -> int:
+        return int(round(self.num_position_embeddings ** 0.5))
 
     @property
     def head_dim(self) -> int:
@@ -108,10 +135,11 @@ class TextConfig:
     rope_theta: float = 1000000.0
     max_position_embeddings: int = 32768
     hidden_act: str = "silu"
+    head_dim: int | None = None  # stated by Qwen3 configs (may differ from hidden_size / heads); else derived
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    def __post_init__(self):
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
 
 
 @dataclass(frozen=True)
@@ -134,7 +162,8 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         d.pop("extra")
         d["text"]["mrope_section"] = list(self.text.mrope_section)
-        d["vision"]["fullatt_block_indexes"] = list(self.vision.fullatt_block_indexes)
+        for name in ("fullatt_block_indexes", "deepstack_visual_indexes"):
+            d["vision"][name] = list(getattr(self.vision, name))
         return d
 
     @classmethod
@@ -144,7 +173,8 @@ class ModelConfig:
         text = _typed_fields(TextConfig, d["text"] if "text" in d else None, "config.text")
         text["mrope_section"] = tuple(text["mrope_section"])
         vision = _typed_fields(VisionConfig, d.get("vision"), "config.vision")
-        vision["fullatt_block_indexes"] = tuple(vision.get("fullatt_block_indexes", ()))
+        for name in ("fullatt_block_indexes", "deepstack_visual_indexes"):
+            vision[name] = tuple(vision.get(name, ()))
         cfg = cls(text=TextConfig(**text), vision=VisionConfig(**vision), **top)
         cfg.validate()
         return cfg
@@ -156,7 +186,8 @@ class ModelConfig:
             raise ConfigError(f"model_type {self.model_type!r} is not one of {', '.join(FAMILIES)}: re-export the "
                               "artifact with this version of qwen2vl-edge")
         family = self.family
-        rules = ((t.hidden_size % t.num_attention_heads == 0, "text hidden_size must divide by num_attention_heads"),
+        rules = ((family.qk_norm or t.hidden_size == t.num_attention_heads * t.head_dim,
+                  "text hidden_size must be num_attention_heads * head_dim"),
                  (t.num_attention_heads % t.num_key_value_heads == 0,
                   "num_attention_heads must divide by num_key_value_heads"),
                  (2 * sum(t.mrope_section) == t.head_dim, "mrope_section must sum to head_dim / 2"),
@@ -167,7 +198,13 @@ class ModelConfig:
                   f"{self.model_type} needs a vision window_size of at least spatial_merge_size * patch_size"),
                  (all(i < v.depth for i in v.fullatt_block_indexes), "fullatt_block_indexes must be below depth"),
                  (not family.timed_video or v.tokens_per_second is not None,
-                  f"{self.model_type} needs vision tokens_per_second"))
+                  f"{self.model_type} needs vision tokens_per_second"),
+                 (not family.pos_table or (v.num_position_embeddings or 0) == v.pos_table_side ** 2 > 0,
+                  f"{self.model_type} needs a square vision num_position_embeddings"),
+                 (all(i < v.depth for i in v.deepstack_visual_indexes),
+                  "deepstack_visual_indexes must be below the vision depth"),
+                 (len(v.deepstack_visual_indexes) <= t.num_hidden_layers,
+                  "deepstack_visual_indexes must not outnumber the decoder layers that take their features"))
         broken = [why for ok, why in rules if not ok]
         if broken:
             raise ConfigError(f"inconsistent model config: {'; '.join(broken)}")
@@ -246,7 +283,8 @@ def parse_hf_config(raw: dict[str, Any]) -> ModelConfig:
         vsrc["rope_theta"] = vrope["rope_theta"]
     vision_kwargs = _typed_fields(VisionConfig, _pick(vsrc, VisionConfig, renames=family.vision_renames),
                                   "config.json vision_config")
-    vision_kwargs["fullatt_block_indexes"] = tuple(vision_kwargs.get("fullatt_block_indexes", ()))
+    for name in ("fullatt_block_indexes", "deepstack_visual_indexes"):
+        vision_kwargs[name] = tuple(vision_kwargs.get(name, ()))
     vision = VisionConfig(**vision_kwargs)
 
     tie = raw.get("tie_word_embeddings")

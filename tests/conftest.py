@@ -67,7 +67,18 @@ def tiny_ckpt_25(workdir) -> Path:
     return make_tiny(workdir / "tiny-25-original", seed=2, layout="original", family="qwen2_5_vl")
 
 
-FAMILY_CKPTS = {"qwen2_vl": "tiny_ckpt", "qwen2_5_vl": "tiny_ckpt_25"}  # family -> its tiny checkpoint's fixture
+@pytest.fixture(scope="session")
+def tiny_ckpt_3(workdir) -> Path:
+    """Qwen3-VL as Qwen/Qwen3-VL-2B-Instruct ships it (nested config): head_dim 32 != hidden / heads, DeepStack taps
+    at vision blocks 0 and 2 of 3 feeding decoder layers 0 and 1 of 3, an 8 x 8 position table, section [6, 5, 5]."""
+    if not HAS_TORCH:
+        pytest.skip("building a tiny checkpoint needs the [export] extra")
+    from qwen2vl_edge.export.tiny import make_tiny
+
+    return make_tiny(workdir / "tiny-3", seed=3, layout="original", family="qwen3_vl")
+
+
+FAMILY_CKPTS = {"qwen2_vl": "tiny_ckpt", "qwen2_5_vl": "tiny_ckpt_25", "qwen3_vl": "tiny_ckpt_3"}  # family -> its tiny checkpoint's fixture
 # target -> export options; tensorrt targets run by ONNX Runtime (the very files TensorRT would be given)
 TARGET_OPTIONS = {"portable": {}, "ort-cpu": {"target": "ort-cpu"},
                   **{f"tensorrt-{v}{suffix}": {"target": "tensorrt", "min_tensorrt": v, "precision": precision}

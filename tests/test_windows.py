@@ -51,12 +51,15 @@ def test_nested_text_config_layout_loads_the_same(tmp_path):
     assert load_config(tmp_path) == parse_hf_config(FLAT_25)
 
 
-QWEN3 = {"model_type": "qwen3_vl", "architectures": ["Qwen3VLForConditionalGeneration"]}
+def test_other_families_are_a_config_error_naming_the_supported_ones():
+    with pytest.raises(ConfigError, match="'llava'.*supports 'qwen2_vl', 'qwen2_5_vl', 'qwen3_vl'"):
+        parse_hf_config({"model_type": "llava"})
 
 
-@pytest.mark.parametrize("raw, named", [(QWEN3, "'qwen3_vl'"), ({"model_type": "llava"}, "'llava'")])
-def test_other_families_are_a_config_error_naming_the_supported_ones(raw, named):
-    with pytest.raises(ConfigError, match=f"{named}.*supports 'qwen2_vl', 'qwen2_5_vl'"):
+@pytest.mark.parametrize("raw", [{"model_type": "qwen3_vl_moe"},
+                                 {"architectures": ["Qwen3VLMoeForConditionalGeneration"]}])
+def test_qwen3_moe_is_refused_as_out_of_scope(raw):
+    with pytest.raises(ConfigError, match="qwen3_vl_moe checkpoint.*out of scope for edge devices.*dense Qwen3-VL"):
         parse_hf_config(raw)
 
 
@@ -79,9 +82,9 @@ def test_manifest_of_an_unknown_family_is_refused(tiny_artifact, tmp_path):
 
     art = shutil.copytree(tiny_artifact, tmp_path / "art")
     manifest = json.loads((art / "manifest.json").read_text())
-    manifest["config"]["model_type"] = "qwen3_vl"
+    manifest["config"]["model_type"] = "qwen3_vl_moe"
     (art / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ArtifactError, match="model_type = 'qwen3_vl' is not one of 'qwen2_vl', 'qwen2_5_vl'"):
+    with pytest.raises(ArtifactError, match="model_type = 'qwen3_vl_moe' is not one of 'qwen2_vl', 'qwen2_5_vl', 'qwen3_vl'"):
         load_artifact(art, verify=False)
 
 
