@@ -1,4 +1,5 @@
-"""Benchmark models: the tiny checkpoint and Qwen2-VL-2B/7B's and Qwen2.5-VL-3B's exact shapes with random weights.
+"""Benchmark models: the tiny checkpoint and Qwen2-VL-2B/7B's, Qwen2.5-VL-3B's and Qwen3-VL-2B's exact shapes with
+random weights.
 
 Built once with their export and cached, since a 2B-shape checkpoint takes minutes to write.
 """
@@ -23,8 +24,17 @@ SHAPES = {
                           "text.mrope_section": "16,24,24", "vision.depth": 32, "vision.hidden_size": 1280,
                           "vision.intermediate_size": 3420, "vision.num_heads": 16, "vision.out_hidden_size": 2048,
                           "vision.fullatt_block_indexes": "7,15,23,31", "tie_word_embeddings": "true"},
+    # Qwen/Qwen3-VL-2B-Instruct: Qwen3-1.7B's decoder (head_dim 128 stated), a 24-block ViT of width 1024 with a
+    # 48 x 48 position table and DeepStack taps at blocks 5, 11 and 17
+    "qwen3vl-2b-shape": {"text.hidden_size": 2048, "text.intermediate_size": 6144, "text.num_hidden_layers": 28,
+                         "text.num_attention_heads": 16, "text.num_key_value_heads": 8, "text.head_dim": 128,
+                         "text.vocab_size": 151936, "text.mrope_section": "24,20,20", "text.rope_theta": 5000000.0,
+                         "text.max_position_embeddings": 262144, "vision.depth": 24, "vision.hidden_size": 1024,
+                         "vision.intermediate_size": 4096, "vision.num_heads": 16, "vision.out_hidden_size": 2048,
+                         "vision.num_position_embeddings": 2304, "vision.deepstack_visual_indexes": "5,11,17",
+                         "tie_word_embeddings": "true"},
 }
-SHAPE_FAMILY = {"qwen25vl-3b-shape": "qwen2_5_vl"}  # the others are Qwen2-VL
+SHAPE_FAMILY = {"qwen25vl-3b-shape": "qwen2_5_vl", "qwen3vl-2b-shape": "qwen3_vl"}  # the others are Qwen2-VL
 # Random weights at this scale keep activations in a realistic range; speed does not depend on values.
 SHAPE_INIT_STD = "0.02"
 

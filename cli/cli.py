@@ -361,7 +361,8 @@ def _add_serve_parser(sub) -> None:
     p.set_defaults(func=_serve)
 
     p = _command(sub, "bench-serve", "the server under 1/4/8 concurrent clients: one process vs Ray replicas")
-    p.add_argument("--model", default="tiny", help="tiny | 2b-shape | 7b-shape | CHECKPOINT_DIR")
+    p.add_argument("--model", default="tiny",
+                   help="tiny | 2b-shape | 7b-shape | qwen25vl-3b-shape | qwen3vl-2b-shape | CHECKPOINT_DIR")
     p.add_argument("--variant", default="fp32", help="artifact variant: fp32 | fp16 | int8 | int4 | int4-vdq")
     p.add_argument("--setups", default="one-process,one-process-half-threads,ray-2-replicas",
                    help="comma list of server set-ups to measure")
@@ -554,7 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_gpu_check)
 
     p = _command(sub, "bench", "latency, throughput and memory side by side with transformers")
-    p.add_argument("--model", default="tiny", help="tiny | 2b-shape | 7b-shape | CHECKPOINT_DIR")
+    p.add_argument("--model", default="tiny",
+                   help="tiny | 2b-shape | 7b-shape | qwen25vl-3b-shape | qwen3vl-2b-shape | CHECKPOINT_DIR")
     p.add_argument("--layers", type=int, help="text decoder depth for quicker runs (shapes only)")
     p.add_argument("--systems", default=None,
                    help="comma list (default: all but ours-ort-int4-vdq, ours-ort-int4-b256, the TensorRT ones, "

@@ -10,9 +10,18 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
+
+
+# On a machine with a GPU, QWEN2VL_EDGE_REAL_CUDA=1 runs the TensorRT backend tests on its memory (CheckedCudart)
+REAL_CUDA = os.environ.get("QWEN2VL_EDGE_REAL_CUDA") == "1"
+
+
+def for_tests() -> "FakeCudart":
+    return CheckedCudart.real() if REAL_CUDA else FakeCudart()
 
 
 class cudaError_t(enum.IntEnum):  # noqa: N801 (cuda-python's names)
@@ -74,13 +83,32 @@ class FakeCudart:
     def live(self) -> list:
         return [(ptr, size, kind) for ptr, (_, size, kind) in self.allocations.items()] + sorted(self.streams)
 
-    def _copy(self, dst: int, src: int, count: int, kind) -> None:
+    def _copy(self, dst: int, src: int, count: int, kind, stream=None) -> None:
         kind = cudaMemcpyKind(kind)
         if kind in (cudaMemcpyKind.cudaMemcpyHostToDevice, cudaMemcpyKind.cudaMemcpyDeviceToDevice):
             self.owner(dst, count)
         if kind in (cudaMemcpyKind.cudaMemcpyDeviceToHost, cudaMemcpyKind.cudaMemcpyDeviceToDevice):
             self.owner(src, count)
+        self._move(dst, src, count, kind, stream)
+
+    # -- what a GPU does: host memory here, the real GPU's in CheckedCudart ----------------------------
+
+    def _move(self, dst: int, src: int, count: int, kind: cudaMemcpyKind, stream) -> None:
         ctypes.memmove(dst, src, count)
+
+    def _allocate(self, size: int, kind: str) -> tuple[int, object]:
+        """-> (pointer, what keeps the memory alive)."""
+        backing = np.zeros(size, np.uint8)
+        return backing.ctypes.data, backing
+
+    def _deallocate(self, ptr: int, kind: str) -> None:
+        pass
+
+    def _new_stream(self) -> int:
+        return 0x5000 + len(self.calls)
+
+    def _end_stream(self, handle: int) -> None:
+        pass
 
     # -- cuda-python's functions ------------------------------------------------------------------
 
@@ -89,8 +117,7 @@ class FakeCudart:
             raise FakeCudaError(f"allocation of {size!r} bytes")
         if kind == "device" and size > self.cudaMemGetInfo()[1]:
             return cudaError_t.cudaErrorMemoryAllocation, 0
-        backing = np.zeros(size, np.uint8)
-        ptr = backing.ctypes.data
+        ptr, backing = self._allocate(size, kind)
         self.allocations[ptr] = (backing, size, kind)
         self.calls.append((f"alloc-{kind}", size))
         return cudaError_t.cudaSuccess, ptr
@@ -101,6 +128,7 @@ class FakeCudart:
             self.errors.append(f"free of {int(ptr):#x}, which is not a live {kind} allocation")
             raise FakeCudaError(self.errors[-1])
         del self.allocations[int(ptr)]
+        self._deallocate(int(ptr), kind)
         self.calls.append((f"free-{kind}", entry[1]))
         return (cudaError_t.cudaSuccess,)
 
@@ -125,7 +153,7 @@ class FakeCudart:
 
     def cudaMemcpyAsync(self, dst, src, count, kind, stream):  # noqa: N802
         self._stream(stream)
-        self._copy(int(dst), int(src), int(count), kind)
+        self._copy(int(dst), int(src), int(count), kind, int(stream))
         # ("copy", kind, dst, bytes, from pinned memory): the async copies a test can tell apart; the fake
         # TensorRT's own reads and writes of the bound buffers go through the synchronous cudaMemcpy
         self.calls.append(("copy", cudaMemcpyKind(kind).name, int(dst), int(count), self.pinned(int(src), int(count))))
@@ -136,7 +164,7 @@ class FakeCudart:
         return (cudaError_t.cudaSuccess,)
 
     def cudaStreamCreate(self):  # noqa: N802
-        handle = 0x5000 + len(self.calls)
+        handle = self._new_stream()
         self.streams.add(handle)
         self.calls.append(("stream", handle))
         return cudaError_t.cudaSuccess, cudaStream_t(handle)
@@ -144,6 +172,7 @@ class FakeCudart:
     def cudaStreamDestroy(self, stream):  # noqa: N802
         self._stream(stream)
         self.streams.discard(int(stream))
+        self._end_stream(int(stream))
         return (cudaError_t.cudaSuccess,)
 
     def cudaStreamSynchronize(self, stream):  # noqa: N802
@@ -156,3 +185,60 @@ class FakeCudart:
     def cudaMemGetInfo(self):  # noqa: N802
         used = sum(size for _, size, kind in self.allocations.values() if kind == "device")
         return cudaError_t.cudaSuccess, self.total - used, self.total
+
+
+@dataclass
+class CheckedCudart(FakeCudart):
+    """The GPU's own memory, copies and streams (cuda-python's runtime), behind the fake's bookkeeping: a copy
+    outside a live allocation, a double free, a dead stream or what close() leaves behind is still caught, and
+    what the fake TensorRT computes is read from and written to real device memory. For a machine with a GPU:
+    QWEN2VL_EDGE_REAL_CUDA=1 makes the TensorRT backend tests use it (tests/test_tensorrt.py: fakes)."""
+
+    rt: object = None  # cuda.bindings.runtime
+    handles: dict = field(default_factory=dict)  # our int handle -> cuda-python's cudaStream_t
+
+    @classmethod
+    def real(cls) -> "CheckedCudart":
+        from cuda.bindings import runtime
+
+        return cls(rt=runtime)
+
+    def _call(self, result, what: str):
+        err, *values = result
+        if int(err) != 0:
+            raise FakeCudaError(f"{what}: {err}")
+        return values[0] if values else None
+
+    def _move(self, dst, src, count, kind, stream):
+        kind = getattr(self.rt.cudaMemcpyKind, kind.name)
+        if stream is None:
+            self._call(self.rt.cudaMemcpy(dst, src, count, kind), "cudaMemcpy")
+        else:
+            self._call(self.rt.cudaMemcpyAsync(dst, src, count, kind, self.handles[stream]), "cudaMemcpyAsync")
+
+    def _allocate(self, size, kind):
+        alloc = self.rt.cudaMalloc if kind == "device" else self.rt.cudaMallocHost
+        return int(self._call(alloc(size), f"allocation of {size} bytes ({kind})")), None
+
+    def _deallocate(self, ptr, kind):
+        self._call((self.rt.cudaFree if kind == "device" else self.rt.cudaFreeHost)(ptr), "free")
+
+    def _new_stream(self):
+        stream = self._call(self.rt.cudaStreamCreate(), "cudaStreamCreate")
+        self.handles[int(stream)] = stream
+        return int(stream)
+
+    def _end_stream(self, handle):
+        self._call(self.rt.cudaStreamDestroy(self.handles.pop(handle)), "cudaStreamDestroy")
+
+    def cudaStreamSynchronize(self, stream):  # noqa: N802
+        self._stream(stream)
+        self._call(self.rt.cudaStreamSynchronize(self.handles[int(stream)]), "cudaStreamSynchronize")
+        return (cudaError_t.cudaSuccess,)
+
+    def cudaGetDeviceProperties(self, device):  # noqa: N802
+        return cudaError_t.cudaSuccess, self._call(self.rt.cudaGetDeviceProperties(device), "properties")
+
+    def cudaMemGetInfo(self):  # noqa: N802
+        free, total = self._call(self.rt.cudaMemGetInfo(), "cudaMemGetInfo")
+        return cudaError_t.cudaSuccess, free, total

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -253,14 +254,19 @@ def trt_standins(trt_export, workdir) -> dict[str, Path]:
             for kind, version in (("concat", "10.3"), ("preallocated", "10.15"))}
 
 
+fake_cuda_only = pytest.mark.skipif(os.environ.get("QWEN2VL_EDGE_REAL_CUDA") == "1",
+                                    reason="sets the fake GPU's memory size")
+
+
 @pytest.fixture
 def fakes(monkeypatch):
-    """Fake tensorrt (running the source graphs with ONNX Runtime) and fake CUDA, for this test only."""
-    from fake_cudart import FakeCudart
+    """Fake tensorrt (running the source graphs with ONNX Runtime) and fake CUDA, for this test only; with
+    QWEN2VL_EDGE_REAL_CUDA=1 the GPU's own memory, copies and streams under the same checks."""
+    from fake_cudart import for_tests
     from fake_tensorrt import make_fake_tensorrt
     from qwen2vl_edge.runtime.backends import cuda as cuda_layer
 
-    cuda = FakeCudart()
+    cuda = for_tests()
     monkeypatch.setattr(cuda_layer, "cudart", lambda: cuda)
     trt = make_fake_tensorrt(run_onnx=True, check_buffer=cuda.owner)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
@@ -459,6 +465,7 @@ def test_engine_io_is_checked_against_the_manifest(trt_standins, fakes, tmp_path
 
 
 @requires_torch
+@fake_cuda_only
 def test_out_of_memory_and_oversized_inputs_are_named(trt_standins, fakes, tmp_path):
     from qwen2vl_edge.runtime import Qwen2VLPipeline
     from qwen2vl_edge.runtime.backends.cuda import CudaError

@@ -26,11 +26,11 @@ pytestmark = requires_torch  # the tiny export needs torch
 @pytest.fixture
 def fakes(monkeypatch):
     """Fake CUDA for this test; `fakes(version, **options)` puts in a fake tensorrt of that version."""
-    from fake_cudart import FakeCudart
+    from fake_cudart import for_tests
     from fake_tensorrt import make_fake_tensorrt
     from qwen2vl_edge.runtime.backends import cuda as cuda_layer
 
-    cuda = FakeCudart()
+    cuda = for_tests()
     monkeypatch.setattr(cuda_layer, "cudart", lambda: cuda)
 
     def install(version: str, **options):
