@@ -207,7 +207,7 @@ class CheckedCudart(FakeCudart):
         err, *values = result
         if int(err) != 0:
             raise FakeCudaError(f"{what}: {err}")
-        return values[0] if values else None
+        return values[0] if len(values) == 1 else tuple(values) or None
 
     def _move(self, dst, src, count, kind, stream):
         kind = getattr(self.rt.cudaMemcpyKind, kind.name)

@@ -181,3 +181,29 @@ def test_steps_upload_from_pinned_memory_and_vision_features_stay_on_the_device(
     assert {staged[c[2]] for c in uploads} == set(STAGED) and all(c[4] for c in uploads)
     assert len(uploads) >= 3 * 8  # ids, mask and positions of every step
     assert cuda.live() == [] and cuda.errors == []
+
+
+def test_the_real_cuda_mode_forwards_every_call_to_the_runtime_beneath(tiny_trt, tmp_path, monkeypatch):
+    """QWEN2VL_EDGE_REAL_CUDA=1 puts CheckedCudart over cuda-python on a machine with a GPU. Here it sits over the
+    fake instead: a generation through it gives OrtBackend's tokens, every allocation, copy and stream reached
+    the runtime beneath, and close() left nothing alive in either."""
+    from fake_cudart import CheckedCudart, FakeCudart
+    from fake_tensorrt import make_fake_tensorrt
+    from qwen2vl_edge.runtime import Qwen2VLPipeline
+    from qwen2vl_edge.runtime.backends import cuda as cuda_layer
+
+    beneath = FakeCudart()
+    checked = CheckedCudart(rt=beneath)
+    monkeypatch.setattr(cuda_layer, "cudart", lambda: checked)
+    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_tensorrt("10.3.0", run_onnx=True,
+                                                                    check_buffer=checked.owner))
+    art = _built(tiny_trt, tmp_path / "art")
+    conv = [{"role": "user", "content": [{"type": "image", "image": random_image(np.random.default_rng(4), 120, 90)},
+                                         {"type": "text", "text": "Describe it."}]}]
+    expected = Qwen2VLPipeline.load(art).generate(conv, max_new_tokens=6, min_new_tokens=6).token_ids
+    with Qwen2VLPipeline.load(art, backend="tensorrt") as pipe:
+        assert pipe.generate(conv, max_new_tokens=6, min_new_tokens=6).token_ids == expected
+        assert checked.allocations and set(checked.allocations) == set(beneath.allocations)  # the checked layer's pointers are the runtime's
+    copies = [c for c in beneath.calls if c[0] == "copy"]
+    assert {c[1] for c in copies} >= {"cudaMemcpyHostToDevice", "cudaMemcpyDeviceToHost", "cudaMemcpyDeviceToDevice"}
+    assert checked.live() == [] and beneath.live() == [] and checked.errors == beneath.errors == []
