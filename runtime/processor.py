@@ -88,7 +88,8 @@ class Processor:
         if not (d / "tokenizer.json").is_file():
             raise ArtifactError(f"{d} has no tokenizer.json")
         tokenizer = _side_file(d / "tokenizer.json", lambda p: Tokenizer.from_file(str(p)))
-        pp = _side_file(d / "preprocessor_config.json", lambda p: PreprocessorConfig.from_file(d))
+        pp = _side_file(d, PreprocessorConfig.from_file,
+                        f"{d / 'video_preprocessor_config.json'} or preprocessor_config.json")
         if pp.merge_size != config.vision.spatial_merge_size or pp.patch_size != config.vision.patch_size:
             raise ArtifactError(f"{d}: preprocessor_config.json disagrees with config.json on patch/merge size")
         template = _side_file(d, lambda p: chat.compile_template(chat.find_template(p, config.model_type)),
