@@ -265,3 +265,56 @@ def _vision_runs(ids, config):
     from qwen2vl_edge.runtime.rope import runs, token_types
 
     return [r for r in runs(token_types(ids, config)) if r[0]]
+
+
+# -- chat sessions and tools over Qwen3-VL's template ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def qwen3_prompts(pipe, proc3):
+    """Qwen2-VL's tiny graphs behind Qwen3-VL's processor and template (one vocabulary): the session's
+    text-side machinery runs for real on Qwen3-VL prompts while the Qwen3-VL graphs are other work."""
+    from qwen2vl_edge.runtime import Qwen2VLPipeline
+
+    return lambda tool_format="qwen": Qwen2VLPipeline(pipe.artifact, proc3, pipe.backend, tool_format)
+
+
+def _cached_text(session) -> str:
+    return session.pipe.processor.decode(session.token_ids, skip_special_tokens=False)
+
+
+def test_a_chat_session_holds_what_qwen3_renders(tiny_ckpt, tiny_ckpt_3, qwen3_prompts):
+    """The cache holds the conversation as Qwen3VLProcessor renders it (no system prompt added), replies as
+    generated, and each greedy reply is transformers' reply to exactly those ids."""
+    from test_session import N, _reference_ids, _reference_reply
+
+    session = qwen3_prompts().chat(max_new_tokens=N, min_new_tokens=N)
+    messages, replies = [], []
+    for question in ("Hello there!", "Tell me more about the sea."):
+        messages.append({"role": "user", "content": question})
+        prompt, out = _reference_ids(tiny_ckpt_3, messages, replies, generation_prompt=True)
+        assert prompt[:len(session.token_ids)] == session.token_ids, "the cache must be a prefix of the next prompt"
+        result = session.send(question)
+        assert result.token_ids == _reference_reply(tiny_ckpt, prompt, out)  # the graphs' own model
+        replies.append(result.token_ids)
+        messages.append({"role": "assistant", "content": result.text})
+        expected, _ = _reference_ids(tiny_ckpt_3, messages, replies, generation_prompt=False)
+        assert session.token_ids == expected
+    assert _cached_text(session).startswith("<|im_start|>user\nHello there!")  # no default system prompt
+
+
+@pytest.mark.parametrize("tool_format", ["qwen", "hermes"])
+def test_tool_calls_and_results_in_a_qwen3_session(qwen3_prompts, tool_format):
+    """A forced call, its result, a free reply: each turn reuses the cache, which holds what the Qwen3-VL template
+    renders of the conversation."""
+    from qwen2vl_edge.runtime import chat
+    from test_agents import TOOLS, _check_calls
+
+    agent = qwen3_prompts(tool_format)
+    session = agent.chat(system="You drive a robot arm.", tools=TOOLS, max_new_tokens=60)
+    first = session.send("Pick up the cube.", tool_choice="required", parallel_tool_calls=False)
+    _check_calls(first)
+    second = session.send(tool_results=[{"tool_call_id": first.tool_calls[0].id, "content": "done"}],
+                          tool_choice="none", max_new_tokens=6)
+    assert second.usage["cached_prompt_tokens"] == first.usage["prompt_tokens"] + len(first.token_ids) - 1
+    rendered = session._render(session._messages, False).replace(chat.BOUNDARY, "")
+    assert _cached_text(session) == rendered and rendered.startswith("<|im_start|>system\nYou drive a robot arm.")
