@@ -128,8 +128,7 @@ class Processor:
         pads = sp.video_pad * (int(grid[1] * grid[2]) // self.preprocessor.merge_size ** 2)
         return "".join(f"<{t:.1f} seconds>{sp.vision_start}{pads}{sp.vision_end}" for t in groups)
 
-    def _expand(self, text: str, kind: str, grids: list[tuple[int, int, int]],
-                timestamps: list[list[float]] | None = None) -> str:
+    def _expand(self, text: str, kind: str, grids: list[tuple[int, int, int]], timestamps: list[list[float]]) -> str:
         """Each placeholder of `kind` -> its tokens. Frame-timestamp families write a video frame by frame
         (`timestamps`: each video's sampled frames' seconds), in place of the template's whole
         vision start + pad + vision end."""
