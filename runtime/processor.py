@@ -121,7 +121,8 @@ class Processor:
     def _frames_text(self, grid: tuple[int, int, int], timestamps: list[float]) -> str:
         """A video as Qwen3VLProcessor writes it: per temporal group, "<t seconds>" then the group's pads between
         vision start and end. t is the mean time of the group's first and last frame (the last frame repeated
-        where the group is short), as its _calculate_timestamps averages them."""
+        where the group is short), as its _calculate_timestamps averages them. A file's times count from its start
+        (a clip cut by video_start too), as qwen-vl-utils' decord / torchcodec readers give the frame indices."""
         tps, sp = self.preprocessor.temporal_patch_size, self.special
         times = list(timestamps) + [timestamps[-1]] * (-len(timestamps) % tps)
         groups = [(times[i] + times[i + tps - 1]) / 2 for i in range(0, len(times), tps)]
