@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen2vl_edge.runtime.chat import builtin_template
-from qwen2vl_edge.runtime.preprocess import PreprocessorConfig
+from qwen2vl_edge.runtime.preprocess import CLIP_MEAN, CLIP_STD
 from . import vocab
 
 TINY_TEXT = dict(
@@ -109,8 +109,29 @@ def qwen3_config(text: dict, mrope_section: list[int], vision: dict, top: dict) 
     }
 
 
-def write_processor_files(out: Path, processor_class: str = "Qwen2VLProcessor") -> None:
-    """Tokenizer, chat template and preprocessor settings as the real checkpoint ships them."""
+# preprocessor_config.json (and video_preprocessor_config.json) as the Instruct checkpoints ship them; Qwen3-VL
+# states its limits as `size` and its video processor's apart
+PREPROCESSOR_FILES = {
+    "qwen2_vl": {"preprocessor_config.json": {
+        "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+        "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "rescale_factor": 1 / 255, "do_rescale": True,
+        "do_normalize": True, "do_resize": True, "do_convert_rgb": True, "resample": 3,
+        "image_processor_type": "Qwen2VLImageProcessor"}},
+    "qwen3_vl": {"preprocessor_config.json": {
+        "size": {"longest_edge": 16777216, "shortest_edge": 65536}, "patch_size": 16, "temporal_patch_size": 2,
+        "merge_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+        "image_processor_type": "Qwen2VLImageProcessorFast"},
+        "video_preprocessor_config.json": {
+        "size": {"longest_edge": 25165824, "shortest_edge": 4096}, "patch_size": 16, "temporal_patch_size": 2,
+        "merge_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+        "video_processor_type": "Qwen3VLVideoProcessor"}},
+}
+PREPROCESSOR_FILES["qwen2_5_vl"] = PREPROCESSOR_FILES["qwen2_vl"]
+
+
+def write_processor_files(out: Path, family: str = "qwen2_vl") -> None:
+    """Tokenizer, chat template and preprocessor settings as the family's real checkpoint ships them."""
+    processor_class = FAMILY_CLASSES[family][3]
     shutil.copyfile(vocab.tokenizer_json(), out / "tokenizer.json")
     added = {str(151643 + i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
                                "single_word": False, "special": True} for i, t in enumerate(vocab.SPECIAL_TOKENS)}
@@ -119,15 +140,9 @@ def write_processor_files(out: Path, processor_class: str = "Qwen2VLProcessor") 
         "eos_token": "<|im_end|>", "errors": "replace", "model_max_length": 32768, "pad_token": "<|endoftext|>",
         "padding_side": "left", "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None,
     }, indent=2))
-    (out / "chat_template.json").write_text(json.dumps({"chat_template": builtin_template()}, indent=2))
-    pp = PreprocessorConfig(min_pixels=3136, max_pixels=12845056)
-    (out / "preprocessor_config.json").write_text(json.dumps({
-        "min_pixels": pp.min_pixels, "max_pixels": pp.max_pixels, "patch_size": pp.patch_size,
-        "temporal_patch_size": pp.temporal_patch_size, "merge_size": pp.merge_size,
-        "image_mean": list(pp.image_mean), "image_std": list(pp.image_std), "rescale_factor": pp.rescale_factor,
-        "do_rescale": True, "do_normalize": True, "do_resize": True, "do_convert_rgb": True, "resample": 3,
-        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": processor_class,
-    }, indent=2))
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": builtin_template(family)}, indent=2))
+    for name, settings in PREPROCESSOR_FILES[family].items():
+        (out / name).write_text(json.dumps({**settings, "processor_class": processor_class}, indent=2))
     (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
 
 
@@ -141,7 +156,7 @@ def make_tiny(out: str | Path, *, seed: int = 0, layout: str = "original", overr
         raise ValueError(f"layout must be 'original' or 'v5', got {layout!r}")
     if family not in FAMILY_CLASSES:
         raise ValueError(f"family must be one of {', '.join(FAMILY_CLASSES)}, got {family!r}")
-    _, config_class, model_class, processor_class = FAMILY_CLASSES[family]
+    _, config_class, model_class, _ = FAMILY_CLASSES[family]
     text, vision, top = apply_overrides(list(overrides), family)
     std = float(top["init_std"])
     t = {k: v for k, v in text.items() if k not in ("mrope_section", "rope_theta")}
@@ -162,5 +177,5 @@ def make_tiny(out: str | Path, *, seed: int = 0, layout: str = "original", overr
     model.save_pretrained(out)
     if layout == "original":
         (out / "config.json").write_text(json.dumps(original_config(text, vision, top, family), indent=2))
-    write_processor_files(out, processor_class)
+    write_processor_files(out, family)
     return out

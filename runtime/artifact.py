@@ -26,7 +26,8 @@ MANIFEST = "manifest.json"
 GRAPHS = ("vision_encoder", "embedding_merger", "decoder")
 # side files read when they are present (runtime/processor.py, preprocess.py, generation.py); of the chat
 # templates only the first present is read (runtime/chat.py: find_template)
-PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "generation_config.json")
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
+                   "video_preprocessor_config.json", "generation_config.json")  # the video one: Qwen3-VL's
 TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 REQUIRED_PROCESSOR_FILES = ("tokenizer.json",)
 

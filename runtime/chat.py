@@ -12,6 +12,7 @@ from jinja2 import ext
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .config import MODEL_TYPE, load_config
 from .errors import InputError
 
 VISION_KEYS = {"image": ("image", "image_url"), "video": ("video",)}
@@ -23,14 +24,21 @@ BOUNDARY = "\x00qwen2vl-edge-boundary\x00"
 CONTENT_TYPES = ("text", "image", "image_url", "video")
 
 
-def builtin_template() -> str:
-    """Qwen2-VL-Instruct's template, for checkpoints that ship none."""
-    text = resources.files(__package__).joinpath("qwen2_vl_chat_template.jinja").read_text()
+# the Instruct checkpoints' own templates, for checkpoints that ship none (Qwen2.5-VL's is Qwen2-VL's); Qwen3-VL's
+# differs: no default system prompt, tools and tool responses in the Hermes form
+BUILTIN_TEMPLATES = {"qwen2_vl": "qwen2_vl_chat_template.jinja", "qwen2_5_vl": "qwen2_vl_chat_template.jinja",
+                     "qwen3_vl": "qwen3_vl_chat_template.jinja"}
+
+
+def builtin_template(model_type: str = MODEL_TYPE) -> str:
+    """The Instruct checkpoint's template of a family (config.json's model_type)."""
+    text = resources.files(__package__).joinpath(BUILTIN_TEMPLATES[model_type]).read_text()
     return text.rstrip("\n")
 
 
-def find_template(directory: str | Path) -> str:
-    """The chat template a checkpoint or artifact dir ships, in transformers' lookup order."""
+def find_template(directory: str | Path, model_type: str | None = None) -> str:
+    """The chat template a checkpoint or artifact dir ships, in transformers' lookup order; else the family's
+    built-in one (`model_type`, or the family of the directory's config)."""
     d = Path(directory)
     if (d / "chat_template.jinja").is_file():
         return (d / "chat_template.jinja").read_text()
@@ -39,7 +47,7 @@ def find_template(directory: str | Path) -> str:
             template = json.loads((d / name).read_text()).get("chat_template")
             if isinstance(template, str):
                 return template
-    return builtin_template()
+    return builtin_template(model_type or load_config(d).model_type)
 
 
 def _raise(message: str):

@@ -20,7 +20,7 @@ from .generation import (GenerationOptions, GenerationResult, StepTimes, checkpo
                          run, sampling_options, stop_strings)
 from .grounding import parse_boxes
 from .processor import Processor, is_batch
-from .rope import IMAGE, VIDEO, runs, token_types, vision_inputs
+from .rope import IMAGE, VIDEO, runs, token_types, video_runs, vision_inputs
 from .tools import ReplyPlan, ToolCall, new_call_id
 
 if TYPE_CHECKING:
@@ -60,6 +60,27 @@ def _check_load_options(backend, providers, num_threads, verify, session_cache, 
 def _on_cpu(providers) -> bool:
     first = (providers or ["CPUExecutionProvider"])[0]
     return (first[0] if isinstance(first, tuple) else first) == "CPUExecutionProvider"
+
+
+def _in_run_order(input_ids: np.ndarray, cfg, per_kind: dict) -> list:
+    """The items' features in the order of their placeholder runs, row-major over the batch as the merger places
+    them. An item may take several consecutive runs (a Qwen3-VL video: one per frame group, timestamps between):
+    its features, frame-major, already hold them in order, so it is placed once, at its first run, whole, and
+    needs no split whatever `vision()` returns."""
+    ordered, left, tokens = [], {IMAGE: 0, VIDEO: 0}, {IMAGE: 0, VIDEO: 0}
+    for row in token_types(input_ids, cfg):
+        for kind, s, e in runs(row):
+            if not kind:
+                continue
+            if not left[kind]:  # the next item of this kind starts here
+                left[kind], tokens[kind], f = next(per_kind[kind], (0, 0, None))
+                if f is None:
+                    raise InputError("more vision placeholder runs in input_ids than images and videos given")
+                ordered.append(f)
+            if tokens[kind] != e - s:
+                raise InputError(f"vision features ({tokens[kind]}) and placeholder tokens ({e - s}) differ")
+            left[kind] -= 1
+    return ordered
 
 
 def _per_row(name: str, value: Any, rows: int) -> list:
@@ -139,7 +160,7 @@ class Qwen2VLPipeline:
     # -- stages -------------------------------------------------------------------------------
 
     def vision_features(self, inputs: dict) -> Any:
-        """Run the encoder per image / video and order the features as their tokens appear -> [M, hidden]
+        """Run the encoder once per image / video and order the features as their tokens appear -> [M, hidden]
         (backend-native: the TensorRT backend keeps them on the device)."""
         cfg = self.artifact.config
         m2 = cfg.vision.spatial_merge_size ** 2
@@ -151,18 +172,12 @@ class Qwen2VLPipeline:
                 n = int(t * h * w)
                 patches = inputs[pixels_key][offset:offset + n].reshape(int(t), int(h * w), -1)  # [F, S, D]
                 grid_inputs = vision_inputs((int(t), int(h), int(w)), cfg)
-                feats.append((n // m2, self.backend.vision(patches, grid_inputs)))  # (tokens, [F, S / m2, hidden])
+                item_runs = video_runs((t, h, w), cfg) if kind == VIDEO else 1
+                # (runs, tokens per run, [F, S / m2, hidden])
+                feats.append((item_runs, n // m2 // item_runs, self.backend.vision(patches, grid_inputs)))
                 offset += n
             per_kind[kind] = iter(feats)
-        ordered = []
-        for row in token_types(inputs["input_ids"], cfg):  # row-major over the batch, as the merger places them
-            for kind, s, e in runs(row):
-                if kind:
-                    tokens, f = next(per_kind[kind])
-                    if tokens != e - s:
-                        raise InputError(f"vision features ({tokens}) and placeholder tokens ({e - s}) differ")
-                    ordered.append(f)
-        return self.backend.join(ordered)
+        return self.backend.join(_in_run_order(inputs["input_ids"], cfg, per_kind))
 
     def _options(self, max_new_tokens=128, min_new_tokens=0, do_sample=None, temperature=None, top_k=None,
                  top_p=None, repetition_penalty=None, seed=None, stop=None, response_format=None, regex=None,

@@ -1,15 +1,22 @@
 """Images and videos -> flattened pixel patches + (t, h, w) grids, as Qwen2-VL expects.
 
 Reproduces the reference pipeline step by step:
-1. qwen-vl-utils `fetch_image` / `fetch_video`: RGB conversion, `smart_resize` to a multiple of
-   patch_size * merge_size, Pillow BICUBIC (torchvision bicubic for videos in the reference);
-2. transformers' Qwen2-VL image / video processor configured from preprocessor_config.json:
-   a second `smart_resize` (identity unless the checkpoint's limits are tighter), rescale,
-   CLIP normalisation, patchify in transformers' exact order.
+1. qwen-vl-utils `fetch_image` / `fetch_video` (`image_patch_size` = the checkpoint's patch size): RGB
+   conversion, `smart_resize` to a multiple of patch_size * merge_size (28, Qwen3-VL's 32), Pillow BICUBIC
+   (torchvision bicubic for videos in the reference);
+2. transformers' image / video processor configured from preprocessor_config.json (and
+   video_preprocessor_config.json where the checkpoint ships one, as Qwen3-VL does): a second `smart_resize`
+   with the checkpoint's limits (Qwen2-VL: usually identity; Qwen3-VL: images under its 65536-pixel minimum
+   grow to it, and its video processor bounds the whole clip), rescale, normalisation, patchify in
+   transformers' exact order.
+Qwen3-VL's model card passes `do_resize=False` to the processor after qwen-vl-utils; we run transformers'
+default (`do_resize=True`, what the processor alone and servers built on it do), so the checkpoint's limits
+hold. The two differ only for images under 65536 pixels and clips over the video limits.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -20,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from . import checks
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .media import load_image
 from .video import VideoInfo, read_video
 
@@ -38,6 +45,22 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+# video_preprocessor_config.json's video_processor_type whose limits bound a whole clip (t * h * w pixels, each frame
+# capped at max_video_tokens merged tokens and at its share of the clip's max), not each frame
+CLIP_BUDGET_PROCESSORS = ("Qwen3VLVideoProcessor",)
+
+
+@dataclass(frozen=True)
+class VideoLimits:
+    """The video processor's second resize (video_preprocessor_config.json; without it, preprocessor_config.json's
+    limits per frame, as transformers falls back)."""
+
+    min_pixels: int
+    max_pixels: int
+    clip_budget: bool = False  # min/max_pixels bound t * h * w (Qwen3VLVideoProcessor); else each frame
+    max_video_tokens: int = VIDEO_MAX_TOKENS  # per frame, under clip_budget (the processor's default)
+
+
 @dataclass(frozen=True)
 class PreprocessorConfig:
     """preprocessor_config.json of the checkpoint; defaults are what Qwen2-VL ships."""
@@ -50,10 +73,15 @@ class PreprocessorConfig:
     image_mean: tuple[float, ...] = CLIP_MEAN
     image_std: tuple[float, ...] = CLIP_STD
     rescale_factor: float = 1 / 255
+    video: VideoLimits | None = None  # None: the image limits, per frame
 
     @property
     def factor(self) -> int:
         return self.patch_size * self.merge_size
+
+    @property
+    def video_limits(self) -> VideoLimits:
+        return self.video or VideoLimits(self.min_pixels, self.max_pixels)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "PreprocessorConfig":
@@ -71,12 +99,24 @@ class PreprocessorConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "PreprocessorConfig":
+        """A checkpoint or artifact dir (its preprocessor_config.json, and video_preprocessor_config.json if
+        there is one), or one preprocessor_config.json."""
         path = Path(path)
+        video = path / VIDEO_FILE if path.is_dir() else None
         if path.is_dir():
             path = path / "preprocessor_config.json"
-        if not path.is_file():
-            return cls()
-        return cls.from_dict(json.loads(path.read_text()))
+        pp = cls.from_dict(json.loads(path.read_text())) if path.is_file() else cls()
+        if video is None or not video.is_file():
+            return pp
+        raw = json.loads(video.read_text())
+        vp = cls.from_dict(raw)
+        if (vp.patch_size, vp.temporal_patch_size, vp.merge_size, vp.image_mean, vp.image_std, vp.rescale_factor) != (
+                pp.patch_size, pp.temporal_patch_size, pp.merge_size, pp.image_mean, pp.image_std, pp.rescale_factor):
+            raise ConfigError(f"{video} and preprocessor_config.json differ in patch, merge or normalisation "
+                              "settings: images and videos share them here; make the two files agree")
+        limits = VideoLimits(vp.min_pixels, vp.max_pixels, raw.get("video_processor_type") in CLIP_BUDGET_PROCESSORS,
+                             int(raw.get("max_video_tokens", VIDEO_MAX_TOKENS)))
+        return dataclasses.replace(pp, video=limits)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -92,6 +132,7 @@ class PreprocessorConfig:
 
 
 DEFAULT_PREPROCESSOR = PreprocessorConfig()
+VIDEO_FILE = "video_preprocessor_config.json"
 
 
 def _check_ratio(height: int, width: int) -> None:
@@ -278,6 +319,39 @@ def _video_frame_budget(ele_min: int | None, ele_max: int | None, total_pixels: 
     return lo, hi
 
 
+def smart_resize_clip(frames: int, height: int, width: int, temporal_factor: int, factor: int, min_pixels: int,
+                      max_pixels: int) -> tuple[int, int]:
+    """Qwen3-VL's video processor resize: as smart_resize, but the limits bound the clip's frames * h * w (the
+    frame count rounded to the temporal patch in the test, as transformers' video_processing_qwen3_vl does)."""
+    if height < factor or width < factor:  # the reference scales a side under one block up first
+        scale = max(factor / height, factor / width)
+        height, width = int(height * scale), int(width * scale)
+    _check_ratio(height, width)
+    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+    t_bar = round(frames / temporal_factor) * temporal_factor
+    if t_bar * h_bar * w_bar > max_pixels:
+        beta = math.sqrt((frames * height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif t_bar * h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (frames * height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def _processor_video_size(h: int, w: int, n: int, pp: PreprocessorConfig) -> tuple[int, int]:
+    """transformers' video processor: the second resize of `n` frames of h x w, with the checkpoint's limits.
+    A clip budget caps each frame as `cap_pixels_per_frame=True` does (what qwen-vl-utils' own cap stands for,
+    and what the reference passes): max_video_tokens merged tokens and an even share of max_pixels, at least
+    1.05 x min_pixels."""
+    limits = pp.video_limits
+    if not limits.clip_budget:
+        return smart_resize(h, w, pp.factor, limits.min_pixels, limits.max_pixels, floor_to_factor=False)
+    per_frame = max(min(limits.max_video_tokens * pp.factor**2, limits.max_pixels // n), int(limits.min_pixels * 1.05))
+    return smart_resize_clip(n, h, w, pp.temporal_patch_size, pp.factor, limits.min_pixels, per_frame * n)
+
+
 def _video_size(height: int, width: int, n: int, pp: PreprocessorConfig, opts: PixelOptions,
                 total_pixels: float | None) -> tuple[int, int]:
     """Frame size (h, w) of a video of `n` frames: qwen-vl-utils' budget, then the processor's second resize."""
@@ -287,8 +361,7 @@ def _video_size(height: int, width: int, n: int, pp: PreprocessorConfig, opts: P
     else:
         h, w = smart_resize(height, width, pp.factor, lo, hi)
         h, w = max(h, pp.factor), max(w, pp.factor)  # as in _fit_image: one block at least
-    # transformers' video processor: second smart_resize with the checkpoint's limits
-    return smart_resize(h, w, pp.factor, pp.min_pixels, pp.max_pixels, floor_to_factor=False)
+    return _processor_video_size(h, w, n, pp)
 
 
 def video_tokens(n: int, h: int, w: int, pp: PreprocessorConfig) -> int:
@@ -334,8 +407,11 @@ def process_video_timed(
     max_tokens: int | None = None,
     preprocessor: PreprocessorConfig = DEFAULT_PREPROCESSOR,
 ) -> tuple[np.ndarray, tuple[int, int, int], list[float], float]:
-    """-> patches, grid, the sampled frames' timestamps in seconds (files only; [] for a list of frames) and the
-    frames kept per second (a list of frames: `sample_fps`, 2 if not given, as qwen-vl-utils assumes).
+    """-> patches, grid, the sampled frames' timestamps in seconds and the frames kept per second.
+
+    A list of frames stands for `sample_fps` frames a second (2 if not given), as qwen-vl-utils assumes: its
+    made-up metadata (fps = sample_fps, frame indices 0..n-1 after the padding to an even count) gives frame i
+    the time i / sample_fps, which Qwen3-VL's prompt shows.
 
     A file is sized from its metadata first: more than `max_tokens` tokens fails before decoding."""
     pp = preprocessor
@@ -344,7 +420,6 @@ def process_video_timed(
         checks.real("sample_fps", sample_fps, above=0)
     opts = PixelOptions.check(pp, min_pixels, max_pixels, resized_height, resized_width)
     size = lambda h, w, n: _video_size(h, w, n, pp, opts, total_pixels)  # noqa: E731
-    timestamps: list[float] = []
     if isinstance(video, (str, Path)):
         def check(info: VideoInfo, n: int) -> None:
             tokens = video_tokens(n, *size(info.height, info.width, n), pp)
@@ -368,9 +443,10 @@ def process_video_timed(
         if len({im.size for im in images}) > 1:
             raise InputError("video frames differ in size after resizing: give frames of one size")
         images += [images[-1]] * (-len(images) % FRAME_FACTOR)
-        # qwen-vl-utils' made-up metadata (fps = sample_fps, total_num_frames = n / sample_fps * fps), read
-        # back by transformers' VideoMetadata.sampled_fps with its very float operations
         rate = LIST_SAMPLE_FPS if sample_fps is None else float(sample_fps)
+        timestamps = [i / rate for i in range(len(images))]
+        # total_num_frames = n / sample_fps * fps of that metadata, read back by transformers'
+        # VideoMetadata.sampled_fps with its very float operations
         rate = len(images) / (len(images) / rate * rate) * rate
     h, w = size(images[0].height, images[0].width, len(images))
     frames = np.stack([_to_chw(_resize(im, h, w)) for im in images])  # [T, C, H, W] uint8

@@ -26,6 +26,8 @@ class SpecialTokens:
     image_pad: str
     video_pad: str
     pad_id: int | None  # tokenizer_config.json's pad_token; None: the tokenizer has none
+    vision_start: str | None = None  # frame-timestamp families wrap each frame of a video in these
+    vision_end: str | None = None
 
 
 def _side_file(path: Path, parse, what: str | None = None):
@@ -42,13 +44,19 @@ def _special_tokens(tokenizer: Tokenizer, directory: Path, config: ModelConfig) 
     video_pad = tokenizer.id_to_token(config.video_token_id)
     if image_pad is None or video_pad is None:
         raise ArtifactError(f"tokenizer.json in {directory} lacks the image/video token ids of config.json")
+    start, end = (None if i is None else tokenizer.id_to_token(i)
+                  for i in (config.vision_start_token_id, config.vision_end_token_id))
+    if config.family.frame_timestamps and (start is None or end is None):
+        raise ArtifactError(f"{directory}: a {config.model_type} prompt wraps each video frame in the vision start "
+                            "and end tokens, but config.json's vision_start_token_id / vision_end_token_id are "
+                            "missing or not in tokenizer.json: restore them from the checkpoint")
     pad_id = None
     tc = directory / "tokenizer_config.json"
     if tc.is_file():
         pad = _side_file(tc, lambda p: json.loads(p.read_text()).get("pad_token"))
         pad = pad.get("content") if isinstance(pad, dict) else pad
         pad_id = tokenizer.token_to_id(pad) if isinstance(pad, str) and pad else None
-    return SpecialTokens(image_pad, video_pad, pad_id)
+    return SpecialTokens(image_pad, video_pad, pad_id, start, end)
 
 
 def empty_segment(ids: list[int] | None = None) -> dict:
@@ -80,10 +88,11 @@ class Processor:
         if not (d / "tokenizer.json").is_file():
             raise ArtifactError(f"{d} has no tokenizer.json")
         tokenizer = _side_file(d / "tokenizer.json", lambda p: Tokenizer.from_file(str(p)))
-        pp = _side_file(d / "preprocessor_config.json", lambda p: PreprocessorConfig.from_file(d))
+        pp = _side_file(d, PreprocessorConfig.from_file,
+                        f"{d / 'video_preprocessor_config.json'} or preprocessor_config.json")
         if pp.merge_size != config.vision.spatial_merge_size or pp.patch_size != config.vision.patch_size:
             raise ArtifactError(f"{d}: preprocessor_config.json disagrees with config.json on patch/merge size")
-        template = _side_file(d, lambda p: chat.compile_template(chat.find_template(p)),
+        template = _side_file(d, lambda p: chat.compile_template(chat.find_template(p, config.model_type)),
                               f"the chat template of {d} (chat_template.jinja, .json or tokenizer_config.json)")
         return cls(tokenizer, template, pp, config, _special_tokens(tokenizer, d, config))
 
@@ -104,12 +113,30 @@ class Processor:
         out["pixels"]["video"].append(patches)
         out["grids"]["video"].append(grid)
         out["video_timestamps"].append(timestamps)
-        out["second_per_grid_ts"].append(self.preprocessor.temporal_patch_size / rate)  # as transformers' processor
+        if not self.config.family.frame_timestamps:  # Qwen3-VL's processor has no second_per_grid_ts
+            out["second_per_grid_ts"].append(self.preprocessor.temporal_patch_size / rate)  # as transformers'
 
     # -- text ---------------------------------------------------------------------------------
 
-    def _expand(self, text: str, kind: str, grids: list[tuple[int, int, int]]) -> str:
+    def _frames_text(self, grid: tuple[int, int, int], timestamps: list[float]) -> str:
+        """A video as Qwen3VLProcessor writes it: per temporal group, "<t seconds>" then the group's pads between
+        vision start and end. t is the mean time of the group's first and last frame (the last frame repeated
+        where the group is short), as its _calculate_timestamps averages them. A file's times count from its start
+        (a clip cut by video_start too), as qwen-vl-utils' decord / torchcodec readers give the frame indices."""
+        tps, sp = self.preprocessor.temporal_patch_size, self.special
+        times = list(timestamps) + [timestamps[-1]] * (-len(timestamps) % tps)
+        groups = [(times[i] + times[i + tps - 1]) / 2 for i in range(0, len(times), tps)]
+        pads = sp.video_pad * (int(grid[1] * grid[2]) // self.preprocessor.merge_size ** 2)
+        return "".join(f"<{t:.1f} seconds>{sp.vision_start}{pads}{sp.vision_end}" for t in groups)
+
+    def _expand(self, text: str, kind: str, grids: list[tuple[int, int, int]], timestamps: list[list[float]]) -> str:
+        """Each placeholder of `kind` -> its tokens. Frame-timestamp families write a video frame by frame
+        (`timestamps`: each video's sampled frames' seconds), in place of the template's whole
+        vision start + pad + vision end."""
         pad = self.special.image_pad if kind == "image" else self.special.video_pad
+        timed = kind == "video" and self.config.family.frame_timestamps
+        if timed:  # the template's wrapper, collapsed to a bare pad as Qwen3VLProcessor does
+            text = text.replace(f"{self.special.vision_start}{pad}{self.special.vision_end}", pad)
         parts = text.split(pad)
         if len(parts) - 1 != len(grids):
             raise InputError(
@@ -118,8 +145,8 @@ class Processor:
             )
         merge2 = self.preprocessor.merge_size ** 2
         out = [parts[0]]
-        for grid, rest in zip(grids, parts[1:]):
-            out.append(pad * (int(np.prod(grid)) // merge2))
+        for i, (grid, rest) in enumerate(zip(grids, parts[1:])):
+            out.append(self._frames_text(grid, timestamps[i]) if timed else pad * (int(np.prod(grid)) // merge2))
             out.append(rest)
         return "".join(out)
 
@@ -140,7 +167,7 @@ class Processor:
         for kind, item in items:
             self._image(item, out) if kind == "image" else self._video(item, out, limit)
         for kind in ("image", "video"):
-            text = self._expand(text, kind, out["grids"][kind])
+            text = self._expand(text, kind, out["grids"][kind], out["video_timestamps"])
         out["ids"] = [i for piece in text.split(chat.BOUNDARY) for i in self.tokenizer.encode(piece).ids]
         return out
 
@@ -162,7 +189,7 @@ class Processor:
             if pixels:
                 out[pixels_key] = np.concatenate(pixels)
                 out[grid_key] = np.asarray([g for seg in segments for g in seg["grids"][kind]], np.int64)
-        if "video_grid_thw" in out:
+        if "video_grid_thw" in out and not self.config.family.frame_timestamps:
             out["second_per_grid_ts"] = np.asarray([s for seg in segments for s in seg["second_per_grid_ts"]],
                                                    np.float32)
         out["mm_token_type_ids"] = token_types(input_ids, self.config)

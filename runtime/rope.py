@@ -38,13 +38,13 @@ def _vision_positions(start: int, grid: np.ndarray, merge: int, interval: np.flo
     return np.stack([tt.ravel(), hh.ravel(), ww.ravel()]) + start
 
 
-def video_interval(config: ModelConfig, second_per_grid_t: float) -> np.float32 | None:
-    """Temporal id step of a video whose frame groups are `second_per_grid_t` seconds apart: tokens_per_second *
+def video_interval(config: ModelConfig, seconds) -> np.float32 | None:
+    """Temporal id step of the next video, whose frame groups are next(`seconds`) apart: tokens_per_second *
     second_per_grid_t in float32 (transformers multiplies the processor's float32 tensor); None where the family
-    steps one id per group (Qwen2-VL)."""
+    steps one id per group (Qwen2-VL, Qwen3-VL), which consumes nothing."""
     if not config.family.timed_video:
         return None
-    return np.float32(config.vision.tokens_per_second) * np.float32(second_per_grid_t)
+    return np.float32(config.vision.tokens_per_second) * np.float32(next(seconds))
 
 
 def segment_positions(ids: np.ndarray, grids: dict, config: ModelConfig, start: int = 0) -> np.ndarray:
@@ -53,8 +53,10 @@ def segment_positions(ids: np.ndarray, grids: dict, config: ModelConfig, start: 
     Text advances all three rows by one per token; an image/video of grid (t, h, w) takes
     t*h*w/merge^2 tokens laid out on its (t, h/merge, w/merge) grid, and the text after it
     resumes at start + max(h, w)/merge (transformers' rule). `grids`: {IMAGE: iterator, VIDEO: iterator}
-    of (t, h, w) and, for videos, {SECONDS: iterator} of second_per_grid_ts, consumed in order. A later chat
-    turn continues at the cache's next position.
+    of (t, h, w) and, for videos, {SECONDS: iterator} of second_per_grid_ts, consumed in order (grid_iterators).
+    A Qwen3-VL video is one run per frame group, each with its one-group grid (1, h, w), so each group's
+    temporal id is where its run starts, and its text (the timestamp) after it resumes at start + max(h, w)/merge.
+    A later chat turn continues at the cache's next position.
     """
     merge = config.vision.spatial_merge_size
     names = {IMAGE: "image", VIDEO: "video"}
@@ -67,7 +69,7 @@ def segment_positions(ids: np.ndarray, grids: dict, config: ModelConfig, start: 
         grid = next(grids[kind], None)
         if grid is None:
             raise InputError(f"more {names[kind]} placeholder runs in input_ids than {names[kind]} grids")
-        interval = video_interval(config, next(grids[SECONDS])) if kind == VIDEO else None
+        interval = video_interval(config, grids[SECONDS]) if kind == VIDEO else None
         p = _vision_positions(pos, grid, merge, interval)
         if p.shape[1] != e - s:
             raise InputError(
@@ -79,13 +81,30 @@ def segment_positions(ids: np.ndarray, grids: dict, config: ModelConfig, start: 
     return np.concatenate(pieces, axis=1).astype(np.int64) if pieces else np.zeros((3, 0), np.int64)
 
 
-def grid_iterators(image_grid_thw: np.ndarray | None, video_grid_thw: np.ndarray | None,
+def video_runs(grid, config: ModelConfig) -> int:
+    """How many placeholder runs a video of `grid` (t, h, w) takes: one per frame group where the family writes
+    a timestamp before each (Qwen3-VL), else one."""
+    return int(grid[0]) if config.family.frame_timestamps else 1
+
+
+def frame_grids(video_grid_thw: np.ndarray, config: ModelConfig) -> np.ndarray:
+    """[N, 3] video grids -> one grid per placeholder run: (1, h, w) per frame group for frame-timestamp families
+    (transformers' Qwen3-VL get_rope_index splits video_grid_thw so), unchanged otherwise."""
+    grids = np.asarray(video_grid_thw).reshape(-1, 3)
+    runs_per = [video_runs(g, config) for g in grids]
+    split = np.repeat(grids, runs_per, axis=0)
+    if config.family.frame_timestamps:
+        split[:, 0] = 1
+    return split
+
+
+def grid_iterators(image_grid_thw: np.ndarray | None, video_grid_thw: np.ndarray | None, config: ModelConfig,
                    second_per_grid_ts: np.ndarray | None = None) -> dict:
     """Without second_per_grid_ts a video's groups are a second apart (transformers' get_rope_index default)."""
     videos = np.zeros((0, 3)) if video_grid_thw is None else np.asarray(video_grid_thw)
     seconds = np.ones(len(videos)) if second_per_grid_ts is None else np.asarray(second_per_grid_ts)
     return {IMAGE: iter(np.zeros((0, 3)) if image_grid_thw is None else np.asarray(image_grid_thw)),
-            VIDEO: iter(videos), SECONDS: iter(seconds)}
+            VIDEO: iter(frame_grids(videos, config)), SECONDS: iter(seconds)}
 
 
 def get_rope_index(
@@ -103,7 +122,7 @@ def get_rope_index(
     input_ids = np.asarray(input_ids)
     B, L = input_ids.shape
     mask = np.ones((B, L), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-    grids = grid_iterators(image_grid_thw, video_grid_thw, second_per_grid_ts)
+    grids = grid_iterators(image_grid_thw, video_grid_thw, config, second_per_grid_ts)
     position_ids = np.zeros((3, B, L), np.int64)
     deltas = np.zeros((B, 1), np.int64)
     for b in range(B):
