@@ -410,9 +410,10 @@ def _load_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--session-cache", metavar="DIR",
                    help="keep ONNX Runtime's optimized graphs and CPU-packed weights in DIR: later starts are "
                         "faster (first start writes about the artifact's size again, twice for quantized weights)")
-    p.add_argument("--tool-format", choices=["qwen", "hermes"], default="qwen",
+    p.add_argument("--tool-format", choices=["qwen", "hermes"], default=None,
                    help="how tools and calls are written: qwen (Qwen2-VL's ✿FUNCTION✿, Qwen-Agent) or hermes "
-                        "(<tool_call> JSON, Qwen2.5-VL's)")
+                        "(<tool_call> JSON, Qwen2.5-VL's and Qwen3-VL's) (default: the family's own: qwen for "
+                        "Qwen2-VL and Qwen2.5-VL, hermes for Qwen3-VL)")
 
 
 def _agent_flags(p: argparse.ArgumentParser) -> None:

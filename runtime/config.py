@@ -42,6 +42,7 @@ class Family:
     frame_timestamps: bool = False
     mrope_interleaved: bool = False
     qk_norm: bool = False
+    tool_format: str = "qwen"  # how tools and calls are written by default (runtime/tools.py): the family's own
 
 
 FAMILIES = {f.model_type: f for f in (
@@ -51,7 +52,8 @@ FAMILIES = {f.model_type: f for f in (
            {"in_chans": "in_channels", "hidden_size": "embed_dim", "out_hidden_size": "hidden_size"},
            "rms", "gated", True, True),
     Family("qwen3_vl", "Qwen3VLForConditionalGeneration", {"hidden_size": "embed_dim", "out_hidden_size": "hidden_size"},
-           "layer", "fc", False, False, pos_table=True, frame_timestamps=True, mrope_interleaved=True, qk_norm=True),
+           "layer", "fc", False, False, pos_table=True, frame_timestamps=True, mrope_interleaved=True, qk_norm=True,
+           tool_format="hermes"),
 )}
 # Known and refused with their own reason (family_of).
 OUT_OF_SCOPE = {

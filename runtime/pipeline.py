@@ -105,10 +105,11 @@ class Qwen2VLPipeline:
     session's or call generate().
     """
 
-    def __init__(self, artifact: Artifact, processor: Processor, backend, tool_format: str = "qwen"):
+    def __init__(self, artifact: Artifact, processor: Processor, backend, tool_format: str | None = None):
         self.artifact, self.processor, self.backend = artifact, processor, backend
         self.lock = threading.Lock()  # held by one generation step at a time (see the class docstring)
-        self.tool_format = tools.tool_format(tool_format, ConfigError)  # how tool calls are written (tools.py)
+        self.tool_format = tools.tool_format(tool_format or artifact.config.family.tool_format,
+                                             ConfigError)  # how tool calls are written (tools.py)
         self._grammars: constraints.Grammars | None = None
         gen = artifact.generation
         self.eos_ids = [int(t) for t in gen["eos_token_id"]]  # the manifest schema requires both
@@ -122,7 +123,7 @@ class Qwen2VLPipeline:
     def load(cls, artifact_dir: str | Path, backend: str = "onnxruntime", providers: list | None = None,
              num_threads: int | None = None, verify: bool = True,
              session_cache: str | Path | None = None, memory_limit: int | None = None,
-             session_config: dict | None = None, tool_format: str = "qwen") -> "Qwen2VLPipeline":
+             session_config: dict | None = None, tool_format: str | None = None) -> "Qwen2VLPipeline":
         """`session_cache`: a directory where ONNX Runtime keeps the graphs optimized and their weights
         packed for this CPU, so that later starts skip that work (see backends/onnxruntime.py).
         `memory_limit`: bytes the pipeline may use: weights above it (or above what the system has) fail here
@@ -130,9 +131,11 @@ class Qwen2VLPipeline:
         graph runs (runtime/memory.py).
         `session_config`: ONNX Runtime session config entries for every graph, over the backend's defaults.
         `tool_format`: how tools and calls are written in the prompt and reply: "qwen" (Qwen2-VL's own,
-        Qwen-Agent's ✿FUNCTION✿ form) or "hermes" (<tool_call> JSON, Qwen2.5-VL's); see runtime/tools.py."""
+        Qwen-Agent's ✿FUNCTION✿ form) or "hermes" (<tool_call> JSON, Qwen2.5-VL's and Qwen3-VL's); None: the
+        family's own (qwen for Qwen2-VL and Qwen2.5-VL, hermes for Qwen3-VL); see runtime/tools.py."""
         _check_load_options(backend, providers, num_threads, verify, session_cache, session_config)
-        tools.tool_format(tool_format, ConfigError)  # refused before the artifact is read
+        if tool_format is not None:
+            tools.tool_format(tool_format, ConfigError)  # refused before the artifact is read
         artifact = load_artifact(artifact_dir, verify=verify, backend=backend)
         if backend == "onnxruntime" and _on_cpu(providers):  # the weights go to host memory
             memory.check_weights(artifact.weight_bytes, memory_limit, artifact.dir)

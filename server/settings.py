@@ -30,7 +30,8 @@ class ServerSettings:
     max_session_bytes: int | None = 2 * 2**30  # what their KV caches may hold in all; None: no bound
     api_key: str | None = None
     allowed_media_dir: Path | None = None  # local image/video paths are refused unless under this folder
-    tool_format: str = "qwen"  # how tools and calls are written (runtime/tools.py): "qwen" | "hermes"
+    tool_format: str | None = None  # how tools and calls are written (runtime/tools.py): "qwen" | "hermes";
+    #                                  None: the model family's own (runtime/config.py: Family.tool_format)
     limits: Limits = Limits()
 
     @property
