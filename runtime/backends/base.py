@@ -6,6 +6,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..errors import InputError
+
 
 class Backend(Protocol):
     """Runs the three graphs. The KV cache is opaque to the loop and stays wherever the backend keeps it."""
@@ -50,3 +52,15 @@ class Backend(Protocol):
         """One decoder run over L new positions after the P the cache holds (P = 0: prefill; L = 1: a decode
         step; both > 0: a chat session's next turn) -> (last-position logits [B, vocab] float32, the cache
         grown by L)."""
+
+
+def split_joined(joined: Any, layers: int) -> tuple[Any, Any]:
+    """join's output -> (vision_embeds [M, hidden], deepstack [K, M, hidden] or None). A bare [M, hidden] array is
+    what a model without DeepStack joins, and what decode steps pass (M = 0); a DeepStack model's K features are
+    then those of no vision token."""
+    if isinstance(joined, tuple):
+        return joined
+    if layers and joined.shape[0]:
+        raise InputError(f"this model adds DeepStack features after {layers} decoder layers: merge needs join()'s "
+                         f"(vision_embeds, deepstack) pair, got {joined.shape[0]} vision tokens without them")
+    return joined, None
