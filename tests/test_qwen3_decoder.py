@@ -10,6 +10,8 @@ row map matters.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -40,20 +42,26 @@ _ARTIFACTS: dict = {}
 
 
 @pytest.fixture
-def q3_backend(tiny_ckpt_3, workdir):
-    """q3_backend(target, **export options) -> an OrtBackend on the tiny Qwen3-VL checkpoint's graphs as `target`
-    (TARGET_OPTIONS) exports them, made once per run."""
+def q3_artifact(tiny_ckpt_3, workdir):
+    """q3_artifact(target, **export options) -> the tiny Qwen3-VL checkpoint's artifact as `target` (TARGET_OPTIONS)
+    exports it, made once per run."""
     from qwen2vl_edge.export import onnx_export
 
-    def load(target: str, **options) -> OrtBackend:
+    def make(target: str, **options) -> Path:
         key = (target, tuple(sorted(options.items())))
         if key not in _ARTIFACTS:
             with pytest.MonkeyPatch.context() as mp:
                 mp.setattr(onnx_export, "build_vision_encoder", _vision_stand_in)
                 out = workdir / f"q3-decoder-{len(_ARTIFACTS)}"
                 _ARTIFACTS[key] = export_artifact(tiny_ckpt_3, out, **{**TARGET_OPTIONS[target], **options})
-        return OrtBackend(load_artifact(_ARTIFACTS[key]))
-    return load
+        return _ARTIFACTS[key]
+    return make
+
+
+@pytest.fixture
+def q3_backend(q3_artifact):
+    """q3_backend(target, **export options) -> an OrtBackend on q3_artifact's graphs."""
+    return lambda target, **options: OrtBackend(load_artifact(q3_artifact(target, **options)))
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +140,111 @@ def test_logits_at_prefill_and_decode_steps_match_transformers(tiny_ckpt_3, q3_b
     print(f"{target}: logit max abs diff per step", [f"{d:.1e}" for d in diffs])
     assert_varied([int(t) for step in fed for t in step], "greedy tokens fed back")
     assert max(diffs) <= 1e-4
+
+
+def test_row_map_is_transformers_interleave(tiny_ckpt_3):
+    """Which position row drives each rotary frequency, read off transformers' own recomposition_frequencies: the
+    sectioned map of Qwen2-VL (t t t t t t h h h h h w w w w w for [6, 5, 5]) is not it."""
+    import torch
+
+    from reference import hf_model
+    from qwen2vl_edge.export.decoder import mrope_rows
+
+    rotary = hf_model(str(tiny_ckpt_3)).model.language_model.rotary_emb
+    half = sum(rotary.mrope_section)
+    freq = torch.arange(3.0)[:, None, None, None].expand(3, 1, 1, half).clone()  # row r holds r everywhere
+    rows = rotary.recomposition_frequencies(freq)[0, 0, :half].long().numpy()
+    assert (mrope_rows(tuple(rotary.mrope_section), interleaved=True) == rows).all()
+    assert not (mrope_rows(tuple(rotary.mrope_section)) == rows).all()
+
+
+def test_the_parity_tells_the_sectioned_row_map_apart(tiny_ckpt_3, q3_backend, prompt, monkeypatch):
+    """The positions of `prompt` make the row map matter: graphs built with Qwen2-VL's sectioned map miss
+    transformers' logits by far more than the parity tolerance."""
+    from qwen2vl_edge.export import decoder
+
+    sectioned = decoder.mrope_rows
+    monkeypatch.setattr(decoder, "mrope_rows", lambda section, interleaved=False: sectioned(section))
+    ours, fed = _ours(q3_backend("portable", all_logits=True), prompt, steps=0)
+    assert np.abs(ours[0] - _reference(tiny_ckpt_3, prompt, fed)[0]).max() > 1e-2
+
+
+@pytest.mark.parametrize("target", ["portable", "ort-cpu"])
+def test_prefill_in_small_chunks_equals_one_run(q3_backend, prompt, target, monkeypatch):
+    """Chunks of 5 positions cut through the image tokens: each chunk's visual_index still ranks among all M
+    features, which stay whole. ort-cpu's GroupQueryAttention takes chunks after a past for one row only."""
+    rows = slice(None) if target == "portable" else slice(0, 1)
+    one = {k: (v[:, rows] if k == "position_ids" else v if k == "vision" else v[rows]) for k, v in prompt.items()}
+    if target == "ort-cpu":  # the first row's features only
+        M = int((one["input_ids"] == 151655).sum())
+        one["vision"] = (prompt["vision"][0][:M], prompt["vision"][1][:, :M])
+    backend = q3_backend(target)
+    whole, fed = _ours(backend, one, steps=2)
+    monkeypatch.setattr(backend, "prefill_chunk", lambda batch: 5)
+    chunked, _ = _ours(backend, one, steps=2, feed=fed)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(whole, chunked)) <= 1e-5
+
+
+def test_zeroed_deepstack_features_change_the_logits(q3_backend, prompt):
+    backend = q3_backend("portable")
+    main, deepstack = prompt["vision"]
+    ours, fed = _ours(backend, prompt, steps=2)
+    zeroed, _ = _ours(backend, prompt, steps=2, joined=(main, np.zeros_like(deepstack)), feed=fed)
+    assert np.abs(ours[0] - zeroed[0]).max() > 1e-2  # the prompt's last position attends to the vision tokens
+
+
+def test_decode_steps_get_the_one_empty_deepstack_and_a_bare_array_is_refused(q3_backend, prompt):
+    backend = q3_backend("portable")
+    step = backend.merge(np.array([[5], [6]]), np.zeros((0, backend.hidden_size), np.float32))
+    assert isinstance(step, DeepStackEmbeds) and step.deepstack is backend._no_deepstack
+    assert step.deepstack.shape == (2, 0, backend.hidden_size) and not step.visual_index.any()
+    assert backend.merge(np.array([[7]]), np.zeros((0, backend.hidden_size), np.float32)).deepstack is step.deepstack
+    with pytest.raises(InputError, match="DeepStack.*join"):
+        backend.merge(prompt["input_ids"], prompt["vision"][0])
+
+
+def _two_turns(backend, turns: list[dict], features: list[tuple]) -> np.ndarray:
+    """A chat session's path (runtime/session.py): each turn merges its new tokens with its own join's features
+    and prefills after the cache -> the last turn's last-position logits."""
+    cache, ids, total = None, np.zeros(0, np.int64), 0
+    for turn, joined in zip(turns, features):
+        total += turn["input_ids"].shape[1]
+        inputs = {**turn, "attention_mask": np.ones((1, total), np.int64), "rope_deltas": np.zeros((1, 1), np.int64)}
+        logits, state = prefill(backend, backend.merge(turn["input_ids"], joined), inputs, StepTimes(), cache=cache,
+                                cached_ids=ids)
+        cache, ids = state.cache, np.concatenate([ids, turn["input_ids"][0]])
+    return logits
+
+
+def test_a_next_turn_carries_its_own_deepstack_features(tiny_ckpt_3, q3_backend, prompt):
+    """A next turn with a new image: its visual_index ranks among its own features. Against transformers on the
+    two turns as one sequence; zeroing the second turn's DeepStack features changes its logits."""
+    turns = [{"input_ids": prompt["input_ids"][:1, a:b].copy(), "position_ids": prompt["position_ids"][:, :1, a:b]}
+             for a, b in ((0, 14), (14, 24))]
+    turns[1]["input_ids"][0, 3:5] = prompt["input_ids"][0, 4]  # two image tokens; row 0's first 8 are in turn one
+    main, deepstack = prompt["vision"]
+    feats = [(main[:8], deepstack[:, :8]), (main[8:10], deepstack[:, 8:10])]
+    backend = q3_backend("portable")
+    ours = _two_turns(backend, turns, feats)
+    both = {"input_ids": np.concatenate([t["input_ids"] for t in turns], 1), "attention_mask": np.ones((1, 24), np.int64),
+            "position_ids": prompt["position_ids"][:, :1], "rope_deltas": np.zeros((1, 1), np.int64),
+            "vision": (main[:10], deepstack[:, :10])}
+    assert np.abs(ours - _reference(tiny_ckpt_3, both, [])[0]).max() <= 1e-4
+    without = _two_turns(backend, turns, [feats[0], (feats[1][0], np.zeros_like(feats[1][1]))])
+    assert np.abs(without - ours).max() > 1e-3
+
+
+def test_an_artifact_without_the_deepstack_io_is_refused(q3_artifact, tmp_path):
+    """Graphs exported before DeepStack would drop the features: refused by name."""
+    import json
+    import shutil
+
+    from qwen2vl_edge.runtime.errors import ArtifactError
+
+    copy = Path(shutil.copytree(q3_artifact("portable"), tmp_path / "old"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    decoder = manifest["graphs"]["decoder"]
+    decoder["inputs"] = [v for v in decoder["inputs"] if v["name"] != "deepstack_embeds"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="DeepStack.*decoder input deepstack_embeds.*re-export"):
+        load_artifact(copy, verify=False)
