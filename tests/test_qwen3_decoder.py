@@ -10,6 +10,7 @@ row map matters.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -301,3 +302,45 @@ def test_reduced_precision_and_quantized_floors(q3_backend, prompt, target):
     top1 = float(np.mean([logits.argmax(-1) == token for logits, token in zip(ours, fed)]))
     print(f"{target}: teacher-forced top-1 vs fp32 {top1:.0%}")
     assert top1 >= FLOORS[target]
+
+
+def test_profiles_buffers_and_memory_plan_for_deepstack(tiny_ckpt, tiny_ckpt_3):
+    """Plain data: the decoder's DeepStack inputs get profiles (M = 0 at decode steps), the TensorRT backend its two
+    buffers, the host estimate K more features a vision token; Qwen2-VL's stay as they were."""
+    from qwen2vl_edge.runtime import memory
+    from qwen2vl_edge.runtime.backends.trt_memory import io_buffers
+    from qwen2vl_edge.runtime.backends.trt_profiles import DECODE, PREFILL, Limits, decoder_profiles
+    from qwen2vl_edge.runtime.config import load_config
+
+    lim = Limits(max_prompt=64, max_context=128, max_batch=2)
+    q3, q2 = load_config(tiny_ckpt_3), load_config(tiny_ckpt)
+    K, H = len(q3.vision.deepstack_visual_indexes), q3.text.hidden_size
+    for kv in ("concat", "preallocated"):
+        profiles = decoder_profiles(q3, lim, kv)
+        assert profiles[PREFILL]["deepstack_embeds"] == ((K, 0, H), (K, 128, H), (K, 128, H))
+        assert profiles[DECODE]["deepstack_embeds"] == ((K, 0, H),) * 3
+        assert profiles[DECODE]["visual_index"] == ((1, 1), (1, 1), (2, 1))
+        assert not {"visual_index", "deepstack_embeds"} & set(decoder_profiles(q2, lim, kv)[PREFILL])
+    assert io_buffers(q3, lim)["deepstack_embeds"] == K * 2 * 64 * H * 4
+    assert "deepstack_embeds" not in io_buffers(q2, lim)
+    req = memory.RequestShape(1, 300, 8, ((1, 16, 16),))
+    plain = replace(q3, vision=replace(q3.vision, deepstack_visual_indexes=()))
+    extra = memory.estimate(q3, {}, req).stages["vision"] - memory.estimate(plain, {}, req).stages["vision"]
+    assert extra == K * 4 * (16 * 16 // 4) * H  # K more [tokens, hidden] feature sets
+
+
+@pytest.mark.parametrize("target,ops", [("ort-cpu", {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"}),
+                                        ("tensorrt-10.15", {"Attention", "TensorScatter", "RMSNormalization",
+                                                            "RotaryEmbedding"}), ("tensorrt-10.3", {"Softmax"})])
+def test_each_target_keeps_its_fused_ops(q3_artifact, target, ops):
+    """q/k normalised (and rotated) before GroupQueryAttention / RotaryEmbedding: the fused paths stay fused; and
+    the graphs pass check-trt's operator matrix for their TensorRT version."""
+    import onnx
+
+    from qwen2vl_edge.export.trt_check import check_artifact
+
+    art = q3_artifact(target)
+    model = onnx.load(str(art / "decoder.onnx"), load_external_data=False)
+    assert ops <= {n.op_type for n in model.graph.node}
+    if target.startswith("tensorrt"):
+        assert check_artifact(art) == []

@@ -30,11 +30,13 @@ class Backend(Protocol):
 
     def join(self, features: list) -> Any:
         """What `vision` returned per image / video, in prompt order -> the merger's [M, hidden] input
-        (backend-native)."""
+        (backend-native); for DeepStack models the pair (vision_embeds [M, hidden], deepstack [K, M, hidden])."""
 
     def merge(self, input_ids: np.ndarray, vision_embeds: Any) -> Any:
         """[B, L] ids + [M, hidden] features (what `join` returned, or a host array) -> inputs_embeds
-        [B, L, hidden] (backend-native)."""
+        [B, L, hidden] (backend-native). DeepStack models: what `join` returned (a bare [0, hidden] array at decode
+        steps) -> an object `decode` takes that slices as the embeddings do ([:, a:b]: embeddings and visual_index
+        sliced, the DeepStack features kept whole; generation.prefill_chunks)."""
 
     def new_cache(self, batch: int, reserve: int = 0) -> Any:
         """An empty KV cache (past length 0) for `batch` rows; `reserve`: positions the request will fill
