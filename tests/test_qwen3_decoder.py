@@ -172,13 +172,15 @@ def test_the_parity_tells_the_sectioned_row_map_apart(tiny_ckpt_3, q3_backend, p
 
 
 @pytest.mark.parametrize("target", ["portable", "ort-cpu"])
-def test_prefill_in_small_chunks_equals_one_run(q3_backend, prompt, target, monkeypatch):
+def test_prefill_in_small_chunks_equals_one_run(tiny_ckpt_3, q3_backend, prompt, target, monkeypatch):
     """Chunks of 5 positions cut through the image tokens: each chunk's visual_index still ranks among all M
     features, which stay whole. ort-cpu's GroupQueryAttention takes chunks after a past for one row only."""
     rows = slice(None) if target == "portable" else slice(0, 1)
     one = {k: (v[:, rows] if k == "position_ids" else v if k == "vision" else v[rows]) for k, v in prompt.items()}
     if target == "ort-cpu":  # the first row's features only
-        M = int((one["input_ids"] == 151655).sum())
+        from qwen2vl_edge.runtime.config import load_config
+
+        M = int((one["input_ids"] == load_config(tiny_ckpt_3).image_token_id).sum())
         one["vision"] = (prompt["vision"][0][:M], prompt["vision"][1][:, :M])
     backend = q3_backend(target)
     whole, fed = _ours(backend, one, steps=2)
