@@ -224,7 +224,7 @@ def _attention_gqa(g: Graph, h: str, ckpt: Checkpoint, i: int, cos: str, sin: st
     qkv = g.linear(h, join_outputs(weights), None if biases[0] is None else np.concatenate(biases), f"{p}.qkv_proj")
     q, k, v = _split_last(g, qkv, [w.shape[0] for w in weights])
 
-    def rotated(x: str, n: int, which: str) -> str:  # [B, L, n*hd] -> normalised per head where the family does, rotated
+    def rotated(x: str, n: int, which: str) -> str:  # [B, L, n*hd] -> (normalised per head,) rotated, same shape
         x = _qk_norm(g, ckpt, g.op("Reshape", x, g.const([0, 0, n, hd])), i, which)
         return g.op("Reshape", rotate(g, x, cos, sin, hd // 2), g.const([0, 0, n * hd]))
 

@@ -230,7 +230,8 @@ def test_a_next_turn_carries_its_own_deepstack_features(tiny_ckpt_3, q3_backend,
     feats = [(main[:8], deepstack[:, :8]), (main[8:10], deepstack[:, 8:10])]
     backend = q3_backend("portable")
     ours = _two_turns(backend, turns, feats)
-    both = {"input_ids": np.concatenate([t["input_ids"] for t in turns], 1), "attention_mask": np.ones((1, 24), np.int64),
+    both = {"input_ids": np.concatenate([t["input_ids"] for t in turns], 1),
+            "attention_mask": np.ones((1, 24), np.int64),
             "position_ids": prompt["position_ids"][:, :1], "rope_deltas": np.zeros((1, 1), np.int64),
             "vision": (main[:10], deepstack[:, :10])}
     assert np.abs(ours - _reference(tiny_ckpt_3, both, [])[0]).max() <= 1e-4

@@ -300,7 +300,8 @@ class OrtBackend:
         """[B, L] ids and join's output -> inputs_embeds [B, L, hidden]; for DeepStack models a DeepStackEmbeds
         (decode steps, which join nothing, get the one empty [K, 0, hidden] the backend keeps)."""
         vision_embeds, deepstack = split_joined(joined, self.deepstack_layers)
-        outputs = self._run("embedding_merger", {"input_ids": input_ids, "vision_embeds": vision_embeds}, all_outputs=True)
+        outputs = self._run("embedding_merger", {"input_ids": input_ids, "vision_embeds": vision_embeds},
+                            all_outputs=True)
         if not self.deepstack_layers:
             return outputs[0]
         return DeepStackEmbeds(outputs[0], outputs[1], self._no_deepstack if deepstack is None else deepstack)
@@ -352,7 +353,8 @@ class OrtBackend:
         binding = self.sessions["decoder"].io_binding()
         feeds = inputs_embeds.feeds() if isinstance(inputs_embeds, DeepStackEmbeds) else {"inputs_embeds": inputs_embeds}
         for name, array in feeds.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(array, np.int64 if name == "visual_index" else np.float32))
+            dtype = np.int64 if name == "visual_index" else np.float32
+            binding.bind_cpu_input(name, np.ascontiguousarray(array, dtype))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
         total = cache.length + inputs_embeds.shape[1]

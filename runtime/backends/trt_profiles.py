@@ -108,9 +108,9 @@ def merger_profiles(cfg: ModelConfig, lim: Limits) -> list[Profile]:
 def decoder_profiles(cfg: ModelConfig, lim: Limits, kv_cache: str = CONCAT) -> list[Profile]:
     """Prefill (L up to max_prompt, after any past: a chat session's later turn prefills after the earlier
     ones) and decode (L = 1; with DeepStack, M = 0 vision tokens). Concat: the past holds P positions (0 up to
-    max_context - 1; the prefill profile is tuned for none). Preallocated: the past is the request's whole buffer, whose length the graphs fix
-    (export --max-context; build-trt builds with that max_context), in both profiles. P + L is at most max_context
-    in both."""
+    max_context - 1; the prefill profile is tuned for none). Preallocated: the past is the request's whole buffer,
+    whose length the graphs fix (export --max-context; build-trt builds with that max_context), in both profiles.
+    P + L is at most max_context in both."""
     t = cfg.text
     batch = _span(1, lim.max_batch, 1)
     layers = len(cfg.vision.deepstack_visual_indexes)
