@@ -205,6 +205,9 @@ def test_decode_steps_get_the_one_empty_deepstack_and_a_bare_array_is_refused(q3
     assert backend.merge(np.array([[7]]), np.zeros((0, backend.hidden_size), np.float32)).deepstack is step.deepstack
     with pytest.raises(InputError, match="DeepStack.*join"):
         backend.merge(prompt["input_ids"], prompt["vision"][0])
+    main, deepstack = prompt["vision"]
+    with pytest.raises(InputError, match="do not match"):
+        backend.merge(prompt["input_ids"], (main, deepstack[:, 1:]))
 
 
 def _two_turns(backend, turns: list[dict], features: list[tuple]) -> np.ndarray:

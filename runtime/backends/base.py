@@ -61,6 +61,10 @@ def split_joined(joined: Any, layers: int) -> tuple[Any, Any]:
     what a model without DeepStack joins, and what decode steps pass (M = 0); a DeepStack model's K features are
     then those of no vision token."""
     if isinstance(joined, tuple):
+        main, deepstack = joined
+        if layers and tuple(deepstack.shape[:2]) != (layers, main.shape[0]):
+            raise InputError(f"DeepStack features of shape {tuple(deepstack.shape)} do not match {main.shape[0]} "
+                             f"vision tokens and {layers} DeepStack layers: pass join()'s pair as it came")
         return joined
     if layers and joined.shape[0]:
         raise InputError(f"this model adds DeepStack features after {layers} decoder layers: merge needs join()'s "
