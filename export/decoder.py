@@ -1,6 +1,7 @@
-"""decoder graph: one step of the Qwen2 text model with a KV cache; serves prefill (P = 0) and decode.
+"""decoder graph: one step of the Qwen2 / Qwen3 text model with a KV cache; serves prefill (P = 0) and decode.
 
-Inputs: inputs_embeds [B, L, H], attention_mask [B, P+L], position_ids [3, B, L] (M-RoPE),
+Inputs: inputs_embeds [B, L, H], attention_mask [B, P+L], position_ids [3, B, L] (M-RoPE), with DeepStack (Qwen3-VL,
+K = len(deepstack_visual_indexes) > 0) visual_index [B, L] and deepstack_embeds [K, M, H] (_deepstack),
 past_key_values.{i}.key/value [B, kv_heads, P, head_dim]. Outputs: logits [B, 1 | L, V] and
 present.{i}.key/value [B, kv_heads, P+L, head_dim]. Grouped-query attention never repeats the kv heads: the
 query heads that share one go along the query axis on tensorrt ([B, kv, groups*L, hd] against [B, kv, T, hd],
@@ -31,9 +32,16 @@ from .vision import activation, attend, rms_norm, rotate
 MASK_MIN = float(np.finfo(np.float32).min)  # finite: a fully padded row stays NaN-free
 
 
-def mrope_rows(mrope_section: tuple[int, ...]) -> np.ndarray:
-    """For each rotary frequency, which position row (0 = t, 1 = h, 2 = w) drives it."""
-    return np.concatenate([np.full(n, i % 3) for i, n in enumerate(mrope_section)]).astype(np.int64)
+def mrope_rows(mrope_section: tuple[int, ...], interleaved: bool = False) -> np.ndarray:
+    """For each rotary frequency, which position row (0 = t, 1 = h, 2 = w) drives it: in sections (t t t h h w w,
+    Qwen2-VL), or interleaved (Qwen3-VL, transformers' Qwen3VLTextRotaryEmbedding.recomposition_frequencies):
+    frequency j takes h where j % 3 == 1 and j < 3 * section[1], w where j % 3 == 2 and j < 3 * section[2], else t."""
+    if not interleaved:
+        return np.concatenate([np.full(n, i % 3) for i, n in enumerate(mrope_section)]).astype(np.int64)
+    rows = np.zeros(sum(mrope_section), np.int64)
+    for row in (1, 2):
+        rows[row:3 * mrope_section[row]:3] = row
+    return rows
 
 
 def inv_freq(theta: float, head_dim: int) -> np.ndarray:
@@ -59,7 +67,7 @@ def _rotary(g: Graph, position_ids: str, ckpt: Checkpoint, heads_axis: int) -> t
     does): [B, 1, L, head_dim] for heads_axis 1 (q/k as [B, n, L, hd]), [B, L, 1, head_dim] for heads_axis 2
     (q/k as [B, L, n, hd]); [B, L, head_dim/2] for RotaryEmbedding (the two halves are equal)."""
     tc = ckpt.config.text
-    rows = mrope_rows(tc.mrope_section)
+    rows = mrope_rows(tc.mrope_section, ckpt.config.family.mrope_interleaved)
     if len(rows) != tc.head_dim // 2:
         raise ValueError(f"mrope_section {tc.mrope_section} must sum to head_dim/2 = {tc.head_dim // 2}")
     pos = g.op("Gather", position_ids, g.const(rows), axis=0)  # [hd/2, B, L]
@@ -104,17 +112,33 @@ def _mask_bias(g: Graph, attention_mask: str, seq_len: str, groups: int | None) 
     return bias if groups else g.op("Unsqueeze", bias, g.const([2]))
 
 
+def _bias(ckpt: Checkpoint, name: str) -> np.ndarray | None:
+    """A linear's bias, None where the checkpoint has none (Qwen3's attention projections)."""
+    return ckpt.get(name) if name in ckpt else None
+
+
+def _qk_norm(g: Graph, ckpt: Checkpoint, x: str, i: int, which: str) -> str:
+    """Qwen3's per-head RMSNorm of q or k (`which`) over head_dim, x [..., n, hd]; x itself for the families
+    without it."""
+    if not ckpt.config.family.qk_norm:
+        return x
+    name = f"model.layers.{i}.self_attn.{which}_norm.weight"
+    return rms_norm(g, x, g.weight(name, lambda: ckpt.get(name)), ckpt.config.text.rms_norm_eps)
+
+
 def _qkv_heads(g: Graph, h: str, ckpt: Checkpoint, i: int) -> tuple[str, str, str]:
-    """q [B, heads, L, hd], k and v [B, kv_heads, L, hd]: the three projections of layer i, split into heads."""
+    """q [B, heads, L, hd], k and v [B, kv_heads, L, hd]: the three projections of layer i, split into heads
+    (q and k normalised per head where the family does so)."""
     tc = ckpt.config.text
     p = f"model.layers.{i}.self_attn"
 
-    def heads(y: str, n: int) -> str:  # [B, L, n*hd] -> [B, n, L, hd]
-        return g.op("Transpose", g.op("Reshape", y, g.const([0, 0, n, tc.head_dim])), perm=[0, 2, 1, 3])
+    def heads(n: str, count: int) -> str:  # [B, L, count*hd] -> [B, count, L, hd]
+        y = g.linear(h, ckpt.linear(f"{p}.{n}_proj"), _bias(ckpt, f"{p}.{n}_proj.bias"), f"{p}.{n}_proj")
+        y = g.op("Reshape", y, g.const([0, 0, count, tc.head_dim]))  # [B, L, count, hd]
+        y = y if n == "v" else _qk_norm(g, ckpt, y, i, n)
+        return g.op("Transpose", y, perm=[0, 2, 1, 3])
 
-    return tuple(heads(g.linear(h, ckpt.linear(f"{p}.{n}"), ckpt.get(f"{p}.{n}.bias"), f"{p}.{n}"), count)
-                 for n, count in (("q_proj", tc.num_attention_heads), ("k_proj", tc.num_key_value_heads),
-                                  ("v_proj", tc.num_key_value_heads)))
+    return heads("q", tc.num_attention_heads), heads("k", tc.num_key_value_heads), heads("v", tc.num_key_value_heads)
 
 
 def _attention(g: Graph, h: str, ckpt: Checkpoint, i: int, cos: str, sin: str, bias: str,
@@ -196,15 +220,16 @@ def _attention_gqa(g: Graph, h: str, ckpt: Checkpoint, i: int, cos: str, sin: st
     names = ("q_proj", "k_proj", "v_proj")
     weights = [ckpt.linear(f"{p}.{n}") for n in names]
     # one packed projection: one kernel call instead of three
-    qkv = g.linear(h, join_outputs(weights), np.concatenate([ckpt.get(f"{p}.{n}.bias") for n in names]),
-                   f"{p}.qkv_proj")
+    biases = [_bias(ckpt, f"{p}.{n}.bias") for n in names]
+    qkv = g.linear(h, join_outputs(weights), None if biases[0] is None else np.concatenate(biases), f"{p}.qkv_proj")
     q, k, v = _split_last(g, qkv, [w.shape[0] for w in weights])
 
-    def rotated(x: str, n: int) -> str:  # [B, L, n*hd] -> rotated, same shape
-        x = rotate(g, g.op("Reshape", x, g.const([0, 0, n, hd])), cos, sin, hd // 2)
-        return g.op("Reshape", x, g.const([0, 0, n * hd]))
+    def rotated(x: str, n: int, which: str) -> str:  # [B, L, n*hd] -> (normalised per head,) rotated, same shape
+        x = _qk_norm(g, ckpt, g.op("Reshape", x, g.const([0, 0, n, hd])), i, which)
+        return g.op("Reshape", rotate(g, x, cos, sin, hd // 2), g.const([0, 0, n * hd]))
 
-    out, present_k, present_v = g.op("GroupQueryAttention", rotated(q, nh), rotated(k, kv), v, past_k, past_v,
+    # GroupQueryAttention's head size is q's width / num_heads (= head_dim, which may differ from hidden / heads)
+    out, present_k, present_v = g.op("GroupQueryAttention", rotated(q, nh, "q"), rotated(k, kv, "k"), v, past_k, past_v,
                                      seqlens_k, total, "", "", "", bias, n_out=3, domain="com.microsoft",
                                      num_heads=nh, kv_num_heads=kv, scale=float(hd ** -0.5))
     return g.linear(out, ckpt.linear(f"{p}.o_proj"), None, f"{p}.o_proj"), present_k, present_v
@@ -271,6 +296,18 @@ def _lm_head(g: Graph, ckpt: Checkpoint, x: str) -> str:
     return g.to_f32(g.op("Reshape", logits, out_shape))
 
 
+def _deepstack(g: Graph, ckpt: Checkpoint):
+    """DeepStack (Qwen3-VL): inputs visual_index [B, L] (1-based rank of each vision token among the M, 0 at text)
+    and deepstack_embeds [K, M, H]; returns i -> feature i placed at the vision positions, zeros elsewhere [B, L, H],
+    which joins the hidden states after decoder layer i. A gather from [M + 1, H] whose row 0 is zeros: a decode step
+    or a text chunk (M = 0, visual_index 0) gathers the zero row only, nothing proportional to the prompt."""
+    K, H = len(ckpt.config.vision.deepstack_visual_indexes), ckpt.config.text.hidden_size
+    visual_index = g.input("visual_index", INT64, ["batch", "seq"])
+    feats = g.input("deepstack_embeds", FLOAT, [K, "vision_tokens", H])
+    table = g.to_act(g.op("Concat", g.const(np.zeros((K, 1, H)), np.float32), feats, axis=1))  # [K, M + 1, H]
+    return lambda i: g.op("Gather", g.op("Gather", table, g.const(i), axis=0), visual_index, axis=0)
+
+
 def build_decoder(g: Graph, ckpt: Checkpoint, all_logits: bool = False, progress=None) -> None:
     """Preallocated caches (ort-cpu; tensorrt from 10.15): past/present are [B, kv, capacity, hd] and the runtime
     binds both to one buffer; otherwise past [B, kv, P, hd] -> present [B, kv, P+L, hd]. The cache is in the
@@ -280,6 +317,7 @@ def build_decoder(g: Graph, ckpt: Checkpoint, all_logits: bool = False, progress
     x = g.input("inputs_embeds", FLOAT, ["batch", "seq", H])
     attention_mask = g.input("attention_mask", INT64, ["batch", "total_seq"])
     position_ids = g.input("position_ids", INT64, [3, "batch", "seq"])
+    deepstack = _deepstack(g, ckpt) if ckpt.config.vision.deepstack_visual_indexes else None
     names = cache_names(ckpt.config)
     if preallocated(g):
         past_dim = present_dim = g.target.kv_length or "capacity"  # static on tensorrt (module doc)
@@ -297,6 +335,8 @@ def build_decoder(g: Graph, ckpt: Checkpoint, all_logits: bool = False, progress
         attn, present_k, present_v = attention(h, i)
         h, x = _residual_norm(g, attn, x, norm(f"model.layers.{i}.post_attention_layernorm.weight"), eps)
         mlp = _mlp(g, h, ckpt, i)
+        if deepstack and i < len(ckpt.config.vision.deepstack_visual_indexes):
+            mlp = g.op("Add", mlp, deepstack(i))  # joins the residual stream with the layer's output
         if i < last:
             h, x = _residual_norm(g, mlp, x, norm(f"model.layers.{i + 1}.input_layernorm.weight"), eps)
         g.output(present_k, names[i][2], g.act, ["batch", kv, present_dim, hd])

@@ -1,5 +1,7 @@
 """embedding_merger graph: token embeddings with vision features placed at the <|image_pad|> /
-<|video_pad|> positions, row-major over the batch, in order of appearance."""
+<|video_pad|> positions, row-major over the batch, in order of appearance. With DeepStack (Qwen3-VL) it also
+outputs visual_index [B, L], where each position's feature came from (the decoder places the DeepStack features by
+it)."""
 
 from __future__ import annotations
 
@@ -36,3 +38,5 @@ def build_embedding_merger(g: Graph, ckpt: Checkpoint, quant: QuantSpec | None =
     placed = g.op("Gather", padded, index)
     out = g.op("Where", g.op("Unsqueeze", is_vision, g.const([-1])), placed, embeds)
     g.output(out, "inputs_embeds", FLOAT, ["batch", "seq", H])
+    if cfg.vision.deepstack_visual_indexes:
+        g.output(index, "visual_index", INT64, ["batch", "seq"])

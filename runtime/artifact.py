@@ -21,7 +21,9 @@ from .errors import ArtifactError
 
 FORMAT = "qwen2vl-edge"
 FORMAT_VERSION = 2  # 2: export.max_context, the KV cache's static length of tensorrt graphs from 10.15; the family
-#                     (config.model_type) picks the vision encoder's inputs (Qwen2.5-VL's windows)
+#                     (config.model_type) picks the vision encoder's inputs (Qwen2.5-VL's windows), and the vision
+#                     config's deepstack_visual_indexes the DeepStack I/O (DEEPSTACK_IO; Qwen3-VL): graphs of the
+#                     families before keep theirs, so their artifacts stay readable
 MANIFEST = "manifest.json"
 GRAPHS = ("vision_encoder", "embedding_merger", "decoder")
 # side files read when they are present (runtime/processor.py, preprocess.py, generation.py); of the chat
@@ -30,6 +32,10 @@ PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_conf
                    "video_preprocessor_config.json", "generation_config.json")  # the video one: Qwen3-VL's
 TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 REQUIRED_PROCESSOR_FILES = ("tokenizer.json",)
+# (graph, "inputs" | "outputs", name) that carry DeepStack's features from the merger to the decoder, for a model
+# with deepstack_visual_indexes (export/merger.py, export/decoder.py)
+DEEPSTACK_IO = (("embedding_merger", "outputs", "visual_index"), ("decoder", "inputs", "visual_index"),
+                ("decoder", "inputs", "deepstack_embeds"))
 
 
 # -- schema --------------------------------------------------------------------------------------
@@ -251,5 +257,18 @@ def load_artifact(directory: str | Path, verify: bool = True, backend: str = "on
         config = ModelConfig.from_dict(manifest["config"])
     except ConfigError as e:
         raise ArtifactError(f"{d / MANIFEST}: {e}. Re-export the artifact") from None
+    _check_deepstack(d, manifest, config)
     _check_files(d, manifest, backend, verify)
     return Artifact(d, manifest, config)
+
+
+def _check_deepstack(d: Path, manifest: dict, config: ModelConfig) -> None:
+    """A DeepStack model's graphs must carry its features: without them the decoder would silently drop them."""
+    if not config.vision.deepstack_visual_indexes:
+        return
+    missing = [f"{graph} {kind[:-1]} {name}" for graph, kind, name in DEEPSTACK_IO
+               if name not in {v["name"] for v in manifest["graphs"][graph][kind]}]
+    if missing:
+        raise ArtifactError(f"{d / MANIFEST}: the model adds DeepStack features after "
+                            f"{len(config.vision.deepstack_visual_indexes)} decoder layers, but the graphs lack "
+                            f"{', '.join(missing)}: re-export the artifact with this version of qwen2vl-edge")

@@ -139,11 +139,12 @@ def estimate(cfg: ModelConfig, export: dict, req: RequestShape, chunk: int | Non
     m2 = cfg.vision.spatial_merge_size ** 2
     patches = sum(g[0] * g[1] * g[2] for g in req.grids)
     inputs = F32 * patches * cfg.vision.patch_dim + 8 * 5 * B * L  # pixel patches, ids, mask, positions
-    features = F32 * (patches // m2) * t.hidden_size
+    deepstack = len(cfg.vision.deepstack_visual_indexes)  # K more features a vision token, a visual_index per token
+    features = F32 * (patches // m2) * t.hidden_size * (1 + deepstack)
     target, total = export.get("target", "portable"), L + req.max_new_tokens
     largest = max(req.grids, key=lambda g: vision_bytes(cfg, target, g)) if req.grids else None
     stages = {"vision": inputs + features + (vision_bytes(cfg, target, largest) if largest else 0)}
-    embeds = F32 * B * L * t.hidden_size
+    embeds = F32 * B * L * t.hidden_size + (8 * B * L if deepstack else 0)
     dtype, kind = export.get("compute_dtype", "fp32"), export.get("kv_cache", CONCAT)  # fp16 weights: fp32 cache
     # concat: past and present both alive in a step; preallocated: one buffer of L + max_new_tokens from the start,
     # or of the length the graphs fix (tensorrt from 10.15)

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..artifact import GRAPHS, Artifact
 from ..errors import ArtifactError, ConfigError, InputError
+from .base import split_joined
 
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 # prompt positions per decoder run at prefill on the CPU (generation.prefill_chunks): prompts up to this long
@@ -47,6 +48,27 @@ class OrtCache:
     @property
     def capacity(self) -> int:
         return next(iter(self.buffers.values())).shape[2] if self.buffers else 0
+
+
+@dataclass(frozen=True)
+class DeepStackEmbeds:
+    """What merge returns for a DeepStack model (Qwen3-VL) and decode takes: the embeddings, where each position's
+    vision feature came from, and the DeepStack features those indices point into. It slices as the embeddings do
+    (generation.prefill_chunks: [:, a:b]); the features stay whole, since a chunk's indices still rank among all M."""
+
+    embeds: np.ndarray  # [B, L, hidden] float32
+    visual_index: np.ndarray  # [B, L] int64: 1-based rank among the M vision tokens, 0 at text
+    deepstack: np.ndarray  # [K, M, hidden] float32
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.embeds.shape
+
+    def __getitem__(self, key) -> "DeepStackEmbeds":
+        return replace(self, embeds=self.embeds[key], visual_index=self.visual_index[key[:2]])
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        return {"inputs_embeds": self.embeds, "visual_index": self.visual_index, "deepstack_embeds": self.deepstack}
 
 
 def _cpu_identity() -> str:
@@ -197,6 +219,8 @@ class OrtBackend:
         self._vision_bounded = False
         cfg = artifact.config.text
         self.hidden_size = cfg.hidden_size
+        self.deepstack_layers = len(artifact.config.vision.deepstack_visual_indexes)  # K
+        self._no_deepstack = np.zeros((self.deepstack_layers, 0, cfg.hidden_size), np.float32)  # decode steps
         self.kv_shape = (cfg.num_key_value_heads, cfg.head_dim)
         self.max_positions = cfg.max_position_embeddings
         dec = self.sessions["decoder"]
@@ -241,11 +265,12 @@ class OrtBackend:
     def check_request(self, inputs: dict, max_new_tokens: int) -> None:
         """Graphs have dynamic shapes: only the model's context limits a request (checked by the pipeline)."""
 
-    def _run(self, graph: str, feeds: dict) -> np.ndarray:
+    def _run(self, graph: str, feeds: dict, all_outputs: bool = False):
+        """The graph's first output, or all of them."""
         t0 = time.perf_counter()
-        out = self.sessions[graph].run(None, feeds)[0]
+        out = self.sessions[graph].run(None, feeds)
         self.graph_seconds += time.perf_counter() - t0
-        return out
+        return out if all_outputs else out[0]
 
     def _session(self, path: Path, opts, optimized: bool):
         if optimized:  # a session cache's graph: optimized already
@@ -271,8 +296,15 @@ class OrtBackend:
         flat = [f.reshape(-1, self.hidden_size) for f in features]  # [F * S / merge^2, hidden] each
         return np.concatenate(flat) if flat else np.zeros((0, self.hidden_size), np.float32)
 
-    def merge(self, input_ids, vision_embeds):
-        return self._run("embedding_merger", {"input_ids": input_ids, "vision_embeds": vision_embeds})
+    def merge(self, input_ids, joined):
+        """[B, L] ids and join's output -> inputs_embeds [B, L, hidden]; for DeepStack models a DeepStackEmbeds
+        (decode steps, which join nothing, get the one empty [K, 0, hidden] the backend keeps)."""
+        vision_embeds, deepstack = split_joined(joined, self.deepstack_layers)
+        outputs = self._run("embedding_merger", {"input_ids": input_ids, "vision_embeds": vision_embeds},
+                            all_outputs=True)
+        if not self.deepstack_layers:
+            return outputs[0]
+        return DeepStackEmbeds(outputs[0], outputs[1], self._no_deepstack if deepstack is None else deepstack)
 
     def new_cache(self, batch: int, reserve: int = 0) -> OrtCache:
         if self.preallocated:  # buffers are made at the first decode
@@ -319,7 +351,10 @@ class OrtBackend:
 
     def decode(self, inputs_embeds, attention_mask, position_ids, cache: OrtCache):
         binding = self.sessions["decoder"].io_binding()
-        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, np.float32))
+        feeds = inputs_embeds.feeds() if isinstance(inputs_embeds, DeepStackEmbeds) else {"inputs_embeds": inputs_embeds}
+        for name, array in feeds.items():
+            dtype = np.int64 if name == "visual_index" else np.float32
+            binding.bind_cpu_input(name, np.ascontiguousarray(array, dtype))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
         total = cache.length + inputs_embeds.shape[1]

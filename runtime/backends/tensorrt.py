@@ -9,7 +9,9 @@
   come back through pinned host memory, last position only. Each decode step's host inputs (ids, mask,
   positions) go up through pinned staging buffers, asynchronously.
 - Vision features stay on the device: each encoder run writes into a device buffer of its own, `join`
-  copies them, in prompt order, into the merger's input buffer, and merge reads them there.
+  copies them, in prompt order, into the merger's input buffer, and merge reads them there. DeepStack features
+  (Qwen3-VL) wait in their own buffer [K, M, hidden] for the decoder, beside the merger's visual_index [B, L]; a
+  decode step binds the same buffers with M = 0 and uploads nothing to them.
 - The KV cache lives in the object `new_cache` returns, in the engine's dtype: preallocated graphs (10.15)
   fix its length (export --max-context) and bind past and present to the same buffer, written in place;
   concat graphs size it for the request, read the past from one buffer set and write the present into
@@ -29,6 +31,7 @@ import numpy as np
 
 from ..artifact import Artifact
 from ..errors import ArtifactError, InputError
+from .base import split_joined
 from .cuda import DeviceBuffer, PinnedArray, Stream, gpu_identity
 from .trt_memory import DTYPE_BYTES, io_buffers, kv_cache_bytes
 from .trt_profiles import (
@@ -137,6 +140,10 @@ class TrtCache:
 class DeviceEmbeds:
     shape: tuple[int, int, int]  # [B, L, hidden], in the backend's inputs_embeds buffer
     stamp: int  # which merge wrote it: a later merge overwrites the buffer
+    # DeepStack models: [K, M, hidden] in the deepstack_embeds buffer (M = 0 at decode steps: nothing uploaded), and
+    # the join that wrote them (a later join overwrites them); the merger wrote visual_index [B, L] beside the embeds
+    deepstack: tuple[int, int, int] | None = None
+    join_stamp: int = 0
 
 
 class VisionFeatures:
@@ -154,7 +161,8 @@ class VisionFeatures:
 
 @dataclass(frozen=True)
 class JoinedFeatures:
-    shape: tuple[int, int]  # [M, hidden], in the backend's vision_embeds buffer
+    shape: tuple[int, ...]  # [M, hidden] in the backend's vision_embeds buffer; DeepStack's [K, M, hidden] in its
+    #                         deepstack_embeds buffer
     stamp: int  # which join wrote it: a later join overwrites the buffer
 
 
@@ -170,6 +178,7 @@ class TrtBackend:
         self._trt, self.cfg = trt, artifact.config
         self.kv_pairs = kv_names(self.cfg)  # (past input, present output) per layer and kind, bound every step
         self.hidden_size = self.cfg.text.hidden_size
+        self.deepstack_layers = len(self.cfg.vision.deepstack_visual_indexes)  # K
         self.graph_seconds = None  # execute_async_v3 returns before the GPU is done
         self.kv_cache = artifact.export.get("kv_cache", CONCAT)
         self._buffers: list = []
@@ -318,21 +327,27 @@ class TrtBackend:
         self._join_stamp += 1
         return JoinedFeatures((rows, self.hidden_size), self._join_stamp)
 
-    def merge(self, input_ids, vision_embeds: JoinedFeatures | np.ndarray) -> DeviceEmbeds:
-        """[B, L] ids and the vision features (joined on the device, or a host array) -> embeddings on the device."""
-        names = ("input_ids", "vision_embeds", "inputs_embeds")
+    def merge(self, input_ids, joined) -> DeviceEmbeds:
+        """[B, L] ids and join's output -> embeddings on the device. The vision features: joined on the device, or a
+        host array; for DeepStack models a pair (vision_embeds, deepstack [K, M, hidden]), each joined on the device
+        (a JoinedFeatures in the vision_embeds / deepstack_embeds buffer) or a host array, or a bare empty array (decode
+        steps: the decoder then reads no row of the deepstack buffer, and nothing is uploaded)."""
+        vision_embeds, deepstack = split_joined(joined, self.deepstack_layers)
+        names = ("input_ids", "vision_embeds", "inputs_embeds") + (("visual_index",) if self.deepstack_layers else ())
         uploads = {"input_ids": np.asarray(input_ids, np.int64)}
-        if isinstance(vision_embeds, JoinedFeatures):
-            if vision_embeds.stamp != self._join_stamp:
-                raise InputError("these vision features were overwritten by a later join(): merge right after it")
-        else:
-            uploads["vision_embeds"] = np.asarray(vision_embeds, np.float32)
-            if vision_embeds.size:  # the upload overwrites what the last join left in the buffer
-                self._join_stamp += 1
+        for name, features in (("vision_embeds", vision_embeds), ("deepstack_embeds", deepstack)):
+            if isinstance(features, JoinedFeatures):
+                if features.stamp != self._join_stamp:
+                    raise InputError("these vision features were overwritten by a later join(): merge right after it")
+            elif features is not None:
+                uploads[name] = np.asarray(features, np.float32)
+        if any(uploads[n].size for n in ("vision_embeds", "deepstack_embeds") if n in uploads):
+            self._join_stamp += 1  # the upload overwrites what the last join left in the buffers
         self._run("embedding_merger", {"input_ids": input_ids.shape, "vision_embeds": vision_embeds.shape},
                   {name: self.buf[name].ptr for name in names}, uploads)
         self._stamp += 1
-        return DeviceEmbeds((*input_ids.shape, self.hidden_size), self._stamp)
+        layers = (self.deepstack_layers, vision_embeds.shape[0], self.hidden_size) if self.deepstack_layers else None
+        return DeviceEmbeds((*input_ids.shape, self.hidden_size), self._stamp, layers, self._join_stamp)
 
     def new_cache(self, batch: int, reserve: int = 0) -> TrtCache:
         """Room for `reserve` positions (prompt + max_new_tokens; the engines' max context if not given). The
@@ -383,13 +398,18 @@ class TrtBackend:
     def decode(self, inputs_embeds: DeviceEmbeds, attention_mask, position_ids, cache: TrtCache):
         if inputs_embeds.stamp != self._stamp:
             raise InputError("these embeddings were overwritten by a later merge(): decode right after merge")
+        deepstack = inputs_embeds.deepstack
+        if deepstack and deepstack[1] and inputs_embeds.join_stamp != self._join_stamp:
+            raise InputError("these DeepStack features were overwritten by a later join(): decode right after merge")
         B, L, H = inputs_embeds.shape
         t, b = self.cfg.text, self.buf
         cache = self._room(cache, cache.length + L)
         P = cache.length
         shapes = {"inputs_embeds": (B, L, H), "attention_mask": attention_mask.shape,
                   "position_ids": position_ids.shape}
-        addresses = {name: b[name].ptr for name in ("inputs_embeds", "attention_mask", "position_ids", "logits")}
+        if deepstack:  # the buffers merge (and join) wrote: decode steps bind them as they are, M = 0
+            shapes.update(visual_index=(B, L), deepstack_embeds=deepstack)
+        addresses = {name: b[name].ptr for name in (*shapes, "logits")}
         past_set = cache.kv.sets[cache.current]
         present_set = past_set if self.kv_cache == PREALLOCATED else cache.kv.sets[1 - cache.current]
         past_len = cache.capacity if self.kv_cache == PREALLOCATED else P

@@ -41,7 +41,11 @@ def io_buffers(cfg: ModelConfig, lim: Limits) -> dict[str, int]:
     t, v = cfg.text, cfg.vision
     B, F, m2 = lim.max_batch, lim.frames(cfg), v.spatial_merge_size ** 2
     patches = lim.max_image_tokens * m2
-    windows = {}
+    windows, deepstack = {}, {}
+    layers = len(cfg.vision.deepstack_visual_indexes)
+    if layers:  # the merger's visual_index [B, L], the decoder's DeepStack features [K, M, hidden], M <= B * L
+        deepstack = {"visual_index": B * lim.max_prompt * I64,
+                     "deepstack_embeds": layers * B * lim.max_prompt * t.hidden_size * F32}
     if cfg.family.windowed:  # [W, P] slots of the window layout, [S] its inverse
         slots = window_limit(cfg, lim)[2] * v.window_merged ** 2 * m2
         windows = {"window_index": slots * I64, "window_mask": slots * F32, "window_inverse": patches * I64}
@@ -57,6 +61,7 @@ def io_buffers(cfg: ModelConfig, lim: Limits) -> dict[str, int]:
         "attention_mask": B * lim.max_context * I64,  # [B, P + L]
         "position_ids": 3 * B * lim.max_prompt * I64,  # [3, B, L]
         "logits": B * t.vocab_size * F32,  # [B, 1, vocab]; the same again in pinned host memory
+        **deepstack,
     }
 
 

@@ -107,17 +107,21 @@ def merger_profiles(cfg: ModelConfig, lim: Limits) -> list[Profile]:
 
 def decoder_profiles(cfg: ModelConfig, lim: Limits, kv_cache: str = CONCAT) -> list[Profile]:
     """Prefill (L up to max_prompt, after any past: a chat session's later turn prefills after the earlier
-    ones) and decode (L = 1). Concat: the past holds P positions (0 up to max_context - 1; the prefill
-    profile is tuned for none). Preallocated: the past is the request's whole buffer, whose length the graphs fix
-    (export --max-context; build-trt builds with that max_context), in both profiles. P + L is at most max_context
-    in both."""
+    ones) and decode (L = 1; with DeepStack, M = 0 vision tokens). Concat: the past holds P positions (0 up to
+    max_context - 1; the prefill profile is tuned for none). Preallocated: the past is the request's whole buffer,
+    whose length the graphs fix (export --max-context; build-trt builds with that max_context), in both profiles.
+    P + L is at most max_context in both."""
     t = cfg.text
     batch = _span(1, lim.max_batch, 1)
+    layers = len(cfg.vision.deepstack_visual_indexes)
 
-    def profile(seq, past, total) -> Profile:
+    def profile(seq, past, total, vision=_span(0, lim.max_batch * lim.max_prompt)) -> Profile:
         p = {"inputs_embeds": _shapes(batch, seq, _fixed(t.hidden_size)),
              "attention_mask": _shapes(batch, total),
              "position_ids": _shapes(_fixed(3), batch, seq)}
+        if layers:  # DeepStack's features of M vision tokens: any prompt token of any row may be one
+            p.update(visual_index=_shapes(batch, seq),
+                     deepstack_embeds=_shapes(_fixed(layers), vision, _fixed(t.hidden_size)))
         for past_name, _ in kv_names(cfg):
             p[past_name] = _shapes(batch, _fixed(t.num_key_value_heads), past, _fixed(t.head_dim))
         return p
@@ -125,11 +129,11 @@ def decoder_profiles(cfg: ModelConfig, lim: Limits, kv_cache: str = CONCAT) -> l
     if kv_cache == PREALLOCATED:
         capacity = _fixed(lim.max_context)
         return [profile(_span(1, lim.max_prompt), capacity, _span(1, lim.max_context, lim.max_prompt)),
-                profile(_fixed(1), capacity, _span(2, lim.max_context, lim.max_prompt + 1))]
+                profile(_fixed(1), capacity, _span(2, lim.max_context, lim.max_prompt + 1), _fixed(0))]
     prefill = profile(_span(1, lim.max_prompt), _span(0, lim.max_context - 1, 0),
                       _span(1, lim.max_context, lim.max_prompt))
     decode = profile(_fixed(1), _span(1, lim.max_context - 1, lim.max_prompt),
-                     _span(2, lim.max_context, lim.max_prompt + 1))
+                     _span(2, lim.max_context, lim.max_prompt + 1), _fixed(0))  # decode steps merge no vision
     return [prefill, decode]
 
 
@@ -166,6 +170,7 @@ _DIM_FLAGS = {  # input name (past_* share one entry) -> flag per dimension (Non
     "input_ids": (_BATCH, _PROMPT), "vision_embeds": (_PROMPT, None),
     "inputs_embeds": (_BATCH, _PROMPT, None), "attention_mask": (_BATCH, _CONTEXT),
     "position_ids": (None, _BATCH, _PROMPT), "past_key_values": (_BATCH, None, _CONTEXT, None),
+    "visual_index": (_BATCH, _PROMPT), "deepstack_embeds": (None, _PROMPT, None),
 }
 
 
