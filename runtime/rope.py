@@ -165,10 +165,46 @@ def vision_windows(grid_thw: tuple[int, int, int], vision: VisionConfig) -> dict
     return {"window_index": index, "window_mask": valid.astype(np.float32), "window_inverse": inverse}
 
 
+def _axis_taps(n: int, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 2 taps [n, 2] into a `side`-long table axis of each of n positions, and their weights [n, 2] float32:
+    bilinear with align_corners=True (the ends map onto the table's ends), computed in float32 as transformers'
+    _interpolation_axis_taps_weights does, so the weights are the same floats."""
+    src = np.arange(n, dtype=np.float32) * np.float32(side - 1) / np.float32(max(n - 1, 1))
+    floor = np.floor(src)
+    offsets = np.arange(2)
+    taps = np.clip(floor.astype(np.int64)[:, None] + offsets, 0, side - 1)
+    weights = np.maximum(np.float32(1) - np.abs(src[:, None] - floor[:, None] - offsets.astype(np.float32)), 0)
+    return taps, weights.astype(np.float32)
+
+
+def vision_pos_taps(grid_thw: tuple[int, int, int], vision: VisionConfig) -> dict[str, np.ndarray]:
+    """Qwen3-VL's learned side x side position table resampled to one frame of a grid, as 4 bilinear taps a patch:
+
+    pos_index int64 [h*w, 4]: rows of the flattened table (row * side + column), taps (top, left), (top, right),
+        (bottom, left), (bottom, right);
+    pos_weight float32 [h*w, 4]: their weights (the products of the two axes' weights; they sum to 1).
+
+    Patches in patch order (merge blocks adjacent, as vision_rotary's); frames of a video share them. The encoder's
+    position embedding is sum_k table[pos_index[:, k]] * pos_weight[:, k] (transformers'
+    get_vision_interpolation_indices_and_weights, bilinear, align_corners=True).
+    """
+    _, h, w = grid_thw
+    m, side = vision.spatial_merge_size, vision.pos_table_side
+    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    rows = rows.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).ravel()  # patch order
+    cols = cols.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).ravel()
+    (h_taps, h_weights), (w_taps, w_weights) = _axis_taps(h, side), _axis_taps(w, side)
+    index = h_taps[rows][:, :, None] * side + w_taps[cols][:, None, :]  # [S, 2, 2]
+    weight = h_weights[rows][:, :, None] * w_weights[cols][:, None, :]
+    return {"pos_index": index.reshape(-1, 4), "pos_weight": weight.reshape(-1, 4)}
+
+
 def vision_inputs(grid_thw: tuple[int, int, int], config: ModelConfig) -> dict[str, np.ndarray]:
     """Everything the vision encoder takes besides the pixels for one grid, by graph input name."""
     cos, sin = vision_rotary(grid_thw, config.vision)
     feeds = {"rotary_cos": cos, "rotary_sin": sin}
     if config.family.windowed:
         feeds.update(vision_windows(grid_thw, config.vision))
+    if config.family.pos_table:
+        feeds.update(vision_pos_taps(grid_thw, config.vision))
     return feeds
