@@ -17,7 +17,8 @@ patches, and no shape depends on the data.
 Qwen3-VL adds a learned square position table, resampled to the grid by 4 host-fed bilinear taps a patch
 (`pos_index`, `pos_weight`: runtime/rope.py: vision_pos_taps) and added after the patch embedding, and DeepStack:
 the outputs of the blocks in `deepstack_visual_indexes` each go through a merger of their own (LayerNorm over the
-shuffled merge_size^2 * width) into a second output, `deepstack_embeds` [K, F, S/merge^2, hidden].
+shuffled merge_size^2 * width) into a second output, `deepstack_features` [K, F, S/merge^2, hidden] (the backends
+join them into the decoder's `deepstack_embeds` [K, M, hidden], as `image_embeds` into the merger's `vision_embeds`).
 """
 
 from __future__ import annotations
@@ -311,4 +312,4 @@ def build_vision_encoder(g: Graph, ckpt: Checkpoint, progress=None) -> None:
     g.output(g.to_f32(h), "image_embeds", FLOAT, merged)
     if deepstack:  # [K, F, S/m^2, hidden]
         stacked = g.op("Concat", *[g.op("Unsqueeze", g.to_f32(d), g.const([0])) for d in deepstack], axis=0)
-        g.output(stacked, "deepstack_embeds", FLOAT, [len(deepstack), *merged])
+        g.output(stacked, "deepstack_features", FLOAT, [len(deepstack), *merged])

@@ -140,6 +140,17 @@ def session_options(ort, num_threads: int | None, shared_arena: bool, config: di
     return opts
 
 
+def join_features(features: list, hidden: int, deepstack: int) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """What `vision` returned per image / video, in prompt order -> [M, hidden]; with K = `deepstack` > 0 the pairs'
+    parts each joined -> ([M, hidden], [K, M, hidden]) (the merger's input, the decoder's deepstack_embeds)."""
+    if not deepstack:
+        flat = [f.reshape(-1, hidden) for f in features]  # [F * S / merge^2, hidden] each
+        return np.concatenate(flat) if flat else np.zeros((0, hidden), np.float32)
+    main = join_features([m for m, _ in features], hidden, 0)
+    stacks = [d.reshape(deepstack, -1, hidden) for _, d in features]  # [K, F * S / merge^2, hidden] each
+    return main, np.concatenate(stacks, axis=1) if stacks else np.zeros((deepstack, 0, hidden), np.float32)
+
+
 class OrtBackend:
     name = "onnxruntime"
 
@@ -197,6 +208,7 @@ class OrtBackend:
         self._vision_bounded = False
         cfg = artifact.config.text
         self.hidden_size = cfg.hidden_size
+        self.deepstack = len(artifact.config.vision.deepstack_visual_indexes)  # K: DeepStack features per token
         self.kv_shape = (cfg.num_key_value_heads, cfg.head_dim)
         self.max_positions = cfg.max_position_embeddings
         dec = self.sessions["decoder"]
@@ -242,8 +254,11 @@ class OrtBackend:
         """Graphs have dynamic shapes: only the model's context limits a request (checked by the pipeline)."""
 
     def _run(self, graph: str, feeds: dict) -> np.ndarray:
+        return self._outputs(graph, feeds)[0]
+
+    def _outputs(self, graph: str, feeds: dict) -> list[np.ndarray]:
         t0 = time.perf_counter()
-        out = self.sessions[graph].run(None, feeds)[0]
+        out = self.sessions[graph].run(None, feeds)
         self.graph_seconds += time.perf_counter() - t0
         return out
 
@@ -264,12 +279,13 @@ class OrtBackend:
             self._vision_bounded = bounded
 
     def vision(self, pixel_values, grid_inputs):
+        """[F, S / merge^2, hidden]; with DeepStack the pair (that, [K, F, S / merge^2, hidden])."""
         self._vision_for(int(np.prod(pixel_values.shape[:2])))  # [F, S, D]
-        return self._run("vision_encoder", {"pixel_values": pixel_values, **grid_inputs})
+        outputs = self._outputs("vision_encoder", {"pixel_values": pixel_values, **grid_inputs})
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
-    def join(self, features: list[np.ndarray]) -> np.ndarray:
-        flat = [f.reshape(-1, self.hidden_size) for f in features]  # [F * S / merge^2, hidden] each
-        return np.concatenate(flat) if flat else np.zeros((0, self.hidden_size), np.float32)
+    def join(self, features: list) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        return join_features(features, self.hidden_size, self.deepstack)
 
     def merge(self, input_ids, vision_embeds):
         return self._run("embedding_merger", {"input_ids": input_ids, "vision_embeds": vision_embeds})

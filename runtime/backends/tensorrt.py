@@ -8,8 +8,9 @@
 - I/O buffers are allocated once for the engines' limits (sizes from trt_memory.io_buffers); logits
   come back through pinned host memory, last position only. Each decode step's host inputs (ids, mask,
   positions) go up through pinned staging buffers, asynchronously.
-- Vision features stay on the device: each encoder run writes into a device buffer of its own, `join`
-  copies them, in prompt order, into the merger's input buffer, and merge reads them there.
+- Vision features stay on the device: each encoder run writes into a device buffer of its own (two with
+  DeepStack: the features and the DeepStack features), `join` copies them, in prompt order, into the merger's
+  input buffer (and the DeepStack ones into the decoder's deepstack_embeds buffer), and merge reads them there.
 - The KV cache lives in the object `new_cache` returns, in the engine's dtype: preallocated graphs (10.15)
   fix its length (export --max-context) and bind past and present to the same buffer, written in place;
   concat graphs size it for the request, read the past from one buffer set and write the present into
@@ -39,7 +40,8 @@ from .trt_profiles import (
 _DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32",
            "INT8": "int8", "UINT8": "uint8", "BOOL": "bool", "FP8": "float8", "INT4": "int4"}
 STAGED = ("input_ids", "attention_mask", "position_ids")  # uploaded every decode step: through pinned memory
-PER_CALL = ("image_embeds",)  # each encoder run's output gets a device buffer of its own (VisionFeatures)
+# each encoder run's outputs get a device buffer of their own (VisionFeatures)
+PER_CALL = ("image_embeds", "deepstack_features")
 CONTEXTS = {"vision_encoder": ("vision_encoder", 0), "embedding_merger": ("embedding_merger", 0),
             "prefill": ("decoder", PREFILL), "decode": ("decoder", DECODE)}  # context -> (engine, profile)
 DECODER_CONTEXTS = {PREFILL: "prefill", DECODE: "decode"}  # decoder profile -> its context
@@ -140,10 +142,10 @@ class DeviceEmbeds:
 
 
 class VisionFeatures:
-    """One encoder run's features [F, S / merge^2, hidden] float32, in a device buffer of their own; freed
-    when the last reference goes, or by the backend's close()."""
+    """One encoder run's features [F, S / merge^2, hidden] (or its DeepStack features [K, F, S / merge^2, hidden])
+    float32, in a device buffer of their own; freed when the last reference goes, or by the backend's close()."""
 
-    def __init__(self, buf: DeviceBuffer, shape: tuple[int, int, int]):
+    def __init__(self, buf: DeviceBuffer, shape: tuple[int, ...]):
         self.buf, self.shape = buf, shape
         self._finalizer = weakref.finalize(self, buf.free)
         self._finalizer.atexit = False  # at interpreter exit the CUDA context goes anyway
@@ -154,8 +156,9 @@ class VisionFeatures:
 
 @dataclass(frozen=True)
 class JoinedFeatures:
-    shape: tuple[int, int]  # [M, hidden], in the backend's vision_embeds buffer
+    shape: tuple[int, ...]  # [M, hidden] in the backend's vision_embeds buffer, or [K, M, hidden] in `buffer`
     stamp: int  # which join wrote it: a later join overwrites the buffer
+    buffer: str = "vision_embeds"  # the I/O buffer that holds it (DeepStack's: the decoder's deepstack_embeds)
 
 
 class TrtBackend:
@@ -170,6 +173,7 @@ class TrtBackend:
         self._trt, self.cfg = trt, artifact.config
         self.kv_pairs = kv_names(self.cfg)  # (past input, present output) per layer and kind, bound every step
         self.hidden_size = self.cfg.text.hidden_size
+        self.deepstack = len(self.cfg.vision.deepstack_visual_indexes)  # K: DeepStack features per token
         self.graph_seconds = None  # execute_async_v3 returns before the GPU is done
         self.kv_cache = artifact.export.get("kv_cache", CONCAT)
         self._buffers: list = []
@@ -291,32 +295,50 @@ class TrtBackend:
         check_request(self.limits, self.cfg, batch=inputs["input_ids"].shape[0],
                       prompt_len=inputs["input_ids"].shape[1], max_new_tokens=max_new_tokens, image_grids=grids)
 
-    def vision(self, pixel_values, grid_inputs) -> VisionFeatures:
-        """The encoder's features, left on the device in a buffer of their own."""
+    def _features(self, name: str, shape: tuple[int, ...]) -> VisionFeatures:
+        out = VisionFeatures(DeviceBuffer.alloc(int(np.prod(shape)) * 4, name), shape)
+        self._caches.add(out)
+        return out
+
+    def vision(self, pixel_values, grid_inputs) -> VisionFeatures | tuple[VisionFeatures, VisionFeatures]:
+        """The encoder's features (and DeepStack features), left on the device in buffers of their own."""
         F, S, _ = pixel_values.shape
         b, m2 = self.buf, self.cfg.vision.spatial_merge_size ** 2
         shape = (F, S // m2, self.hidden_size)  # [F, S / merge^2, hidden]
-        out = VisionFeatures(DeviceBuffer.alloc(int(np.prod(shape)) * 4, "image_embeds"), shape)
-        self._caches.add(out)
+        outs = {"image_embeds": self._features("image_embeds", shape)}
+        if self.deepstack:
+            outs["deepstack_features"] = self._features("deepstack_features", (self.deepstack, *shape))
         feeds = {"pixel_values": np.asarray(pixel_values, np.float32), **grid_inputs}
         self._run("vision_encoder", {k: v.shape for k, v in feeds.items()},
-                  {**{name: b[name].ptr for name in feeds}, "image_embeds": out.buf.ptr}, feeds)
-        return out
+                  {**{name: b[name].ptr for name in feeds}, **{name: f.buf.ptr for name, f in outs.items()}}, feeds)
+        return tuple(outs.values()) if self.deepstack else outs["image_embeds"]
 
-    def join(self, features: list[VisionFeatures]) -> JoinedFeatures | np.ndarray:
+    def join(self, features: list) -> JoinedFeatures | np.ndarray | tuple:
         """The images' and videos' features in prompt order, copied on the device into the merger's input
-        buffer -> [M, hidden] there (an empty host array when there are none)."""
-        if not features:
-            return np.zeros((0, self.hidden_size), np.float32)
-        rows = sum(f.shape[0] * f.shape[1] for f in features)
-        check_shape("embedding_merger", "vision_embeds", (rows, self.hidden_size),
-                    self.profiles["embedding_merger"]["vision_embeds"])
-        offset = 0
-        for f in features:
-            self.buf["vision_embeds"].copy_from(f.buf, f.buf.nbytes, self.stream, offset)
-            offset += f.buf.nbytes
+        buffer -> [M, hidden] there (an empty host array when there are none); with DeepStack the pair (that,
+        [K, M, hidden] in the decoder's deepstack_embeds buffer)."""
+        mains = [f[0] for f in features] if self.deepstack else features
+        rows, H = sum(f.shape[0] * f.shape[1] for f in mains), self.hidden_size
+        if not rows:
+            empty = np.zeros((0, H), np.float32)
+            return (empty, np.zeros((self.deepstack, 0, H), np.float32)) if self.deepstack else empty
+        check_shape("embedding_merger", "vision_embeds", (rows, H), self.profiles["embedding_merger"]["vision_embeds"])
         self._join_stamp += 1
-        return JoinedFeatures((rows, self.hidden_size), self._join_stamp)
+        main = self._joined(mains, "vision_embeds", (rows, H))
+        if not self.deepstack:
+            return main
+        return main, self._joined([f[1] for f in features], "deepstack_embeds", (self.deepstack, rows, H))
+
+    def _joined(self, features: list[VisionFeatures], buffer: str, shape: tuple[int, ...]) -> JoinedFeatures:
+        """Each feature's rows copied to their place in `buffer`, of `shape` [M, hidden] or [K, M, hidden]: tap k of
+        a DeepStack feature [K, F * S / merge^2, hidden] goes to row k * M + the rows of the features before it."""
+        taps, tap_bytes, offset = int(np.prod(shape[:-2])), shape[-2] * shape[-1] * 4, 0
+        for f in features:
+            n = f.buf.nbytes // taps  # one tap of this feature
+            for k in range(taps):
+                self.buf[buffer].copy_from(f.buf, n, self.stream, k * tap_bytes + offset, k * n)
+            offset += n
+        return JoinedFeatures(shape, self._join_stamp, buffer)
 
     def merge(self, input_ids, vision_embeds: JoinedFeatures | np.ndarray) -> DeviceEmbeds:
         """[B, L] ids and the vision features (joined on the device, or a host array) -> embeddings on the device."""
