@@ -161,6 +161,17 @@ class JoinedFeatures:
     buffer: str = "vision_embeds"  # the I/O buffer that holds it (DeepStack's: the decoder's deepstack_embeds)
 
 
+def join_on_device(features: list[VisionFeatures], dst: DeviceBuffer, shape: tuple[int, ...], stream: Stream) -> None:
+    """The features' rows copied, in order, into `dst` laid out as `shape`: [M, hidden], or [K, M, hidden] where tap
+    k of a DeepStack feature [K, F * S / merge^2, hidden] goes to row k * M + the rows of the features before it."""
+    taps, tap_bytes, offset = int(np.prod(shape[:-2])), shape[-2] * shape[-1] * 4, 0
+    for f in features:
+        n = f.buf.nbytes // taps  # one tap of this feature
+        for k in range(taps):
+            dst.copy_from(f.buf, n, stream, k * tap_bytes + offset, k * n)
+        offset += n
+
+
 class TrtBackend:
     name = "tensorrt"
 
@@ -324,21 +335,13 @@ class TrtBackend:
             return (empty, np.zeros((self.deepstack, 0, H), np.float32)) if self.deepstack else empty
         check_shape("embedding_merger", "vision_embeds", (rows, H), self.profiles["embedding_merger"]["vision_embeds"])
         self._join_stamp += 1
-        main = self._joined(mains, "vision_embeds", (rows, H))
+        main = JoinedFeatures((rows, H), self._join_stamp)
+        join_on_device(mains, self.buf[main.buffer], main.shape, self.stream)
         if not self.deepstack:
             return main
-        return main, self._joined([f[1] for f in features], "deepstack_embeds", (self.deepstack, rows, H))
-
-    def _joined(self, features: list[VisionFeatures], buffer: str, shape: tuple[int, ...]) -> JoinedFeatures:
-        """Each feature's rows copied to their place in `buffer`, of `shape` [M, hidden] or [K, M, hidden]: tap k of
-        a DeepStack feature [K, F * S / merge^2, hidden] goes to row k * M + the rows of the features before it."""
-        taps, tap_bytes, offset = int(np.prod(shape[:-2])), shape[-2] * shape[-1] * 4, 0
-        for f in features:
-            n = f.buf.nbytes // taps  # one tap of this feature
-            for k in range(taps):
-                self.buf[buffer].copy_from(f.buf, n, self.stream, k * tap_bytes + offset, k * n)
-            offset += n
-        return JoinedFeatures(shape, self._join_stamp, buffer)
+        deep = JoinedFeatures((self.deepstack, rows, H), self._join_stamp, "deepstack_embeds")
+        join_on_device([f[1] for f in features], self.buf[deep.buffer], deep.shape, self.stream)
+        return main, deep
 
     def merge(self, input_ids, vision_embeds: JoinedFeatures | np.ndarray) -> DeviceEmbeds:
         """[B, L] ids and the vision features (joined on the device, or a host array) -> embeddings on the device."""

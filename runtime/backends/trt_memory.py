@@ -66,18 +66,25 @@ def io_buffers(cfg: ModelConfig, lim: Limits) -> dict[str, int]:
     }
 
 
-def _weight_params(cfg: ModelConfig) -> tuple[int, int]:
-    """(parameters in matrices, parameters in vectors) of the three graphs, the tied embedding once."""
-    t, v = cfg.text, cfg.vision
+def vision_params(cfg: ModelConfig) -> tuple[int, int]:
+    """(parameters in matrices, parameters in vectors) of the vision encoder."""
+    v, H = cfg.vision, cfg.text.hidden_size
     E, mlp, m2 = v.embed_dim, v.mlp_dim, v.spatial_merge_size ** 2
     mlps = 3 if cfg.family.vision_mlp == "gated" else 2  # gate, up, down / fc1, fc2
+    K = len(v.deepstack_visual_indexes)  # DeepStack mergers: as the final one, their norm over E * m2
+    matrices = v.patch_dim * E + v.depth * (4 * E * E + mlps * E * mlp) + (1 + K) * ((E * m2) ** 2 + E * m2 * H)
+    vectors = v.depth * (4 * E + 4 * E + (mlps - 1) * mlp + E) + 2 * E + E * m2 + H + K * (3 * E * m2 + H)
+    if cfg.family.pos_table:  # Qwen3-VL: the position table, and the patch embedding's bias
+        vectors += (v.num_position_embeddings + 1) * E
+    return matrices, vectors
+
+
+def _weight_params(cfg: ModelConfig) -> tuple[int, int]:
+    """(parameters in matrices, parameters in vectors) of the three graphs, the tied embedding once."""
+    t = cfg.text
     kvd = t.num_key_value_heads * t.head_dim
     H, I = t.hidden_size, t.intermediate_size
-    K = len(v.deepstack_visual_indexes)  # DeepStack mergers: as the final one, their norm over E * m2
-    vision_m = v.patch_dim * E + v.depth * (4 * E * E + mlps * E * mlp) + (1 + K) * ((E * m2) ** 2 + E * m2 * H)
-    vision_v = v.depth * (4 * E + 4 * E + (mlps - 1) * mlp + E) + 2 * E + E * m2 + H + K * (3 * E * m2 + H)
-    if cfg.family.pos_table:  # Qwen3-VL: the position table, and the patch embedding's bias
-        vision_v += (v.num_position_embeddings + 1) * E
+    vision_m, vision_v = vision_params(cfg)
     text_m = t.num_hidden_layers * (2 * H * H + 2 * H * kvd + 3 * H * I) + t.vocab_size * H
     text_m += 0 if cfg.tie_word_embeddings else t.vocab_size * H
     text_v = t.num_hidden_layers * (H + 2 * kvd + 2 * H) + H
