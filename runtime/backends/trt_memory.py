@@ -103,7 +103,7 @@ def weight_bytes(cfg: ModelConfig, precision: str, weights: str = "fp32", block_
 def activation_bytes(cfg: ModelConfig, lim: Limits, precision: str, min_tensorrt: str = "10.3") -> int:
     """Estimate of the largest engine's working tensors at the limits: the vision encoder on a full
     image (q/k/v and MLP hidden; with 10.3's explicit attention also fp32 scores and probabilities
-    [F, heads, S, S]; with DeepStack its K merged outputs [F, S / merge^2, hidden]) or the decoder's prefill at --max-prompt (q/k/v, gate/up; with 10.3 scores
+    [F, heads, S, S]) or the decoder's prefill at --max-prompt (q/k/v, gate/up; with 10.3 scores
     [B, heads, L, P + L] and the bias [B, 1, groups*L, P + L], P + L up to --max-context: a chat session's
     later turn prefills after a past)."""
     t, v = cfg.text, cfg.vision
