@@ -282,6 +282,17 @@ def test_tensorrt_graphs_fit_the_operator_matrix_and_keep_fp32_islands(graphs, t
 
 
 @requires_torch
+def test_engine_profile_covers_the_graphs_inputs(graphs, tiny_ckpt_3):
+    """build-trt gives every input of the vision graph a range of its rank (trt_build._check_profiles_cover)."""
+    from qwen2vl_edge.runtime.backends.trt_profiles import Limits, profiles_for
+
+    model = onnx.load(str(graphs("tensorrt-10.15-fp16")[0]), load_external_data=False)
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in model.graph.input}
+    profile = profiles_for("vision_encoder", load_config(tiny_ckpt_3), Limits())[0]
+    assert {name: len(lo) for name, (lo, _, _) in profile.items()} == ranks
+
+
+@requires_torch
 def test_ort_cpu_graph_attends_with_one_multi_head_attention_a_block(graphs):
     model = onnx.load(str(graphs("ort-cpu")[0]), load_external_data=False)
     mha = [n for n in model.graph.node if n.op_type == "MultiHeadAttention"]
