@@ -8,11 +8,11 @@ ONNX Runtime's MultiHeadAttention (ort-cpu).
 
 The family (runtime/config.py: FAMILIES) picks the norm (LayerNorm / RMSNorm), the MLP (fc / gated) and
 whether blocks outside `fullatt_block_indexes` attend in windows (Qwen2.5-VL); where its weights sit in the
-checkpoint is data (WEIGHT_NAMES). A window block gathers its
-q, k, v from the frame's patches into W windows of P patch slots (host-fed `window_index`, runtime/rope.py:
-vision_windows), attends as [F * W, P] rows whose pad slots are masked as keys (`window_mask`), and gathers
-its output back into patch order (`window_inverse`): the residual stream, norms and MLPs stay on the S real
-patches, and no shape depends on the data.
+checkpoint is data too (WEIGHT_NAMES). A window block gathers its q, k, v from the frame's patches into W
+windows of P patch slots (host-fed `window_index`, runtime/rope.py: vision_windows), attends as [F * W, P] rows
+whose pad slots are masked as keys (`window_mask`), and gathers its output back into patch order
+(`window_inverse`): the residual stream, norms and MLPs stay on the S real patches, and no shape depends on the
+data.
 
 Qwen3-VL adds a learned square position table, resampled to the grid by 4 host-fed bilinear taps a patch
 (`pos_index`, `pos_weight`: runtime/rope.py: vision_pos_taps) and added after the patch embedding, and DeepStack:

@@ -120,16 +120,19 @@ def decode_positions(real_lengths: np.ndarray, rope_deltas: np.ndarray) -> np.nd
     return np.broadcast_to(pos[None], (3, *pos.shape)).copy()
 
 
+def _patch_grid(h: int, w: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column [h*w] of each patch of an h x w grid in patch order: m x m merge blocks adjacent, row-major."""
+    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    return tuple(a.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).ravel() for a in (rows, cols))
+
+
 def vision_rotary(grid_thw: tuple[int, int, int], vision: VisionConfig) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin float32 [h*w, head_dim] for one frame of a grid, in patch order (merge blocks adjacent).
 
     Frames of a video share the table, which is why the encoder takes it per frame.
     """
     _, h, w = grid_thw
-    m = vision.spatial_merge_size
-    hpos, wpos = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-    hpos = hpos.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).ravel()
-    wpos = wpos.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).ravel()
+    hpos, wpos = _patch_grid(h, w, vision.spatial_merge_size)
     half = vision.head_dim // 2
     inv_freq = np.float32(1.0) / (np.float32(vision.rope_theta) ** (np.arange(0, half, 2, dtype=np.float32) / half))
     freqs = np.concatenate([hpos[:, None].astype(np.float32) * inv_freq, wpos[:, None].astype(np.float32) * inv_freq],
@@ -189,10 +192,8 @@ def vision_pos_taps(grid_thw: tuple[int, int, int], vision: VisionConfig) -> dic
     get_vision_interpolation_indices_and_weights, bilinear, align_corners=True).
     """
     _, h, w = grid_thw
-    m, side = vision.spatial_merge_size, vision.pos_table_side
-    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-    rows = rows.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).ravel()  # patch order
-    cols = cols.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).ravel()
+    side = vision.pos_table_side
+    rows, cols = _patch_grid(h, w, vision.spatial_merge_size)
     (h_taps, h_weights), (w_taps, w_weights) = _axis_taps(h, side), _axis_taps(w, side)
     index = h_taps[rows][:, :, None] * side + w_taps[cols][:, None, :]  # [S, 2, 2]
     weight = h_weights[rows][:, :, None] * w_weights[cols][:, None, :]
