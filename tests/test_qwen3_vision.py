@@ -16,6 +16,7 @@ import onnx
 import pytest
 
 from conftest import TARGET_OPTIONS, requires_torch
+from test_tensorrt import fakes  # noqa: F401 (the fixture: fake TensorRT running the graphs, fake CUDA)
 from qwen2vl_edge.runtime.backends.onnxruntime import join_features
 from qwen2vl_edge.runtime.config import load_config, parse_hf_config
 from qwen2vl_edge.runtime.rope import vision_inputs, vision_pos_taps
@@ -330,19 +331,88 @@ def test_tensorrt_join_on_device_equals_the_host_join(monkeypatch):
     monkeypatch.setattr(cuda_layer, "cudart", lambda: cuda)
     K, H, stream = 2, 8, Stream()
     host = _features(np.random.default_rng(2), K, H, [(1, 6), (3, 4), (1, 2)])
-    device = []
-    for main, deep in host:
-        pair = tuple(VisionFeatures(DeviceBuffer.alloc(a.nbytes), a.shape) for a in (main, deep))
-        for f, a in zip(pair, (main, deep)):
-            f.buf.upload(a, stream)
-        device.append(pair)
+    device = [tuple(VisionFeatures(DeviceBuffer.alloc(a.nbytes), a.shape) for a in pair) for pair in host]
     want = join_features(host, H, K)
-    for part, expected in enumerate(want):
-        dst = DeviceBuffer.alloc(expected.nbytes + 64)  # the I/O buffer is sized for the limits, not the request
-        join_on_device([pair[part] for pair in device], dst, expected.shape, stream)
-        got = dst.download_into(np.zeros(dst.nbytes // 4, np.float32), stream)[:expected.size]
-        np.testing.assert_array_equal(got.reshape(expected.shape), expected)
-    assert cuda.errors == []
+    # the I/O buffers are sized for the limits, not the request
+    dst = [DeviceBuffer.alloc(expected.nbytes + 64) for expected in want]
+    try:
+        for on_device, on_host in zip(device, host):
+            for f, a in zip(on_device, on_host):
+                f.buf.upload(a, stream)
+        for part, expected in enumerate(want):
+            join_on_device([pair[part] for pair in device], dst[part], expected.shape, stream)
+            got = dst[part].download_into(np.zeros(dst[part].nbytes // 4, np.float32), stream)[:expected.size]
+            np.testing.assert_array_equal(got.reshape(expected.shape), expected)
+    finally:  # while the CUDA fake is in place
+        for f in [f for pair in device for f in pair]:
+            f.free()
+        for buf in dst:
+            buf.free()
+        stream.free()
+    assert cuda.live() == [] and cuda.errors == []
+
+
+@pytest.fixture(scope="module")
+def standin_ckpt(tiny_ckpt_3, workdir):
+    """The tiny Qwen3-VL with zero q/k/v biases and a 16-px preprocessor_config.json, so that a whole artifact of it
+    exports and loads before the Qwen3 decoder and processor land (other branches' work; zero biases change nothing,
+    and a Qwen3 decoder does not read them). Only its vision graph is checked here."""
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    out = workdir / "tiny-3-standin"
+    if not out.exists():
+        shutil.copytree(tiny_ckpt_3, out)
+        weights = load_file(str(out / "model.safetensors"))
+        for name in [k for k in weights if k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight"))]:
+            weights[name.replace(".weight", ".bias")] = np.zeros(weights[name].shape[0], np.float32)
+        save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+        pp = json.loads((out / "preprocessor_config.json").read_text())
+        (out / "preprocessor_config.json").write_text(json.dumps({**pp, "patch_size": 16}))
+    return out
+
+
+def _prompt_inputs(cfg, pixels, grids) -> dict:
+    """One row whose image placeholder runs, between text tokens, take the images' merged tokens."""
+    text, ids = 100, []
+    for t, h, w in grids:
+        ids += [text] + [cfg.image_token_id] * (t * h * w // cfg.vision.spatial_merge_size ** 2)
+    return {"input_ids": np.array([ids + [text]]), "pixel_values": np.concatenate(pixels),
+            "image_grid_thw": np.array(grids)}
+
+
+@requires_torch
+def test_backends_hand_on_the_deepstack_features(standin_ckpt, cases, fakes, tmp_path):
+    """Through a pipeline: OrtBackend.vision / join give (features [M, H], DeepStack [K, M, H]) within 1e-4 of
+    transformers; TrtBackend (build-trt and the engines through the recording fakes, which run the source graphs
+    with ONNX Runtime on the bound device bytes) leaves the same numbers in the merger's vision_embeds buffer and the
+    decoder's deepstack_embeds buffer."""
+    from conftest import export_artifact
+    from qwen2vl_edge.runtime import Qwen2VLPipeline
+    from qwen2vl_edge.runtime.backends.tensorrt import JoinedFeatures
+    from test_tensorrt import SMALL, _built
+
+    art = _built(export_artifact(standin_ckpt, tmp_path / "export", target="tensorrt", min_tensorrt="10.3",
+                                 precision="fp32"), tmp_path / "art")
+    pixels, grids, ref_main, ref_deep = cases["three-images"]
+    ort_pipe = Qwen2VLPipeline.load(art)
+    inputs = _prompt_inputs(ort_pipe.artifact.config, pixels, grids)
+    main, deep = ort_pipe.vision_features(inputs)
+    assert max(_errors((main, deep), ref_main, ref_deep)) <= 1e-4
+    empty = ort_pipe.vision_features({"input_ids": np.array([[100, 101]])})
+    assert empty[0].shape == (0, 64) and empty[1].shape == (2, 0, 64)
+    with Qwen2VLPipeline.load(art, backend="tensorrt") as pipe:
+        backend = pipe.backend
+        assert backend.limits == SMALL
+        joined = pipe.vision_features(inputs)
+        assert joined == (JoinedFeatures(main.shape, 1), JoinedFeatures(deep.shape, 1, "deepstack_embeds"))
+        for part, ours in zip(joined, (main, deep)):
+            got = backend.buf[part.buffer].download_into(np.zeros(backend.buf[part.buffer].nbytes // 4, np.float32),
+                                                         backend.stream)[:ours.size]
+            np.testing.assert_allclose(got.reshape(ours.shape), ours, rtol=0, atol=1e-6 * np.abs(ours).max())
+    assert fakes[1].live() == [] and fakes[1].errors == []  # close() freed the DeepStack buffers too
 
 
 # -- plain data: engine profiles, I/O buffers, parameters ----------------------------------------------------------
