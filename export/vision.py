@@ -7,11 +7,18 @@ fused ops attention is one op per frame, no [F, heads, S, S] tensor: ONNX Attent
 ONNX Runtime's MultiHeadAttention (ort-cpu).
 
 The family (runtime/config.py: FAMILIES) picks the norm (LayerNorm / RMSNorm), the MLP (fc / gated) and
-whether blocks outside `fullatt_block_indexes` attend in windows (Qwen2.5-VL). A window block gathers its
-q, k, v from the frame's patches into W windows of P patch slots (host-fed `window_index`, runtime/rope.py:
-vision_windows), attends as [F * W, P] rows whose pad slots are masked as keys (`window_mask`), and gathers
-its output back into patch order (`window_inverse`): the residual stream, norms and MLPs stay on the S real
-patches, and no shape depends on the data.
+whether blocks outside `fullatt_block_indexes` attend in windows (Qwen2.5-VL); where its weights sit in the
+checkpoint is data too (WEIGHT_NAMES). A window block gathers its q, k, v from the frame's patches into W
+windows of P patch slots (host-fed `window_index`, runtime/rope.py: vision_windows), attends as [F * W, P] rows
+whose pad slots are masked as keys (`window_mask`), and gathers its output back into patch order
+(`window_inverse`): the residual stream, norms and MLPs stay on the S real patches, and no shape depends on the
+data.
+
+Qwen3-VL adds a learned square position table, resampled to the grid by 4 host-fed bilinear taps a patch
+(`pos_index`, `pos_weight`: runtime/rope.py: vision_pos_taps) and added after the patch embedding, and DeepStack:
+the outputs of the blocks in `deepstack_visual_indexes` each go through a merger of their own (LayerNorm over the
+shuffled merge_size^2 * width) into a second output, `deepstack_features` [K, F, S/merge^2, hidden] (the backends
+join them into the decoder's `deepstack_embeds` [K, M, hidden], as `image_embeds` into the merger's `vision_embeds`).
 """
 
 from __future__ import annotations
@@ -25,6 +32,26 @@ from .graph import BOOL, FLOAT, INT32, INT64, Graph
 
 LN_EPS = 1e-6
 MASK_MIN = float(np.finfo(np.float32).min)  # a pad slot's score: finite, so a softmax never sees inf - inf
+TAPS = 4  # bilinear taps a patch into the position table
+
+
+@dataclass(frozen=True)
+class WeightNames:
+    """Where a family's vision weights sit (canonical `visual.*` names, export/checkpoint.py)."""
+
+    mlp: tuple[str, ...]  # a block's MLP linears under visual.blocks.{i}.mlp: (in, out) or (gate, up, down)
+    merger_norm: str  # the final merger's norm, over the width before the merge_size^2 shuffle
+    merger: tuple[str, str]  # its two linears (exact GELU between)
+    deepstack: str | None = None  # DeepStack mergers `{deepstack}.{j}`: norm over the shuffled width, then the same
+
+
+_QWEN2_MERGER = ("visual.merger.mlp.0", "visual.merger.mlp.2")
+WEIGHT_NAMES = {  # model_type -> its names
+    "qwen2_vl": WeightNames(("fc1", "fc2"), "visual.merger.ln_q", _QWEN2_MERGER),
+    "qwen2_5_vl": WeightNames(("gate_proj", "up_proj", "down_proj"), "visual.merger.ln_q", _QWEN2_MERGER),
+    "qwen3_vl": WeightNames(("linear_fc1", "linear_fc2"), "visual.merger.norm",
+                            ("visual.merger.linear_fc1", "visual.merger.linear_fc2"), "visual.deepstack_merger_list"),
+}
 
 
 def activation(g: Graph, x: str, kind: str) -> str:
@@ -35,6 +62,11 @@ def activation(g: Graph, x: str, kind: str) -> str:
         return g.op("Mul", g.op("Mul", x, g.act_const(0.5)), g.op("Add", inner, g.act_const(1.0)))
     if kind == "silu":
         return g.op("Mul", x, g.op("Sigmoid", x))
+    if kind == "gelu_pytorch_tanh":  # 0.5 x (1 + tanh(sqrt(2 / pi) x (1 + 0.044715 x^2))); in fp16 a large |x|
+        #                              overflows x^2 to inf, whose tanh is 1: x, as it should be, never NaN
+        cubic = g.op("Add", g.op("Mul", g.op("Mul", x, x), g.act_const(0.044715)), g.act_const(1.0))
+        inner = g.op("Tanh", g.op("Mul", g.op("Mul", x, cubic), g.act_const(np.sqrt(2.0 / np.pi))))
+        return g.op("Mul", g.op("Mul", x, g.act_const(0.5)), g.op("Add", inner, g.act_const(1.0)))
     raise ValueError(f"unsupported activation {kind!r}")
 
 
@@ -97,13 +129,16 @@ def _blocks_divide(g: Graph, k: int) -> bool:
 
 
 def _mlp(g: Graph, h: str, ckpt: Checkpoint, p: str) -> str:
-    """fc2(act(fc1(h))) (Qwen2-VL) or down(act(gate(h)) * up(h)) with biases (Qwen2.5-VL)."""
+    """fc2(act(fc1(h))) (Qwen2-VL, Qwen3-VL) or down(act(gate(h)) * up(h)) with biases (Qwen2.5-VL)."""
     vc = ckpt.config.vision
+    names = WEIGHT_NAMES[ckpt.config.model_type].mlp
     lin = lambda x, name: g.linear(x, w := ckpt.get(f"{p}.{name}.weight"), ckpt.get(f"{p}.{name}.bias"),  # noqa: E731
                                    f"{p}.{name}", quantize=_blocks_divide(g, w.shape[1]))
     if ckpt.config.family.vision_mlp == "fc":
-        return lin(activation(g, lin(h, "fc1"), vc.hidden_act), "fc2")
-    return lin(g.op("Mul", activation(g, lin(h, "gate_proj"), vc.hidden_act), lin(h, "up_proj")), "down_proj")
+        fc1, fc2 = names
+        return lin(activation(g, lin(h, fc1), vc.hidden_act), fc2)
+    gate, up, down = names
+    return lin(g.op("Mul", activation(g, lin(h, gate), vc.hidden_act), lin(h, up)), down)
 
 
 @dataclass(frozen=True)
@@ -217,9 +252,34 @@ def _block(g: Graph, x: str, ckpt: Checkpoint, i: int, cos: str, sin: str, windo
     return g.op("Add", x, _mlp(g, norm(g, x, ckpt, f"{p}.norm2"), ckpt, f"{p}.mlp"))
 
 
+def _position_embedding(g: Graph, ckpt: Checkpoint) -> str:
+    """The learned table resampled to the frame's grid: sum over the 4 taps of table[pos_index] * pos_weight ->
+    [S, E] (frames share it), the weighted sum in fp32."""
+    index = g.input("pos_index", INT64, ["patches", TAPS])
+    weight = g.input("pos_weight", FLOAT, ["patches", TAPS])
+    table = g.weight("visual.pos_embed.weight", lambda: ckpt.get("visual.pos_embed.weight"))  # [side^2, E]
+    taps = g.to_f32(g.op("Gather", table, index, axis=0))  # [S, 4, E]
+    with g.fp32():
+        pos = g.op("ReduceSum", g.op("Mul", taps, g.op("Unsqueeze", weight, g.const([2]))), g.const([1]), keepdims=0)
+    return g.to_act(pos)
+
+
+def _merger(g: Graph, x: str, ckpt: Checkpoint, norm_name: str, linears: tuple[str, str], shuffled: bool) -> str:
+    """[F, S, E] -> [F, S/m^2, hidden]: norm, merge_size^2 neighbours side by side, linear, exact GELU, linear. The
+    norm runs over E before the shuffle (the final merger), or over E * m^2 after it (`shuffled`: DeepStack's)."""
+    vc = ckpt.config.vision
+    width = vc.embed_dim * vc.spatial_merge_size ** 2
+    h = x if shuffled else norm(g, x, ckpt, norm_name)
+    h = g.op("Reshape", h, g.const([0, -1, width]))  # [F, S/m^2, E*m^2]
+    if shuffled:
+        h = norm(g, h, ckpt, norm_name)
+    fc1, fc2 = linears
+    h = g.linear(h, ckpt.get(f"{fc1}.weight"), ckpt.get(f"{fc1}.bias"), fc1)
+    return g.linear(activation(g, h, "gelu"), ckpt.get(f"{fc2}.weight"), ckpt.get(f"{fc2}.bias"), fc2)
+
+
 def build_vision_encoder(g: Graph, ckpt: Checkpoint, progress=None) -> None:
     vc = ckpt.config.vision
-    m2 = vc.spatial_merge_size ** 2
     pixels = g.input("pixel_values", FLOAT, ["frames", "patches", vc.patch_dim])
     cos = g.input("rotary_cos", FLOAT, ["patches", vc.head_dim])
     sin = g.input("rotary_sin", FLOAT, ["patches", vc.head_dim])
@@ -231,17 +291,25 @@ def build_vision_encoder(g: Graph, ckpt: Checkpoint, progress=None) -> None:
         cos, sin = (g.op("Unsqueeze", t, g.const([1])) for t in (cos, sin))  # [S, 1, hd] against [F, S, nh, hd]
     # Conv3d with kernel == stride over a flattened patch is a matmul with the flattened kernel.
     w = ckpt.get("visual.patch_embed.proj.weight").reshape(vc.embed_dim, -1)
+    bias = "visual.patch_embed.proj.bias"  # Qwen3-VL's Conv3d has one
     # kept in float: 1176 input channels rarely divide a quantization block, and the layer is small
-    x = g.linear(g.to_act(pixels), w, None, "visual.patch_embed.proj", quantize=False)  # [F, S, E]
+    x = g.linear(g.to_act(pixels), w, ckpt.get(bias) if bias in ckpt else None, "visual.patch_embed.proj",
+                 quantize=False)  # [F, S, E]
+    if ckpt.config.family.pos_table:
+        x = g.op("Add", x, _position_embedding(g, ckpt))  # [S, E] against [F, S, E]
     windows = Windows.inputs(g, ckpt, g.shape_dim(pixels, 0)) if ckpt.config.family.windowed else None
+    names, deepstack = WEIGHT_NAMES[ckpt.config.model_type], []
     for i in range(vc.depth):
         x = _block(g, x, ckpt, i, cos, sin, windows)
+        if i in vc.deepstack_visual_indexes:
+            j = vc.deepstack_visual_indexes.index(i)
+            linears = (f"{names.deepstack}.{j}.linear_fc1", f"{names.deepstack}.{j}.linear_fc2")
+            deepstack.append(_merger(g, x, ckpt, f"{names.deepstack}.{j}.norm", linears, shuffled=True))
         if progress:
             progress.update(1)
-    h = norm(g, x, ckpt, "visual.merger.ln_q")
-    h = g.op("Reshape", h, g.const([0, -1, vc.embed_dim * m2]))  # [F, S/m^2, E*m^2]
-    h = g.linear(h, ckpt.get("visual.merger.mlp.0.weight"), ckpt.get("visual.merger.mlp.0.bias"),
-                 "visual.merger.mlp.0")
-    h = g.linear(activation(g, h, "gelu"), ckpt.get("visual.merger.mlp.2.weight"),
-                 ckpt.get("visual.merger.mlp.2.bias"), "visual.merger.mlp.2")
-    g.output(g.to_f32(h), "image_embeds", FLOAT, ["frames", "merged_patches", vc.hidden_size])
+    h = _merger(g, x, ckpt, names.merger_norm, names.merger, shuffled=False)
+    merged = ["frames", "merged_patches", vc.hidden_size]
+    g.output(g.to_f32(h), "image_embeds", FLOAT, merged)
+    if deepstack:  # [K, F, S/m^2, hidden]
+        stacked = g.op("Concat", *[g.op("Unsqueeze", g.to_f32(d), g.const([0])) for d in deepstack], axis=0)
+        g.output(stacked, "deepstack_features", FLOAT, [len(deepstack), *merged])

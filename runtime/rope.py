@@ -139,16 +139,19 @@ def decode_positions(real_lengths: np.ndarray, rope_deltas: np.ndarray) -> np.nd
     return np.broadcast_to(pos[None], (3, *pos.shape)).copy()
 
 
+def _patch_grid(h: int, w: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column [h*w] of each patch of an h x w grid in patch order: m x m merge blocks adjacent, row-major."""
+    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    return tuple(a.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).ravel() for a in (rows, cols))
+
+
 def vision_rotary(grid_thw: tuple[int, int, int], vision: VisionConfig) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin float32 [h*w, head_dim] for one frame of a grid, in patch order (merge blocks adjacent).
 
     Frames of a video share the table, which is why the encoder takes it per frame.
     """
     _, h, w = grid_thw
-    m = vision.spatial_merge_size
-    hpos, wpos = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-    hpos = hpos.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).ravel()
-    wpos = wpos.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).ravel()
+    hpos, wpos = _patch_grid(h, w, vision.spatial_merge_size)
     half = vision.head_dim // 2
     inv_freq = np.float32(1.0) / (np.float32(vision.rope_theta) ** (np.arange(0, half, 2, dtype=np.float32) / half))
     freqs = np.concatenate([hpos[:, None].astype(np.float32) * inv_freq, wpos[:, None].astype(np.float32) * inv_freq],
@@ -184,10 +187,44 @@ def vision_windows(grid_thw: tuple[int, int, int], vision: VisionConfig) -> dict
     return {"window_index": index, "window_mask": valid.astype(np.float32), "window_inverse": inverse}
 
 
+def _axis_taps(n: int, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 2 taps [n, 2] into a `side`-long table axis of each of n positions, and their weights [n, 2] float32:
+    bilinear with align_corners=True (the ends map onto the table's ends), computed in float32 as transformers'
+    _interpolation_axis_taps_weights does, so the weights are the same floats."""
+    src = np.arange(n, dtype=np.float32) * np.float32(side - 1) / np.float32(max(n - 1, 1))
+    floor = np.floor(src)
+    offsets = np.arange(2)
+    taps = np.clip(floor.astype(np.int64)[:, None] + offsets, 0, side - 1)
+    weights = np.maximum(np.float32(1) - np.abs(src[:, None] - floor[:, None] - offsets.astype(np.float32)), 0)
+    return taps, weights.astype(np.float32)
+
+
+def vision_pos_taps(grid_thw: tuple[int, int, int], vision: VisionConfig) -> dict[str, np.ndarray]:
+    """Qwen3-VL's learned side x side position table resampled to one frame of a grid, as 4 bilinear taps a patch:
+
+    pos_index int64 [h*w, 4]: rows of the flattened table (row * side + column), taps (top, left), (top, right),
+        (bottom, left), (bottom, right);
+    pos_weight float32 [h*w, 4]: their weights (the products of the two axes' weights; they sum to 1).
+
+    Patches in patch order (merge blocks adjacent, as vision_rotary's); frames of a video share them. The encoder's
+    position embedding is sum_k table[pos_index[:, k]] * pos_weight[:, k] (transformers'
+    get_vision_interpolation_indices_and_weights, bilinear, align_corners=True).
+    """
+    _, h, w = grid_thw
+    side = vision.pos_table_side
+    rows, cols = _patch_grid(h, w, vision.spatial_merge_size)
+    (h_taps, h_weights), (w_taps, w_weights) = _axis_taps(h, side), _axis_taps(w, side)
+    index = h_taps[rows][:, :, None] * side + w_taps[cols][:, None, :]  # [S, 2, 2]
+    weight = h_weights[rows][:, :, None] * w_weights[cols][:, None, :]
+    return {"pos_index": index.reshape(-1, 4), "pos_weight": weight.reshape(-1, 4)}
+
+
 def vision_inputs(grid_thw: tuple[int, int, int], config: ModelConfig) -> dict[str, np.ndarray]:
     """Everything the vision encoder takes besides the pixels for one grid, by graph input name."""
     cos, sin = vision_rotary(grid_thw, config.vision)
     feeds = {"rotary_cos": cos, "rotary_sin": sin}
     if config.family.windowed:
         feeds.update(vision_windows(grid_thw, config.vision))
+    if config.family.pos_table:
+        feeds.update(vision_pos_taps(grid_thw, config.vision))
     return feeds

@@ -21,8 +21,9 @@ def test_ort_cpu_vision_graph_has_no_patches_by_patches_tensor(family_pipe, fami
         square = [v.name for v in model.graph.value_info
                   if [d.dim_value for d in v.type.tensor_type.shape.dim][-2:] == [patches, patches]]
         mha = [n for n in model.graph.node if n.op_type == "MultiHeadAttention" and n.domain == "com.microsoft"]
-        vc = pipe.artifact.config.vision
-        full = vc.depth if family == "qwen2_vl" else len(vc.fullatt_block_indexes)
+        cfg = pipe.artifact.config
+        vc = cfg.vision
+        full = len(vc.fullatt_block_indexes) if cfg.family.windowed else vc.depth  # blocks without a window mask
         if fused:  # one per block
             assert not square and len(mha) == vc.depth and sum(len(n.input) == 3 for n in mha) == full
         else:  # explicit attention: the scores exist (what ort-cpu removes)

@@ -25,8 +25,9 @@ class Backend(Protocol):
 
     def vision(self, pixel_values: np.ndarray, grid_inputs: dict[str, np.ndarray]) -> Any:
         """[F, S, patch_dim] and the grid's other encoder inputs by name (runtime/rope.py: vision_inputs; rotary
-        tables [S, hd], and the window layout where the family has one) -> merged features [F, S / merge^2,
-        hidden] (backend-native: a host array, or device memory)."""
+        tables [S, hd], and the window layout or position-table taps where the family has them) -> merged features
+        [F, S / merge^2, hidden] (backend-native: a host array, or device memory); with DeepStack (K =
+        len(deepstack_visual_indexes) > 0) the pair (those, the DeepStack features [K, F, S / merge^2, hidden])."""
 
     def join(self, features: list) -> Any:
         """What `vision` returned per image / video, in prompt order -> the merger's [M, hidden] input

@@ -101,10 +101,12 @@ class DeviceBuffer:
         stream.synchronize()
         return out
 
-    def copy_from(self, src: "DeviceBuffer", nbytes: int, stream: Stream, offset: int = 0) -> None:
-        """Copy the first `nbytes` of `src` to `offset` bytes into this buffer, on the device."""
+    def copy_from(self, src: "DeviceBuffer", nbytes: int, stream: Stream, offset: int = 0,
+                  src_offset: int = 0) -> None:
+        """Copy `nbytes` of `src` from `src_offset` to `offset` bytes into this buffer, on the device."""
         self._fits(offset + nbytes)
-        cuda_call(cudart().cudaMemcpyAsync(self.ptr + offset, src.ptr, nbytes,
+        src._fits(src_offset + nbytes)
+        cuda_call(cudart().cudaMemcpyAsync(self.ptr + offset, src.ptr + src_offset, nbytes,
                                            _copy_kind("cudaMemcpyDeviceToDevice"), stream.stream),
                   f"copy into {self.name}")
 

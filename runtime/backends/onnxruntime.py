@@ -162,6 +162,17 @@ def session_options(ort, num_threads: int | None, shared_arena: bool, config: di
     return opts
 
 
+def join_features(features: list, hidden: int, deepstack: int) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """What `vision` returned per image / video, in prompt order -> [M, hidden]; with K = `deepstack` > 0 the pairs'
+    parts each joined -> ([M, hidden], [K, M, hidden]) (the merger's input, the decoder's deepstack_embeds)."""
+    if not deepstack:
+        flat = [f.reshape(-1, hidden) for f in features]  # [F * S / merge^2, hidden] each
+        return np.concatenate(flat) if flat else np.zeros((0, hidden), np.float32)
+    main = join_features([m for m, _ in features], hidden, 0)
+    stacks = [d.reshape(deepstack, -1, hidden) for _, d in features]  # [K, F * S / merge^2, hidden] each
+    return main, np.concatenate(stacks, axis=1) if stacks else np.zeros((deepstack, 0, hidden), np.float32)
+
+
 class OrtBackend:
     name = "onnxruntime"
 
@@ -265,12 +276,14 @@ class OrtBackend:
     def check_request(self, inputs: dict, max_new_tokens: int) -> None:
         """Graphs have dynamic shapes: only the model's context limits a request (checked by the pipeline)."""
 
-    def _run(self, graph: str, feeds: dict, all_outputs: bool = False):
-        """The graph's first output, or all of them."""
+    def _run(self, graph: str, feeds: dict) -> np.ndarray:
+        return self._outputs(graph, feeds)[0]
+
+    def _outputs(self, graph: str, feeds: dict) -> list[np.ndarray]:
         t0 = time.perf_counter()
         out = self.sessions[graph].run(None, feeds)
         self.graph_seconds += time.perf_counter() - t0
-        return out if all_outputs else out[0]
+        return out
 
     def _session(self, path: Path, opts, optimized: bool):
         if optimized:  # a session cache's graph: optimized already
@@ -289,19 +302,19 @@ class OrtBackend:
             self._vision_bounded = bounded
 
     def vision(self, pixel_values, grid_inputs):
+        """[F, S / merge^2, hidden]; with DeepStack the pair (that, [K, F, S / merge^2, hidden])."""
         self._vision_for(int(np.prod(pixel_values.shape[:2])))  # [F, S, D]
-        return self._run("vision_encoder", {"pixel_values": pixel_values, **grid_inputs})
+        outputs = self._outputs("vision_encoder", {"pixel_values": pixel_values, **grid_inputs})
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
-    def join(self, features: list[np.ndarray]) -> np.ndarray:
-        flat = [f.reshape(-1, self.hidden_size) for f in features]  # [F * S / merge^2, hidden] each
-        return np.concatenate(flat) if flat else np.zeros((0, self.hidden_size), np.float32)
+    def join(self, features: list) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        return join_features(features, self.hidden_size, self.deepstack_layers)
 
     def merge(self, input_ids, joined):
         """[B, L] ids and join's output -> inputs_embeds [B, L, hidden]; for DeepStack models a DeepStackEmbeds
         (decode steps, which join nothing, get the one empty [K, 0, hidden] the backend keeps)."""
         vision_embeds, deepstack = split_joined(joined, self.deepstack_layers)
-        outputs = self._run("embedding_merger", {"input_ids": input_ids, "vision_embeds": vision_embeds},
-                            all_outputs=True)
+        outputs = self._outputs("embedding_merger", {"input_ids": input_ids, "vision_embeds": vision_embeds})
         if not self.deepstack_layers:
             return outputs[0]
         return DeepStackEmbeds(outputs[0], outputs[1], self._no_deepstack if deepstack is None else deepstack)

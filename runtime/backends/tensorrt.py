@@ -8,9 +8,10 @@
 - I/O buffers are allocated once for the engines' limits (sizes from trt_memory.io_buffers); logits
   come back through pinned host memory, last position only. Each decode step's host inputs (ids, mask,
   positions) go up through pinned staging buffers, asynchronously.
-- Vision features stay on the device: each encoder run writes into a device buffer of its own, `join`
-  copies them, in prompt order, into the merger's input buffer, and merge reads them there. DeepStack features
-  (Qwen3-VL) wait in their own buffer [K, M, hidden] for the decoder, beside the merger's visual_index [B, L]; a
+- Vision features stay on the device: each encoder run writes into a device buffer of its own (two with
+  DeepStack: the features and the DeepStack features), `join` copies them, in prompt order, into the merger's
+  input buffer (and the DeepStack ones into the decoder's deepstack_embeds buffer [K, M, hidden]), and merge
+  reads them there. The DeepStack features wait for the decoder beside the merger's visual_index [B, L]; a
   decode step binds the same buffers with M = 0 and uploads nothing to them.
 - The KV cache lives in the object `new_cache` returns, in the engine's dtype: preallocated graphs (10.15)
   fix its length (export --max-context) and bind past and present to the same buffer, written in place;
@@ -42,7 +43,8 @@ from .trt_profiles import (
 _DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32",
            "INT8": "int8", "UINT8": "uint8", "BOOL": "bool", "FP8": "float8", "INT4": "int4"}
 STAGED = ("input_ids", "attention_mask", "position_ids")  # uploaded every decode step: through pinned memory
-PER_CALL = ("image_embeds",)  # each encoder run's output gets a device buffer of its own (VisionFeatures)
+# each encoder run's outputs get a device buffer of their own (VisionFeatures)
+PER_CALL = ("image_embeds", "deepstack_features")
 CONTEXTS = {"vision_encoder": ("vision_encoder", 0), "embedding_merger": ("embedding_merger", 0),
             "prefill": ("decoder", PREFILL), "decode": ("decoder", DECODE)}  # context -> (engine, profile)
 DECODER_CONTEXTS = {PREFILL: "prefill", DECODE: "decode"}  # decoder profile -> its context
@@ -147,10 +149,10 @@ class DeviceEmbeds:
 
 
 class VisionFeatures:
-    """One encoder run's features [F, S / merge^2, hidden] float32, in a device buffer of their own; freed
-    when the last reference goes, or by the backend's close()."""
+    """One encoder run's features [F, S / merge^2, hidden] (or its DeepStack features [K, F, S / merge^2, hidden])
+    float32, in a device buffer of their own; freed when the last reference goes, or by the backend's close()."""
 
-    def __init__(self, buf: DeviceBuffer, shape: tuple[int, int, int]):
+    def __init__(self, buf: DeviceBuffer, shape: tuple[int, ...]):
         self.buf, self.shape = buf, shape
         self._finalizer = weakref.finalize(self, buf.free)
         self._finalizer.atexit = False  # at interpreter exit the CUDA context goes anyway
@@ -161,9 +163,20 @@ class VisionFeatures:
 
 @dataclass(frozen=True)
 class JoinedFeatures:
-    shape: tuple[int, ...]  # [M, hidden] in the backend's vision_embeds buffer; DeepStack's [K, M, hidden] in its
-    #                         deepstack_embeds buffer
+    shape: tuple[int, ...]  # [M, hidden] in the backend's vision_embeds buffer, or [K, M, hidden] in `buffer`
     stamp: int  # which join wrote it: a later join overwrites the buffer
+    buffer: str = "vision_embeds"  # the I/O buffer that holds it (DeepStack's: the decoder's deepstack_embeds)
+
+
+def join_on_device(features: list[VisionFeatures], dst: DeviceBuffer, shape: tuple[int, ...], stream: Stream) -> None:
+    """The features' rows copied, in order, into `dst` laid out as `shape`: [M, hidden], or [K, M, hidden] where tap
+    k of a DeepStack feature [K, F * S / merge^2, hidden] goes to row k * M + the rows of the features before it."""
+    taps, tap_bytes, offset = int(np.prod(shape[:-2])), shape[-2] * shape[-1] * 4, 0
+    for f in features:
+        n = f.buf.nbytes // taps  # one tap of this feature
+        for k in range(taps):
+            dst.copy_from(f.buf, n, stream, k * tap_bytes + offset, k * n)
+        offset += n
 
 
 class TrtBackend:
@@ -178,7 +191,7 @@ class TrtBackend:
         self._trt, self.cfg = trt, artifact.config
         self.kv_pairs = kv_names(self.cfg)  # (past input, present output) per layer and kind, bound every step
         self.hidden_size = self.cfg.text.hidden_size
-        self.deepstack_layers = len(self.cfg.vision.deepstack_visual_indexes)  # K
+        self.deepstack_layers = len(self.cfg.vision.deepstack_visual_indexes)  # K: DeepStack features per token
         self.graph_seconds = None  # execute_async_v3 returns before the GPU is done
         self.kv_cache = artifact.export.get("kv_cache", CONCAT)
         self._buffers: list = []
@@ -300,32 +313,42 @@ class TrtBackend:
         check_request(self.limits, self.cfg, batch=inputs["input_ids"].shape[0],
                       prompt_len=inputs["input_ids"].shape[1], max_new_tokens=max_new_tokens, image_grids=grids)
 
-    def vision(self, pixel_values, grid_inputs) -> VisionFeatures:
-        """The encoder's features, left on the device in a buffer of their own."""
+    def _features(self, name: str, shape: tuple[int, ...]) -> VisionFeatures:
+        out = VisionFeatures(DeviceBuffer.alloc(int(np.prod(shape)) * 4, name), shape)
+        self._caches.add(out)
+        return out
+
+    def vision(self, pixel_values, grid_inputs) -> VisionFeatures | tuple[VisionFeatures, VisionFeatures]:
+        """The encoder's features (and DeepStack features), left on the device in buffers of their own."""
         F, S, _ = pixel_values.shape
         b, m2 = self.buf, self.cfg.vision.spatial_merge_size ** 2
         shape = (F, S // m2, self.hidden_size)  # [F, S / merge^2, hidden]
-        out = VisionFeatures(DeviceBuffer.alloc(int(np.prod(shape)) * 4, "image_embeds"), shape)
-        self._caches.add(out)
+        outs = {"image_embeds": self._features("image_embeds", shape)}
+        if self.deepstack_layers:
+            outs["deepstack_features"] = self._features("deepstack_features", (self.deepstack_layers, *shape))
         feeds = {"pixel_values": np.asarray(pixel_values, np.float32), **grid_inputs}
         self._run("vision_encoder", {k: v.shape for k, v in feeds.items()},
-                  {**{name: b[name].ptr for name in feeds}, "image_embeds": out.buf.ptr}, feeds)
-        return out
+                  {**{name: b[name].ptr for name in feeds}, **{name: f.buf.ptr for name, f in outs.items()}}, feeds)
+        return tuple(outs.values()) if self.deepstack_layers else outs["image_embeds"]
 
-    def join(self, features: list[VisionFeatures]) -> JoinedFeatures | np.ndarray:
+    def join(self, features: list) -> JoinedFeatures | np.ndarray | tuple:
         """The images' and videos' features in prompt order, copied on the device into the merger's input
-        buffer -> [M, hidden] there (an empty host array when there are none)."""
-        if not features:
-            return np.zeros((0, self.hidden_size), np.float32)
-        rows = sum(f.shape[0] * f.shape[1] for f in features)
-        check_shape("embedding_merger", "vision_embeds", (rows, self.hidden_size),
-                    self.profiles["embedding_merger"]["vision_embeds"])
-        offset = 0
-        for f in features:
-            self.buf["vision_embeds"].copy_from(f.buf, f.buf.nbytes, self.stream, offset)
-            offset += f.buf.nbytes
+        buffer -> [M, hidden] there (an empty host array when there are none); with DeepStack the pair (that,
+        [K, M, hidden] in the decoder's deepstack_embeds buffer)."""
+        mains = [f[0] for f in features] if self.deepstack_layers else features
+        rows, H = sum(f.shape[0] * f.shape[1] for f in mains), self.hidden_size
+        if not rows:
+            empty = np.zeros((0, H), np.float32)
+            return (empty, np.zeros((self.deepstack_layers, 0, H), np.float32)) if self.deepstack_layers else empty
+        check_shape("embedding_merger", "vision_embeds", (rows, H), self.profiles["embedding_merger"]["vision_embeds"])
         self._join_stamp += 1
-        return JoinedFeatures((rows, self.hidden_size), self._join_stamp)
+        main = JoinedFeatures((rows, H), self._join_stamp)
+        join_on_device(mains, self.buf[main.buffer], main.shape, self.stream)
+        if not self.deepstack_layers:
+            return main
+        deep = JoinedFeatures((self.deepstack_layers, rows, H), self._join_stamp, "deepstack_embeds")
+        join_on_device([f[1] for f in features], self.buf[deep.buffer], deep.shape, self.stream)
+        return main, deep
 
     def merge(self, input_ids, joined) -> DeviceEmbeds:
         """[B, L] ids and join's output -> embeddings on the device. The vision features: joined on the device, or a

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import ModelConfig
-from .trt_profiles import CONCAT, JETSON_8GB, PREALLOCATED, Limits, window_limit
+from .trt_profiles import CONCAT, JETSON_8GB, POS_TAPS, PREALLOCATED, Limits, window_limit
 
 # Engine limits proposed per Jetson memory size (GB, shared by CPU and GPU) for the static-cache table; 8 GB is
 # JETSON_8GB. Proposals from memory_plan, not measured on a board.
@@ -39,41 +39,54 @@ def kv_cache_bytes(cfg: ModelConfig, batch: int, capacity: int, dtype: str, kv_c
 def io_buffers(cfg: ModelConfig, lim: Limits) -> dict[str, int]:
     """Bytes of each I/O buffer the backend keeps for the engines' limits (graph I/O is fp32 / int64)."""
     t, v = cfg.text, cfg.vision
-    B, F, m2 = lim.max_batch, lim.frames(cfg), v.spatial_merge_size ** 2
+    B, F, m2, K = lim.max_batch, lim.frames(cfg), v.spatial_merge_size ** 2, len(v.deepstack_visual_indexes)
     patches = lim.max_image_tokens * m2
-    windows, deepstack = {}, {}
-    layers = len(cfg.vision.deepstack_visual_indexes)
-    if layers:  # the merger's visual_index [B, L], the decoder's DeepStack features [K, M, hidden], M <= B * L
-        deepstack = {"visual_index": B * lim.max_prompt * I64,
-                     "deepstack_embeds": layers * B * lim.max_prompt * t.hidden_size * F32}
+    extra = {}
     if cfg.family.windowed:  # [W, P] slots of the window layout, [S] its inverse
         slots = window_limit(cfg, lim)[2] * v.window_merged ** 2 * m2
-        windows = {"window_index": slots * I64, "window_mask": slots * F32, "window_inverse": patches * I64}
+        extra = {"window_index": slots * I64, "window_mask": slots * F32, "window_inverse": patches * I64}
+    if cfg.family.pos_table:  # [S, 4] taps into the position table
+        extra.update(pos_index=patches * POS_TAPS * I64, pos_weight=patches * POS_TAPS * F32)
+    features = F * lim.max_image_tokens * t.hidden_size * F32  # [F, S / merge^2, hidden]
+    if K:  # DeepStack: each encoder run's [K, F, S / merge^2, hidden]; joined, the decoder's [K, M, hidden]
+        # (M <= B * L); the merger's visual_index [B, L]
+        extra.update(deepstack_features=K * features,
+                     deepstack_embeds=K * B * lim.max_prompt * t.hidden_size * F32,
+                     visual_index=B * lim.max_prompt * I64)
     return {
         "pixel_values": F * patches * v.patch_dim * F32,  # [F, S, patch_dim]
         "rotary_cos": patches * v.head_dim * F32,  # [S, vision head_dim]
         "rotary_sin": patches * v.head_dim * F32,
-        **windows,
-        "image_embeds": F * lim.max_image_tokens * t.hidden_size * F32,  # [F, S / merge^2, hidden]
+        **extra,
+        "image_embeds": features,
         "input_ids": B * lim.max_prompt * I64,  # [B, L]
         "vision_embeds": B * lim.max_prompt * t.hidden_size * F32,  # [M, hidden], M <= B * L
         "inputs_embeds": B * lim.max_prompt * t.hidden_size * F32,  # [B, L, hidden]
         "attention_mask": B * lim.max_context * I64,  # [B, P + L]
         "position_ids": 3 * B * lim.max_prompt * I64,  # [3, B, L]
         "logits": B * t.vocab_size * F32,  # [B, 1, vocab]; the same again in pinned host memory
-        **deepstack,
     }
+
+
+def vision_params(cfg: ModelConfig) -> tuple[int, int]:
+    """(parameters in matrices, parameters in vectors) of the vision encoder."""
+    v, H = cfg.vision, cfg.text.hidden_size
+    E, mlp, m2 = v.embed_dim, v.mlp_dim, v.spatial_merge_size ** 2
+    mlps = 3 if cfg.family.vision_mlp == "gated" else 2  # gate, up, down / fc1, fc2
+    K = len(v.deepstack_visual_indexes)  # DeepStack mergers: as the final one, their norm over E * m2
+    matrices = v.patch_dim * E + v.depth * (4 * E * E + mlps * E * mlp) + (1 + K) * ((E * m2) ** 2 + E * m2 * H)
+    vectors = v.depth * (4 * E + 4 * E + (mlps - 1) * mlp + E) + 2 * E + E * m2 + H + K * (3 * E * m2 + H)
+    if cfg.family.pos_table:  # Qwen3-VL: the position table, and the patch embedding's bias
+        vectors += (v.num_position_embeddings + 1) * E
+    return matrices, vectors
 
 
 def _weight_params(cfg: ModelConfig) -> tuple[int, int]:
     """(parameters in matrices, parameters in vectors) of the three graphs, the tied embedding once."""
-    t, v = cfg.text, cfg.vision
-    E, mlp, m2 = v.embed_dim, v.mlp_dim, v.spatial_merge_size ** 2
-    mlps = 3 if cfg.family.vision_mlp == "gated" else 2  # gate, up, down / fc1, fc2
+    t = cfg.text
     kvd = t.num_key_value_heads * t.head_dim
     H, I = t.hidden_size, t.intermediate_size
-    vision_m = v.patch_dim * E + v.depth * (4 * E * E + mlps * E * mlp) + (E * m2) ** 2 + E * m2 * H
-    vision_v = v.depth * (4 * E + 4 * E + (mlps - 1) * mlp + E) + 2 * E + E * m2 + H
+    vision_m, vision_v = vision_params(cfg)
     text_m = t.num_hidden_layers * (2 * H * H + 2 * H * kvd + 3 * H * I) + t.vocab_size * H
     text_m += 0 if cfg.tie_word_embeddings else t.vocab_size * H
     text_v = t.num_hidden_layers * (H + 2 * kvd + 2 * H) + H
@@ -101,6 +114,8 @@ def activation_bytes(cfg: ModelConfig, lim: Limits, precision: str, min_tensorrt
     F, S = lim.frames(cfg), lim.max_image_tokens * v.spatial_merge_size ** 2
     vision = F * S * (4 * v.embed_dim + v.mlp_dim) * a
     vision += 2 * F * v.num_heads * S * S * F32 if explicit else 0
+    # DeepStack: the K mergers' outputs live until the last block, then stacked in fp32
+    vision += len(v.deepstack_visual_indexes) * F * lim.max_image_tokens * t.hidden_size * (a + F32)
     B, L = lim.max_batch, lim.max_prompt
     kvd = t.num_key_value_heads * t.head_dim
     prefill = B * L * (2 * t.hidden_size + 2 * kvd + 2 * t.intermediate_size) * a + B * t.vocab_size * F32

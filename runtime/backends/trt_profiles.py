@@ -20,6 +20,7 @@ ENGINES = GRAPHS  # one engine per exported graph
 PREFILL, DECODE = 0, 1  # decoder profile indices
 CONCAT, PREALLOCATED = "concat", "preallocated"  # manifest export.kv_cache (see the graphs' contract)
 PRECISIONS = ("fp32", "fp16", "bf16")
+POS_TAPS = 4  # bilinear taps a patch into Qwen3-VL's position table
 MIN_TENSORRT = ("10.3", "10.15")
 
 
@@ -87,6 +88,8 @@ def vision_profiles(cfg: ModelConfig, lim: Limits) -> list[Profile]:
         windows, slots = window_limit(cfg, lim), _fixed(v.window_merged ** 2 * m2)
         profile.update(window_index=_shapes(windows, slots), window_mask=_shapes(windows, slots),
                        window_inverse=_shapes(patches))
+    if cfg.family.pos_table:  # Qwen3-VL's 4 position-table taps a patch (runtime/rope.py: vision_pos_taps)
+        profile.update(pos_index=_shapes(patches, _fixed(POS_TAPS)), pos_weight=_shapes(patches, _fixed(POS_TAPS)))
     return [profile]
 
 
@@ -167,6 +170,7 @@ _DIM_FLAGS = {  # input name (past_* share one entry) -> flag per dimension (Non
     "rotary_cos": ("--max-image-tokens", None), "rotary_sin": ("--max-image-tokens", None),
     "window_index": ("--max-image-tokens", None), "window_mask": ("--max-image-tokens", None),
     "window_inverse": ("--max-image-tokens",),
+    "pos_index": ("--max-image-tokens", None), "pos_weight": ("--max-image-tokens", None),
     "input_ids": (_BATCH, _PROMPT), "vision_embeds": (_PROMPT, None),
     "inputs_embeds": (_BATCH, _PROMPT, None), "attention_mask": (_BATCH, _CONTEXT),
     "position_ids": (None, _BATCH, _PROMPT), "past_key_values": (_BATCH, None, _CONTEXT, None),
