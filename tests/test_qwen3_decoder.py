@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from conftest import TARGET_OPTIONS, assert_varied, export_artifact, requires_torch
-from qwen2vl_edge.export.graph import FLOAT
 from qwen2vl_edge.runtime.artifact import load_artifact
 from qwen2vl_edge.runtime.backends.onnxruntime import DeepStackEmbeds, OrtBackend
 from qwen2vl_edge.runtime.errors import InputError
@@ -29,33 +28,20 @@ FP32_TARGETS = ["portable", "ort-cpu", "tensorrt-10.3", "tensorrt-10.15"]
 STEPS = 5  # decode steps compared after the prefill
 
 
-def _vision_stand_in(g, ckpt, progress=None) -> None:
-    """The vision_encoder graph of these artifacts: a stand-in with Qwen2-VL's encoder inputs, so that an artifact
-    has its three graphs while export/vision.py cannot build Qwen3-VL's encoder. Nothing here runs it: the merger is
-    fed features of the test's own."""
-    v = ckpt.config.vision
-    pixels = g.input("pixel_values", FLOAT, ["frames", "patches", v.patch_dim])
-    for name in ("rotary_cos", "rotary_sin"):
-        g.input(name, FLOAT, ["patches", v.head_dim])
-    g.output(pixels, "image_embeds", FLOAT, ["frames", "patches", v.patch_dim])
-
-
 _ARTIFACTS: dict = {}
 
 
 @pytest.fixture
-def q3_artifact(tiny_ckpt_3, workdir):
+def q3_artifact(tiny_ckpt_3, family_pipe, workdir):
     """q3_artifact(target, **export options) -> the tiny Qwen3-VL checkpoint's artifact as `target` (TARGET_OPTIONS)
-    exports it, made once per run."""
-    from qwen2vl_edge.export import onnx_export
-
+    exports it, made once per run (the parity tests' own where there are no other options)."""
     def make(target: str, **options) -> Path:
+        if not options:
+            return family_pipe("qwen3_vl", target).artifact.dir
         key = (target, tuple(sorted(options.items())))
         if key not in _ARTIFACTS:
-            with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(onnx_export, "build_vision_encoder", _vision_stand_in)
-                out = workdir / f"q3-decoder-{len(_ARTIFACTS)}"
-                _ARTIFACTS[key] = export_artifact(tiny_ckpt_3, out, **{**TARGET_OPTIONS[target], **options})
+            out = workdir / f"q3-decoder-{len(_ARTIFACTS)}"
+            _ARTIFACTS[key] = export_artifact(tiny_ckpt_3, out, **{**TARGET_OPTIONS[target], **options})
         return _ARTIFACTS[key]
     return make
 
