@@ -38,6 +38,7 @@ FAMILY_CLASSES = {
     "qwen2_5_vl": (TINY_VISION_25, "Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"),
     "qwen3_vl": (TINY_VISION_3, "Qwen3VLConfig", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor"),
 }
+QK_NORM_GAIN = 1.5
 TINY_TOP = dict(tie_word_embeddings=True, init_std=0.2)
 TOKEN_IDS = dict(bos_token_id=151643, eos_token_id=151645, vision_start_token_id=151652,
                  vision_end_token_id=151653, vision_token_id=151654, image_token_id=151655, video_token_id=151656)
@@ -146,6 +147,13 @@ def write_processor_files(out: Path, family: str = "qwen2_vl") -> None:
     (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
 
 
+def _norm_gain(name: str) -> float:
+    """Where a norm's weights centre. Qwen3's per-head q/k RMSNorm bounds each attention logit by the product of
+    the two gains times sqrt(head_dim): at gain 1 a query spreads over the hundreds of tokens of an image and greedy
+    replies loop on a few tokens whatever the image (9 distinct of 32 here); at 1.5 they follow the input."""
+    return QK_NORM_GAIN if name.endswith(("q_norm.weight", "k_norm.weight")) else 1.0
+
+
 def make_tiny(out: str | Path, *, seed: int = 0, layout: str = "original", overrides: list[str] = (),
               family: str = "qwen2_vl") -> Path:
     """Write a tiny random checkpoint of `family` (qwen2_vl, qwen2_5_vl, qwen3_vl) to `out`; returns the directory."""
@@ -171,7 +179,7 @@ def make_tiny(out: str | Path, *, seed: int = 0, layout: str = "original", overr
     with torch.no_grad():  # norms and biases too, so nothing sits at a degenerate 1 or 0
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name or "ln_q" in name or "pos_embed" in name:
-                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if name.endswith("weight") else 0.0))
+                p.copy_(torch.randn_like(p) * 0.1 + (_norm_gain(name) if name.endswith("weight") else 0.0))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

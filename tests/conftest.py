@@ -75,7 +75,7 @@ def tiny_ckpt_3(workdir) -> Path:
         pytest.skip("building a tiny checkpoint needs the [export] extra")
     from qwen2vl_edge.export.tiny import make_tiny
 
-    return make_tiny(workdir / "tiny-3", seed=3, layout="original", family="qwen3_vl")
+    return make_tiny(workdir / "tiny-3", seed=6, layout="original", family="qwen3_vl")
 
 
 FAMILY_CKPTS = {"qwen2_vl": "tiny_ckpt", "qwen2_5_vl": "tiny_ckpt_25", "qwen3_vl": "tiny_ckpt_3"}  # family -> its tiny checkpoint's fixture

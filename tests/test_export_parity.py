@@ -48,6 +48,14 @@ def convs():
         "video-spg-1": _user(_video(frames8, sample_fps=2.0), _text("What happens?")),
         "video-spg-half": _user(_video(frames8, sample_fps=4.0), _text("What happens?")),
         "video-spg-two-thirds": _user(_video(frames8, sample_fps=3.0), _text("What happens?")),
+        # Qwen3-VL's processor resizes again (torchvision, up to 2 levels from Pillow's pixels) an image that
+        # qwen-vl-utils leaves under its 65,536-pixel floor, and a video frame under 128 tokens: these stay above,
+        # at multiples of 32 (test_qwen3_front covers the resampled sizes)
+        "three-images-q3": _user(_img(im(256, 320)), _img(im(448, 448)), _text("and"), _img(im(352, 224)),
+                                 _text("Compare them.")),
+        "video-q3": _user(_video([random_image(rng, 384, 384) for _ in range(4)]), _text("What happens?")),
+        "image-video-q3": _user(_img(im(320, 256)), _video([random_image(rng, 384, 416) for _ in range(2)]),
+                                _text("Relate them.")),
     }
 
 
@@ -144,10 +152,14 @@ N_NEW = 32
 # the graphs under test: portable, and the tensorrt target's fp32 graphs for each TensorRT floor, run by
 # ONNX Runtime (the very files TensorRT would be given); Qwen2-VL's ort-cpu generation is test_quantized's
 TARGETS = ["portable", "tensorrt-10.3", "tensorrt-10.15"]
-FAMILY_TARGETS = {"qwen2_vl": TARGETS, "qwen2_5_vl": ["portable", "ort-cpu", "tensorrt-10.3", "tensorrt-10.15"]}
+FAMILY_TARGETS = {"qwen2_vl": TARGETS, **{f: ["portable", "ort-cpu", "tensorrt-10.3", "tensorrt-10.15"]
+                                           for f in ("qwen2_5_vl", "qwen3_vl")}}
 assert all(t in TARGET_OPTIONS for targets in FAMILY_TARGETS.values() for t in targets)
 CASES = ["text", "one-image", "three-images", "video", "image-video"]
-FAMILY_CASES = {"qwen2_vl": CASES, "qwen2_5_vl": CASES + ["video-spg-1", "video-spg-half", "video-spg-two-thirds"]}
+FAMILY_CASES = {"qwen2_vl": CASES, "qwen2_5_vl": CASES + ["video-spg-1", "video-spg-half", "video-spg-two-thirds"],
+                "qwen3_vl": ["text", "one-image", "three-images-q3", "video-q3", "image-video-q3"]}
+BATCH = {"qwen2_vl": ["text", "three-images", "image-video"], "qwen2_5_vl": ["text", "three-images", "image-video"],
+         "qwen3_vl": ["text", "three-images-q3", "image-video-q3"]}
 
 
 @pytest.mark.parametrize("family, target, name", [(f, t, n) for f, targets in FAMILY_TARGETS.items()
@@ -170,7 +182,7 @@ def test_qwen25_video_reply_follows_its_frame_rate(tiny_ckpt_25, convs):
 
 @pytest.mark.parametrize("family, target", [(f, t) for f, targets in FAMILY_TARGETS.items() for t in targets])
 def test_batch_with_left_padding_token_identical(family_ckpt, family_pipe, convs, family, target):
-    batch = [convs["text"], convs["three-images"], convs["image-video"]]
+    batch = [convs[name] for name in BATCH[family]]
     ours = family_pipe(family, target).generate(batch, max_new_tokens=N_NEW, min_new_tokens=N_NEW)
     ref = _reference_generate(family_ckpt(family), batch, N_NEW, key="batch")
     for row in ref:
@@ -246,25 +258,41 @@ def test_fp16_export_runs_without_nan(tiny_ckpt, workdir, pipe, convs):
         workdir / "art-original" / "weights.data").stat().st_size
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 @pytest.mark.parametrize("which", ["portable", "ort-cpu"])
 def test_prefill_in_chunks_token_identical(family_ckpt, family_pipe, convs, which, family, monkeypatch):
     """The prompt run through the decoder 7 positions at a time (generation.prefill_chunks): transformers'
     tokens, as one run gives them. Portable: a batch whose left padding fills whole chunks of its shortest
     row; ort-cpu: one row (GroupQueryAttention takes a batch's prompt in one run)."""
     p = family_pipe(family, which)
-    batch = [convs["text"], convs["three-images"], convs["image-video"]] if which == "portable" else \
-        [convs["three-images"]]
+    batch = [convs[name] for name in BATCH[family]] if which == "portable" else [convs[BATCH[family][1]]]
     assert p.backend.prefill_chunk(len(batch)) is not None, "chunked on this backend as it is"
     runs = []
     decode = p.backend.decode
     monkeypatch.setattr(p.backend, "prefill_chunk", lambda batch: 7)
     monkeypatch.setattr(p.backend, "decode", lambda embeds, *a: runs.append(embeds.shape[1]) or decode(embeds, *a))
     ours = p.generate(batch, max_new_tokens=N_NEW, min_new_tokens=N_NEW)
-    ref = _reference_generate(family_ckpt(family), batch, N_NEW, key="batch" if len(batch) > 1 else "three-images")
+    ref = _reference_generate(family_ckpt(family), batch, N_NEW, key="batch" if len(batch) > 1 else BATCH[family][1])
     lengths = [r.usage["prompt_tokens"] for r in ours]
     assert runs[:-(N_NEW - 1)] == [7] * (max(lengths) // 7) + [max(lengths) % 7] * (max(lengths) % 7 > 0)
     assert len(batch) == 1 or max(lengths) - min(lengths) > 7, "a chunk of padding only"
     for row in ref:
         assert_varied(row)
     assert [r.token_ids for r in ours] == ref
+
+
+def test_qwen3_reply_needs_its_deepstack_features(family_pipe, convs, monkeypatch):
+    """Drop DeepStack, as a three-graph split that ignores it does, and the reply changes: the parity above could
+    not pass with the features lost. The join hands the merger zeros in their place."""
+    pipe = family_pipe("qwen3_vl", "portable")
+    full = pipe.generate(convs["one-image"], max_new_tokens=N_NEW, min_new_tokens=N_NEW).token_ids
+    join = pipe.backend.join
+
+    def zeroed(features):
+        vision_embeds, deepstack = join(features)
+        return vision_embeds, np.zeros_like(deepstack)
+
+    monkeypatch.setattr(pipe.backend, "join", zeroed)
+    dropped = pipe.generate(convs["one-image"], max_new_tokens=N_NEW, min_new_tokens=N_NEW).token_ids
+    assert_varied(full)
+    assert dropped != full

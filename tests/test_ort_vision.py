@@ -10,7 +10,7 @@ from conftest import random_image
 from test_tensorrt_target import _concrete_vision
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_ort_cpu_vision_graph_has_no_patches_by_patches_tensor(family_pipe, family):
     """Qwen2.5-VL's window blocks pass a key_padding_mask over 64 slots; its full block, as Qwen2-VL's blocks,
     nothing but q, k, v (a mask or bias would leave the flash path)."""

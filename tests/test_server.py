@@ -86,7 +86,7 @@ def family_server(request, family, family_pipe, media_dir):
                settings.served_name, served)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_image_chat_equals_pipeline(family_server, images, media_dir, family):
     client, model, pipe = family_server
     messages = image_chat(data_uri(images["c"]), "Describe this image.")

@@ -16,12 +16,12 @@ REPLY = "<|quad_start|>"  # a special token that stands for a reply in the refer
 
 def _reference_ids(ckpt, messages, replies, generation_prompt):
     """transformers' processor on the conversation with each reply replaced by its generated ids."""
-    from reference import hf_processor, vision_info
+    from reference import hf_processor, patch_size, vision_info
 
     proc = hf_processor(str(ckpt))
     shown = [m if m["role"] != "assistant" else {"role": "assistant", "content": REPLY} for m in messages]
     text = proc.apply_chat_template(shown, tokenize=False, add_generation_prompt=generation_prompt)
-    out = proc(text=[text], return_tensors="pt", **vision_info(shown))
+    out = proc(text=[text], return_tensors="pt", **vision_info(shown, patch_size(str(ckpt))))
     marker = proc.tokenizer.convert_tokens_to_ids(REPLY)
     ids, k = [], 0
     for t in out["input_ids"][0].tolist():
@@ -53,20 +53,29 @@ def _reference_reply(ckpt, ids, out):
     return generated[0, len(ids):].tolist()
 
 
+# Frames and images the reference does not resample again after qwen-vl-utils: multiples of 28 (Qwen2) or 32 above
+# Qwen3-VL processor's floors (test_export_parity: convs)
+SIZES = {"frame": {"qwen3_vl": (384, 384)}, "image": {"qwen3_vl": (256, 320)}}
+
+
 @pytest.fixture(scope="module")
 def turns():
-    rng = np.random.default_rng(21)
-    return [
-        ("send", [{"type": "image", "image": random_image(rng, 320, 240)}, {"type": "text", "text": "What is it?"}]),
-        ("send", "Tell me more about the colours."),
-        ("append", [{"type": "video", "video": [random_image(rng, 336, 336) for _ in range(4)], "sample_fps": 4.0}]),
-        ("append", [{"type": "video", "video": [random_image(rng, 336, 336) for _ in range(2)]}]),  # camera chunks
-        ("send", [{"type": "image", "image": random_image(rng, 200, 300)},
-                  {"type": "text", "text": "Compare the picture with the clip."}]),
-    ]
+    def make(family: str) -> list:
+        rng = np.random.default_rng(21)
+        frame, image = (SIZES[k].get(family, default) for k, default in (("frame", (336, 336)), ("image", (200, 300))))
+        return [
+            ("send", [{"type": "image", "image": random_image(rng, 320, 240)},
+                      {"type": "text", "text": "What is it?"}]),
+            ("send", "Tell me more about the colours."),
+            ("append", [{"type": "video", "video": [random_image(rng, *frame) for _ in range(4)], "sample_fps": 4.0}]),
+            ("append", [{"type": "video", "video": [random_image(rng, *frame) for _ in range(2)]}]),  # camera chunks
+            ("send", [{"type": "image", "image": random_image(rng, *image)},
+                      {"type": "text", "text": "Compare the picture with the clip."}]),
+        ]
+    return make
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 @pytest.mark.parametrize("cache_kind", ["growing", "preallocated"])
 def test_session_turns_match_transformers(family_ckpt, family_pipe, turns, cache_kind, family, monkeypatch):
     from reference import hf_model
@@ -79,7 +88,7 @@ def test_session_turns_match_transformers(family_ckpt, family_pipe, turns, cache
     session = p.chat(system="You look at pictures.", max_new_tokens=N, min_new_tokens=N)
     messages, replies = [{"role": "system", "content": "You look at pictures."}], []
     pending = 0  # after a reply: its last id and the end of turn (<|im_end|>, newline), fed with the next turn
-    for kind, content in turns:
+    for kind, content in turns(family):
         messages.append({"role": "user", "content": content})
         cached = len(session.token_ids)
         if kind == "append":
@@ -148,7 +157,7 @@ def test_overflow_error_names_the_fix_or_slides_to_the_latest_turns(tiny_ckpt, p
 
     small = _small_context(pipe_ort, 180)
     session = small.chat(overflow=overflow, max_new_tokens=N, min_new_tokens=N)
-    first = session.send(turns[0][1])
+    first = session.send(turns("qwen2_vl")[0][1])
     session.send("Tell me more about the colours.")
     held = session.token_ids
     assert len(held) < 180

@@ -142,22 +142,38 @@ def clip_336(tmp_path_factory):
     return write_video(tmp_path_factory.mktemp("video") / "clip336.mp4", 48, 12, size=(336, 336))
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
-def test_a_video_file_generates_as_transformers(family_ckpt, family_pipe, clip_336, family, monkeypatch):
+@pytest.fixture(scope="module")
+def clip_384(tmp_path_factory):
+    """As clip_336 for Qwen3-VL: multiples of 32, above its 128-token floor for a frame."""
+    return write_video(tmp_path_factory.mktemp("video") / "clip384.mp4", 48, 12, size=(384, 384))
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_a_video_file_generates_as_transformers(family_ckpt, family_pipe, clip_336, clip_384, family, monkeypatch):
     """4 of the file's 48 frames, sampled at 1 fps: Qwen2.5-VL's temporal groups sit 2 s apart
-    (second_per_grid_ts 2, not a list of frames' 1 s nor the 1/12 s transformers assumes without metadata). The
-    reference reads the file with qwen-vl-utils and passes its metadata to transformers."""
+    (second_per_grid_ts 2, not a list of frames' 1 s nor the 1/12 s transformers assumes without metadata);
+    Qwen3-VL writes each pair of frames after its timestamp, the mean of the pair's times in the file (frames 0, 16,
+    31 and 47 at 12 fps: 0.7 and 3.2 s). The reference reads the file with qwen-vl-utils and passes its metadata
+    to transformers."""
     torchvision = pytest.importorskip("torchvision")
     from reference import ref_inputs
     from test_export_parity import N_NEW, _reference_generate
 
     monkeypatch.setattr(torchvision.io, "read_video", _read_whole_video, raising=False)
-    conv = [{"role": "user", "content": [{"type": "video", "video": str(clip_336), "nframes": 4},
+    clip = clip_384 if family == "qwen3_vl" else clip_336
+    conv = [{"role": "user", "content": [{"type": "video", "video": str(clip), "nframes": 4},
                                          {"type": "text", "text": "What happens?"}]}]
     pipe = family_pipe(family, "portable")
-    assert pipe.processor(conv)["second_per_grid_ts"].tolist() == [2.0]  # 2 frames a group, at 1 fps
+    inputs, ref_in = pipe.processor(conv), ref_inputs(family_ckpt(family), [conv])
+    assert inputs["input_ids"].tolist() == ref_in["input_ids"].tolist()
+    if family == "qwen3_vl":
+        prompt = pipe.processor.decode(inputs["input_ids"][0].tolist(), skip_special_tokens=False)
+        assert "<0.7 seconds><|vision_start|>" in prompt and "<3.2 seconds><|vision_start|>" in prompt
+        assert "second_per_grid_ts" not in inputs
+    else:
+        assert inputs["second_per_grid_ts"].tolist() == [2.0]  # 2 frames a group, at 1 fps
     if family == "qwen2_5_vl":  # the reference's, from qwen-vl-utils' metadata
-        assert ref_inputs(family_ckpt(family), [conv])["second_per_grid_ts"].tolist() == [2.0]
+        assert ref_in["second_per_grid_ts"].tolist() == [2.0]
     ours = pipe.generate(conv, max_new_tokens=N_NEW, min_new_tokens=N_NEW)
     ref = _reference_generate(family_ckpt(family), [conv], N_NEW)[0]
     assert_varied(ref)
