@@ -336,3 +336,17 @@ def test_each_target_keeps_its_fused_ops(q3_artifact, target, ops):
     assert ops <= {n.op_type for n in model.graph.node}
     if target.startswith("tensorrt"):
         assert check_artifact(art) == []
+
+
+def test_the_deepstack_cost_benchmark_finds_exactly_deepstacks_nodes(q3_artifact):
+    """benchmarks/deepstack_cost.py times the nodes that depend on the DeepStack inputs, up to the Adds that join
+    the residual stream: one Concat, a Gather of the tap and one at the positions per tap, and one Add per tap."""
+    import onnx
+
+    from qwen2vl_edge.benchmarks.deepstack_cost import deepstack_nodes
+
+    path = q3_artifact("ort-cpu") / "decoder.onnx"
+    names = deepstack_nodes(path)
+    ops = sorted(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node if n.name in names)
+    K = 2  # the tiny checkpoint's taps
+    assert ops == sorted(["Concat"] + ["Gather"] * 2 * K + ["Add"] * K)
