@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from qwen2vl_edge.runtime.backends.trt_profiles import MIN_TENSORRT, PRECISIONS
+from qwen2vl_edge.runtime.config import FAMILIES
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
@@ -462,9 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = _command(sub, "make-tiny", "write a tiny random Qwen2-VL / Qwen2.5-VL checkpoint (needs [export])")
+    p = _command(sub, "make-tiny", "write a tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint (needs [export])")
     p.add_argument("dir", help="folder to write the checkpoint to")
-    p.add_argument("--family", choices=["qwen2_vl", "qwen2_5_vl"], default="qwen2_vl", help="model family")
+    p.add_argument("--family", choices=list(FAMILIES), default="qwen2_vl", help="model family")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--layout", choices=["original", "v5"], default="original",
                    help="config.json layout: Qwen2-VL-2B-Instruct's own, or transformers 5's")
