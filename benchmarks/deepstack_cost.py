@@ -70,10 +70,12 @@ def measure(artifact: Path, new_tokens: int = 32, side: int = 448, threads: int 
     conv = [{"role": "user", "content": [{"type": "image", "image": Image.fromarray(pixels)},
                                          {"type": "text", "text": "Describe this image."}]}]
     pipe.generate(conv, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-    profiles = {name: Path(sess.end_profiling()) for name, sess in pipe.backend.sessions.items()}
-    times = run_times(profiles["decoder"], nodes)
-    for path in profiles.values():
-        path.unlink()
+    decoder = pipe.backend.sessions["decoder"]
+    profile = Path(decoder.end_profiling())
+    times = run_times(profile, nodes)  # read before another session's profile may take its name (same millisecond)
+    paths = {profile} | {Path(s.end_profiling()) for s in pipe.backend.sessions.values() if s is not decoder}
+    for path in paths:
+        path.unlink(missing_ok=True)
     prefill, steps = times[:-(new_tokens - 1)], times[-(new_tokens - 1):]  # the prompt may take several runs
     step_ds, step_all = statistics.median(s for s, _ in steps), statistics.median(t for _, t in steps)
     return {"artifact": str(artifact), "deepstack_nodes": len(nodes), "image_side": side, "new_tokens": new_tokens,
