@@ -275,3 +275,20 @@ def client(server):
 @pytest.fixture(scope="module")
 def model(client) -> str:
     return client.models.list().data[0].id
+
+
+@pytest.fixture
+def fakes(monkeypatch):
+    """Fake tensorrt (running the source graphs with ONNX Runtime) and fake CUDA (tests/fake_*.py), for one test;
+    with QWEN2VL_EDGE_REAL_CUDA=1 the GPU's own memory, copies and streams under the same checks."""
+    import sys
+
+    from fake_cudart import for_tests
+    from fake_tensorrt import make_fake_tensorrt
+    from qwen2vl_edge.runtime.backends import cuda as cuda_layer
+
+    cuda = for_tests()
+    monkeypatch.setattr(cuda_layer, "cudart", lambda: cuda)
+    trt = make_fake_tensorrt(run_onnx=True, check_buffer=cuda.owner)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    return trt, cuda

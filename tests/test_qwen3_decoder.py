@@ -21,7 +21,6 @@ from qwen2vl_edge.runtime.artifact import load_artifact
 from qwen2vl_edge.runtime.backends.onnxruntime import DeepStackEmbeds, OrtBackend
 from qwen2vl_edge.runtime.errors import InputError
 from qwen2vl_edge.runtime.generation import StepTimes, decode_step, prefill
-from test_tensorrt import fakes  # noqa: F401 (the fixture: fake tensorrt and CUDA for one test)
 
 pytestmark = requires_torch
 FP32_TARGETS = ["portable", "ort-cpu", "tensorrt-10.3", "tensorrt-10.15"]

@@ -16,7 +16,6 @@ import onnx
 import pytest
 
 from conftest import TARGET_OPTIONS, requires_torch
-from test_tensorrt import fakes  # noqa: F401 (the fixture: fake TensorRT running the graphs, fake CUDA)
 from qwen2vl_edge.runtime.backends.onnxruntime import join_features
 from qwen2vl_edge.runtime.config import load_config, parse_hf_config
 from qwen2vl_edge.runtime.rope import vision_inputs, vision_pos_taps

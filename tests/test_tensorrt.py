@@ -258,21 +258,6 @@ fake_cuda_only = pytest.mark.skipif(os.environ.get("QWEN2VL_EDGE_REAL_CUDA") == 
                                     reason="sets the fake GPU's memory size")
 
 
-@pytest.fixture
-def fakes(monkeypatch):
-    """Fake tensorrt (running the source graphs with ONNX Runtime) and fake CUDA, for this test only; with
-    QWEN2VL_EDGE_REAL_CUDA=1 the GPU's own memory, copies and streams under the same checks."""
-    from fake_cudart import for_tests
-    from fake_tensorrt import make_fake_tensorrt
-    from qwen2vl_edge.runtime.backends import cuda as cuda_layer
-
-    cuda = for_tests()
-    monkeypatch.setattr(cuda_layer, "cudart", lambda: cuda)
-    trt = make_fake_tensorrt(run_onnx=True, check_buffer=cuda.owner)
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    return trt, cuda
-
-
 SMALL = Limits(max_image_tokens=256, max_prompt=512, max_context=TRT_MAX_CONTEXT)
 
 
