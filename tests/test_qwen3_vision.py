@@ -2,13 +2,12 @@
 position-table taps the host computes, the features and each DeepStack feature on every target, the backends'
 joins, and the plain-data parts (engine profiles, I/O buffers, parameter counts).
 
-The vision graph is built alone here (as export() builds it), so these tests do not wait for the Qwen3 decoder.
-Inputs are random patches of the checkpoint's patch size (the processor's pixels are another test's business)."""
+The graphs are those of the tiny checkpoint's whole exports (conftest: family_pipe's artifacts, shared with the
+parity tests). Inputs are random patches of the checkpoint's patch size (the processor's pixels are another test's business)."""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import warnings
 
 import numpy as np
@@ -117,43 +116,25 @@ FP32_TARGETS = ["portable", "ort-cpu", "tensorrt-10.3", "tensorrt-10.15"]
 VISION_TARGETS = {**TARGET_OPTIONS, "ort-cpu-int8-vision": {"target": "ort-cpu", "vision_weights": "int8"}}
 
 
-def _vision_graph(ckpt, out, target="portable", precision=None, min_tensorrt=None, weights="fp32",
-                  vision_weights=None):
-    """The vision_encoder graph alone, written as export() writes it for these options."""
-    from qwen2vl_edge.export.checkpoint import Checkpoint
-    from qwen2vl_edge.export.graph import Graph, WeightStore
-    from qwen2vl_edge.export.onnx_export import WEIGHTS_FILE, _quant_specs, _target
-    from qwen2vl_edge.export.vision import build_vision_encoder
-
-    vision_weights = vision_weights or (weights if target == "tensorrt" else "fp32")
-    quant = _quant_specs(target, weights, vision_weights, None, 4)
-    with warnings.catch_warnings():  # fp32 10.15's note on fused fp32 attention kernels
-        warnings.simplefilter("ignore")
-        tgt, opset = _target(target, precision, min_tensorrt, "int4" if "int4" in (weights, vision_weights)
-                             else weights, 17, "fp32")
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt = Checkpoint(ckpt)
-    store = WeightStore(out / WEIGHTS_FILE, tgt.precision if tgt.typed else "fp32")
-    g = Graph("vision_encoder", store, opset, quant=quant["vision_encoder"], target=tgt)
-    try:
-        build_vision_encoder(g, ckpt)
-    finally:
-        store.close()
-        ckpt.close()
-    onnx.save_model(g.model(), out / "vision_encoder.onnx")
-    onnx.checker.check_model(str(out / "vision_encoder.onnx"), full_check=True)
-    return out / "vision_encoder.onnx"
+_EXTRA_EXPORTS: dict = {}  # VISION_TARGETS outside conftest's TARGET_OPTIONS -> artifact dir
 
 
-@pytest.fixture(scope="module")
-def graphs(tiny_ckpt_3, workdir):
+@pytest.fixture
+def graphs(family_pipe, tiny_ckpt_3, workdir):
     """graphs(target) -> (path, ONNX Runtime session) of the tiny Qwen3-VL's vision graph for a VISION_TARGETS
-    target, built once."""
+    target, from its export (made once per run)."""
     import onnxruntime as ort
 
-    @functools.lru_cache(maxsize=None)
+    from conftest import export_artifact
+
     def make(target):
-        path = _vision_graph(tiny_ckpt_3, workdir / f"q3-vision-{target}", **VISION_TARGETS[target])
+        if target in TARGET_OPTIONS:
+            path = family_pipe("qwen3_vl", target).artifact.graph_path("vision_encoder")
+        else:
+            if target not in _EXTRA_EXPORTS:
+                _EXTRA_EXPORTS[target] = export_artifact(tiny_ckpt_3, workdir / f"art-qwen3_vl-{target}",
+                                                         **VISION_TARGETS[target])
+            path = _EXTRA_EXPORTS[target] / "vision_encoder.onnx"
         return path, ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
     return make
@@ -351,28 +332,6 @@ def test_tensorrt_join_on_device_equals_the_host_join(monkeypatch):
     assert cuda.live() == [] and cuda.errors == []
 
 
-@pytest.fixture(scope="module")
-def standin_ckpt(tiny_ckpt_3, workdir):
-    """The tiny Qwen3-VL with zero q/k/v biases and a 16-px preprocessor_config.json, so that a whole artifact of it
-    exports and loads before the Qwen3 decoder and processor land (other branches' work; zero biases change nothing,
-    and a Qwen3 decoder does not read them). Only its vision graph is checked here."""
-    import json
-    import shutil
-
-    from safetensors.numpy import load_file, save_file
-
-    out = workdir / "tiny-3-standin"
-    if not out.exists():
-        shutil.copytree(tiny_ckpt_3, out)
-        weights = load_file(str(out / "model.safetensors"))
-        for name in [k for k in weights if k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight"))]:
-            weights[name.replace(".weight", ".bias")] = np.zeros(weights[name].shape[0], np.float32)
-        save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
-        pp = json.loads((out / "preprocessor_config.json").read_text())
-        (out / "preprocessor_config.json").write_text(json.dumps({**pp, "patch_size": 16}))
-    return out
-
-
 def _prompt_inputs(cfg, pixels, grids) -> dict:
     """One row whose image placeholder runs, between text tokens, take the images' merged tokens."""
     text, ids = 100, []
@@ -384,7 +343,7 @@ def _prompt_inputs(cfg, pixels, grids) -> dict:
 
 @requires_torch
 @pytest.mark.parametrize("version", ["10.3", "10.15"])
-def test_backends_hand_on_the_deepstack_features(standin_ckpt, cases, fakes, tmp_path, version):
+def test_backends_hand_on_the_deepstack_features(tiny_ckpt_3, cases, fakes, tmp_path, version):
     """Through a pipeline: OrtBackend.vision / join give (features [M, H], DeepStack [K, M, H]) within 1e-4 of
     transformers; TrtBackend (build-trt and the engines through the recording fakes, which run the source graphs
     with ONNX Runtime on the bound device bytes) leaves the same numbers in the merger's vision_embeds buffer and the
@@ -396,7 +355,7 @@ def test_backends_hand_on_the_deepstack_features(standin_ckpt, cases, fakes, tmp
 
     with warnings.catch_warnings():  # fp32 10.15's note on fused fp32 attention kernels
         warnings.simplefilter("ignore")
-        export = export_artifact(standin_ckpt, tmp_path / "export", target="tensorrt", min_tensorrt=version,
+        export = export_artifact(tiny_ckpt_3, tmp_path / "export", target="tensorrt", min_tensorrt=version,
                                  precision="fp32", max_context=TRT_MAX_CONTEXT if version == "10.15" else None)
     art = _built(export, tmp_path / "art")
     pixels, grids, ref_main, ref_deep = cases["three-images"]
